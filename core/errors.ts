@@ -1,0 +1,71 @@
+// Typed errors per domain. Each carries what a person needs to act: the file and the problem.
+// The CLI prints `message` on one line; the stack only with STRATA_DEBUG=1.
+
+export type ErrorKind = 'format' | 'corrupt' | 'unsupported' | 'in-use' | 'io' | 'usage' | 'cancelled' | 'not-found';
+
+export class StrataError extends Error {
+  readonly kind: ErrorKind;
+  readonly file: string | undefined;
+  constructor(kind: ErrorKind, message: string, file?: string, options?: { cause?: unknown }) {
+    super(file ? `${file}: ${message}` : message, options);
+    this.name = 'StrataError';
+    this.kind = kind;
+    this.file = file;
+  }
+}
+
+/** Not a valid image of the expected format (bad magic, bad field values). */
+export class FormatError extends StrataError {
+  constructor(message: string, file?: string) { super('format', message, file); this.name = 'FormatError'; }
+}
+
+/** Metadata that contradicts itself or points where it must not. */
+export class CorruptImageError extends StrataError {
+  constructor(message: string, file?: string) { super('corrupt', message, file); this.name = 'CorruptImageError'; }
+}
+
+/** A valid image using a feature we do not implement (encryption, unknown incompatible bits). */
+export class UnsupportedFeatureError extends StrataError {
+  constructor(message: string, file?: string) { super('unsupported', message, file); this.name = 'UnsupportedFeatureError'; }
+}
+
+/** Another process holds a conflicting lock on the image. */
+export class InUseError extends StrataError {
+  constructor(message: string, file?: string) { super('in-use', message, file); this.name = 'InUseError'; }
+}
+
+export class IoError extends StrataError {
+  readonly code: string | undefined;
+  constructor(message: string, file?: string, code?: string, cause?: unknown) {
+    super('io', message, file, { cause });
+    this.name = 'IoError';
+    this.code = code;
+  }
+}
+
+export class NotFoundError extends StrataError {
+  constructor(message: string, file?: string) { super('not-found', message, file); this.name = 'NotFoundError'; }
+}
+
+export class UsageError extends StrataError {
+  constructor(message: string) { super('usage', message); this.name = 'UsageError'; }
+}
+
+export class CancelledError extends StrataError {
+  constructor(message = 'cancelled') { super('cancelled', message); this.name = 'CancelledError'; }
+}
+
+/** Turns a Node system error into an IoError naming the file and what went wrong. */
+export function ioError(err: unknown, file: string, what: string): StrataError {
+  if (err instanceof StrataError) return err;
+  const e = err as NodeJS.ErrnoException;
+  const code = e?.code;
+  switch (code) {
+    case 'ENOENT': return new NotFoundError(`${what}: no such file`, file);
+    case 'EACCES': case 'EPERM': return new IoError(`${what}: permission denied`, file, code, err);
+    case 'EROFS': return new IoError(`${what}: read-only file system`, file, code, err);
+    case 'ENOSPC': return new IoError(`${what}: no space left on the file system`, file, code, err);
+    case 'EISDIR': return new IoError(`${what}: is a directory`, file, code, err);
+    default: return new IoError(`${what}: ${e?.message ?? String(err)}`, file, code, err);
+  }
+}
