@@ -1,0 +1,138 @@
+// The optional native addon (native/strata_native.c): the file syscalls Node lacks — QEMU-
+// compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching. It is built by
+// `npm install` (scripts/build-native.mjs) when a compiler is there; without it Strata still
+// works, minus those features, and nativeStatus() says why so the CLI/UI can tell the user.
+// Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
+// No electron import: this runs under Node, in Electron's main/utility processes, and from
+// the esbuild bundle in dist/.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export type LockType = 'read' | 'write';
+
+/** A lock that conflicts with the one asked about (from F_OFD_GETLK). */
+export interface LockInfo {
+  type: LockType;
+  start: number;
+  /** 0 means "to the end of the file". */
+  len: number;
+  /** -1 for OFD locks (QEMU's); the owner's pid for classic POSIX record locks. */
+  pid: number;
+}
+
+/**
+ * All functions are synchronous single syscalls. Offsets and lengths must be integers in
+ * [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a TypeError. System failures
+ * throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP', ...), `errno` and `syscall`.
+ */
+export interface NativeApi {
+  /** lseek(SEEK_DATA): the first data byte at or after offset; -1 when there is none (ENXIO). */
+  seekData(fd: number, offset: number): number;
+  /** lseek(SEEK_HOLE): the first hole at or after offset (EOF counts as one); -1 at or past EOF. */
+  seekHole(fd: number, offset: number): number;
+  /**
+   * fcntl(F_OFD_SETLK) on bytes [start, start + len) (len 0 = to EOF). Locks belong to the open
+   * file description of fd and are released when its last duplicate closes. Returns false when
+   * another open file description holds a conflicting lock (EAGAIN/EACCES); throws on anything
+   * else (a 'write' lock on a read-only fd throws EBADF).
+   */
+  ofdSetLock(fd: number, start: number, len: number, type: LockType | 'unlock'): boolean;
+  /**
+   * fcntl(F_OFD_GETLK): a lock held through another open file description that would conflict
+   * with taking `type` on the range, or null. Locks held through fd itself never conflict.
+   * QEMU's test is a 'write' query, which reports any holder.
+   */
+  ofdGetLock(fd: number, start: number, len: number, type: LockType): LockInfo | null;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros and frees its blocks; size unchanged. len 0 is a no-op. */
+  punchHole(fd: number, offset: number, len: number): void;
+  /**
+   * fallocate(ZERO_RANGE): the range reads as zeros (blocks may stay allocated, as unwritten);
+   * extends the file when the range ends past EOF. Throws code 'EOPNOTSUPP' where the file
+   * system cannot (tmpfs, NFS, ...): see isUnsupported(). len 0 is a no-op.
+   */
+  zeroRange(fd: number, offset: number, len: number): void;
+}
+
+export interface NativeStatus {
+  available: boolean;
+  /** Why it is not available, in words a person can act on. */
+  reason?: string;
+  /** The addon file that was loaded (or that failed to load). */
+  path?: string;
+}
+
+/** Where the addon lives relative to the repository (or package) root. */
+export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
+
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange'] as const satisfies readonly (keyof NativeApi)[];
+
+let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
+
+function disabledByEnv(): boolean {
+  const v = process.env.STRATA_NO_NATIVE;
+  return v !== undefined && v !== '' && v !== '0' && v.toLowerCase() !== 'false';
+}
+
+/** Walks up from this module's directory (core/io/ in the sources, dist/ in the bundle). */
+function findAddon(): { path?: string; searchedFrom: string } {
+  let dir: string;
+  try {
+    dir = dirname(fileURLToPath(import.meta.url));
+  } catch {
+    return { searchedFrom: String(import.meta.url) };
+  }
+  const searchedFrom = dir;
+  for (;;) {
+    const candidate = join(dir, NATIVE_ADDON_RELATIVE_PATH);
+    if (existsSync(candidate)) return { path: candidate, searchedFrom };
+    const parent = resolve(dir, '..');
+    if (parent === dir) return { searchedFrom };
+    dir = parent;
+  }
+}
+
+function load(): { api: NativeApi | null; status: NativeStatus } {
+  if (disabledByEnv()) return { api: null, status: { available: false, reason: 'disabled by STRATA_NO_NATIVE=1' } };
+  const found = findAddon();
+  if (!found.path) {
+    return {
+      api: null,
+      status: {
+        available: false,
+        reason: `${NATIVE_ADDON_RELATIVE_PATH} not found above ${found.searchedFrom} (it is built by npm install / npm run build, which needs a C compiler)`,
+      },
+    };
+  }
+  let mod: Record<string, unknown>;
+  try {
+    mod = createRequire(import.meta.url)(found.path) as Record<string, unknown>;
+  } catch (err) {
+    const msg = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    return { api: null, status: { available: false, reason: `cannot load the native addon: ${msg} (rebuild with npm run build)`, path: found.path } };
+  }
+  const missing = FUNCTIONS.filter((f) => typeof mod[f] !== 'function');
+  if (missing.length > 0) {
+    return { api: null, status: { available: false, reason: `the native addon is outdated (no ${missing.join(', ')}); rebuild with npm run build`, path: found.path } };
+  }
+  return { api: mod as unknown as NativeApi, status: { available: true, path: found.path } };
+}
+
+/** The addon, or null when it is not built, cannot load or is disabled (see nativeStatus()). */
+export function native(): NativeApi | null {
+  loaded ??= load();
+  return loaded.api;
+}
+
+/** Whether the addon is in use and, if not, why. */
+export function nativeStatus(): NativeStatus {
+  loaded ??= load();
+  return { ...loaded.status };
+}
+
+/** True for the errors that mean "this file system / platform cannot do that": fall back. */
+export function isUnsupported(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS';
+}

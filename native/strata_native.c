@@ -1,0 +1,379 @@
+/*
+ * strata_native: the few file syscalls Node does not expose, for core/io/native.ts.
+ *
+ *   seekData(fd, offset) / seekHole(fd, offset)   lseek SEEK_DATA / SEEK_HOLE, -1 on ENXIO
+ *   ofdSetLock(fd, start, len, type)               fcntl F_OFD_SETLK, false on a conflict
+ *   ofdGetLock(fd, start, len, type)               fcntl F_OFD_GETLK, null when free
+ *   punchHole(fd, offset, len)                     fallocate PUNCH_HOLE | KEEP_SIZE
+ *   zeroRange(fd, offset, len)                     fallocate ZERO_RANGE
+ *
+ * Plain C over N-API (node_api.h) so one binary loads in every Node and Electron with the
+ * same N-API version. All functions are synchronous: each is a single fast syscall.
+ * Failures throw an Error shaped like Node's own system errors: err.code = 'EAGAIN' etc.,
+ * err.errno (negative, as libuv reports it), err.syscall. Bad arguments throw a TypeError.
+ * Offsets and lengths are JS numbers: integers in [0, 2^53 - 1].
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#ifndef _FILE_OFFSET_BITS
+#define _FILE_OFFSET_BITS 64
+#endif
+#ifndef NAPI_VERSION
+#define NAPI_VERSION 4
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <node_api.h>
+
+#ifdef __linux__
+#include <linux/falloc.h>
+#endif
+
+#define MAX_SAFE_INTEGER 9007199254740991.0
+
+/* Returns NULL to the JS caller after an exception has been thrown. */
+#define CHECK_NAPI(env, call)                                              \
+  do {                                                                     \
+    if ((call) != napi_ok) {                                               \
+      throw_napi_failure(env, #call);                                      \
+      return NULL;                                                         \
+    }                                                                      \
+  } while (0)
+
+static void throw_napi_failure(napi_env env, const char *what) {
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (pending) return;
+  const napi_extended_error_info *info = NULL;
+  napi_get_last_error_info(env, &info);
+  char msg[256];
+  snprintf(msg, sizeof msg, "strata_native: %s failed: %s", what,
+           info && info->error_message ? info->error_message : "unknown N-API error");
+  napi_throw_error(env, NULL, msg);
+}
+
+/* errno -> the symbolic name Node uses in err.code. */
+static const char *errno_name(int e) {
+  switch (e) {
+    case EPERM: return "EPERM";
+    case ENOENT: return "ENOENT";
+    case EINTR: return "EINTR";
+    case EIO: return "EIO";
+    case ENXIO: return "ENXIO";
+    case EBADF: return "EBADF";
+    case EAGAIN: return "EAGAIN";
+    case ENOMEM: return "ENOMEM";
+    case EACCES: return "EACCES";
+    case EFAULT: return "EFAULT";
+    case EBUSY: return "EBUSY";
+    case ENODEV: return "ENODEV";
+    case EISDIR: return "EISDIR";
+    case EINVAL: return "EINVAL";
+    case ETXTBSY: return "ETXTBSY";
+    case EFBIG: return "EFBIG";
+    case ENOSPC: return "ENOSPC";
+    case ESPIPE: return "ESPIPE";
+    case EROFS: return "EROFS";
+    case EDEADLK: return "EDEADLK";
+    case ENOLCK: return "ENOLCK";
+    case ENOSYS: return "ENOSYS";
+    case EOVERFLOW: return "EOVERFLOW";
+#if defined(EOPNOTSUPP)
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+#endif
+#if defined(ENOTSUP) && (!defined(EOPNOTSUPP) || ENOTSUP != EOPNOTSUPP)
+    case ENOTSUP: return "ENOTSUP";
+#endif
+#if defined(EDQUOT)
+    case EDQUOT: return "EDQUOT";
+#endif
+    default: return "UNKNOWN";
+  }
+}
+
+/* Throws Error("<CODE>: <strerror>, <syscall>") with code, errno and syscall set. */
+static void throw_errno(napi_env env, int e, const char *syscall) {
+  const char *code = errno_name(e);
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s, %s", code, strerror(e), syscall);
+  napi_value js_code, js_msg, err, v;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &js_code) != napi_ok ||
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &js_msg) != napi_ok ||
+      napi_create_error(env, js_code, js_msg, &err) != napi_ok) {
+    napi_throw_error(env, code, msg);
+    return;
+  }
+  if (napi_create_int32(env, -e, &v) == napi_ok) napi_set_named_property(env, err, "errno", v);
+  if (napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &v) == napi_ok)
+    napi_set_named_property(env, err, "syscall", v);
+  napi_throw(env, err);
+}
+
+static void throw_type(napi_env env, const char *code, const char *fn, const char *name,
+                       const char *expected) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: \"%s\" must be %s", fn, name, expected);
+  napi_throw_type_error(env, code, msg);
+}
+
+/* Reads argv[i] as an integer in [min, max]; throws a TypeError otherwise. */
+static bool get_integer(napi_env env, napi_value *argv, size_t argc, size_t i, const char *fn,
+                        const char *name, double min, double max, const char *expected,
+                        int64_t *out) {
+  napi_valuetype t = napi_undefined;
+  if (i < argc && napi_typeof(env, argv[i], &t) != napi_ok) t = napi_undefined;
+  if (t != napi_number) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, name, expected);
+    return false;
+  }
+  double d = 0;
+  /* the range test first (NaN fails it too), so the int64 conversion is defined */
+  if (napi_get_value_double(env, argv[i], &d) != napi_ok || !(d >= min && d <= max) ||
+      (double)(int64_t)d != d) {
+    throw_type(env, "ERR_OUT_OF_RANGE", fn, name, expected);
+    return false;
+  }
+  *out = (int64_t)d;
+  return true;
+}
+
+static bool get_fd(napi_env env, napi_value *argv, size_t argc, const char *fn, int *fd) {
+  int64_t v;
+  if (!get_integer(env, argv, argc, 0, fn, "fd", 0, 2147483647.0,
+                   "a file descriptor (integer >= 0)", &v))
+    return false;
+  *fd = (int)v;
+  return true;
+}
+
+static bool get_offset(napi_env env, napi_value *argv, size_t argc, size_t i, const char *fn,
+                       const char *name, off_t *out) {
+  int64_t v;
+  if (!get_integer(env, argv, argc, i, fn, name, 0, MAX_SAFE_INTEGER,
+                   "an integer between 0 and 2^53 - 1", &v))
+    return false;
+  *out = (off_t)v;
+  return true;
+}
+
+/* type argument: 'read' | 'write' (| 'unlock' when allow_unlock). */
+static bool get_lock_type(napi_env env, napi_value *argv, size_t argc, size_t i, const char *fn,
+                          bool allow_unlock, short *out) {
+  const char *expected = allow_unlock ? "'read', 'write' or 'unlock'" : "'read' or 'write'";
+  napi_valuetype t = napi_undefined;
+  if (i < argc && napi_typeof(env, argv[i], &t) != napi_ok) t = napi_undefined;
+  char buf[16] = {0};
+  size_t len = 0;
+  if (t != napi_string ||
+      napi_get_value_string_utf8(env, argv[i], buf, sizeof buf, &len) != napi_ok) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "type", expected);
+    return false;
+  }
+  if (strcmp(buf, "read") == 0) *out = F_RDLCK;
+  else if (strcmp(buf, "write") == 0) *out = F_WRLCK;
+  else if (allow_unlock && strcmp(buf, "unlock") == 0) *out = F_UNLCK;
+  else {
+    throw_type(env, "ERR_INVALID_ARG_VALUE", fn, "type", expected);
+    return false;
+  }
+  return true;
+}
+
+static napi_value make_number(napi_env env, double d) {
+  napi_value v;
+  CHECK_NAPI(env, napi_create_double(env, d, &v));
+  return v;
+}
+
+/* ---- seekData / seekHole ---------------------------------------------------------- */
+
+static napi_value do_seek(napi_env env, napi_callback_info info, const char *fn, int whence,
+                          const char *syscall) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int fd;
+  off_t off;
+  if (!get_fd(env, argv, argc, fn, &fd) || !get_offset(env, argv, argc, 1, fn, "offset", &off))
+    return NULL;
+  off_t r = lseek(fd, off, whence);
+  if (r < 0) {
+    /* ENXIO: no data at or after offset (seekData), or offset at/past EOF. */
+    if (errno == ENXIO) return make_number(env, -1);
+    throw_errno(env, errno, syscall);
+    return NULL;
+  }
+  return make_number(env, (double)r);
+}
+
+static napi_value SeekData(napi_env env, napi_callback_info info) {
+#ifdef SEEK_DATA
+  return do_seek(env, info, "seekData", SEEK_DATA, "lseek(SEEK_DATA)");
+#else
+  (void)info;
+  throw_errno(env, ENOSYS, "lseek(SEEK_DATA)");
+  return NULL;
+#endif
+}
+
+static napi_value SeekHole(napi_env env, napi_callback_info info) {
+#ifdef SEEK_HOLE
+  return do_seek(env, info, "seekHole", SEEK_HOLE, "lseek(SEEK_HOLE)");
+#else
+  (void)info;
+  throw_errno(env, ENOSYS, "lseek(SEEK_HOLE)");
+  return NULL;
+#endif
+}
+
+/* ---- OFD locks ---------------------------------------------------------------------- */
+
+static bool get_lock_args(napi_env env, napi_callback_info info, const char *fn,
+                          bool allow_unlock, int *fd, struct flock *fl) {
+  size_t argc = 4;
+  napi_value argv[4];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    throw_napi_failure(env, "napi_get_cb_info");
+    return false;
+  }
+  off_t start, len;
+  short type;
+  if (!get_fd(env, argv, argc, fn, fd) || !get_offset(env, argv, argc, 1, fn, "start", &start) ||
+      !get_offset(env, argv, argc, 2, fn, "len", &len) ||
+      !get_lock_type(env, argv, argc, 3, fn, allow_unlock, &type))
+    return false;
+  memset(fl, 0, sizeof *fl); /* F_OFD_* require l_pid == 0 */
+  fl->l_type = type;
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = len; /* 0 = to the end of the file, whatever its size */
+  return true;
+}
+
+static napi_value OfdSetLock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!get_lock_args(env, info, "ofdSetLock", true, &fd, &fl)) return NULL;
+#ifdef F_OFD_SETLK
+  if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
+    int e = errno;
+    if (e == EAGAIN || e == EACCES) {
+      napi_value v;
+      CHECK_NAPI(env, napi_get_boolean(env, false, &v));
+      return v;
+    }
+    throw_errno(env, e, "fcntl(F_OFD_SETLK)");
+    return NULL;
+  }
+  napi_value v;
+  CHECK_NAPI(env, napi_get_boolean(env, true, &v));
+  return v;
+#else
+  throw_errno(env, ENOSYS, "fcntl(F_OFD_SETLK)");
+  return NULL;
+#endif
+}
+
+static napi_value OfdGetLock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!get_lock_args(env, info, "ofdGetLock", false, &fd, &fl)) return NULL;
+#ifdef F_OFD_GETLK
+  if (fcntl(fd, F_OFD_GETLK, &fl) < 0) {
+    throw_errno(env, errno, "fcntl(F_OFD_GETLK)");
+    return NULL;
+  }
+  napi_value result, v;
+  if (fl.l_type == F_UNLCK) {
+    CHECK_NAPI(env, napi_get_null(env, &result));
+    return result;
+  }
+  CHECK_NAPI(env, napi_create_object(env, &result));
+  CHECK_NAPI(env, napi_create_string_utf8(env, fl.l_type == F_WRLCK ? "write" : "read",
+                                          NAPI_AUTO_LENGTH, &v));
+  CHECK_NAPI(env, napi_set_named_property(env, result, "type", v));
+  CHECK_NAPI(env, napi_create_double(env, (double)fl.l_start, &v));
+  CHECK_NAPI(env, napi_set_named_property(env, result, "start", v));
+  CHECK_NAPI(env, napi_create_double(env, (double)fl.l_len, &v));
+  CHECK_NAPI(env, napi_set_named_property(env, result, "len", v));
+  /* -1 for OFD locks (they belong to no process); the owner's pid for classic POSIX locks. */
+  CHECK_NAPI(env, napi_create_int32(env, (int32_t)fl.l_pid, &v));
+  CHECK_NAPI(env, napi_set_named_property(env, result, "pid", v));
+  return result;
+#else
+  throw_errno(env, ENOSYS, "fcntl(F_OFD_GETLK)");
+  return NULL;
+#endif
+}
+
+/* ---- fallocate ---------------------------------------------------------------------- */
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info, const char *fn, int mode,
+                               const char *syscall) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int fd;
+  off_t off, len;
+  if (!get_fd(env, argv, argc, fn, &fd) || !get_offset(env, argv, argc, 1, fn, "offset", &off) ||
+      !get_offset(env, argv, argc, 2, fn, "len", &len))
+    return NULL;
+  napi_value undef;
+  CHECK_NAPI(env, napi_get_undefined(env, &undef));
+  if (len == 0) return undef; /* fallocate rejects len 0 with EINVAL; nothing to do */
+#ifdef __linux__
+  int r;
+  do r = fallocate(fd, mode, off, len);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    throw_errno(env, errno, syscall);
+    return NULL;
+  }
+  return undef;
+#else
+  (void)fd; (void)off; (void)mode;
+  throw_errno(env, EOPNOTSUPP, syscall);
+  return NULL;
+#endif
+}
+
+static napi_value PunchHole(napi_env env, napi_callback_info info) {
+#ifdef __linux__
+  return do_fallocate(env, info, "punchHole", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      "fallocate(PUNCH_HOLE)");
+#else
+  return do_fallocate(env, info, "punchHole", 0, "fallocate(PUNCH_HOLE)");
+#endif
+}
+
+static napi_value ZeroRange(napi_env env, napi_callback_info info) {
+#ifdef __linux__
+  return do_fallocate(env, info, "zeroRange", FALLOC_FL_ZERO_RANGE, "fallocate(ZERO_RANGE)");
+#else
+  return do_fallocate(env, info, "zeroRange", 0, "fallocate(ZERO_RANGE)");
+#endif
+}
+
+/* ---- module ------------------------------------------------------------------------- */
+
+static napi_value Init(napi_env env, napi_value exports) {
+  static const struct { const char *name; napi_callback cb; } fns[] = {
+    {"seekData", SeekData},     {"seekHole", SeekHole},   {"ofdSetLock", OfdSetLock},
+    {"ofdGetLock", OfdGetLock}, {"punchHole", PunchHole}, {"zeroRange", ZeroRange},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value fn; /* named, so stack traces say seekData rather than <anonymous> */
+    CHECK_NAPI(env, napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].cb, NULL, &fn));
+    CHECK_NAPI(env, napi_set_named_property(env, exports, fns[i].name, fn));
+  }
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)

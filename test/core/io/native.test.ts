@@ -1,0 +1,387 @@
+// The native addon (native/strata_native.c through core/io/native.ts): hole detection, hole
+// punching, zeroing, and OFD locks that interoperate with QEMU's image locking.
+// Without a built addon these tests skip loudly (fail under CI=true), like the qemu oracle.
+import { describe, it, expect } from 'vitest';
+import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { transformSync } from 'esbuild';
+import { isUnsupported, native, nativeStatus, type NativeApi } from '../../../core/io/native';
+import { describeOracle, qemuImg, tempDir } from '../../oracle/qemu';
+
+const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+const addonPath = join(repoRoot, 'native', 'build', 'Release', 'strata_native.node');
+
+const api = native();
+
+function describeNative(name: string, fn: () => void): void {
+  if (api) {
+    describe(name, fn);
+    return;
+  }
+  const why = nativeStatus().reason ?? 'unknown reason';
+  if (process.env.CI === 'true') {
+    describe(name, () => {
+      it('needs the native addon', () => { throw new Error(`native addon unavailable under CI=true: ${why}`); });
+    });
+    return;
+  }
+  process.stderr.write(`\n*** native addon NOT AVAILABLE (${why}): native tests are SKIPPED. Run npm run build. ***\n\n`);
+  describe.skip(name, fn);
+}
+
+function n(): NativeApi {
+  if (!api) throw new Error('native addon not loaded');
+  return api;
+}
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+function readAt(fd: number, offset: number, length: number): Buffer {
+  const buf = Buffer.alloc(length);
+  let done = 0;
+  while (done < length) {
+    const r = readSync(fd, buf, done, length - done, offset + done);
+    if (r === 0) break;
+    done += r;
+  }
+  return buf.subarray(0, done);
+}
+
+function withTemp<T>(fn: (path: (name: string) => string) => T): T {
+  const t = tempDir('strata-native-');
+  try { return fn(t.path); } finally { t.cleanup(); }
+}
+
+async function withTempAsync<T>(fn: (path: (name: string) => string) => Promise<T>): Promise<T> {
+  const t = tempDir('strata-native-');
+  try { return await fn(t.path); } finally { t.cleanup(); }
+}
+
+/** Resolves once the child prints `line` on stdout; rejects if it exits first or takes too long. */
+function waitForLine(child: ChildProcessWithoutNullStreams, line: string, timeoutMs = 15_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    let err = '';
+    const timer = setTimeout(() => finish(new Error(`timed out waiting for "${line}"; stdout: ${out} stderr: ${err}`)), timeoutMs);
+    const onOut = (d: Buffer) => { out += d.toString(); if (out.split('\n').includes(line)) finish(); };
+    const onErr = (d: Buffer) => { err += d.toString(); };
+    const onExit = (code: number | null) => finish(new Error(`child exited (${code}) before "${line}"; stdout: ${out} stderr: ${err}`));
+    function finish(e?: Error) {
+      clearTimeout(timer);
+      child.stdout.off('data', onOut);
+      child.stderr.off('data', onErr);
+      child.off('exit', onExit);
+      if (e) reject(e); else resolve();
+    }
+    child.stdout.on('data', onOut);
+    child.stderr.on('data', onErr);
+    child.on('exit', onExit);
+  });
+}
+
+/** Closes the child's stdin (its signal to quit) and waits for it to exit; kills it after a while. */
+function stop(child: ChildProcessWithoutNullStreams, timeoutMs = 10_000): Promise<number | null> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve(child.exitCode);
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.once('exit', (code) => { clearTimeout(timer); resolve(code); });
+    child.stdin.end();
+  });
+}
+
+async function poll<T>(fn: () => T | null, timeoutMs: number, what: string): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = fn();
+    if (v !== null) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describeNative('native addon: holes', () => {
+  it('loads from native/build/Release', () => {
+    expect(nativeStatus()).toEqual({ available: true, path: addonPath });
+  });
+
+  it('seekData/seekHole find the written extents of a sparse file', () => withTemp((p) => {
+    const file = p('sparse.bin');
+    const fd = openSync(file, 'w+');
+    try {
+      writeSync(fd, Buffer.alloc(4 * KiB, 0x5a), 0, 4 * KiB, 64 * KiB);
+      writeSync(fd, Buffer.alloc(8 * KiB, 0xa5), 0, 8 * KiB, 512 * KiB);
+      writeSync(fd, Buffer.alloc(1), 0, 1, 0); // makes the first block data too
+      fsyncSync(fd);
+      const size = 1 * MiB;
+      ftruncateSync(fd, size); // a trailing hole up to 1 MiB
+      expect(fstatSync(fd).size).toBe(size);
+      const { seekData, seekHole } = n();
+      expect(seekData(fd, 0)).toBe(0);
+      expect(seekHole(fd, 0)).toBe(4 * KiB);
+      expect(seekData(fd, 4 * KiB)).toBe(64 * KiB);
+      expect(seekData(fd, 65 * KiB)).toBe(65 * KiB); // inside data: the offset itself
+      expect(seekHole(fd, 64 * KiB)).toBe(68 * KiB);
+      expect(seekData(fd, 68 * KiB)).toBe(512 * KiB);
+      expect(seekHole(fd, 512 * KiB)).toBe(520 * KiB);
+      // past the last data: -1 (ENXIO); the trailing hole runs to EOF
+      expect(seekData(fd, 520 * KiB)).toBe(-1);
+      expect(seekHole(fd, 520 * KiB)).toBe(520 * KiB);
+      expect(seekHole(fd, size - 1)).toBe(size - 1);
+      // at or past EOF: -1 for both
+      expect(seekHole(fd, size)).toBe(-1);
+      expect(seekData(fd, size)).toBe(-1);
+      // 64-bit offsets far past 4 GiB, up to 2^53 - 1
+      expect(seekData(fd, 2 ** 40)).toBe(-1);
+      expect(seekHole(fd, Number.MAX_SAFE_INTEGER)).toBe(-1);
+    } finally {
+      closeSync(fd);
+    }
+  }));
+
+  it('punchHole makes a range read as zeros, frees its blocks and keeps the size', () => withTemp((p) => {
+    const file = p('punch.bin');
+    writeFileSync(file, Buffer.alloc(64 * KiB, 0xab));
+    const fd = openSync(file, 'r+');
+    try {
+      fsyncSync(fd);
+      const before = fstatSync(fd);
+      n().punchHole(fd, 16 * KiB, 32 * KiB);
+      const after = fstatSync(fd);
+      expect(after.size).toBe(64 * KiB);
+      expect(before.blocks - after.blocks).toBeGreaterThanOrEqual((32 * KiB) / 512);
+      const data = readAt(fd, 0, 64 * KiB);
+      expect(data.subarray(0, 16 * KiB).every((b) => b === 0xab)).toBe(true);
+      expect(data.subarray(16 * KiB, 48 * KiB).every((b) => b === 0)).toBe(true);
+      expect(data.subarray(48 * KiB).every((b) => b === 0xab)).toBe(true);
+      expect(n().seekHole(fd, 0)).toBe(16 * KiB);
+      expect(n().seekData(fd, 16 * KiB)).toBe(48 * KiB);
+      // punching past EOF keeps the size (KEEP_SIZE); len 0 is a no-op
+      n().punchHole(fd, 60 * KiB, 1 * MiB);
+      n().punchHole(fd, 0, 0);
+      expect(fstatSync(fd).size).toBe(64 * KiB);
+      expect(readAt(fd, 0, 4).every((b) => b === 0xab)).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+  }));
+
+  it('zeroRange makes a range read as zeros and extends the file past EOF', () => withTemp((p) => {
+    const file = p('zero.bin');
+    writeFileSync(file, Buffer.alloc(16 * KiB, 0xcd));
+    const fd = openSync(file, 'r+');
+    try {
+      try {
+        n().zeroRange(fd, 4 * KiB, 8 * KiB);
+      } catch (err) {
+        // Some file systems (tmpfs, NFS) cannot; callers fall back on this code.
+        expect(isUnsupported(err)).toBe(true);
+        expect((err as NodeJS.ErrnoException).code).toBe('EOPNOTSUPP');
+        process.stderr.write(`zeroRange unsupported on this file system (${file}); only the error shape was checked\n`);
+        return;
+      }
+      const data = readAt(fd, 0, 16 * KiB);
+      expect(data.length).toBe(16 * KiB);
+      expect(data.subarray(0, 4 * KiB).every((b) => b === 0xcd)).toBe(true);
+      expect(data.subarray(4 * KiB, 12 * KiB).every((b) => b === 0)).toBe(true);
+      expect(data.subarray(12 * KiB).every((b) => b === 0xcd)).toBe(true);
+      // unaligned edges are zeroed too
+      n().zeroRange(fd, 100, 10);
+      const edge = readAt(fd, 98, 14);
+      expect([...edge]).toEqual([0xcd, 0xcd, ...Array(10).fill(0), 0xcd, 0xcd]);
+      // without KEEP_SIZE a range past EOF grows the file
+      n().zeroRange(fd, 16 * KiB, 4 * KiB);
+      expect(fstatSync(fd).size).toBe(20 * KiB);
+      expect(readAt(fd, 16 * KiB, 4 * KiB).every((b) => b === 0)).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+  }));
+
+  it('rejects bad arguments with TypeError and reports system errors with a Node-style code', () => withTemp((p) => {
+    const file = p('args.bin');
+    writeFileSync(file, 'x');
+    const fd = openSync(file, 'r');
+    const a = n();
+    try {
+      for (const bad of [-1, 1.5, 2 ** 53, Number.NaN, Infinity, '0', undefined, 10n]) {
+        expect(() => a.seekData(fd, bad as number), String(bad)).toThrow(TypeError);
+        expect(() => a.punchHole(fd, 0, bad as number), String(bad)).toThrow(TypeError);
+        expect(() => a.ofdGetLock(fd, bad as number, 1, 'write'), String(bad)).toThrow(TypeError);
+      }
+      expect(() => a.seekHole(-1, 0)).toThrow(TypeError);
+      expect(() => a.seekHole(0.5, 0)).toThrow(TypeError);
+      expect(() => a.ofdSetLock(fd, 0, 1, 'exclusive' as 'read')).toThrow(TypeError);
+      expect(() => a.ofdGetLock(fd, 0, 1, 'unlock' as 'read')).toThrow(TypeError);
+      expect(() => a.ofdSetLock(fd, 0, 1, 1 as unknown as 'read')).toThrow(TypeError);
+      // a write lock needs a writable fd
+      expect(() => a.ofdSetLock(fd, 0, 1, 'write')).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'fcntl(F_OFD_SETLK)' }));
+      // fallocate on a read-only fd
+      expect(() => a.punchHole(fd, 0, 1)).toThrow(expect.objectContaining({ code: 'EBADF' }));
+    } finally {
+      closeSync(fd);
+    }
+    let err: unknown;
+    try { a.seekData(fd, 0); } catch (e) { err = e; }
+    expect(err).toBeInstanceOf(Error);
+    expect(err).toMatchObject({ code: 'EBADF', errno: -9, syscall: 'lseek(SEEK_DATA)' });
+    expect((err as Error).message).toMatch(/^EBADF: /);
+  }));
+});
+
+describeNative('native addon: OFD locks', () => {
+  it("sees another process's read lock, and its own locks never conflict with itself", async () => {
+    await withTempAsync(async (p) => {
+      const file = p('locked.bin');
+      writeFileSync(file, Buffer.alloc(4 * KiB));
+      const script = [
+        `const a = require(${JSON.stringify(addonPath)});`,
+        `const fd = require('node:fs').openSync(${JSON.stringify(file)}, 'r');`,
+        `if (!a.ofdSetLock(fd, 201, 1, 'read')) { console.log('conflict'); process.exit(2); }`,
+        `process.stdout.write('ready\\n');`,
+        `process.stdin.resume(); process.stdin.on('end', () => process.exit(0));`,
+      ].join('\n');
+      const child = spawn(process.execPath, ['-e', script], { stdio: 'pipe' });
+      const fd = openSync(file, 'r+');
+      const fd2 = openSync(file, 'r+');
+      try {
+        await waitForLine(child, 'ready');
+        const a = n();
+        // QEMU's test: a 'write' query reports any holder; OFD locks have pid -1
+        expect(a.ofdGetLock(fd, 201, 1, 'write')).toEqual({ type: 'read', start: 201, len: 1, pid: -1 });
+        expect(a.ofdGetLock(fd, 0, 0, 'write')).toEqual({ type: 'read', start: 201, len: 1, pid: -1 });
+        expect(a.ofdGetLock(fd, 200, 1, 'write')).toBeNull();
+        expect(a.ofdGetLock(fd, 201, 1, 'read')).toBeNull(); // shared locks coexist
+        expect(a.ofdSetLock(fd, 201, 1, 'write')).toBe(false);
+        expect(a.ofdSetLock(fd, 201, 1, 'read')).toBe(true);
+
+        // Our own shared locks, as QEMU takes them, do not make our own test fail ...
+        expect(a.ofdSetLock(fd, 100, 2, 'read')).toBe(true);
+        expect(a.ofdGetLock(fd, 100, 1, 'write')).toBeNull();
+        expect(a.ofdGetLock(fd, 101, 1, 'write')).toBeNull();
+        // ... but another open file description in the same process does see them (OFD, not POSIX)
+        expect(a.ofdGetLock(fd2, 100, 1, 'write')).toEqual({ type: 'read', start: 100, len: 2, pid: -1 });
+        // upgrading our own lock to write works when nobody else holds the byte
+        expect(a.ofdSetLock(fd, 100, 1, 'write')).toBe(true);
+        expect(a.ofdGetLock(fd2, 100, 1, 'read')).toEqual({ type: 'write', start: 100, len: 1, pid: -1 });
+        expect(a.ofdSetLock(fd, 100, 2, 'unlock')).toBe(true);
+        expect(a.ofdGetLock(fd2, 100, 2, 'write')).toBeNull();
+
+        // 64-bit lock offsets
+        expect(a.ofdSetLock(fd, 2 ** 40, 1, 'read')).toBe(true);
+        expect(a.ofdGetLock(fd2, 2 ** 40, 1, 'write')).toEqual({ type: 'read', start: 2 ** 40, len: 1, pid: -1 });
+
+        // the child's lock goes away with the child
+        expect(await stop(child)).toBe(0);
+        expect(a.ofdSetLock(fd, 201, 1, 'unlock')).toBe(true);
+        expect(a.ofdGetLock(fd2, 201, 1, 'write')).toBeNull();
+        // closing fd drops every lock it held
+        closeSync(fd);
+        expect(a.ofdGetLock(fd2, 0, 0, 'write')).toBeNull();
+      } finally {
+        await stop(child);
+        try { closeSync(fd); } catch { /* closed above */ }
+        closeSync(fd2);
+      }
+    });
+  });
+});
+
+describeNative('native addon: QEMU image locks', () => {
+  describeOracle('interop with qemu-io', () => {
+    it('sees the locks of a running qemu-io (bytes 100, 101, 201) and they go when it quits', async () => {
+      await withTempAsync(async (p) => {
+        const img = p('in-use.qcow2');
+        qemuImg('create', '-q', '-f', 'qcow2', img, '1M');
+        const fd = openSync(img, 'r');
+        const qemu = spawn('qemu-io', [img], { stdio: 'pipe' }) as ChildProcessWithoutNullStreams;
+        let stderr = '';
+        qemu.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+        try {
+          const a = n();
+          await poll(() => {
+            if (qemu.exitCode !== null) throw new Error(`qemu-io exited early (${qemu.exitCode}): ${stderr}`);
+            return a.ofdGetLock(fd, 100, 1, 'write');
+          }, 15_000, 'qemu-io to lock the image');
+          for (const byte of [100, 101, 201]) {
+            const lock = a.ofdGetLock(fd, byte, 1, 'write');
+            expect(lock, `byte ${byte}`).not.toBeNull();
+            expect(lock!.type).toBe('read');
+            expect(lock!.pid).toBe(-1);
+            expect(lock!.start).toBeLessThanOrEqual(byte);
+            expect(lock!.len === 0 || lock!.start + lock!.len > byte).toBe(true);
+          }
+          // qemu shares consistent-read, so byte 200 is free; a writer refuses to share write (201)
+          expect(a.ofdGetLock(fd, 200, 1, 'write')).toBeNull();
+          expect(a.ofdSetLock(fd, 201, 1, 'read')).toBe(true); // shared with qemu's
+          expect(a.ofdSetLock(fd, 201, 1, 'unlock')).toBe(true);
+
+          qemu.stdin.write('quit\n');
+          expect(await stop(qemu)).toBe(0);
+          for (const byte of [100, 101, 201]) expect(a.ofdGetLock(fd, byte, 1, 'write'), `byte ${byte}`).toBeNull();
+        } finally {
+          await stop(qemu);
+          closeSync(fd);
+        }
+      });
+    });
+
+    it('our lock on byte 201 ("nobody else may write") makes a writing qemu-io refuse the image', () => withTemp((p) => {
+      const img = p('ours.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', img, '1M');
+      const fd = openSync(img, 'r');
+      try {
+        const a = n();
+        expect(a.ofdSetLock(fd, 100, 1, 'read')).toBe(true);
+        expect(a.ofdSetLock(fd, 201, 1, 'read')).toBe(true);
+        const w = spawnSync('qemu-io', ['-c', 'write 0 512', img], { encoding: 'utf8' });
+        expect(w.status).not.toBe(0);
+        expect(w.stderr).toContain('Failed to get "write" lock');
+        // a read-only user that shares nothing but write is still fine alongside us
+        const r = spawnSync('qemu-io', ['-r', '-c', 'read 0 512', img], { encoding: 'utf8' });
+        expect(r.status, r.stderr).toBe(0);
+        expect(a.ofdSetLock(fd, 201, 1, 'unlock')).toBe(true);
+        const w2 = spawnSync('qemu-io', ['-c', 'write 0 512', img], { encoding: 'utf8' });
+        expect(w2.status, w2.stderr).toBe(0);
+      } finally {
+        closeSync(fd);
+      }
+    }));
+  });
+});
+
+describe('native addon: loading', () => {
+  // The module caches its first load, so each variant runs in a fresh child. The module is
+  // compiled with esbuild into native/build/ to also prove the walk-up search works from a
+  // directory other than core/io/ (as it must from dist/ in the bundle).
+  function loadInChild(env: NodeJS.ProcessEnv): { native: boolean; status: { available: boolean; reason?: string; path?: string } } {
+    const src = join(repoRoot, 'core', 'io', 'native.ts');
+    const out = join(repoRoot, 'native', 'build', `native-load-test-${process.pid}-${Date.now()}.mjs`);
+    const { code } = transformSync(readFileSync(src, 'utf8'), { loader: 'ts', format: 'esm', target: 'node20' });
+    writeFileSync(out, code);
+    try {
+      const script = `const m = await import(${JSON.stringify(pathToFileURL(out).href)}); console.log(JSON.stringify({ native: m.native() !== null, status: m.nativeStatus() }));`;
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', env });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout);
+    } finally {
+      rmSync(out, { force: true });
+    }
+  }
+
+  it('STRATA_NO_NATIVE=1 makes native() return null and says why', () => {
+    const r = loadInChild({ ...process.env, STRATA_NO_NATIVE: '1' });
+    expect(r.native).toBe(false);
+    expect(r.status.available).toBe(false);
+    expect(r.status.reason).toMatch(/STRATA_NO_NATIVE/);
+  });
+
+  it.runIf(api !== null)('without it, the same module finds the addon by walking up', () => {
+    const env = { ...process.env };
+    delete env.STRATA_NO_NATIVE;
+    const r = loadInChild(env);
+    expect(r).toEqual({ native: true, status: { available: true, path: addonPath } });
+  });
+});
