@@ -1,0 +1,66 @@
+// Shared CLI plumbing: argument parsing in qemu-img's spelling, sizes, errors, output.
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { StrataError, UsageError } from '../core/errors';
+
+export interface CommandIO {
+  out: (s: string) => void;
+  err: (s: string) => void;
+  isTTY: boolean;
+}
+
+export const stdio: CommandIO = {
+  out: (s) => { process.stdout.write(s); },
+  err: (s) => { process.stderr.write(s); },
+  isTTY: !!process.stdout.isTTY,
+};
+
+export type Options = NonNullable<ParseArgsConfig['options']>;
+
+export function parse(args: string[], options: Options, usage: string): { values: Record<string, string | boolean | string[] | undefined>; positionals: string[] } {
+  try {
+    const r = parseArgs({ args, options, allowPositionals: true, strict: true });
+    return { values: r.values as Record<string, string | boolean | string[] | undefined>, positionals: r.positionals };
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message.split('\n')[0]}\nusage: ${usage}`);
+  }
+}
+
+const SUFFIXES: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
+
+/** qemu-img sizes: 512, 64k, 1M, 4G, 1T (binary suffixes; K/KiB/k alike). */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) throw new UsageError(`invalid ${what} '${text}' (examples: 512, 64k, 1M, 4G)`);
+  const mult = SUFFIXES[m[2]!.toLowerCase()]!;
+  const v = Number(m[1]) * mult;
+  if (!Number.isFinite(v) || v > Number.MAX_SAFE_INTEGER) throw new UsageError(`${what} '${text}' is too large`);
+  if (!Number.isInteger(v)) throw new UsageError(`${what} '${text}' is not a whole number of bytes`);
+  return v;
+}
+
+export function str(v: unknown): string | undefined {
+  return typeof v === 'string' ? v : undefined;
+}
+
+export function outputFormat(v: unknown): 'human' | 'json' {
+  const s = str(v) ?? 'human';
+  if (s !== 'human' && s !== 'json') throw new UsageError(`--output must be human or json, not '${s}'`);
+  return s;
+}
+
+export function needPositionals(pos: string[], n: number, usage: string): void {
+  if (pos.length < n) throw new UsageError(`missing argument\nusage: ${usage}`);
+  if (pos.length > n) throw new UsageError(`unexpected argument '${pos[n]}'\nusage: ${usage}`);
+}
+
+/** Maps an error to the CLI's one-line message and exit code. */
+export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
+  if (process.env.STRATA_DEBUG === '1' && err instanceof Error) io.err(`${err.stack}\n`);
+  if (err instanceof StrataError) {
+    io.err(`strata: ${err.message}\n`);
+    return err.kind === 'usage' ? 2 : exitCode;
+  }
+  const e = err as NodeJS.ErrnoException;
+  io.err(`strata: ${e?.message ?? String(err)}\n`);
+  return exitCode;
+}

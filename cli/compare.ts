@@ -1,0 +1,40 @@
+import { openImage, closeChain, parseFormat } from '../core/chain/open';
+import { compare } from '../core/jobs/compare';
+import type { DiskImage } from '../core/engine/image';
+import { parse, needPositionals, str, type CommandIO } from './common';
+import { progressPrinter } from './progress';
+
+const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-p] [-U] A B';
+
+export async function compareCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
+  const { values, positionals } = parse(args, {
+    format: { type: 'string', short: 'f' },
+    'format-b': { type: 'string', short: 'F' },
+    strict: { type: 'boolean', short: 's' },
+    progress: { type: 'boolean', short: 'p' },
+    'force-share': { type: 'boolean', short: 'U' },
+  }, USAGE);
+  needPositionals(positionals, 2, USAGE);
+  const fa = parseFormat(str(values.format));
+  const fb = parseFormat(str(values['format-b'])) ?? fa;
+  let a: DiskImage | null = null;
+  let b: DiskImage | null = null;
+  try {
+    a = await openImage(positionals[0]!, { format: fa });
+    b = await openImage(positionals[1]!, { format: fb });
+    const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+    const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
+    bar.end();
+    if (r.sizeMismatch && !values.strict) io.out('Warning: Image size mismatch!\n');
+    if (r.identical) { io.out('Images are identical.\n'); return 0; }
+    switch (r.reason) {
+      case 'size': io.out('Strict mode: Image size mismatch!\n'); break;
+      case 'status': io.out(`Strict mode: Offset ${r.offset} block status mismatch!\n`); break;
+      case 'content': io.out(`Content mismatch at offset ${r.offset}!\n`); break;
+    }
+    return 1;
+  } finally {
+    await closeChain(a);
+    await closeChain(b);
+  }
+}

@@ -1,0 +1,33 @@
+import { formatInfoHuman, imageInfo, type ImageInfo } from '../core/chain/info';
+import { openImage, openImageFile, closeChain, chainOf, parseFormat } from '../core/chain/open';
+import { outputFormat, parse, needPositionals, str, type CommandIO } from './common';
+
+const USAGE = 'strata info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE';
+
+export async function infoCommand(args: string[], io: CommandIO): Promise<number> {
+  const { values, positionals } = parse(args, {
+    output: { type: 'string' },
+    'backing-chain': { type: 'boolean' },
+    'force-share': { type: 'boolean', short: 'U' },
+    format: { type: 'string', short: 'f' },
+  }, USAGE);
+  needPositionals(positionals, 1, USAGE);
+  const fmt = outputFormat(values.output);
+  const format = parseFormat(str(values.format));
+  const chain = !!values['backing-chain'];
+  const top = chain
+    ? await openImage(positionals[0]!, { format })
+    : await openImageFile(positionals[0]!, { format });
+  try {
+    const infos: ImageInfo[] = [];
+    for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));
+    if (fmt === 'json') {
+      io.out(JSON.stringify(chain ? infos : infos[0], null, 4) + '\n');
+    } else {
+      io.out(infos.map(formatInfoHuman).join('\n'));
+    }
+  } finally {
+    await closeChain(top);
+  }
+  return 0;
+}

@@ -1,0 +1,66 @@
+// The strata command: qemu-img's commands and spelling over our own engine.
+import { CancelledError } from '../core/errors';
+import { reportError, stdio, type CommandIO } from './common';
+import { infoCommand } from './info';
+import { mapCommand } from './map';
+import { compareCommand } from './compare';
+import { convertCommand } from './convert';
+import { snapshotCommand } from './snapshot';
+
+const HELP = `usage: strata COMMAND [options] ...
+
+Commands (options follow qemu-img):
+  info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
+  map [--output=human|json] [-f FMT] FILE
+  compare [-f FMT] [-F FMT] [-s] [-p] A B
+  convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  snapshot -l FILE
+
+Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
+`;
+
+type Command = (args: string[], io: CommandIO, signal: AbortSignal) => Promise<number>;
+
+const COMMANDS: Record<string, Command> = {
+  info: infoCommand,
+  map: mapCommand,
+  compare: compareCommand,
+  convert: convertCommand,
+  snapshot: snapshotCommand,
+};
+
+/** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
+const ERROR_EXIT: Record<string, number> = { compare: 2 };
+
+export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { io.out(HELP); return cmd ? 0 : 2; }
+  if (cmd === '--version' || cmd === '-V') { io.out('strata 0.1.0\n'); return 0; }
+  const command = COMMANDS[cmd];
+  if (!command) { io.err(`strata: unknown command '${cmd}'\n${HELP}`); return 2; }
+  try {
+    return await command(rest, io, signal);
+  } catch (err) {
+    if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
+    return reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+  }
+}
+
+const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.mjs)?|main\.ts)$/.test(process.argv[1]);
+if (isMain) {
+  // More threadpool threads keep more file requests in flight; set before any I/O starts.
+  process.env.UV_THREADPOOL_SIZE ??= '8';
+  const ac = new AbortController();
+  let interrupts = 0;
+  const onSignal = () => {
+    if (++interrupts > 1) process.exit(130);
+    ac.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  run(process.argv.slice(2), stdio, ac.signal).then((code) => {
+    process.exitCode = code;
+  }, (err) => {
+    process.exitCode = reportError(err, stdio);
+  });
+}

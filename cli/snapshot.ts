@@ -1,0 +1,30 @@
+import { openImageFile, closeChain, parseFormat } from '../core/chain/open';
+import { formatSnapshotTable, snapshotInfo } from '../core/chain/info';
+import { Qcow2Image } from '../core/engine/qcow2';
+import { UsageError } from '../core/errors';
+import { parse, needPositionals, str, type CommandIO } from './common';
+
+const USAGE = 'strata snapshot -l [-U] [-f FMT] FILE';
+
+export async function snapshotCommand(args: string[], io: CommandIO): Promise<number> {
+  const { values, positionals } = parse(args, {
+    list: { type: 'boolean', short: 'l' },
+    create: { type: 'string', short: 'c' },
+    apply: { type: 'string', short: 'a' },
+    delete: { type: 'string', short: 'd' },
+    format: { type: 'string', short: 'f' },
+    'force-share': { type: 'boolean', short: 'U' },
+  }, USAGE);
+  needPositionals(positionals, 1, USAGE);
+  const actions = ['list', 'create', 'apply', 'delete'].filter((k) => values[k] !== undefined);
+  if (actions.length !== 1) throw new UsageError(`give exactly one of -l, -c, -a, -d\nusage: ${USAGE}`);
+  if (!values.list) throw new UsageError('snapshot -c/-a/-d (create, apply, delete) are not available in this build; -l lists');
+  const img = await openImageFile(positionals[0]!, { format: parseFormat(str(values.format)) });
+  try {
+    if (!(img instanceof Qcow2Image)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
+    if (img.snapshots.length) io.out('Snapshot list:\n' + formatSnapshotTable(img.snapshots.map(snapshotInfo)));
+  } finally {
+    await closeChain(img);
+  }
+  return 0;
+}

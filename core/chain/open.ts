@@ -1,0 +1,122 @@
+// Opening images and their backing chains: format probing, backing names resolved the way
+// QEMU does, loops and depth bounded, missing files named together with who wants them.
+import { realpath } from 'node:fs/promises';
+import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
+import { isQcow2Magic } from '../format/header';
+import type { BlockFile } from '../io/block-file';
+import { NodeFile } from '../io/node-file';
+import type { DiskImage, ImageFormat } from '../engine/image';
+import { Qcow2Image } from '../engine/qcow2';
+import { RawImage } from '../engine/raw';
+
+/** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
+export const MAX_CHAIN_DEPTH = 1000;
+
+export interface OpenImageOptions {
+  format?: ImageFormat;
+  writable?: boolean;
+  /** Open the backing chain too (default true). */
+  backing?: boolean;
+}
+
+export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
+  if (name === undefined || name === null || name === '') return undefined;
+  if (name === 'qcow2' || name === 'raw') return name;
+  throw new UsageError(`unknown ${what} '${name}' (supported: qcow2, raw)`);
+}
+
+/** QEMU's path_combine: a relative backing name is taken relative to the overlay's directory. */
+export function combineBackingPath(overlay: string, backing: string): string {
+  if (backing.startsWith('/')) return backing;
+  const slash = overlay.lastIndexOf('/');
+  return slash < 0 ? backing : overlay.slice(0, slash + 1) + backing;
+}
+
+export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
+  const head = Buffer.alloc(4);
+  await file.read(head, 0);
+  return isQcow2Magic(head) ? 'qcow2' : 'raw';
+}
+
+/** Opens one image (no backing chain). */
+export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string }): Promise<DiskImage> {
+  let file: NodeFile;
+  try {
+    file = await NodeFile.open(filename, { writable: opts.writable });
+  } catch (err) {
+    if (opts.wantedBy && err instanceof NotFoundError) {
+      throw new NotFoundError(`backing file '${filename}' of '${opts.wantedBy}' does not exist (fix the name with \`strata rebase -u -b NEWNAME ${opts.wantedBy}\`)`);
+    }
+    throw err;
+  }
+  try {
+    let format = opts.format;
+    if (!format) {
+      format = await probeFormat(file);
+      if (format === 'raw' && opts.probeRaw === false) {
+        throw new FormatError(`backing file '${filename}' of '${opts.wantedBy}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${filename} -F raw ${opts.wantedBy}\``);
+      }
+    }
+    return format === 'qcow2' ? await Qcow2Image.open(filename, file) : await RawImage.open(filename, file);
+  } catch (err) {
+    await file.close();
+    throw err;
+  }
+}
+
+/** Opens an image and (unless backing: false) its whole backing chain, top first. */
+export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable });
+  if (opts.backing === false) return top;
+  try {
+    await openBackingChain(top);
+  } catch (err) {
+    await closeChain(top);
+    throw err;
+  }
+  return top;
+}
+
+export async function openBackingChain(top: DiskImage): Promise<void> {
+  const seen = new Map<string, string>();
+  const real = async (p: string) => { try { return await realpath(p); } catch { return p; } };
+  seen.set(await real(top.filename), top.filename);
+  let img = top;
+  let depth = 0;
+  while (img.backingFile) {
+    if (++depth > MAX_CHAIN_DEPTH) throw new FormatError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, top.filename);
+    const name = combineBackingPath(img.filename, img.backingFile);
+    const fmt = parseBackingFormat(img);
+    const key = await real(name);
+    const prev = seen.get(key);
+    if (prev !== undefined) {
+      throw new FormatError(`backing chain loop: '${img.filename}' has backing file '${name}', which is already in the chain (as '${prev}')`, top.filename);
+    }
+    seen.set(key, name);
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename });
+    img.backing = next;
+    img = next;
+  }
+}
+
+function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
+  const f = img.backingFormat;
+  if (!f) return undefined;
+  if (f === 'qcow2' || f === 'raw') return f;
+  throw new FormatError(`backing file format '${f}' is not supported (qcow2 and raw are)`, img.filename);
+}
+
+export async function closeChain(top: DiskImage | null): Promise<void> {
+  for (let img = top; img; img = img.backing) {
+    try { await img.close(); } catch { /* closing is best effort */ }
+  }
+}
+
+/** The chain as a list, top first. */
+export function chainOf(top: DiskImage): DiskImage[] {
+  const out: DiskImage[] = [];
+  for (let img: DiskImage | null = top; img; img = img.backing) out.push(img);
+  return out;
+}
+
+export function isStrataError(e: unknown): e is StrataError { return e instanceof StrataError; }

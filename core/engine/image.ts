@@ -1,0 +1,37 @@
+// What every opened image (qcow2 or raw) offers the chain, the jobs and the CLI.
+import type { BlockFile } from '../io/block-file';
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+/**
+ * Block status of one run of a single layer, with QEMU's meaning (bdrv_block_status):
+ * `allocated` ("present"): this layer decides the content; `data`/`zero` as QEMU reports
+ * them (a data run over a hole of the host file is data *and* zero); `offset`: where the
+ * run lives in the host file, when that is meaningful (not for compressed clusters).
+ */
+export interface LayerStatus {
+  length: number;
+  allocated: boolean;
+  data: boolean;
+  zero: boolean;
+  offset: number | null;
+  compressed: boolean;
+}
+
+export interface DiskImage {
+  readonly format: ImageFormat;
+  /** The name the image was opened by (as given, or as combined from the overlay's name). */
+  readonly filename: string;
+  readonly file: BlockFile;
+  readonly virtualSize: number;
+  /** Backing file name as recorded in the image, and its recorded format. */
+  readonly backingFile: string | null;
+  readonly backingFormat: string | null;
+  /** The opened backing image, attached by the chain opener. */
+  backing: DiskImage | null;
+  /** Guest-visible read through the backing chain; bytes past the virtual size read as zero. */
+  read(buf: Uint8Array, offset: number): Promise<void>;
+  /** Status of the first run at `offset`, at most `bytes` long (bytes > 0, offset < virtualSize). */
+  blockStatus(offset: number, bytes: number): Promise<LayerStatus>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,346 @@
+// The qcow2 driver's read side: open and validate, map guest ranges to runs, read through
+// the chain, report block status the way QEMU does.
+import * as C from '../format/constants';
+import { CorruptImageError } from '../errors';
+import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
+import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
+import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
+import { decompressCluster, type CompressionType } from '../codec/index';
+import type { BlockFile } from '../io/block-file';
+import type { DiskImage, LayerStatus } from './image';
+import { TableCache } from './l2-cache';
+
+export interface Qcow2OpenOptions {
+  /** Bytes of L2 tables to keep cached (default 32 MiB). */
+  l2CacheBytes?: number;
+}
+
+/** A run of guest bytes with one state in this layer. */
+export interface Run {
+  offset: number;
+  length: number;
+  state: 'unallocated' | 'zero' | 'data' | 'compressed';
+  /** Host offset of the run's first byte: data, and zero runs over a preallocated cluster; otherwise null. */
+  hostOffset: number | null;
+  /** Compressed runs: the cluster's compressed data and where the guest cluster starts. */
+  compressed?: { hostOffset: number; sectors: number; clusterStart: number };
+}
+
+export interface Geometry {
+  clusterBits: number;
+  clusterSize: number;
+  extendedL2: boolean;
+  /** L2 entries per table. */
+  l2Entries: number;
+  subclusterSize: number;
+}
+
+export function geometryOf(p: ParsedHeader): Geometry {
+  const clusterBits = p.header.clusterBits;
+  const clusterSize = 2 ** clusterBits;
+  const extendedL2 = hasExtendedL2(p.header);
+  return {
+    clusterBits, clusterSize, extendedL2,
+    l2Entries: clusterSize / (extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL),
+    subclusterSize: extendedL2 ? clusterSize / C.SUBCLUSTERS_PER_CLUSTER : clusterSize,
+  };
+}
+
+const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+export class Qcow2Image implements DiskImage {
+  readonly format = 'qcow2' as const;
+  backing: DiskImage | null = null;
+  readonly geometry: Geometry;
+  /** The active L1 table as read from disk (or a snapshot's, for a snapshot view). */
+  l1: Buffer;
+  virtualSize: number;
+  snapshots: SnapshotEntry[];
+  /** Bytes of the snapshot table as stored. */
+  snapshotTableSize: number;
+  protected fileSize: number;
+  protected readonly l2Cache: TableCache;
+  private lastCompressed: { hostOffset: number; data: Buffer } | null = null;
+
+  protected constructor(
+    readonly filename: string,
+    readonly file: BlockFile,
+    public parsed: ParsedHeader,
+    l1: Buffer,
+    snapshots: SnapshotEntry[],
+    snapshotTableSize: number,
+    fileSize: number,
+    l2Cache: TableCache | null,
+    opts: Qcow2OpenOptions,
+  ) {
+    this.geometry = geometryOf(parsed);
+    this.l1 = l1;
+    this.virtualSize = parsed.header.size;
+    this.snapshots = snapshots;
+    this.snapshotTableSize = snapshotTableSize;
+    this.fileSize = fileSize;
+    const cacheBytes = opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+    this.l2Cache = l2Cache ?? new TableCache(Math.max(16, Math.floor(cacheBytes / this.geometry.clusterSize)));
+  }
+
+  get header() { return this.parsed.header; }
+  get backingFile(): string | null { return this.parsed.backingFile; }
+  get backingFormat(): string | null { return this.parsed.backingFormat; }
+  get compressionType(): CompressionType { return this.parsed.header.compressionType as CompressionType; }
+
+  static async open(filename: string, file: BlockFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    const fileSize = await file.size();
+    const probe = Buffer.alloc(C.HEADER_V3_WITH_COMPRESSION_LENGTH);
+    await file.read(probe, 0);
+    // Decode the fixed fields first to learn the cluster size, then read the whole header cluster.
+    const clusterBits = probe.length >= 24 ? probe.readUInt32BE(20) : 0;
+    const headerBytes = clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS ? 2 ** clusterBits : probe.length;
+    const headerBuf = Buffer.alloc(Math.max(headerBytes, probe.length));
+    const got = await file.read(headerBuf, 0);
+    const parsed = decodeHeader(got < C.HEADER_V2_LENGTH ? headerBuf.subarray(0, got) : headerBuf, filename);
+    checkIncompatibleFeatures(parsed, filename);
+    const h = parsed.header;
+    const clusterSize = 2 ** h.clusterBits;
+    const within = (what: string, off: number, len: number) => {
+      if (off + len > fileSize) {
+        throw new CorruptImageError(`${what} at offset ${off} (${len} bytes) lies past the end of the file (${fileSize} bytes)`, filename);
+      }
+    };
+    within('L1 table', h.l1TableOffset, h.l1Size * 8);
+    within('refcount table', h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+    const l1 = Buffer.alloc(h.l1Size * 8);
+    if (h.l1Size) await file.read(l1, h.l1TableOffset);
+    let snapshots: SnapshotEntry[] = [];
+    let snapshotTableSize = 0;
+    if (h.nbSnapshots > 0) {
+      within('snapshot table', h.snapshotsOffset, C.SNAPSHOT_ENTRY_FIXED_SIZE * h.nbSnapshots);
+      const readAt = async (n: number) => {
+        const len = Math.min(n, fileSize - h.snapshotsOffset);
+        const b = Buffer.alloc(len);
+        await file.read(b, h.snapshotsOffset);
+        return b;
+      };
+      const first = await readAt(Math.min(64 * 1024, fileSize - h.snapshotsOffset));
+      const t = await decodeSnapshotTable(first, h.nbSnapshots, h.clusterBits, async (need) => {
+        if (h.snapshotsOffset + need > fileSize) return null;
+        return readAt(Math.max(need, first.length * 2));
+      }, filename);
+      snapshots = t.entries;
+      snapshotTableSize = t.tableSize;
+      for (const s of snapshots) within(`L1 table of snapshot '${s.name}'`, s.l1TableOffset, s.l1Size * 8);
+    }
+    return new Qcow2Image(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
+  }
+
+  /** A read-only view of an internal snapshot's content (shares the file and the L2 cache). */
+  async snapshotView(s: SnapshotEntry): Promise<Qcow2Image> {
+    const l1 = Buffer.alloc(s.l1Size * 8);
+    await this.file.read(l1, s.l1TableOffset);
+    const view = new Qcow2Image(this.filename, this.file, this.parsed, l1, this.snapshots, this.snapshotTableSize, this.fileSize, this.l2Cache, {});
+    view.virtualSize = s.diskSize ?? this.parsed.header.size;
+    view.backing = this.backing;
+    return view;
+  }
+
+  findSnapshot(idOrName: string): SnapshotEntry | undefined {
+    return this.snapshots.find((s) => s.id === idOrName) ?? this.snapshots.find((s) => s.name === idOrName);
+  }
+
+  protected get l1Entries(): number { return this.l1.length / 8; }
+
+  /** Loads (through the cache) the L2 table at `l2Offset`, validating where it lies. */
+  async l2Table(l2Offset: number): Promise<Buffer> {
+    const { clusterSize } = this.geometry;
+    if (l2Offset % clusterSize !== 0) throw new CorruptImageError(`L2 table offset 0x${l2Offset.toString(16)} is not aligned to the cluster size`, this.filename);
+    return this.l2Cache.get(l2Offset, async () => {
+      if (l2Offset + clusterSize > this.fileSize) this.fileSize = await this.file.size();
+      if (l2Offset + clusterSize > this.fileSize) {
+        throw new CorruptImageError(`L2 table at offset 0x${l2Offset.toString(16)} lies past the end of the file (${this.fileSize} bytes)`, this.filename);
+      }
+      const t = Buffer.allocUnsafe(clusterSize);
+      await this.file.read(t, l2Offset);
+      return t;
+    });
+  }
+
+  /**
+   * The runs covering [offset, offset+length) in this layer, adjacent runs of the same state
+   * (and contiguous host offsets) merged. With `firstOnly`, stops once the first run is known.
+   */
+  async runs(offset: number, length: number, firstOnly = false): Promise<Run[]> {
+    const g = this.geometry;
+    const out: Run[] = [];
+    const end = Math.min(offset + length, this.virtualSize);
+    const push = (off: number, len: number, state: Run['state'], host: number | null, comp?: Run['compressed']) => {
+      const last = out[out.length - 1];
+      if (last && !comp && last.state === state && last.offset + last.length === off &&
+          (host === null ? last.hostOffset === null : last.hostOffset !== null && last.hostOffset + last.length === host)) {
+        last.length += len;
+        return;
+      }
+      out.push({ offset: off, length: len, state, hostOffset: host, compressed: comp });
+    };
+    const l2Span = g.l2Entries * g.clusterSize;
+    let pos = offset;
+    while (pos < end) {
+      if (firstOnly && out.length > 1) break;
+      const l1Index = Math.floor(pos / l2Span);
+      const spanEnd = Math.min(end, (l1Index + 1) * l2Span);
+      const l2Offset = l1Index < this.l1Entries ? decodeL1Entry(this.l1, l1Index).l2Offset : 0;
+      if (l2Offset === 0) {
+        push(pos, spanEnd - pos, 'unallocated', null);
+        pos = spanEnd;
+        continue;
+      }
+      const table = await this.l2Table(l2Offset);
+      while (pos < spanEnd) {
+        if (firstOnly && out.length > 1) break;
+        const clusterIndex = Math.floor(pos / g.clusterSize);
+        const clusterStart = clusterIndex * g.clusterSize;
+        const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
+        const l2Index = clusterIndex % g.l2Entries;
+        const entry = decodeL2Entry(table, l2Index, g, () => `of the L2 table at 0x${l2Offset.toString(16)}`);
+        if (entry.kind === 'compressed') {
+          this.checkCompressed(entry, clusterStart);
+          push(pos, clusterEnd - pos, 'compressed', null, { hostOffset: entry.hostOffset, sectors: entry.sectors, clusterStart });
+          pos = clusterEnd;
+          continue;
+        }
+        if (entry.kind === 'normal' || entry.kind === 'zero') await this.checkDataCluster(entry, clusterStart);
+        if (!g.extendedL2) {
+          this.pushState(push, subclusterState(entry, null, 0), pos, clusterEnd - pos, entry, pos - clusterStart);
+          pos = clusterEnd;
+          continue;
+        }
+        const bitmap = decodeL2Bitmap(table, l2Index);
+        while (pos < clusterEnd) {
+          const sc = Math.floor((pos - clusterStart) / g.subclusterSize);
+          const scEnd = Math.min(clusterEnd, clusterStart + (sc + 1) * g.subclusterSize);
+          const st = subclusterState(entry, bitmap, sc);
+          if (st === 'invalid') {
+            throw new CorruptImageError(`invalid subcluster bitmap for guest offset ${clusterStart} (L2 table at 0x${l2Offset.toString(16)}, entry ${l2Index})`, this.filename);
+          }
+          this.pushState(push, st, pos, scEnd - pos, entry, pos - clusterStart);
+          pos = scEnd;
+        }
+      }
+    }
+    if (firstOnly && out.length > 1) out.length = 1;
+    return out;
+  }
+
+  private pushState(
+    push: (off: number, len: number, state: Run['state'], host: number | null) => void,
+    st: ReturnType<typeof subclusterState>, pos: number, len: number, entry: L2Entry, inCluster: number,
+  ): void {
+    const host = entry.kind === 'normal' || entry.kind === 'zero' ? entry.hostOffset + inCluster : null;
+    switch (st) {
+      case 'normal': push(pos, len, 'data', host); return;
+      case 'zero-alloc': push(pos, len, 'zero', host); return;
+      case 'zero-plain': push(pos, len, 'zero', null); return;
+      case 'unallocated-plain':
+      case 'unallocated-alloc': push(pos, len, 'unallocated', null); return;
+      case 'compressed':
+      case 'invalid':
+        throw new CorruptImageError(`unexpected subcluster state ${st} at guest offset ${pos}`, this.filename);
+      default: { const never: never = st; return never; }
+    }
+  }
+
+  private async checkDataCluster(entry: { hostOffset: number }, guest: number): Promise<void> {
+    if (entry.hostOffset === 0) return;
+    if (entry.hostOffset < this.geometry.clusterSize) {
+      throw new CorruptImageError(`guest offset ${guest} maps into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
+    }
+    if (entry.hostOffset >= this.fileSize) {
+      this.fileSize = await this.file.size();
+      if (entry.hostOffset >= this.fileSize) {
+        throw new CorruptImageError(`guest offset ${guest} maps to host offset 0x${entry.hostOffset.toString(16)}, past the end of the file (${this.fileSize} bytes)`, this.filename);
+      }
+    }
+  }
+
+  private checkCompressed(entry: { hostOffset: number; sectors: number }, guest: number): void {
+    if (entry.hostOffset < this.geometry.clusterSize) {
+      throw new CorruptImageError(`compressed cluster for guest offset ${guest} points into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
+    }
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    const inside = Math.max(0, Math.min(buf.length, this.virtualSize - offset));
+    if (inside < buf.length) buf.fill(0, inside);
+    if (inside === 0) return;
+    const runs = await this.runs(offset, inside);
+    const pending: Promise<unknown>[] = [];
+    for (const r of runs) {
+      const sub = buf.subarray(r.offset - offset, r.offset - offset + r.length);
+      switch (r.state) {
+        case 'data': pending.push(this.file.read(sub, r.hostOffset!)); break;
+        case 'zero': sub.fill(0); break;
+        case 'unallocated': pending.push(this.readBacking(sub, r.offset)); break;
+        case 'compressed': pending.push(this.readCompressed(sub, r)); break;
+        default: { const never: never = r.state; throw new Error(String(never)); }
+      }
+    }
+    await Promise.all(pending);
+  }
+
+  /** Reads what lies below this layer: the backing chain, zeros past its end or without one. */
+  protected async readBacking(buf: Uint8Array, offset: number): Promise<void> {
+    const b = this.backing;
+    const n = b ? Math.max(0, Math.min(buf.length, b.virtualSize - offset)) : 0;
+    if (n > 0) await b!.read(buf.subarray(0, n), offset);
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  /** Decompresses the cluster behind a compressed run (cached for the next partial read). */
+  async compressedCluster(c: NonNullable<Run['compressed']>): Promise<Buffer> {
+    if (this.lastCompressed?.hostOffset === c.hostOffset) return this.lastCompressed.data;
+    const { start, end } = compressedRange(c.hostOffset, c.sectors);
+    const input = Buffer.allocUnsafe(end - start);
+    await this.file.read(input, start);
+    const data = Buffer.allocUnsafe(this.geometry.clusterSize);
+    try {
+      decompressCluster(this.compressionType, input, data, `compressed cluster at host offset 0x${c.hostOffset.toString(16)}`);
+    } catch (err) {
+      if (err instanceof CorruptImageError && !err.file) throw new CorruptImageError(err.message, this.filename);
+      throw err;
+    }
+    this.lastCompressed = { hostOffset: c.hostOffset, data };
+    return data;
+  }
+
+  private async readCompressed(buf: Uint8Array, r: Run): Promise<void> {
+    const c = r.compressed!;
+    const data = await this.compressedCluster(c);
+    const from = r.offset - c.clusterStart;
+    buf.set(data.subarray(from, from + r.length));
+  }
+
+  async blockStatus(offset: number, bytes: number): Promise<LayerStatus> {
+    const [r] = await this.runs(offset, bytes, true);
+    if (!r) throw new RangeError(`blockStatus past the end of ${this.filename}`);
+    switch (r.state) {
+      case 'data': {
+        const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: r.hostOffset, compressed: false };
+        // As QEMU does: ask the host file whether the run is backed by data or by a hole.
+        if (this.file.extents) {
+          const ext = (await this.file.extents(r.hostOffset!, r.length))[0];
+          if (ext) { st.length = ext.length; st.zero = !ext.data; }
+        }
+        return st;
+      }
+      case 'zero': return { length: r.length, allocated: true, data: false, zero: true, offset: r.hostOffset, compressed: false };
+      case 'compressed': return { length: r.length, allocated: true, data: true, zero: false, offset: null, compressed: true };
+      case 'unallocated': {
+        const below = this.backing;
+        return { length: r.length, allocated: false, data: false, zero: !below || offset >= below.virtualSize, offset: null, compressed: false };
+      }
+      default: { const never: never = r.state; throw new Error(String(never)); }
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.file.close();
+  }
+}

@@ -1,0 +1,119 @@
+import { open, stat, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import type { BlockFile, HostExtent } from './block-file';
+import { ioError } from '../errors';
+import { native } from './native';
+
+export interface OpenOptions {
+  writable?: boolean;
+  /** Create the file: 'new' fails if it exists, 'truncate' empties an existing one. */
+  create?: 'new' | 'truncate';
+}
+
+export class NodeFile implements BlockFile {
+  private closed = false;
+  private constructor(readonly path: string, readonly writable: boolean, private readonly fh: FileHandle) {}
+
+  static async open(path: string, opts: OpenOptions = {}): Promise<NodeFile> {
+    const writable = !!opts.writable || !!opts.create;
+    let flags = writable ? constants.O_RDWR : constants.O_RDONLY;
+    if (opts.create) flags |= constants.O_CREAT | (opts.create === 'new' ? constants.O_EXCL : constants.O_TRUNC);
+    let fh: FileHandle;
+    try {
+      fh = await open(path, flags, 0o644);
+    } catch (err) {
+      throw ioError(err, path, opts.create ? 'cannot create' : 'cannot open');
+    }
+    try {
+      const st = await fh.stat();
+      if (st.isDirectory()) throw ioError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), path, 'cannot open');
+    } catch (err) {
+      await fh.close();
+      throw ioError(err, path, 'cannot open');
+    }
+    return new NodeFile(path, writable, fh);
+  }
+
+  get fd(): number { return this.fh.fd; }
+
+  async size(): Promise<number> {
+    try { return (await this.fh.stat()).size; } catch (err) { throw ioError(err, this.path, 'stat failed'); }
+  }
+
+  async allocatedSize(): Promise<number> {
+    try { return (await stat(this.path)).blocks * 512; } catch (err) { throw ioError(err, this.path, 'stat failed'); }
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<number> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (err) {
+      throw ioError(err, this.path, `read of ${buf.length} bytes at offset ${offset} failed`);
+    }
+    if (done < buf.length) buf.fill(0, done);
+    return done;
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    try { await this.fh.truncate(size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
+  }
+
+  async flush(): Promise<void> {
+    try { await this.fh.datasync(); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+
+  async extents(offset: number, length: number): Promise<HostExtent[]> {
+    const end = offset + length;
+    const fileSize = await this.size();
+    const out: HostExtent[] = [];
+    const push = (o: number, l: number, data: boolean) => {
+      if (l <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.data === data && last.offset + last.length === o) last.length += l;
+      else out.push({ offset: o, length: l, data });
+    };
+    const dataEnd = Math.min(end, fileSize);
+    if (offset < dataEnd) {
+      const n = native();
+      if (!n) {
+        push(offset, dataEnd - offset, true);
+      } else {
+        let pos = offset;
+        while (pos < dataEnd) {
+          const data = n.seekData(this.fd, pos);
+          if (data < 0 || data >= dataEnd) { push(pos, dataEnd - pos, false); break; }
+          if (data > pos) push(pos, data - pos, false);
+          let hole = n.seekHole(this.fd, data);
+          if (hole < 0 || hole > dataEnd) hole = dataEnd;
+          push(data, hole - data, true);
+          pos = hole;
+        }
+      }
+    }
+    if (end > Math.max(offset, fileSize)) push(Math.max(offset, fileSize), end - Math.max(offset, fileSize), false);
+    return out;
+  }
+}
