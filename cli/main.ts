@@ -6,6 +6,7 @@ import { mapCommand } from './map';
 import { compareCommand } from './compare';
 import { convertCommand } from './convert';
 import { snapshotCommand } from './snapshot';
+import { ioCommand } from './io';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -15,6 +16,7 @@ Commands (options follow qemu-img):
   compare [-f FMT] [-F FMT] [-s] [-p] A B
   convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
   snapshot -l FILE
+  io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
 `;
@@ -27,6 +29,7 @@ const COMMANDS: Record<string, Command> = {
   compare: compareCommand,
   convert: convertCommand,
   snapshot: snapshotCommand,
+  io: ioCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */

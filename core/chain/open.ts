@@ -8,6 +8,7 @@ import { NodeFile } from '../io/node-file';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
+import { Qcow2Writable } from '../engine/qcow2-write';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -57,7 +58,8 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
         throw new FormatError(`backing file '${filename}' of '${opts.wantedBy}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${filename} -F raw ${opts.wantedBy}\``);
       }
     }
-    return format === 'qcow2' ? await Qcow2Image.open(filename, file) : await RawImage.open(filename, file);
+    if (format === 'raw') return await RawImage.open(filename, file);
+    return opts.writable ? await Qcow2Writable.openWritable(filename, file) : await Qcow2Image.open(filename, file);
   } catch (err) {
     await file.close();
     throw err;

@@ -35,3 +35,19 @@ export interface DiskImage {
   blockStatus(offset: number, bytes: number): Promise<LayerStatus>;
   close(): Promise<void>;
 }
+
+/** An image opened for writing. */
+export interface WritableImage extends DiskImage {
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  /** Makes the range read as zeros (metadata-only where the format allows it). */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Drops data the guest no longer needs (advisory, as QEMU's discard). */
+  discard(offset: number, length: number): Promise<void>;
+  /** Whole clusters stored compressed (qcow2 only). */
+  writeCompressed?(buf: Uint8Array, offset: number): Promise<void>;
+  flush(): Promise<void>;
+}
+
+export function isWritable(img: DiskImage): img is WritableImage {
+  return typeof (img as Partial<WritableImage>).write === 'function' && img.file.writable;
+}

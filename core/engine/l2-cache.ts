@@ -4,6 +4,8 @@
 
 export class TableCache {
   private readonly map = new Map<number, Promise<Buffer>>();
+  /** Tables changed in memory and not yet written: never evicted until written back. */
+  readonly dirty = new Map<number, Buffer>();
 
   constructor(private readonly capacity: number) {}
 
@@ -17,20 +19,30 @@ export class TableCache {
     const p = load();
     this.map.set(offset, p);
     p.catch(() => { if (this.map.get(offset) === p) this.map.delete(offset); });
-    while (this.map.size > this.capacity) {
-      const oldest = this.map.keys().next().value as number;
-      this.map.delete(oldest);
-    }
+    this.evict();
     return p;
+  }
+
+  private evict(): void {
+    if (this.map.size <= this.capacity) return;
+    for (const k of this.map.keys()) {
+      if (this.map.size <= this.capacity) break;
+      if (!this.dirty.has(k)) this.map.delete(k);
+    }
+  }
+
+  markDirty(offset: number, table: Buffer): void {
+    this.dirty.set(offset, table);
   }
 
   /** Replaces or inserts a table that the engine has just written. */
   set(offset: number, table: Buffer): void {
     this.map.delete(offset);
     this.map.set(offset, Promise.resolve(table));
+    this.evict();
   }
 
-  delete(offset: number): void { this.map.delete(offset); }
+  delete(offset: number): void { this.map.delete(offset); this.dirty.delete(offset); }
   clear(): void { this.map.clear(); }
   get size(): number { return this.map.size; }
 }

@@ -48,6 +48,11 @@ export function geometryOf(p: ParsedHeader): Geometry {
 
 const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
 
+type Qcow2Ctor<T> = new (
+  filename: string, file: BlockFile, parsed: ParsedHeader, l1: Buffer, snapshots: SnapshotEntry[],
+  snapshotTableSize: number, fileSize: number, l2Cache: TableCache | null, opts: Qcow2OpenOptions,
+) => T;
+
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2' as const;
   backing: DiskImage | null = null;
@@ -62,7 +67,7 @@ export class Qcow2Image implements DiskImage {
   protected readonly l2Cache: TableCache;
   private lastCompressed: { hostOffset: number; data: Buffer } | null = null;
 
-  protected constructor(
+  constructor(
     readonly filename: string,
     readonly file: BlockFile,
     public parsed: ParsedHeader,
@@ -88,7 +93,7 @@ export class Qcow2Image implements DiskImage {
   get backingFormat(): string | null { return this.parsed.backingFormat; }
   get compressionType(): CompressionType { return this.parsed.header.compressionType as CompressionType; }
 
-  static async open(filename: string, file: BlockFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+  static async open<T extends Qcow2Image>(this: Qcow2Ctor<T>, filename: string, file: BlockFile, opts: Qcow2OpenOptions = {}): Promise<T> {
     const fileSize = await file.size();
     const probe = Buffer.alloc(C.HEADER_V3_WITH_COMPRESSION_LENGTH);
     await file.read(probe, 0);
@@ -129,7 +134,7 @@ export class Qcow2Image implements DiskImage {
       snapshotTableSize = t.tableSize;
       for (const s of snapshots) within(`L1 table of snapshot '${s.name}'`, s.l1TableOffset, s.l1Size * 8);
     }
-    return new Qcow2Image(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
+    return new this(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
   }
 
   /** A read-only view of an internal snapshot's content (shares the file and the L2 cache). */

@@ -1,8 +1,11 @@
 import type { BlockFile } from '../io/block-file';
-import type { DiskImage, LayerStatus } from './image';
+import { NodeFile } from '../io/node-file';
+import { native, isUnsupported } from '../io/native';
+import { UsageError } from '../errors';
+import type { DiskImage, LayerStatus, WritableImage } from './image';
 
 /** A raw image: the file is the disk. Holes (SEEK_HOLE) read as zero and are reported as such. */
-export class RawImage implements DiskImage {
+export class RawImage implements DiskImage, WritableImage {
   readonly format = 'raw' as const;
   readonly backingFile = null;
   readonly backingFormat = null;
@@ -24,6 +27,39 @@ export class RawImage implements DiskImage {
     const data = ext ? ext.data : true;
     return { length: ext ? ext.length : len, allocated: true, data, zero: !data, offset, compressed: false };
   }
+
+  private check(offset: number, length: number): void {
+    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new UsageError(`${this.filename}: request [${offset}, ${offset + length}) lies outside the image (${this.virtualSize} bytes)`);
+    }
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    this.check(offset, buf.length);
+    await this.file.write(buf, offset);
+  }
+
+  /** Zeros: a punched hole where the file system allows it, written zeros otherwise. */
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.check(offset, length);
+    const n = native();
+    if (n && this.file instanceof NodeFile) {
+      try { n.punchHole(this.file.fd, offset, length); return; } catch (err) { if (!isUnsupported(err)) throw err; }
+    }
+    const zero = Buffer.alloc(Math.min(length, 1 << 20));
+    for (let p = 0; p < length; p += zero.length) await this.file.write(zero.subarray(0, Math.min(zero.length, length - p)), offset + p);
+  }
+
+  /** Raw discard punches a hole (reads as zero afterwards), as QEMU's file driver does. */
+  async discard(offset: number, length: number): Promise<void> {
+    this.check(offset, length);
+    const n = native();
+    if (n && this.file instanceof NodeFile) {
+      try { n.punchHole(this.file.fd, offset, length); } catch (err) { if (!isUnsupported(err)) throw err; }
+    }
+  }
+
+  async flush(): Promise<void> { await this.file.flush(); }
 
   async close(): Promise<void> { await this.file.close(); }
 }

@@ -1,0 +1,119 @@
+// strata io: guest I/O for tests and scripts, with qemu-io's command spelling.
+import { openImage, closeChain, parseFormat } from '../core/chain/open';
+import { isWritable, type DiskImage } from '../core/engine/image';
+import { UsageError } from '../core/errors';
+import { sizeToStr } from '../core/chain/size-str';
+import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
+
+const USAGE = 'strata io [-f FMT] -c CMD [-c CMD ...] FILE   (CMD: write [-P PATTERN] [-z] [-c] OFF LEN | read [-P PATTERN] OFF LEN | discard OFF LEN | flush)';
+
+interface IoCommand {
+  op: 'write' | 'read' | 'discard' | 'flush';
+  offset: number;
+  length: number;
+  pattern: number | null;
+  zero: boolean;
+  compressed: boolean;
+  text: string;
+}
+
+function parsePattern(s: string): number {
+  const v = /^0x[0-9a-f]+$/i.test(s) ? parseInt(s, 16) : /^0[0-7]+$/.test(s) ? parseInt(s, 8) : /^\d+$/.test(s) ? parseInt(s, 10) : NaN;
+  if (!Number.isFinite(v)) throw new UsageError(`invalid pattern '${s}'`);
+  return v & 0xff;
+}
+
+export function parseIoCommand(text: string): IoCommand {
+  const words = text.trim().split(/\s+/).filter(Boolean);
+  const op = words.shift();
+  const cmd: IoCommand = { op: 'flush', offset: 0, length: 0, pattern: null, zero: false, compressed: false, text };
+  if (op === 'flush') return cmd;
+  if (op !== 'write' && op !== 'read' && op !== 'discard') throw new UsageError(`unknown io command '${op ?? ''}' in '${text}' (write, read, discard, flush)`);
+  cmd.op = op;
+  const pos: string[] = [];
+  while (words.length) {
+    const w = words.shift()!;
+    if (w === '-P' && op !== 'discard') cmd.pattern = parsePattern(words.shift() ?? '');
+    else if (w === '-z' && op === 'write') cmd.zero = true;
+    else if (w === '-c' && op === 'write') cmd.compressed = true;
+    else if (w === '-q' || w === '-u') continue;
+    else if (w.startsWith('-') && !/^-?\d/.test(w)) throw new UsageError(`unknown option '${w}' in '${text}'`);
+    else pos.push(w);
+  }
+  if (pos.length !== 2) throw new UsageError(`'${text}': expected OFFSET and LENGTH`);
+  cmd.offset = parseSize(pos[0]!, 'offset');
+  cmd.length = parseSize(pos[1]!, 'length');
+  if (cmd.zero && cmd.pattern !== null) throw new UsageError(`'${text}': -z and -P cannot be combined`);
+  return cmd;
+}
+
+function stats(io: CommandIO, bytes: number, ms: number): void {
+  const secs = ms / 1000;
+  const mins = Math.floor(secs / 60);
+  const rate = secs > 0 ? bytes / secs : 0;
+  const ops = secs > 0 ? 1 / secs : 0;
+  io.out(`${sizeToStr(bytes)}, 1 ops; ${String(mins).padStart(2, '0')}:${(secs % 60).toFixed(2).padStart(5, '0')} sec (${sizeToStr(rate)}/sec and ${ops.toFixed(4)} ops/sec)\n`);
+}
+
+export async function ioCommand(args: string[], io: CommandIO): Promise<number> {
+  const { values, positionals } = parse(args, {
+    cmd: { type: 'string', short: 'c', multiple: true },
+    format: { type: 'string', short: 'f' },
+  }, USAGE);
+  needPositionals(positionals, 1, USAGE);
+  const texts = (values.cmd as string[] | undefined) ?? [];
+  if (!texts.length) throw new UsageError(`give at least one -c command\nusage: ${USAGE}`);
+  const cmds = texts.map(parseIoCommand);
+  const needsWrite = cmds.some((c) => c.op === 'write' || c.op === 'discard');
+  const img: DiskImage = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), writable: needsWrite });
+  let failed = false;
+  try {
+    for (const c of cmds) {
+      const t0 = performance.now();
+      switch (c.op) {
+        case 'flush':
+          if (isWritable(img)) await img.flush();
+          continue;
+        case 'write': {
+          if (!isWritable(img)) throw new UsageError('image is not writable');
+          if (c.zero) {
+            await img.writeZeroes(c.offset, c.length);
+          } else {
+            const buf = Buffer.alloc(c.length, c.pattern ?? 0xcd);
+            if (c.compressed) {
+              if (!img.writeCompressed) throw new UsageError(`${img.filename}: compressed writes need a qcow2 image`);
+              await img.writeCompressed(buf, c.offset);
+            } else {
+              await img.write(buf, c.offset);
+            }
+          }
+          io.out(`wrote ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
+          break;
+        }
+        case 'discard':
+          if (!isWritable(img)) throw new UsageError('image is not writable');
+          await img.discard(c.offset, c.length);
+          io.out(`discard ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
+          break;
+        case 'read': {
+          if (c.offset + c.length > img.virtualSize) throw new UsageError(`${img.filename}: read [${c.offset}, ${c.offset + c.length}) lies outside the image (${img.virtualSize} bytes)`);
+          const buf = Buffer.allocUnsafe(c.length);
+          await img.read(buf, c.offset);
+          if (c.pattern !== null) {
+            const bad = buf.findIndex((b) => b !== c.pattern);
+            if (bad >= 0) {
+              io.out(`Pattern verification failed at offset ${c.offset + bad}, ${c.length} bytes\n`);
+              failed = true;
+            }
+          }
+          io.out(`read ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
+          break;
+        }
+      }
+      stats(io, c.length, performance.now() - t0);
+    }
+  } finally {
+    await closeChain(img);
+  }
+  return failed ? 1 : 0;
+}

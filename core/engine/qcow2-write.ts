@@ -1,0 +1,561 @@
+// The qcow2 driver's write side: guest writes with copy-on-write (subcluster-aware for
+// extended L2), zero writes, discard, compressed writes, growth, and write-back of metadata
+// in crash-safe order.
+//
+// Ordering (see flush()): data clusters and refcount increments reach the disk before any L2
+// entry points to them; new L2 tables before L1 entries point to them; freed clusters lose
+// their references on disk before their refcounts drop. A crash at any instant leaves at
+// worst leaked clusters.
+import * as C from '../format/constants';
+import { CorruptImageError, StrataError, UsageError } from '../errors';
+import { decodeL1Entry, encodeL1Entry, decodeL2Entry, decodeL2Bitmap, encodeL2Entry, subclusterState, compressedRange, type L2Entry } from '../format/l2';
+import { compressClusterAsync } from '../codec/index';
+import type { BlockFile } from '../io/block-file';
+import { Qcow2Image, type Qcow2OpenOptions } from './qcow2';
+import { Refcounts } from './refcounts';
+import { Mutex, RangeLock } from './mutex';
+
+export interface WriteStats {
+  /** Guest data writes issued to the image file (requests, bytes). */
+  dataWrites: number;
+  dataWriteBytes: number;
+  /** Bytes read for copy-on-write (from this image or its backing chain). */
+  cowReadBytes: number;
+}
+
+type Bitmap = { alloc: number; zero: number };
+
+const ALL = 0xffffffff;
+
+function bitsFor(fromSc: number, toSc: number): number {
+  // Subclusters [fromSc, toSc) as a 32-bit mask.
+  let m = 0;
+  for (let i = fromSc; i < toSc; i++) m |= 1 << i;
+  return m >>> 0;
+}
+
+interface Segment {
+  host: number;
+  guest: number;
+  length: number;
+}
+
+export class Qcow2Writable extends Qcow2Image {
+  refcounts!: Refcounts;
+  private readonly mutex = new Mutex();
+  private readonly ranges = new RangeLock();
+  private readonly l1Dirty = new Set<number>();
+  private pendingFrees: { offset: number; length: number }[] = [];
+  private markedDirty = false;
+  private headerAdjusted = false;
+  private corrupt = false;
+  readonly stats: WriteStats = { dataWrites: 0, dataWriteBytes: 0, cowReadBytes: 0 };
+
+  static async openWritable(filename: string, file: BlockFile, opts: Qcow2OpenOptions & { allowCorrupt?: boolean } = {}): Promise<Qcow2Writable> {
+    if (!file.writable) throw new UsageError(`${filename}: opened read-only`);
+    const img = await Qcow2Writable.open(filename, file, opts);
+    const h = img.header;
+    if ((h.incompatibleFeatures & C.INCOMPAT_CORRUPT) && !opts.allowCorrupt) {
+      throw new CorruptImageError('image is marked corrupt and cannot be written; run `strata check -r all` on it first', filename);
+    }
+    if ((h.incompatibleFeatures & C.INCOMPAT_DIRTY) && !opts.allowCorrupt) {
+      throw new CorruptImageError('image was not closed cleanly (dirty bit set); run `strata check -r all` on it first', filename);
+    }
+    const cs = img.geometry.clusterSize;
+    const reftable = Buffer.alloc(h.refcountTableClusters * cs);
+    await file.read(reftable, h.refcountTableOffset);
+    img.refcounts = new Refcounts({
+      file, filename, clusterBits: h.clusterBits, refcountOrder: h.refcountOrder,
+      switchReftable: (offset, clusters) => img.switchReftable(offset, clusters),
+    }, reftable, h.refcountTableOffset, await file.size());
+    return img;
+  }
+
+  private get cs(): number { return this.geometry.clusterSize; }
+
+  /** QEMU's bs->backing: the image has a backing file (whether or not it is opened). */
+  private get hasBacking(): boolean { return this.backing !== null || this.parsed.backingFile !== null; }
+
+  /** Before the first change: clear autoclear bits we do not maintain, set the dirty bit with lazy refcounts. */
+  private async beforeChange(): Promise<void> {
+    if (this.corrupt) throw new CorruptImageError('image has been marked corrupt; no further writes', this.filename);
+    const h = this.header;
+    if (!this.headerAdjusted) {
+      this.headerAdjusted = true;
+      if (h.version === 3 && h.autoclearFeatures !== 0n) {
+        // We do not update bitmaps: the spec says to clear their autoclear bit before writing.
+        h.autoclearFeatures = 0n;
+        const b = Buffer.alloc(8);
+        await this.file.write(b, 88);
+        await this.file.flush();
+      }
+    }
+    if (!this.markedDirty && h.version === 3 && (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS)) {
+      this.markedDirty = true;
+      h.incompatibleFeatures |= C.INCOMPAT_DIRTY;
+      await this.writeIncompatible();
+      await this.file.flush();
+    }
+  }
+
+  private async writeIncompatible(): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.header.incompatibleFeatures);
+    await this.file.write(b, 72);
+  }
+
+  private async switchReftable(offset: number, clusters: number): Promise<void> {
+    const b = Buffer.alloc(12);
+    b.writeBigUInt64BE(BigInt(offset), 0);
+    b.writeUInt32BE(clusters, 8);
+    await this.file.write(b, 48);
+    await this.file.flush();
+    this.header.refcountTableOffset = offset;
+    this.header.refcountTableClusters = clusters;
+  }
+
+  /** Marks the image corrupt on disk (as QEMU does) and refuses further writes. */
+  private async markCorrupt(err: unknown): Promise<never> {
+    if (err instanceof CorruptImageError && !this.corrupt && this.header.version === 3) {
+      this.corrupt = true;
+      this.header.incompatibleFeatures |= C.INCOMPAT_CORRUPT;
+      try { await this.writeIncompatible(); await this.file.flush(); } catch { /* keep the first error */ }
+    }
+    throw err;
+  }
+
+  private noteAlloc(): void {
+    const end = this.refcounts.allocEnd * this.cs;
+    if (end > this.fileSize) this.fileSize = end;
+  }
+
+  /** The L2 table for `l1Index`, allocated or copied (if shared) so it may be modified. */
+  private async writableL2(l1Index: number): Promise<Buffer> {
+    const e = decodeL1Entry(this.l1, l1Index);
+    if (e.l2Offset !== 0 && e.copied) return this.l2Table(e.l2Offset);
+    const off = await this.refcounts.alloc(1);
+    this.noteAlloc();
+    const table = Buffer.alloc(this.cs);
+    if (e.l2Offset !== 0) {
+      // Shared with a snapshot: copy it; the old table loses the active L1's reference.
+      (await this.l2Table(e.l2Offset)).copy(table);
+      this.pendingFrees.push({ offset: e.l2Offset, length: this.cs });
+    }
+    this.l2Cache.set(off, table);
+    this.l2Cache.markDirty(off, table);
+    encodeL1Entry(this.l1, l1Index, off, true);
+    this.l1Dirty.add(l1Index);
+    return table;
+  }
+
+  private entryAt(table: Buffer, l2Index: number): { entry: L2Entry; bitmap: Bitmap | null } {
+    const entry = decodeL2Entry(table, l2Index, this.geometry);
+    return { entry, bitmap: this.geometry.extendedL2 ? decodeL2Bitmap(table, l2Index) : null };
+  }
+
+  private setEntry(table: Buffer, l2Offset: number, l2Index: number, entry: L2Entry, bitmap?: Bitmap): void {
+    encodeL2Entry(table, l2Index, entry, this.geometry, bitmap);
+    this.l2Cache.markDirty(l2Offset, table);
+  }
+
+  private freeEntry(entry: L2Entry): void {
+    switch (entry.kind) {
+      case 'normal':
+      case 'zero':
+        if (entry.hostOffset) this.pendingFrees.push({ offset: entry.hostOffset, length: this.cs });
+        return;
+      case 'compressed': {
+        const r = compressedRange(entry.hostOffset, entry.sectors);
+        const start = r.start - (r.start % C.COMPRESSED_SECTOR_SIZE);
+        this.pendingFrees.push({ offset: start, length: r.end - start });
+        return;
+      }
+      case 'unallocated': return;
+      default: { const never: never = entry; return never; }
+    }
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new UsageError(`${this.filename}: request [${offset}, ${offset + length}) lies outside the image (${this.virtualSize} bytes)`);
+    }
+  }
+
+  private l1Location(cluster: number): { l1Index: number; l2Index: number } {
+    return { l1Index: Math.floor(cluster / this.geometry.l2Entries), l2Index: cluster % this.geometry.l2Entries };
+  }
+
+  private l2OffsetOf(l1Index: number): number { return decodeL1Entry(this.l1, l1Index).l2Offset; }
+
+  /** Guest write of `buf` at `offset`. */
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    if (buf.length === 0) return;
+    const cs = this.cs;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + buf.length - 1) / cs);
+    const release = await this.ranges.lock(first, last + 1);
+    try {
+      await this.doWrite(Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength), offset, first, last);
+    } catch (err) {
+      await this.markCorrupt(err);
+    } finally {
+      release();
+    }
+    await this.maybeFlush();
+  }
+
+  private async doWrite(buf: Buffer, offset: number, first: number, last: number): Promise<void> {
+    const cs = this.cs;
+    const g = this.geometry;
+    const end = offset + buf.length;
+    type Plan = {
+      cluster: number; a: number; b: number; fa: number; fb: number;
+      host: number; needsAlloc: boolean; entry: L2Entry; bitmap: Bitmap | null; newBitmap?: Bitmap;
+    };
+    const plans: Plan[] = [];
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      for (let c = first; c <= last; c++) {
+        const cStart = c * cs;
+        const a = Math.max(offset, cStart);
+        const b = Math.min(end, cStart + cs);
+        const { l1Index, l2Index } = this.l1Location(c);
+        const table = await this.writableL2(l1Index);
+        const { entry, bitmap } = this.entryAt(table, l2Index);
+        let fa = a;
+        let fb = b;
+        let host = 0;
+        let needsAlloc = false;
+        let newBitmap: Bitmap | undefined;
+        if (!g.extendedL2) {
+          if (entry.kind === 'normal' && entry.copied) {
+            host = entry.hostOffset;
+          } else {
+            needsAlloc = true;
+            fa = cStart;
+            fb = cStart + cs;
+          }
+        } else {
+          const sc = g.subclusterSize;
+          if (entry.kind === 'compressed' || (entry.kind === 'normal' && !entry.copied)) {
+            needsAlloc = true;
+            fa = cStart;
+            fb = cStart + cs;
+            // The whole cluster is written (old content completed around the new data).
+            newBitmap = { alloc: ALL, zero: 0 };
+          } else {
+            if (entry.kind === 'normal') host = entry.hostOffset;
+            else needsAlloc = true;
+            const scA = Math.floor((a - cStart) / sc);
+            const scB = Math.ceil((b - cStart) / sc);
+            // Only partially written subclusters that do not hold data already need completing.
+            if ((a - cStart) % sc !== 0 && subclusterState(entry, bitmap, scA) !== 'normal') fa = cStart + scA * sc;
+            if ((b - cStart) % sc !== 0 && subclusterState(entry, bitmap, scB - 1) !== 'normal') fb = cStart + scB * sc;
+            const touched = bitsFor(scA, scB);
+            newBitmap = { alloc: (bitmap!.alloc | touched) >>> 0, zero: (bitmap!.zero & ~touched) >>> 0 };
+          }
+        }
+        plans.push({ cluster: c, a, b, fa, fb, host, needsAlloc, entry, bitmap, newBitmap });
+      }
+      // Allocate runs of consecutive new clusters together so their data lands contiguously.
+      for (let i = 0; i < plans.length;) {
+        if (!plans[i]!.needsAlloc) { i++; continue; }
+        let j = i;
+        while (j + 1 < plans.length && plans[j + 1]!.needsAlloc) j++;
+        const base = await this.refcounts.alloc(j - i + 1);
+        for (let k = i; k <= j; k++) plans[k]!.host = base + (k - i) * cs;
+        i = j + 1;
+      }
+      this.noteAlloc();
+    });
+
+    // Data: merge host-contiguous pieces, completing head and tail from the old content.
+    const segs: Segment[] = [];
+    for (const p of plans) {
+      const host = p.host + (p.fa - p.cluster * cs);
+      const lastSeg = segs[segs.length - 1];
+      if (lastSeg && lastSeg.host + lastSeg.length === host && lastSeg.guest + lastSeg.length === p.fa) lastSeg.length += p.fb - p.fa;
+      else segs.push({ host, guest: p.fa, length: p.fb - p.fa });
+    }
+    await Promise.all(segs.map(async (s) => {
+      let data: Buffer;
+      if (s.guest >= offset && s.guest + s.length <= end) {
+        data = buf.subarray(s.guest - offset, s.guest - offset + s.length);
+      } else {
+        data = Buffer.allocUnsafe(s.length);
+        const headLen = Math.max(0, Math.min(offset, s.guest + s.length) - s.guest);
+        const tailStart = Math.max(end, s.guest);
+        const reads: Promise<void>[] = [];
+        if (headLen > 0) reads.push(this.read(data.subarray(0, headLen), s.guest));
+        if (tailStart < s.guest + s.length) reads.push(this.read(data.subarray(tailStart - s.guest), tailStart));
+        this.stats.cowReadBytes += headLen + Math.max(0, s.guest + s.length - tailStart);
+        await Promise.all(reads);
+        const from = Math.max(offset, s.guest);
+        const to = Math.min(end, s.guest + s.length);
+        buf.copy(data, from - s.guest, from - offset, to - offset);
+      }
+      this.stats.dataWrites++;
+      this.stats.dataWriteBytes += s.length;
+      await this.file.write(data, s.host);
+    }));
+
+    await this.mutex.run(async () => {
+      for (const p of plans) {
+        const { l1Index, l2Index } = this.l1Location(p.cluster);
+        const l2Offset = this.l2OffsetOf(l1Index);
+        const table = await this.l2Table(l2Offset);
+        if (!p.needsAlloc && !g.extendedL2) continue;
+        if (p.needsAlloc) this.freeEntry(p.entry);
+        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: p.host, copied: true }, p.newBitmap);
+      }
+    });
+  }
+
+  /** Makes [offset, offset+length) read as zeros: zero flags/bits where whole units are covered. */
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const g = this.geometry;
+    const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
+    const end = offset + length;
+    // Zero flags need v3; the partial units at either end are written as data.
+    const A = this.header.version === 3 ? Math.ceil(offset / unit) * unit : end;
+    const B = this.header.version === 3 ? Math.max(A, Math.floor(end / unit) * unit) : end;
+    const explicit: [number, number][] = [];
+    if (A > offset) explicit.push([offset, Math.min(A, end)]);
+    if (end > B && B >= A && B > offset) explicit.push([Math.max(B, offset), end]);
+    if (A < B) {
+      const first = Math.floor(A / g.clusterSize);
+      const last = Math.floor((B - 1) / g.clusterSize);
+      const release = await this.ranges.lock(first, last + 1);
+      try {
+        await this.mutex.run(async () => {
+          await this.beforeChange();
+          for (let c = first; c <= last; c++) {
+            const cStart = c * g.clusterSize;
+            const a = Math.max(A, cStart);
+            const b = Math.min(B, cStart + g.clusterSize);
+            const { l1Index, l2Index } = this.l1Location(c);
+            const table = await this.writableL2(l1Index);
+            const l2Offset = this.l2OffsetOf(l1Index);
+            const { entry, bitmap } = this.entryAt(table, l2Index);
+            if (!g.extendedL2) {
+              if (entry.kind === 'compressed') {
+                this.freeEntry(entry);
+                this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: 0, copied: false });
+              } else if (entry.kind === 'normal' || entry.kind === 'zero') {
+                this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: entry.hostOffset, copied: entry.copied });
+              } else {
+                this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: 0, copied: false });
+              }
+              continue;
+            }
+            const bits = bitsFor((a - cStart) / unit, (b - cStart) / unit);
+            if (entry.kind === 'compressed') {
+              if (bits !== ALL) { explicit.push([a, b]); continue; }
+              this.freeEntry(entry);
+              this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: ALL });
+              continue;
+            }
+            this.setEntry(table, l2Offset, l2Index, entry, { alloc: (bitmap!.alloc & ~bits) >>> 0, zero: (bitmap!.zero | bits) >>> 0 });
+          }
+        });
+      } catch (err) {
+        await this.markCorrupt(err);
+      } finally {
+        release();
+      }
+    }
+    for (const [a, b] of explicit) await this.writeZeroData(a, b - a);
+    await this.maybeFlush();
+  }
+
+  private async writeZeroData(offset: number, length: number): Promise<void> {
+    const zero = Buffer.alloc(Math.min(length, 4 << 20));
+    for (let p = 0; p < length; p += zero.length) await this.write(zero.subarray(0, Math.min(zero.length, length - p)), offset + p);
+  }
+
+  /**
+   * Discards whole clusters (partial ones are left alone, as QEMU does, except a partial last
+   * cluster at the end of the image): they read as zero afterwards (v3), or from the backing
+   * file (v2), and their host clusters are freed.
+   */
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    const cs = this.cs;
+    const end = offset + length;
+    const first = Math.ceil(offset / cs);
+    let last = Math.floor(end / cs) - 1;
+    if (end === this.virtualSize && end % cs !== 0 && Math.floor(end / cs) * cs >= offset) last = Math.floor(end / cs);
+    if (last < first) return;
+    const release = await this.ranges.lock(first, last + 1);
+    try {
+      await this.mutex.run(async () => {
+        await this.beforeChange();
+        for (let c = first; c <= last; c++) {
+          const { l1Index, l2Index } = this.l1Location(c);
+          if (this.l2OffsetOf(l1Index) === 0 && !this.hasBacking) continue;
+          const table = await this.writableL2(l1Index);
+          const l2Offset = this.l2OffsetOf(l1Index);
+          const { entry } = this.entryAt(table, l2Index);
+          const allocated = entry.kind === 'normal' || entry.kind === 'compressed' || (entry.kind === 'zero' && entry.hostOffset !== 0);
+          if (this.hasBacking || allocated) {
+            if (this.geometry.extendedL2) this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: ALL });
+            else if (this.header.version >= 3) this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: 0, copied: false });
+            else this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' });
+          } else {
+            this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: 0 });
+          }
+          this.freeEntry(entry);
+        }
+      });
+    } catch (err) {
+      await this.markCorrupt(err);
+    } finally {
+      release();
+    }
+    await this.maybeFlush();
+  }
+
+  /**
+   * Writes whole clusters compressed (the last cluster of the image may be partial). A cluster
+   * that does not shrink is written normally, as QEMU does.
+   */
+  async writeCompressed(buf: Uint8Array, offset: number): Promise<void> {
+    const cs = this.cs;
+    this.checkRange(offset, buf.length);
+    if (offset % cs !== 0 || (buf.length % cs !== 0 && offset + buf.length !== this.virtualSize)) {
+      throw new UsageError(`${this.filename}: compressed writes must cover whole clusters (${cs} bytes)`);
+    }
+    const data = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+    for (let p = 0; p < data.length; p += cs) {
+      const chunk = data.subarray(p, Math.min(data.length, p + cs));
+      const full = chunk.length === cs ? chunk : Buffer.concat([chunk, Buffer.alloc(cs - chunk.length)]);
+      const packed = await compressClusterAsync(this.compressionType, full);
+      if (!packed) { await this.write(chunk, offset + p); continue; }
+      await this.writeCompressedCluster(packed, offset + p);
+    }
+  }
+
+  /** Stores already-compressed data for the cluster at guest `offset`. */
+  async writeCompressedCluster(packed: Uint8Array, offset: number): Promise<void> {
+    const c = Math.floor(offset / this.cs);
+    const release = await this.ranges.lock(c, c + 1);
+    try {
+      await this.mutex.run(async () => {
+        await this.beforeChange();
+        const { l1Index, l2Index } = this.l1Location(c);
+        const table = await this.writableL2(l1Index);
+        const l2Offset = this.l2OffsetOf(l1Index);
+        const { entry } = this.entryAt(table, l2Index);
+        const host = await this.refcounts.allocBytes(packed.length);
+        this.noteAlloc();
+        await this.file.write(packed, host);
+        this.stats.dataWrites++;
+        this.stats.dataWriteBytes += packed.length;
+        const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512) + 1;
+        this.freeEntry(entry);
+        this.setEntry(table, l2Offset, l2Index, { kind: 'compressed', hostOffset: host, sectors }, { alloc: 0, zero: 0 });
+      });
+    } catch (err) {
+      await this.markCorrupt(err);
+    } finally {
+      release();
+    }
+    await this.maybeFlush();
+  }
+
+  /** Grows the virtual size, growing the L1 table when it no longer covers it. */
+  async grow(newSize: number): Promise<void> {
+    if (newSize < this.virtualSize) throw new UsageError(`${this.filename}: grow to ${newSize} is smaller than the current size ${this.virtualSize}`);
+    await this.flush();
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      const g = this.geometry;
+      const need = Math.ceil(newSize / (g.l2Entries * g.clusterSize));
+      if (need > C.MAX_L1_SIZE_BYTES / 8) throw new UsageError(`${this.filename}: ${newSize} bytes is too large for cluster size ${g.clusterSize}`);
+      if (need > this.l1.length / 8) {
+        const entries = need;
+        const clusters = Math.ceil((entries * 8) / g.clusterSize);
+        const off = await this.refcounts.alloc(clusters);
+        this.noteAlloc();
+        const l1 = Buffer.alloc(entries * 8);
+        this.l1.copy(l1);
+        await this.refcounts.writeBack();
+        await this.file.write(l1, off);
+        await this.file.flush();
+        const b = Buffer.alloc(12);
+        b.writeUInt32BE(entries, 0);
+        b.writeBigUInt64BE(BigInt(off), 4);
+        await this.file.write(b, 36);
+        await this.file.flush();
+        const oldOff = this.header.l1TableOffset;
+        const oldLen = this.l1.length;
+        this.header.l1TableOffset = off;
+        this.header.l1Size = entries;
+        this.l1 = l1;
+        if (oldLen > 0) await this.refcounts.change(oldOff, Math.ceil(oldLen / g.clusterSize) * g.clusterSize, -1);
+        await this.refcounts.writeBack();
+      }
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(newSize));
+      await this.file.write(b, 24);
+      await this.file.flush();
+      this.header.size = newSize;
+      this.virtualSize = newSize;
+    });
+  }
+
+  private async maybeFlush(): Promise<void> {
+    if (this.l2Cache.dirty.size > 256 || this.pendingFrees.length > 4096) await this.flush();
+  }
+
+  /** Writes back all metadata in crash-safe order and makes everything durable. */
+  async flush(): Promise<void> {
+    await this.mutex.run(async () => {
+      const metadata = this.refcounts.hasDirty || this.l2Cache.dirty.size > 0 || this.l1Dirty.size > 0 || this.pendingFrees.length > 0;
+      if (!metadata) { await this.file.flush(); return; }
+      // 1. Data and refcount increments.
+      await this.refcounts.writeBack();
+      await this.file.flush();
+      // 2. L2 tables, then (after a flush) the L1 entries that point to new ones.
+      const l2 = [...this.l2Cache.dirty.entries()];
+      await Promise.all(l2.map(([off, t]) => this.file.write(t, off)));
+      // Unpin only once written, so an eviction never exposes a stale table.
+      for (const [off, t] of l2) if (this.l2Cache.dirty.get(off) === t) this.l2Cache.dirty.delete(off);
+      if (this.l1Dirty.size) {
+        await this.file.flush();
+        const idx = [...this.l1Dirty];
+        this.l1Dirty.clear();
+        await Promise.all(idx.map((i) => this.file.write(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8)));
+      }
+      await this.file.flush();
+      // 3. Only now that nothing on disk references them, drop freed clusters' refcounts.
+      if (this.pendingFrees.length) {
+        const frees = this.pendingFrees;
+        this.pendingFrees = [];
+        for (const f of frees) await this.refcounts.change(f.offset, f.length, -1);
+        await this.refcounts.writeBack();
+        await this.file.flush();
+      }
+    });
+  }
+
+  override async close(): Promise<void> {
+    try {
+      if (!this.corrupt) {
+        await this.flush();
+        if (this.markedDirty) {
+          this.header.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
+          await this.writeIncompatible();
+          await this.file.flush();
+        }
+      }
+    } finally {
+      await super.close();
+    }
+  }
+}
+
+export function isStrata(e: unknown): e is StrataError { return e instanceof StrataError; }

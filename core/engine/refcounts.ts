@@ -1,0 +1,268 @@
+// Refcount table and blocks of an image opened for writing: lookups, allocation (clusters and
+// the byte allocator for compressed data), growth of blocks and of the table, and write-back.
+// Callers hold the image's metadata mutex.
+import type { BlockFile } from '../io/block-file';
+import { CorruptImageError } from '../errors';
+import { decodeReftableEntry, encodeReftableEntry, getRefcount, setRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
+
+export interface RefcountHost {
+  readonly file: BlockFile;
+  readonly filename: string;
+  readonly clusterBits: number;
+  readonly refcountOrder: number;
+  /** Writes the header fields for a new refcount table (offset, clusters) durably. */
+  switchReftable(offset: number, clusters: number): Promise<void>;
+}
+
+export class Refcounts {
+  reftable: Buffer;
+  reftableOffset: number;
+  private readonly reftableDirty = new Set<number>();
+  private readonly blocks = new Map<number, Buffer>();
+  private readonly dirtyBlocks = new Set<number>();
+  private readonly perBlock: number;
+  private readonly clusterSize: number;
+  private readonly max: number;
+  /** Lowest cluster index that may be free. */
+  private freeHint = 0;
+  /** One past the highest cluster in use (file end or allocated in memory). */
+  allocEnd: number;
+  /** Byte allocator state for compressed clusters (0 = none). */
+  private freeByteOffset = 0;
+  private readonly blockCacheLimit: number;
+
+  constructor(private readonly host: RefcountHost, reftable: Buffer, reftableOffset: number, fileSize: number) {
+    this.reftable = reftable;
+    this.reftableOffset = reftableOffset;
+    this.clusterSize = 2 ** host.clusterBits;
+    this.perBlock = refcountBlockEntries(host.clusterBits, host.refcountOrder);
+    this.max = maxRefcount(host.refcountOrder);
+    this.allocEnd = Math.ceil(fileSize / this.clusterSize);
+    this.blockCacheLimit = Math.max(64, Math.floor((64 << 20) / this.clusterSize));
+  }
+
+  get reftableEntries(): number { return this.reftable.length / 8; }
+
+  private blockOffset(ri: number): number {
+    if (ri >= this.reftableEntries) return 0;
+    const { blockOffset } = decodeReftableEntry(this.reftable, ri);
+    if (blockOffset % this.clusterSize !== 0) {
+      throw new CorruptImageError(`refcount block offset 0x${blockOffset.toString(16)} (refcount table entry ${ri}) is not cluster-aligned`, this.host.filename);
+    }
+    return blockOffset;
+  }
+
+  private async loadBlock(off: number): Promise<Buffer> {
+    let b = this.blocks.get(off);
+    if (b) return b;
+    b = Buffer.alloc(this.clusterSize);
+    await this.host.file.read(b, off);
+    this.blocks.set(off, b);
+    if (this.blocks.size > this.blockCacheLimit) {
+      for (const k of this.blocks.keys()) {
+        if (this.blocks.size <= this.blockCacheLimit) break;
+        if (!this.dirtyBlocks.has(k) && k !== off) this.blocks.delete(k);
+      }
+    }
+    return b;
+  }
+
+  async get(cluster: number): Promise<number> {
+    const off = this.blockOffset(Math.floor(cluster / this.perBlock));
+    if (off === 0) return 0;
+    return getRefcount(await this.loadBlock(off), cluster % this.perBlock, this.host.refcountOrder);
+  }
+
+  /** Makes sure refcount table index `ri` has a refcount block (growing the table if needed). */
+  private async ensureBlock(ri: number): Promise<number> {
+    if (ri >= this.reftableEntries) await this.growReftable(ri);
+    const off = this.blockOffset(ri);
+    return off !== 0 ? off : this.newBlock(ri);
+  }
+
+  /** Sets a refcount, creating refcount blocks (and growing the table) as needed. */
+  private async set(cluster: number, value: number): Promise<void> {
+    const off = await this.ensureBlock(Math.floor(cluster / this.perBlock));
+    const b = await this.loadBlock(off);
+    setRefcount(b, cluster % this.perBlock, this.host.refcountOrder, value);
+    this.dirtyBlocks.add(off);
+    if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
+    if (value > 0 && cluster >= this.allocEnd) this.allocEnd = cluster + 1;
+  }
+
+  /** Adds `delta` to every cluster overlapping [offset, offset+length). */
+  async change(offset: number, length: number, delta: number): Promise<void> {
+    if (length <= 0) return;
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) {
+      const cur = await this.get(c);
+      const next = cur + delta;
+      if (next < 0) throw new CorruptImageError(`refcount of cluster ${c} (host offset 0x${(c * this.clusterSize).toString(16)}) would drop below zero`, this.host.filename);
+      if (next > this.max) throw new CorruptImageError(`refcount of cluster ${c} would overflow ${this.max}`, this.host.filename);
+      await this.set(c, next);
+    }
+  }
+
+  /** Finds `n` contiguous free clusters at or after `from` (without claiming them). */
+  private async findFree(n: number, from = this.freeHint): Promise<number> {
+    let start = from;
+    let run = 0;
+    for (let c = from; ; c++) {
+      // Whole ranges without a refcount block are free: skip through them at once.
+      const ri = Math.floor(c / this.perBlock);
+      if (ri >= this.reftableEntries || this.blockOffset(ri) === 0) {
+        if (run === 0) start = c;
+        const blockEnd = (ri + 1) * this.perBlock;
+        run += blockEnd - c;
+        if (run >= n) return start;
+        c = blockEnd - 1;
+        continue;
+      }
+      if ((await this.get(c)) === 0) {
+        if (run === 0) start = c;
+        if (++run >= n) return start;
+      } else {
+        run = 0;
+      }
+    }
+  }
+
+  /** True when [start, start+n) is free, after making sure refcount blocks cover it. */
+  private async claimable(start: number, n: number): Promise<boolean> {
+    for (let ri = Math.floor(start / this.perBlock); ri <= Math.floor((start + n - 1) / this.perBlock); ri++) await this.ensureBlock(ri);
+    for (let c = start; c < start + n; c++) if ((await this.get(c)) !== 0) return false;
+    return true;
+  }
+
+  /** Allocates `n` contiguous clusters with refcount 1; returns the host offset of the first. */
+  async alloc(n = 1): Promise<number> {
+    for (;;) {
+      const start = await this.findFree(n);
+      // Creating refcount blocks for the range may take clusters from it: check again.
+      if (!(await this.claimable(start, n))) continue;
+      for (let c = start; c < start + n; c++) await this.set(c, 1);
+      if (start === this.freeHint) this.freeHint = start + n;
+      return start * this.clusterSize;
+    }
+  }
+
+  /** QEMU's qcow2_alloc_bytes: packs compressed data, adding one reference to each cluster it touches. */
+  async allocBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    let offset = this.freeByteOffset;
+    if (offset && (await this.get(Math.floor(offset / cs))) >= this.max) offset = 0;
+    if (offset) {
+      const freeIn = cs - (offset % cs);
+      if (freeIn >= size) {
+        await this.change(offset, size, 1);
+      } else {
+        // Continue into the clusters right after the current one if they are free.
+        const next = Math.ceil(offset / cs);
+        const k = Math.ceil((size - freeIn) / cs);
+        if (await this.claimable(next, k)) await this.change(offset, size, 1);
+        else offset = 0;
+      }
+    }
+    if (!offset) offset = await this.alloc(Math.ceil(size / cs));
+    this.freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
+    return offset;
+  }
+
+  /** A fresh refcount block for table index `ri`, describing itself when it lies in its own range. */
+  private async newBlock(ri: number): Promise<number> {
+    let at = await this.findFree(1);
+    const atRi = Math.floor(at / this.perBlock);
+    // A free cluster in another range without a block would need a block of its own first:
+    // take the start of our own range instead (all free, since it has no block).
+    if (atRi !== ri && (atRi >= this.reftableEntries || this.blockOffset(atRi) === 0)) at = ri * this.perBlock;
+    const off = at * this.clusterSize;
+    const block = Buffer.alloc(this.clusterSize);
+    this.blocks.set(off, block);
+    this.dirtyBlocks.add(off);
+    encodeReftableEntry(this.reftable, ri, off);
+    this.reftableDirty.add(ri);
+    if (Math.floor(at / this.perBlock) === ri) {
+      setRefcount(block, at % this.perBlock, this.host.refcountOrder, 1);
+      if (at >= this.allocEnd) this.allocEnd = at + 1;
+    } else {
+      await this.set(at, 1);
+    }
+    if (at === this.freeHint) this.freeHint = at + 1;
+    return off;
+  }
+
+  /**
+   * Grows the refcount table to cover index `ri`: a new table and any refcount blocks it needs
+   * for its own clusters go past the end of the image, describing themselves; they are written
+   * and flushed, then the header switches to the new table, then the old table is freed.
+   */
+  private async growReftable(ri: number): Promise<void> {
+    const cs = this.clusterSize;
+    const entriesPerCluster = cs / 8;
+    const e = this.allocEnd;
+    let entries = Math.max(ri + 1, Math.ceil(this.reftableEntries * 1.5));
+    let tableClusters = 0;
+    let newBlocks: number[] = [];
+    for (let iter = 0; iter < 64; iter++) {
+      tableClusters = Math.ceil(entries / entriesPerCluster);
+      entries = tableClusters * entriesPerCluster;
+      let nb = 0;
+      for (;;) {
+        const lastCluster = e + tableClusters + nb - 1;
+        const idx: number[] = [];
+        for (let r = Math.floor(e / this.perBlock); r <= Math.floor(lastCluster / this.perBlock); r++) {
+          if (r >= this.reftableEntries || this.blockOffset(r) === 0) idx.push(r);
+        }
+        if (idx.length === nb) { newBlocks = idx; break; }
+        nb = idx.length;
+      }
+      const lastIndex = Math.floor((e + tableClusters + newBlocks.length - 1) / this.perBlock);
+      if (lastIndex < entries) break;
+      entries = lastIndex + 1;
+    }
+    const table = Buffer.alloc(tableClusters * cs);
+    this.reftable.copy(table);
+    const oldOffset = this.reftableOffset;
+    const oldClusters = Math.ceil(this.reftable.length / cs);
+    this.reftable = table;
+    newBlocks.forEach((r, i) => {
+      const off = (e + tableClusters + i) * cs;
+      encodeReftableEntry(this.reftable, r, off);
+      this.blocks.set(off, Buffer.alloc(cs));
+      this.dirtyBlocks.add(off);
+    });
+    this.allocEnd = Math.max(this.allocEnd, e + tableClusters + newBlocks.length);
+    for (let c = e; c < e + tableClusters + newBlocks.length; c++) await this.set(c, 1);
+    const newOffset = e * cs;
+    this.reftableOffset = newOffset;
+    this.reftableDirty.clear();
+    await this.writeBlocks();
+    await this.host.file.write(this.reftable, newOffset);
+    await this.host.file.flush();
+    await this.host.switchReftable(newOffset, tableClusters);
+    // Nothing references the old table now; its clusters are free.
+    await this.change(oldOffset, oldClusters * cs, -1);
+  }
+
+  async writeBlocks(): Promise<void> {
+    const writes: Promise<void>[] = [];
+    for (const off of this.dirtyBlocks) writes.push(this.host.file.write(this.blocks.get(off)!, off));
+    this.dirtyBlocks.clear();
+    await Promise.all(writes);
+  }
+
+  get hasDirty(): boolean { return this.dirtyBlocks.size > 0 || this.reftableDirty.size > 0; }
+
+  /** Writes dirty refcount blocks, then (after a flush, so blocks precede pointers) table entries. */
+  async writeBack(): Promise<void> {
+    if (this.dirtyBlocks.size) await this.writeBlocks();
+    if (this.reftableDirty.size) {
+      await this.host.file.flush();
+      const writes: Promise<void>[] = [];
+      for (const ri of this.reftableDirty) writes.push(this.host.file.write(this.reftable.subarray(ri * 8, ri * 8 + 8), this.reftableOffset + ri * 8));
+      this.reftableDirty.clear();
+      await Promise.all(writes);
+    }
+  }
+}
