@@ -86,7 +86,11 @@ export class Refcounts {
     const b = await this.loadBlock(off);
     setRefcount(b, cluster % this.perBlock, this.host.refcountOrder, value);
     this.dirtyBlocks.add(off);
-    if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
+    if (value === 0) {
+      if (cluster < this.freeHint) this.freeHint = cluster;
+      // A freed cluster may be reused for anything: stop packing compressed data into it.
+      if (this.freeByteOffset && Math.floor(this.freeByteOffset / this.clusterSize) === cluster) this.freeByteOffset = 0;
+    }
     if (value > 0 && cluster >= this.allocEnd) this.allocEnd = cluster + 1;
   }
 

@@ -45,9 +45,13 @@ export class MemoryFile implements BlockFile {
     this.len = size;
   }
 
+  /** Called after every flush with the now-durable bytes (crash tests record cut points). */
+  onFlush: ((durable: Buffer) => void) | null = null;
+
   async flush(): Promise<void> {
     this.stats.flushes++;
     if (this.durable) this.durable = { data: Buffer.from(this.data.subarray(0, this.len)), len: this.len };
+    this.onFlush?.(this.durable ? this.durable.data : this.contents());
   }
 
   async close(): Promise<void> {}
