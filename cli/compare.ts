@@ -20,8 +20,9 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
   let a: DiskImage | null = null;
   let b: DiskImage | null = null;
   try {
-    a = await openImage(positionals[0]!, { format: fa });
-    b = await openImage(positionals[1]!, { format: fb });
+    const lock = values['force-share'] ? 'none' : 'auto';
+    a = await openImage(positionals[0]!, { format: fa, lock });
+    b = await openImage(positionals[1]!, { format: fb, lock });
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
     const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
     bar.end();

@@ -42,7 +42,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   const [srcName, dstName] = positionals as [string, string];
   let src: DiskImage | null = null;
   try {
-    src = await openImage(srcName, { format: parseFormat(str(values.format)) });
+    src = await openImage(srcName, { format: parseFormat(str(values.format)), lock: values['force-share'] ? 'none' : 'auto' });
     let from: DiskImage = src;
     const snap = str(values.snapshot) ?? str(values['snapshot-id']);
     if (snap !== undefined) {

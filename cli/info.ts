@@ -16,8 +16,8 @@ export async function infoCommand(args: string[], io: CommandIO): Promise<number
   const format = parseFormat(str(values.format));
   const chain = !!values['backing-chain'];
   const top = chain
-    ? await openImage(positionals[0]!, { format })
-    : await openImageFile(positionals[0]!, { format });
+    ? await openImage(positionals[0]!, { format, lock: 'none' })
+    : await openImageFile(positionals[0]!, { format, lock: 'none' });
   try {
     const infos: ImageInfo[] = [];
     for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));

@@ -59,6 +59,10 @@ if (isMain) {
     if (++interrupts > 1) process.exit(130);
     ac.abort();
   };
+  // A reader that went away (`strata map IMG | head`) is not an error worth a stack trace.
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => { if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0); throw err; });
+  }
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   run(process.argv.slice(2), stdio, ac.signal).then((code) => {

@@ -12,7 +12,8 @@ export async function mapCommand(args: string[], io: CommandIO): Promise<number>
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
   const fmt = outputFormat(values.output);
-  const top = await openImage(positionals[0]!, { format: parseFormat(str(values.format)) });
+  // Like `qemu-img info`, map needs no consistent-read permission, so it works on images in use.
+  const top = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), lock: 'none' });
   try {
     if (fmt === 'json') {
       // Buffer lines so a huge map is written in large chunks.

@@ -19,7 +19,7 @@ export async function snapshotCommand(args: string[], io: CommandIO): Promise<nu
   const actions = ['list', 'create', 'apply', 'delete'].filter((k) => values[k] !== undefined);
   if (actions.length !== 1) throw new UsageError(`give exactly one of -l, -c, -a, -d\nusage: ${USAGE}`);
   if (!values.list) throw new UsageError('snapshot -c/-a/-d (create, apply, delete) are not available in this build; -l lists');
-  const img = await openImageFile(positionals[0]!, { format: parseFormat(str(values.format)) });
+  const img = await openImageFile(positionals[0]!, { format: parseFormat(str(values.format)), lock: values['force-share'] ? 'none' : 'auto' });
   try {
     if (!(img instanceof Qcow2Image)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
     if (img.snapshots.length) io.out('Snapshot list:\n' + formatSnapshotTable(img.snapshots.map(snapshotInfo)));

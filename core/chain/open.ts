@@ -9,13 +9,21 @@ import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
+import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
 
+/**
+ * Locking as qemu-img does it: 'auto' takes the write locks for writable opens and the
+ * consistent-read locks otherwise; 'none' takes nothing (-U/--force-share, and info/map).
+ */
+export type LockPolicy = 'auto' | 'none';
+
 export interface OpenImageOptions {
   format?: ImageFormat;
   writable?: boolean;
+  lock?: LockPolicy;
   /** Open the backing chain too (default true). */
   backing?: boolean;
 }
@@ -40,7 +48,7 @@ export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
 }
 
 /** Opens one image (no backing chain). */
-export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string }): Promise<DiskImage> {
+export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy }): Promise<DiskImage> {
   let file: NodeFile;
   try {
     file = await NodeFile.open(filename, { writable: opts.writable });
@@ -51,6 +59,7 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
     throw err;
   }
   try {
+    if (opts.lock !== 'none') await lockImage(file.fd, filename, opts.writable ? WRITE_LOCK : READ_LOCK);
     let format = opts.format;
     if (!format) {
       format = await probeFormat(file);
@@ -68,10 +77,10 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock });
   if (opts.backing === false) return top;
   try {
-    await openBackingChain(top);
+    await openBackingChain(top, opts.lock);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -79,7 +88,7 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage): Promise<void> {
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'): Promise<void> {
   const seen = new Map<string, string>();
   const real = async (p: string) => { try { return await realpath(p); } catch { return p; } };
   seen.set(await real(top.filename), top.filename);
@@ -95,7 +104,7 @@ export async function openBackingChain(top: DiskImage): Promise<void> {
       throw new FormatError(`backing chain loop: '${img.filename}' has backing file '${name}', which is already in the chain (as '${prev}')`, top.filename);
     }
     seen.set(key, name);
-    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename });
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });
     img.backing = next;
     img = next;
   }

@@ -1,0 +1,96 @@
+// QEMU-compatible image locks (see reference/qemu-image-locking.md): one-byte shared OFD locks
+// at 100+i ("I use permission i") and 200+i ("I do not share permission i"), with a conflict
+// test on the other side's bytes. Without the native addon we cannot lock, but on Linux we can
+// still see QEMU's locks in /proc/locks and refuse to write an image in use.
+import { readFile, stat } from 'node:fs/promises';
+import { InUseError } from '../errors';
+import { native } from './native';
+import { describeHolders, findLockHolders, parseLockLines } from './lock-doctor';
+
+export const PERM_CONSISTENT_READ = 0;
+export const PERM_WRITE = 1;
+export const PERM_WRITE_UNCHANGED = 2;
+export const PERM_RESIZE = 3;
+const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
+const ALL_PERMS = [0, 1, 2, 3];
+const LOCK_BASE_USE = 100;
+const LOCK_BASE_SHARE = 200;
+
+export interface LockMode {
+  /** Permissions we use. */
+  perms: number[];
+  /** Permissions we allow others to use. */
+  shared: number[];
+}
+
+/** What qemu-img takes for readers that need consistent data (convert source, compare, map). */
+export const READ_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, PERM_RESIZE] };
+/** What qemu-img takes for writers (commit, rebase, resize, snapshot, check -r). */
+export const WRITE_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED] };
+
+export interface ImageLock {
+  readonly mode: LockMode;
+  /** False when the addon is missing and the lock is only a check done at open time. */
+  readonly held: boolean;
+  release(): void;
+}
+
+/**
+ * Takes `mode` on the open file `fd` of `path`, or throws InUseError naming who holds a
+ * conflicting lock. Without the addon: checks /proc/locks for a conflict and holds nothing.
+ */
+export async function lockImage(fd: number, path: string, mode: LockMode): Promise<ImageLock> {
+  const n = native();
+  const unshared = ALL_PERMS.filter((p) => !mode.shared.includes(p));
+  if (!n) {
+    const conflict = await procLocksConflict(path, mode, unshared);
+    if (conflict) await throwInUse(path, conflict);
+    return { mode, held: false, release: () => {} };
+  }
+  const taken: number[] = [];
+  const release = () => { for (const b of taken) { try { n.ofdSetLock(fd, b, 1, 'unlock'); } catch { /* fd closed */ } } taken.length = 0; };
+  const take = (b: number) => {
+    if (!n.ofdSetLock(fd, b, 1, 'read')) return false;
+    taken.push(b);
+    return true;
+  };
+  let conflict: string | null = null;
+  for (const p of mode.perms) if (!take(LOCK_BASE_USE + p)) { conflict = `Failed to get "${PERM_NAMES[p]}" lock`; break; }
+  if (!conflict) for (const p of unshared) if (!take(LOCK_BASE_SHARE + p)) { conflict = `Failed to get shared "${PERM_NAMES[p]}" lock`; break; }
+  if (!conflict) {
+    for (const p of mode.perms) if (n.ofdGetLock(fd, LOCK_BASE_SHARE + p, 1, 'write')) { conflict = `Failed to get "${PERM_NAMES[p]}" lock`; break; }
+  }
+  if (!conflict) {
+    for (const p of unshared) if (n.ofdGetLock(fd, LOCK_BASE_USE + p, 1, 'write')) { conflict = `Failed to get shared "${PERM_NAMES[p]}" lock`; break; }
+  }
+  if (conflict) {
+    release();
+    await throwInUse(path, conflict);
+  }
+  return { mode, held: true, release };
+}
+
+async function throwInUse(path: string, what: string): Promise<never> {
+  const holders = await findLockHolders(path);
+  throw new InUseError(`image is in use: ${what}; ${describeHolders(holders)} holds it. Stop the VM or process first (read-only commands work with -U)`, path);
+}
+
+/** The addon-less check: conflicting QEMU-style bytes in /proc/locks for this inode. */
+async function procLocksConflict(path: string, mode: LockMode, unshared: number[]): Promise<string | null> {
+  let text: string;
+  let ino: number;
+  try {
+    text = await readFile('/proc/locks', 'utf8');
+    ino = (await stat(path)).ino;
+  } catch {
+    return null;
+  }
+  const held = new Set<number>();
+  for (const l of parseLockLines(text)) {
+    if (l.ino !== ino) continue;
+    for (let b = l.start; b <= Math.min(l.end, 300); b++) held.add(b);
+  }
+  for (const p of mode.perms) if (held.has(LOCK_BASE_SHARE + p)) return `Failed to get "${PERM_NAMES[p]}" lock`;
+  for (const p of unshared) if (held.has(LOCK_BASE_USE + p)) return `Failed to get shared "${PERM_NAMES[p]}" lock`;
+  return null;
+}
