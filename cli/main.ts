@@ -6,6 +6,7 @@ import { mapCommand } from './map';
 import { compareCommand } from './compare';
 import { convertCommand } from './convert';
 import { snapshotCommand } from './snapshot';
+import { checkCommand } from './check';
 import { ioCommand } from './io';
 
 const HELP = `usage: strata COMMAND [options] ...
@@ -13,9 +14,10 @@ const HELP = `usage: strata COMMAND [options] ...
 Commands (options follow qemu-img):
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
   map [--output=human|json] [-f FMT] FILE
+  check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] A B
   convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
-  snapshot -l FILE
+  snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
@@ -29,6 +31,7 @@ const COMMANDS: Record<string, Command> = {
   compare: compareCommand,
   convert: convertCommand,
   snapshot: snapshotCommand,
+  check: checkCommand,
   io: ioCommand,
 };
 

@@ -42,10 +42,13 @@ interface Segment {
 
 export class Qcow2Writable extends Qcow2Image {
   refcounts!: Refcounts;
-  private readonly mutex = new Mutex();
+  /** @internal Serialises metadata changes (engine modules only). */
+  readonly mutex = new Mutex();
   private readonly ranges = new RangeLock();
-  private readonly l1Dirty = new Set<number>();
-  private pendingFrees: { offset: number; length: number }[] = [];
+  /** @internal */
+  readonly l1Dirty = new Set<number>();
+  /** @internal Reference drops applied after the next metadata write-back. */
+  pendingFrees: { offset: number; length: number }[] = [];
   private markedDirty = false;
   private headerAdjusted = false;
   private corrupt = false;
@@ -77,7 +80,8 @@ export class Qcow2Writable extends Qcow2Image {
   private get hasBacking(): boolean { return this.backing !== null || this.parsed.backingFile !== null; }
 
   /** Before the first change: clear autoclear bits we do not maintain, set the dirty bit with lazy refcounts. */
-  private async beforeChange(): Promise<void> {
+  /** @internal */
+  async beforeChange(): Promise<void> {
     if (this.corrupt) throw new CorruptImageError('image has been marked corrupt; no further writes', this.filename);
     const h = this.header;
     if (!this.headerAdjusted) {
@@ -98,7 +102,8 @@ export class Qcow2Writable extends Qcow2Image {
     }
   }
 
-  private async writeIncompatible(): Promise<void> {
+  /** @internal */
+  async writeIncompatible(): Promise<void> {
     const b = Buffer.alloc(8);
     b.writeBigUInt64BE(this.header.incompatibleFeatures);
     await this.file.write(b, 72);
@@ -124,7 +129,8 @@ export class Qcow2Writable extends Qcow2Image {
     throw err;
   }
 
-  private noteAlloc(): void {
+  /** @internal */
+  noteAlloc(): void {
     const end = this.refcounts.allocEnd * this.cs;
     if (end > this.fileSize) this.fileSize = end;
   }

@@ -64,7 +64,8 @@ export class Qcow2Image implements DiskImage {
   /** Bytes of the snapshot table as stored. */
   snapshotTableSize: number;
   protected fileSize: number;
-  protected readonly l2Cache: TableCache;
+  /** @internal */
+  readonly l2Cache: TableCache;
   private lastCompressed: { hostOffset: number; data: Buffer } | null = null;
 
   constructor(

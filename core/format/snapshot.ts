@@ -87,8 +87,11 @@ function extraDataFor(e: SnapshotEntry): Buffer {
   return x;
 }
 
+/** The table as QEMU writes it: entries padded to 8 bytes, except that the last one is not. */
 export function encodeSnapshotTable(entries: SnapshotEntry[]): Buffer {
-  const size = entries.reduce((n, e) => n + snapshotEntrySize(e), 0);
+  const padded = entries.reduce((n, e) => n + snapshotEntrySize(e), 0);
+  const last = entries[entries.length - 1];
+  const size = last ? padded - snapshotEntrySize(last) + C.SNAPSHOT_ENTRY_FIXED_SIZE + extraDataFor(last).length + Buffer.byteLength(last.id) + Buffer.byteLength(last.name) : 0;
   const out = Buffer.alloc(size);
   let off = 0;
   for (const e of entries) {
@@ -109,6 +112,7 @@ export function encodeSnapshotTable(entries: SnapshotEntry[]): Buffer {
     id.copy(out, p); p += id.length;
     name.copy(out, p);
     off += snapshotEntrySize(e);
+    if (off > size) break;
   }
   return out;
 }

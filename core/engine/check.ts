@@ -1,0 +1,905 @@
+// Consistency check and repair of a qcow2 image, as QEMU 7.2's qcow2_co_check does it
+// (block/qcow2-refcount.c: calculate_refcounts, compare_refcounts, check_oflag_copied).
+//
+// The check rebuilds in memory the refcount every cluster should have, compares it with the
+// stored refcounts, checks the QCOW_OFLAG_COPIED flags of the active tables, and counts
+// corruptions, leaks and the allocation figures exactly as QEMU does (same messages, same
+// numbers), so `strata check` and `qemu-img check` agree on every image.
+//
+// Repairs never change guest-visible data. Where QEMU fixes refcounts in place, we write a
+// complete new refcount structure past the end of the image (it describes itself), flush,
+// switch the header to it in one write, flush: a crash at any point leaves either the old
+// structure or the new one, never a mix. COPIED flags that must be cleared are cleared
+// before the switch and the ones that must be set after it, so a flag never claims a
+// refcount of 1 that the refcount structure on disk does not have.
+//
+// The image is opened by hand (not through Qcow2Image.open) so images with the corrupt or
+// the dirty bit, or with broken tables, can be checked. Memory is bounded by the file:
+// the in-memory refcounts cover the file's clusters (plus one), never an on-disk count.
+import * as C from '../format/constants';
+import { CorruptImageError, FormatError, StrataError } from '../errors';
+import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
+import { encodeReftableEntry, getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
+import { decodeBitmapDirectory } from '../format/bitmaps';
+import type { BlockFile } from '../io/block-file';
+
+/** qemu-img check -r: `leaks` fixes leaked clusters only, `all` fixes corruptions too. */
+export type RepairMode = 'leaks' | 'all';
+
+/** BdrvCheckResult: what one check pass found (and fixed). */
+export interface CheckCounts {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  /** End of the highest cluster in use (stored or referenced). */
+  imageEndOffset: number;
+  /** Clusters of the virtual disk. */
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export interface CheckPass extends CheckCounts {
+  /**
+   * Set when the check could not run to its end (qemu-img's "Check failed: REASON", exit 1):
+   * the counts are then not meaningful and nothing is printed.
+   */
+  failure: string | null;
+}
+
+export interface CheckHooks {
+  /** One message line (no newline) as QEMU prints them on stderr. */
+  log?: (line: string) => void;
+  /** Units of work done out of a total (tables and refcount blocks visited). */
+  progress?: (done: number, total: number) => void;
+  /** Throws when the caller wants to stop; called between tables. */
+  checkCancelled?: () => void;
+}
+
+export interface CheckOptions extends CheckHooks {
+  /** null/undefined: check only (the file may be read-only). */
+  repair?: RepairMode | null;
+}
+
+const TWO32 = 0x1_0000_0000;
+const FIX_LEAKS = 1;
+const FIX_ERRORS = 2;
+
+/** Past-EOF references this close to the end of the file are remembered, so the new refcount structure is not placed where they point. */
+const PAST_EOF_WINDOW = 1 << 16;
+
+type RefArray = Uint8Array | Uint16Array | Uint32Array | Float64Array;
+
+function newRefArray(order: number, n: number): RefArray {
+  if (order <= 3) return new Uint8Array(n);
+  if (order === 4) return new Uint16Array(n);
+  if (order === 5) return new Uint32Array(n);
+  return new Float64Array(n);
+}
+
+function hex(n: number | bigint): string { return n.toString(16); }
+function hex64(hi: number, lo: number): string { return ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16); }
+/** C's %#x: "0" for zero, "0x..." otherwise. */
+function altHex(n: number | bigint): string { return n === 0 || n === 0n ? '0' : `0x${n.toString(16)}`; }
+
+/**
+ * A failure that ends the check (QEMU's negative return): `message` goes to the log and
+ * `reason` (QEMU's strerror) into "Check failed: REASON".
+ */
+class CheckAbort extends Error {
+  constructor(message: string, readonly reason: string) { super(message); }
+}
+
+interface SnapshotInfo {
+  id: string;
+  name: string;
+  l1Offset: bigint;
+  l1Size: number;
+}
+
+/** What a check pass needs to know about the image, as loaded from disk. */
+interface ImageState {
+  parsed: ParsedHeader;
+  clusterBits: number;
+  clusterSize: number;
+  refcountOrder: number;
+  extendedL2: boolean;
+  l2Entries: number;
+  l2EntrySize: number;
+  fileSize: number;
+  reftableOffset: number;
+  reftable: Buffer;
+  reftableEntries: number;
+  l1Offset: number;
+  l1Size: number;
+  l1: Buffer;
+  snapshots: SnapshotInfo[];
+  /** Bytes of the snapshot table as QEMU measures it (the last entry unpadded). */
+  snapshotsSize: number;
+}
+
+function emptyCounts(): CheckCounts {
+  return {
+    checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0,
+    imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
+  };
+}
+
+/** Reads [offset, offset+len) zero-filled past the end of the file (as QEMU's reads are). */
+async function readAt(file: BlockFile, fileSize: number, offset: number, len: number): Promise<Buffer> {
+  const buf = Buffer.alloc(len);
+  if (len > 0 && offset < fileSize && offset <= Number.MAX_SAFE_INTEGER) {
+    await file.read(buf.subarray(0, Math.min(len, fileSize - offset)), offset);
+  }
+  return buf;
+}
+
+/** The header cluster, decoded with the format decoders; dirty and corrupt images are accepted. */
+async function loadHeader(file: BlockFile): Promise<ParsedHeader> {
+  const fileSize = await file.size();
+  const probe = Buffer.alloc(C.HEADER_V3_WITH_COMPRESSION_LENGTH);
+  const got = await file.read(probe, 0);
+  const clusterBits = got >= 24 ? probe.readUInt32BE(20) : 0;
+  const headerBytes = clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS ? 2 ** clusterBits : probe.length;
+  const buf = Buffer.alloc(Math.max(headerBytes, probe.length));
+  const n = await file.read(buf, 0);
+  const parsed = decodeHeader(n < C.HEADER_V2_LENGTH ? buf.subarray(0, Math.min(n, fileSize)) : buf, file.path);
+  checkIncompatibleFeatures(parsed, file.path);
+  const bm = parsed.bitmaps;
+  if (bm && (parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS)) {
+    // qcow2_read_extensions refuses to open these.
+    const ext = parsed.extensions.find((e) => e.type === C.EXT_BITMAPS);
+    if (ext && ext.data.length !== 24) throw new CorruptImageError(`bitmaps extension: invalid extension length ${ext.data.length}`, file.path);
+    if (ext && ext.data.readUInt32BE(4) !== 0) throw new CorruptImageError('bitmaps extension: reserved field is not zero', file.path);
+    if (bm.nbBitmaps > C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: too many bitmaps (${bm.nbBitmaps})`, file.path);
+    if (bm.nbBitmaps === 0) throw new CorruptImageError('bitmaps extension: found a bitmaps extension with zero bitmaps', file.path);
+    if (bm.bitmapDirectorySize > 1024 * C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: bitmap directory is too large (${bm.bitmapDirectorySize} bytes)`, file.path);
+    if (bm.bitmapDirectoryOffset % 2 ** parsed.header.clusterBits !== 0) throw new CorruptImageError('bitmaps extension: bitmap directory offset is not cluster-aligned', file.path);
+  }
+  return parsed;
+}
+
+/**
+ * The snapshot table as QEMU's qcow2_do_read_snapshots reads it in check mode: no validation
+ * of the L1 tables (the check reports those), reads past the end of the file give zeros.
+ */
+async function loadSnapshots(file: BlockFile, fileSize: number, offset: number, count: number): Promise<{ snapshots: SnapshotInfo[]; size: number }> {
+  const snapshots: SnapshotInfo[] = [];
+  if (count === 0) return { snapshots, size: 0 };
+  const WINDOW = 64 * 1024;
+  let winStart = -1;
+  let win: Buffer = Buffer.alloc(0);
+  const bytes = async (pos: number, len: number): Promise<Buffer> => {
+    if (winStart < 0 || pos < winStart || pos + len > winStart + win.length) {
+      winStart = pos;
+      win = await readAt(file, fileSize, pos, Math.max(len, WINDOW));
+    }
+    return win.subarray(pos - winStart, pos - winStart + len);
+  };
+  let pos = offset;
+  for (let i = 0; i < count; i++) {
+    pos = Math.ceil(pos / 8) * 8;
+    const h = Buffer.from(await bytes(pos, C.SNAPSHOT_ENTRY_FIXED_SIZE));
+    pos += C.SNAPSHOT_ENTRY_FIXED_SIZE;
+    const l1Offset = h.readBigUInt64BE(0);
+    const l1Size = h.readUInt32BE(8);
+    const idSize = h.readUInt16BE(12);
+    const nameSize = h.readUInt16BE(14);
+    const extraSize = h.readUInt32BE(36);
+    if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) {
+      throw new CheckAbort(`Failed to read snapshot table: Too much extra metadata in snapshot table entry ${i}`, 'File too large');
+    }
+    pos += extraSize;
+    const id = (await bytes(pos, idSize)).toString('utf8');
+    pos += idSize;
+    const name = (await bytes(pos, nameSize)).toString('utf8');
+    pos += nameSize;
+    if (pos - offset > C.MAX_SNAPSHOTS_SIZE) throw new CheckAbort('Failed to read snapshot table: Snapshot table is too big', 'File too large');
+    snapshots.push({ id, name, l1Offset, l1Size });
+  }
+  return { snapshots, size: pos - offset };
+}
+
+async function loadState(file: BlockFile): Promise<ImageState> {
+  const parsed = await loadHeader(file);
+  const h = parsed.header;
+  const fileSize = await file.size();
+  const clusterBits = h.clusterBits;
+  const clusterSize = 2 ** clusterBits;
+  const extendedL2 = hasExtendedL2(h);
+  const l2EntrySize = extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL;
+  const reftableBytes = h.refcountTableClusters * clusterSize;
+  const reftable = await readAt(file, fileSize, h.refcountTableOffset, reftableBytes);
+  const l1 = await readAt(file, fileSize, h.l1TableOffset, h.l1Size * 8);
+  const snaps = await loadSnapshots(file, fileSize, h.snapshotsOffset, h.nbSnapshots);
+  return {
+    parsed, clusterBits, clusterSize, refcountOrder: h.refcountOrder, extendedL2,
+    l2Entries: clusterSize / l2EntrySize, l2EntrySize, fileSize,
+    reftableOffset: h.refcountTableOffset, reftable, reftableEntries: reftableBytes / 8,
+    l1Offset: h.l1TableOffset, l1Size: h.l1Size, l1,
+    snapshots: snaps.snapshots, snapshotsSize: snaps.size,
+  };
+}
+
+/**
+ * The stored refcounts, read through the refcount table (qcow2_get_refcount). A refcount
+ * block at an unaligned offset cannot be read: get() returns null, as QEMU's -EIO.
+ */
+class StoredRefcounts {
+  private readonly entries: number;
+  private readonly cache = new Map<number, Buffer>();
+  private readonly cacheMax: number;
+  private reported = false;
+
+  constructor(private readonly file: BlockFile, private readonly st: ImageState, private readonly log: (s: string) => void) {
+    this.entries = refcountBlockEntries(st.clusterBits, st.refcountOrder);
+    this.cacheMax = Math.max(16, Math.floor((32 * 1024 * 1024) / st.clusterSize));
+  }
+
+  /** The refcount block covering block index `b`: a buffer, 'zero' (none), or null (unreadable). */
+  async block(b: number): Promise<Buffer | 'zero' | null> {
+    const st = this.st;
+    if (b >= st.reftableEntries) return 'zero';
+    const hi = st.reftable.readUInt32BE(b * 8);
+    const lo = st.reftable.readUInt32BE(b * 8 + 4);
+    const offset = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
+    if (offset === 0) return 'zero';
+    if (offset % st.clusterSize !== 0) {
+      if (!this.reported) {
+        this.reported = true;
+        this.log(`qcow2: Image is corrupt: Refblock offset ${altHex(offset)} unaligned (reftable index: ${altHex(b)}); further non-fatal corruption events will be suppressed`);
+      }
+      return null;
+    }
+    if (offset >= st.fileSize) return 'zero';
+    const hit = this.cache.get(offset);
+    if (hit) {
+      this.cache.delete(offset);
+      this.cache.set(offset, hit);
+      return hit;
+    }
+    const buf = await readAt(this.file, st.fileSize, offset, st.clusterSize);
+    if (this.cache.size >= this.cacheMax) this.cache.delete(this.cache.keys().next().value!);
+    this.cache.set(offset, buf);
+    return buf;
+  }
+
+  async get(cluster: number): Promise<number | null> {
+    const b = Math.floor(cluster / this.entries);
+    const blk = await this.block(b);
+    if (blk === null) return null;
+    if (blk === 'zero') return 0;
+    return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
+  }
+
+  get blockEntries(): number { return this.entries; }
+}
+
+/** One entry of the active tables whose COPIED flag must change. */
+interface FlagFix { table: 'l1' | 'l2'; offset: number; entryIndex: number; set: boolean }
+
+/** One check pass over an image (calculate_refcounts + compare_refcounts + check_oflag_copied). */
+class Checker {
+  readonly res: CheckCounts = emptyCounts();
+  rebuild = false;
+  /** In-memory refcount table (IMRT), entries [0, n) in use. */
+  imrt: RefArray;
+  n: number;
+  private readonly max: number;
+  /** Increments the refcount table and the refcount blocks contributed, per cluster. */
+  readonly structureRefs = new Map<number, number>();
+  /** Clusters past the end of the file (in a window) that something references. */
+  readonly pastEofRefs = new Set<number>();
+  /** Refcount blocks outside the image that QEMU's -r all would have grown the file for. */
+  readonly outsideBlocks = new Set<number>();
+  highestCluster = 0;
+  private unitsDone = 0;
+  private readonly unitsTotal: number;
+
+  constructor(
+    private readonly file: BlockFile,
+    readonly st: ImageState,
+    private readonly fix: number,
+    private readonly hooks: CheckHooks,
+  ) {
+    const nb = Math.ceil(st.fileSize / st.clusterSize);
+    if (nb > 0x7fffffff) throw new CheckAbort(`the image file has too many clusters (${nb}) to be checked`, 'File too large');
+    // One spare entry: a reference may run into the cluster after the last (partial) one.
+    this.imrt = newRefArray(st.refcountOrder, nb + 1);
+    this.n = nb;
+    this.max = maxRefcount(st.refcountOrder);
+    const h = st.parsed.header;
+    this.res.totalClusters = Math.ceil((Math.floor(h.size / 512) * 512) / st.clusterSize);
+    this.unitsTotal = st.l1Size + st.snapshots.reduce((a, s) => a + s.l1Size, 0) + Math.ceil(nb / refcountBlockEntries(st.clusterBits, st.refcountOrder)) * 2 + 1;
+  }
+
+  private log(line: string): void { this.hooks.log?.(line); }
+
+  private tick(units = 1): void {
+    this.unitsDone += units;
+    this.hooks.progress?.(Math.min(this.unitsDone, this.unitsTotal), this.unitsTotal);
+  }
+
+  private get cs(): number { return this.st.clusterSize; }
+
+  /** qcow2_inc_refcounts_imrt */
+  private inc(offset: number, size: number, structure = false): void {
+    if (size <= 0) return;
+    const cs = this.cs;
+    if (offset + size - this.st.fileSize >= cs) {
+      this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(offset)} size 0x${hex(size)}`);
+      this.res.corruptions++;
+      const nb = Math.ceil(this.st.fileSize / cs);
+      const first = Math.floor(offset / cs);
+      const last = Math.floor((offset + size - 1) / cs);
+      for (let k = Math.max(first, nb); k <= last && k < nb + PAST_EOF_WINDOW; k++) this.pastEofRefs.add(k);
+      return;
+    }
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + size - 1) / cs);
+    for (let k = first; k <= last; k++) {
+      if (k >= this.imrt.length) { this.res.checkErrors++; return; }
+      if (k >= this.n) this.n = k + 1;
+      const r = this.imrt[k]!;
+      if (r >= this.max) {
+        this.log(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
+        this.log('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+        this.res.corruptions++;
+        continue;
+      }
+      this.imrt[k] = r + 1;
+      if (structure) this.structureRefs.set(k, (this.structureRefs.get(k) ?? 0) + 1);
+    }
+  }
+
+  private read(offset: number, len: number): Promise<Buffer> {
+    return readAt(this.file, this.st.fileSize, offset, len);
+  }
+
+  /** calculate_refcounts */
+  async calculate(): Promise<void> {
+    const st = this.st;
+    const cs = this.cs;
+    this.inc(0, cs);
+    await this.checkL1(st.l1Offset, st.l1Size, true, true);
+    for (const sn of st.snapshots) {
+      if (sn.l1Offset % BigInt(cs) !== 0n) {
+        this.log(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${altHex(sn.l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        this.res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > C.MAX_L1_SIZE_BYTES / 8) {
+        this.log(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=${altHex(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+        this.res.corruptions++;
+        continue;
+      }
+      // An offset past 2^53 is far past the end of the file: inc() reports it and reads give zeros.
+      const off = sn.l1Offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % cs) : Number(sn.l1Offset);
+      await this.checkL1(off, sn.l1Size, false, false);
+    }
+    this.inc(st.parsed.header.snapshotsOffset, st.snapshotsSize);
+    this.inc(st.reftableOffset, st.reftableEntries * 8, true);
+    const crypto = st.parsed.cryptoHeader;
+    if (crypto && crypto.length) this.inc(crypto.offset, crypto.length);
+    await this.checkBitmaps();
+    this.checkRefblocks();
+  }
+
+  /** check_refcounts_l1 */
+  private async checkL1(l1Offset: number, l1Size: number, fragInfo: boolean, active: boolean): Promise<void> {
+    if (!l1Size) return;
+    const cs = this.cs;
+    this.inc(l1Offset, l1Size * 8);
+    const l1 = active && l1Offset === this.st.l1Offset ? this.st.l1 : await this.read(l1Offset, l1Size * 8);
+    for (let i = 0; i < l1Size; i++) {
+      const hi = l1.readUInt32BE(i * 8);
+      const lo = l1.readUInt32BE(i * 8 + 4);
+      if (hi === 0 && lo === 0) { this.tick(); continue; }
+      this.hooks.checkCancelled?.();
+      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
+        this.log(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+        this.res.corruptions++;
+      }
+      const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      this.inc(l2Offset, cs);
+      if (l2Offset % cs !== 0) {
+        this.log(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
+        this.res.corruptions++;
+      }
+      await this.checkL2(l2Offset, fragInfo);
+      this.tick();
+    }
+  }
+
+  /** check_refcounts_l2 */
+  private async checkL2(l2Offset: number, fragInfo: boolean): Promise<void> {
+    const st = this.st;
+    const cs = this.cs;
+    const ext = st.extendedL2;
+    const es = st.l2EntrySize;
+    const table = await this.read(l2Offset, cs);
+    let nextContiguous = 0;
+    const csizeShift = 62 - (st.clusterBits - 8);
+    const hiShift = csizeShift - 32;
+    const offsetHiMask = (1 << hiShift) - 1;
+    const csizeMask = (1 << (st.clusterBits - 8)) - 1;
+    for (let i = 0; i < st.l2Entries; i++) {
+      const o = i * es;
+      let hi = table.readUInt32BE(o);
+      const lo = table.readUInt32BE(o + 4);
+      const bmZero = ext ? table.readUInt32BE(o + 8) : 0;
+      const bmAlloc = ext ? table.readUInt32BE(o + 12) : 0;
+      if (hi === 0 && lo === 0 && bmZero === 0 && bmAlloc === 0) continue;
+      const compressed = (hi & 0x40000000) !== 0;
+      if (!compressed && ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0)) {
+        this.log(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
+        this.res.corruptions++;
+      }
+      if (compressed) {
+        const coffset = (hi & offsetHiMask) * TWO32 + (lo >>> 0);
+        if (hi & 0x80000000) {
+          this.log(`ERROR: coffset=0x${hex(coffset)}: copied flag must never be set for compressed clusters`);
+          hi &= 0x7fffffff;
+          this.res.corruptions++;
+        }
+        if (bmZero !== 0 || bmAlloc !== 0) {
+          this.log(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`);
+          this.res.corruptions++;
+          continue;
+        }
+        const sectors = ((hi >>> hiShift) & csizeMask) + 1;
+        const csize = sectors * C.COMPRESSED_SECTOR_SIZE - (lo & (C.COMPRESSED_SECTOR_SIZE - 1));
+        this.inc(coffset, csize);
+        if (fragInfo) {
+          this.res.allocatedClusters++;
+          this.res.compressedClusters++;
+          this.res.fragmentedClusters++;
+        }
+        continue;
+      }
+      const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const zeroFlag = !ext && (lo & 1) !== 0;
+      if (offset === 0) {
+        // ZERO_PLAIN or UNALLOCATED
+        if (!zeroFlag && ext && bmAlloc !== 0) {
+          this.res.corruptions++;
+          this.log('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+        }
+        continue;
+      }
+      // NORMAL or ZERO_ALLOC
+      if (ext && (bmZero & bmAlloc) !== 0) {
+        this.res.corruptions++;
+        this.log(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+      }
+      if (offset % cs !== 0) {
+        this.res.corruptions++;
+        const containsData = ext ? bmAlloc !== 0 : !zeroFlag;
+        if (!containsData) {
+          const repair = (this.fix & FIX_ERRORS) !== 0;
+          this.log(`${repair ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+          if (repair) {
+            await this.zeroEntry(l2Offset, i, bmZero | bmAlloc);
+            this.res.corruptions--;
+            this.res.corruptionsFixed++;
+            continue;
+          }
+        } else {
+          this.log(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+        }
+      }
+      if (fragInfo) {
+        this.res.allocatedClusters++;
+        if (nextContiguous && offset !== nextContiguous) this.res.fragmentedClusters++;
+        nextContiguous = offset + cs;
+      }
+      this.inc(offset, cs);
+    }
+  }
+
+  /** fix_l2_entry_by_zero: the entry becomes a plain zero cluster (its subclusters read as before). */
+  private async zeroEntry(l2Offset: number, index: number, bitmapAll: number): Promise<void> {
+    const es = this.st.l2EntrySize;
+    const e = Buffer.alloc(es);
+    if (this.st.extendedL2) e.writeUInt32BE(bitmapAll >>> 0, 8);
+    else e.writeUInt32BE(1, 4);
+    await this.file.write(e, l2Offset + index * es);
+  }
+
+  /** qcow2_check_bitmaps_refcounts */
+  private async checkBitmaps(): Promise<void> {
+    const st = this.st;
+    const bm = st.parsed.bitmaps;
+    if (!bm || !(st.parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS) || bm.nbBitmaps === 0) return;
+    const cs = this.cs;
+    this.inc(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
+    const dir = await this.read(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
+    let entries;
+    try {
+      entries = decodeBitmapDirectory(dir, bm.nbBitmaps);
+      for (const e of entries) {
+        if (e.bitmapTableSize === 0 || e.bitmapTableOffset === 0 || e.bitmapTableOffset % cs !== 0 || e.type !== 1 ||
+            e.granularityBits < 9 || e.granularityBits > 31 || e.bitmapTableSize > 0x8000000) {
+          throw new CorruptImageError(`bitmap '${e.name}' has an invalid directory entry`);
+        }
+      }
+    } catch (err) {
+      if (!(err instanceof StrataError)) throw err;
+      this.res.corruptions++;
+      throw new CheckAbort(`ERROR failed to load the bitmap directory: ${(err as Error).message}`, 'Invalid argument');
+    }
+    for (const e of entries) {
+      this.inc(e.bitmapTableOffset, e.bitmapTableSize * 8);
+      const table = await this.read(e.bitmapTableOffset, e.bitmapTableSize * 8);
+      for (let i = 0; i < e.bitmapTableSize; i++) {
+        const hi = table.readUInt32BE(i * 8);
+        const lo = table.readUInt32BE(i * 8 + 4);
+        // BME_TABLE_ENTRY_RESERVED_MASK 0xff000000000001fe; offset mask 0x00fffffffffffe00
+        const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+        if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (offset !== 0 && ((lo & 1) !== 0 || offset % cs !== 0))) {
+          this.res.corruptions++;
+          continue;
+        }
+        if (offset === 0) continue;
+        this.inc(offset, cs);
+      }
+    }
+  }
+
+  /** check_refblocks */
+  private checkRefblocks(): void {
+    const st = this.st;
+    const cs = this.cs;
+    const repair = (this.fix & FIX_ERRORS) !== 0;
+    for (let i = 0; i < st.reftableEntries; i++) {
+      const hi = st.reftable.readUInt32BE(i * 8);
+      const lo = st.reftable.readUInt32BE(i * 8 + 4);
+      if (hi === 0 && lo === 0) continue;
+      const offset = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if ((lo & 0x1ff) !== 0) {
+        this.log(`ERROR refcount table entry ${i} has reserved bits set`);
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      if (offset % cs !== 0) {
+        this.log(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      const cluster = Math.floor(offset / cs);
+      if (cluster >= this.n) {
+        this.res.corruptions++;
+        this.log(`${repair ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
+        if (repair) {
+          // QEMU grows the file so the block lies inside it, then rebuilds the structure
+          // because the grown block reads as zeros. We rebuild without growing the file.
+          this.res.corruptions--;
+          this.res.corruptionsFixed++;
+          this.outsideBlocks.add(cluster);
+          this.rebuild = true;
+        }
+        continue;
+      }
+      this.inc(offset, cs, true);
+      const r = this.imrt[cluster]!;
+      if (r !== 1) {
+        this.log(`ERROR refcount block ${i} refcount=${r}`);
+        this.res.corruptions++;
+        this.rebuild = true;
+      }
+    }
+  }
+
+  /**
+   * compare_refcounts. With `final`, also fills it with the refcounts the image must end up
+   * with: the stored ones, except where this pass fixes them (computed ones instead).
+   */
+  async compare(stored: StoredRefcounts, fix: number, final: RefArray | null): Promise<void> {
+    const E = stored.blockEntries;
+    const order = this.st.refcountOrder;
+    this.highestCluster = 0;
+    for (let b = 0; b * E < this.n; b++) {
+      this.hooks.checkCancelled?.();
+      const blk = await stored.block(b);
+      const end = Math.min(this.n, (b + 1) * E);
+      for (let i = b * E; i < end; i++) {
+        const computed = this.imrt[i]!;
+        if (blk === null) {
+          this.log(`Can't get refcount for cluster ${i}: Input/output error`);
+          this.res.checkErrors++;
+          if (final) final[i] = computed;
+          continue;
+        }
+        const s = blk === 'zero' ? 0 : getRefcount(blk, i - b * E, order);
+        if (final) final[i] = s;
+        if (s > 0 || computed > 0) this.highestCluster = i;
+        if (s === computed) continue;
+        let fixed: 'leak' | 'corruption' | null = null;
+        if (s === 0) this.rebuild = true;
+        else if (s > computed && (fix & FIX_LEAKS)) fixed = 'leak';
+        else if (s < computed && (fix & FIX_ERRORS)) fixed = 'corruption';
+        this.log(`${fixed ? 'Repairing' : s < computed ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${s} reference=${computed}`);
+        if (fixed === 'leak') this.res.leaksFixed++;
+        else if (fixed === 'corruption') this.res.corruptionsFixed++;
+        else if (s < computed) this.res.corruptions++;
+        else this.res.leaks++;
+        if (fixed && final) final[i] = computed;
+      }
+      this.tick();
+    }
+  }
+
+  /**
+   * check_oflag_copied over the active L1 and its L2 tables, against `refcount` (the
+   * refcounts the image has, or will have once the repair is written). Returns the flags to
+   * change when `repair`.
+   */
+  async checkCopiedFlags(refcount: (cluster: number) => Promise<number | null>, repair: boolean): Promise<FlagFix[]> {
+    const st = this.st;
+    const cs = this.cs;
+    const fixes: FlagFix[] = [];
+    for (let i = 0; i < st.l1Size; i++) {
+      const hi = st.l1.readUInt32BE(i * 8);
+      const lo = st.l1.readUInt32BE(i * 8 + 4);
+      const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if (!l2Offset) { this.tick(); continue; }
+      this.hooks.checkCancelled?.();
+      const r = await refcount(Math.floor(l2Offset / cs));
+      if (r !== null && (r === 1) !== ((hi & 0x80000000) !== 0)) {
+        this.res.corruptions++;
+        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${r}`);
+        if (repair) {
+          fixes.push({ table: 'l1', offset: st.l1Offset, entryIndex: i, set: r === 1 });
+          this.res.corruptions--;
+          this.res.corruptionsFixed++;
+        }
+      }
+      const table = await this.read(l2Offset, cs);
+      const es = st.l2EntrySize;
+      for (let j = 0; j < st.l2Entries; j++) {
+        const ehi = table.readUInt32BE(j * es);
+        const elo = table.readUInt32BE(j * es + 4);
+        if (ehi & 0x40000000) continue; // compressed
+        const dataOffset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
+        if (dataOffset === 0) continue; // unallocated or plain zero
+        const rc = await refcount(Math.floor(dataOffset / cs));
+        if (rc === null) continue;
+        if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
+          this.res.corruptions++;
+          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${rc}`);
+          if (repair) {
+            fixes.push({ table: 'l2', offset: l2Offset, entryIndex: j, set: rc === 1 });
+            this.res.corruptions--;
+            this.res.corruptionsFixed++;
+          }
+        }
+      }
+      this.tick();
+    }
+    return fixes;
+  }
+}
+
+/**
+ * Writes the COPIED flag changes whose `set` equals `which`: each table is read, its entries'
+ * flag bits changed and the part of it inside the file written back.
+ */
+async function writeFlagFixes(file: BlockFile, st: ImageState, fixes: FlagFix[], which: boolean): Promise<void> {
+  const byTable = new Map<string, FlagFix[]>();
+  for (const f of fixes) {
+    if (f.set !== which) continue;
+    const key = `${f.table}:${f.offset}`;
+    const list = byTable.get(key);
+    if (list) list.push(f); else byTable.set(key, [f]);
+  }
+  const fileSize = await file.size();
+  for (const list of byTable.values()) {
+    const { table, offset } = list[0]!;
+    const es = table === 'l1' ? 8 : st.l2EntrySize;
+    const len = Math.min(table === 'l1' ? st.l1Size * 8 : st.clusterSize, fileSize - offset);
+    if (len <= 0) continue;
+    const buf = Buffer.alloc(len);
+    await file.read(buf, offset);
+    for (const f of list) {
+      const at = f.entryIndex * es;
+      if (at + 8 > len) continue;
+      const hi = buf.readUInt32BE(at);
+      buf.writeUInt32BE((f.set ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, at);
+      if (table === 'l1') st.l1.writeUInt32BE(buf.readUInt32BE(at), f.entryIndex * 8);
+    }
+    await file.write(buf, offset);
+  }
+}
+
+/**
+ * Writes a complete refcount structure for `final` (entries [0, n)) in free clusters past
+ * the end of the image, avoiding `avoid`, and switches the header to it. Returns the new
+ * reftable location.
+ */
+async function writeRefcountStructure(
+  file: BlockFile, st: ImageState, final: RefArray, n: number, avoid: Set<number>,
+): Promise<{ reftableOffset: number; reftableClusters: number; end: number }> {
+  const cs = st.clusterSize;
+  const order = st.refcountOrder;
+  const E = refcountBlockEntries(st.clusterBits, order);
+  const used = new Set<number>();
+  for (let b = 0; b * E < n; b++) {
+    const end = Math.min(n, (b + 1) * E);
+    for (let i = b * E; i < end; i++) if (final[i]) { used.add(b); break; }
+  }
+  /** Blocks and table clusters for a structure occupying [s, s+k). */
+  const layout = (s: number, k: number) => {
+    const blocks = new Set(used);
+    if (k > 0) for (let b = Math.floor(s / E); b <= Math.floor((s + k - 1) / E); b++) blocks.add(b);
+    let maxBlock = -1;
+    for (const b of blocks) if (b > maxBlock) maxBlock = b;
+    const tableClusters = Math.max(1, Math.ceil(((maxBlock + 1) * 8) / cs));
+    return { blocks: [...blocks].sort((a, b) => a - b), tableClusters, k: blocks.size + tableClusters };
+  };
+  const firstFree = (k: number) => {
+    let s = Math.max(n, Math.ceil(st.fileSize / cs));
+    for (let moved = true; moved;) {
+      moved = false;
+      for (const c of avoid) if (c >= s && c < s + k) { s = c + 1; moved = true; }
+    }
+    return s;
+  };
+  // Place the structure with room to spare, then find the least self-consistent size there.
+  const estimate = layout(n, 0).k;
+  const start = firstFree(estimate * 2 + 8);
+  let k = 0;
+  let lay = layout(start, 0);
+  for (let guard = 0; guard < 64; guard++) {
+    lay = layout(start, k);
+    if (lay.k === k) break;
+    k = lay.k;
+  }
+  if (lay.k !== k) throw new StrataError('corrupt', 'could not lay out a new refcount structure', file.path);
+  if (lay.tableClusters * cs > C.MAX_REFTABLE_SIZE_BYTES) {
+    throw new FormatError(`the rebuilt refcount table would exceed ${C.MAX_REFTABLE_SIZE_BYTES} bytes`, file.path);
+  }
+  const end = start + k;
+  const blockBuf = Buffer.alloc(cs);
+  const table = Buffer.alloc(lay.tableClusters * cs);
+  for (let idx = 0; idx < lay.blocks.length; idx++) {
+    const b = lay.blocks[idx]!;
+    blockBuf.fill(0);
+    for (let j = 0; j < E; j++) {
+      const c = b * E + j;
+      const v = c < n ? final[c]! : c >= start && c < end ? 1 : 0;
+      if (v) setRefcount(blockBuf, j, order, v);
+    }
+    const at = (start + idx) * cs;
+    await file.write(blockBuf, at);
+    encodeReftableEntry(table, b, at);
+  }
+  const reftableOffset = (start + lay.blocks.length) * cs;
+  await file.write(table, reftableOffset);
+  await file.flush();
+  const hdr = Buffer.alloc(12);
+  hdr.writeBigUInt64BE(BigInt(reftableOffset), 0);
+  hdr.writeUInt32BE(lay.tableClusters, 8);
+  await file.write(hdr, 48);
+  await file.flush();
+  return { reftableOffset, reftableClusters: lay.tableClusters, end: end * cs };
+}
+
+/** The refcounts `final` describes (0 past it: the new structure covers nothing else). */
+function finalGetter(final: RefArray, n: number): (cluster: number) => Promise<number | null> {
+  return async (c) => (c < n ? final[c]! : 0);
+}
+
+/**
+ * Checks (and with `repair`, repairs) one qcow2 image, as one call of QEMU's qcow2_co_check.
+ * The caller runs a second, read-only pass after a repair fixed something (qemu-img does).
+ * Throws on images that cannot be opened (not qcow2, unsupported features); returns
+ * `failure` when the check itself could not complete.
+ */
+export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Promise<CheckPass> {
+  const fix = opts.repair === 'all' ? FIX_ERRORS | FIX_LEAKS : opts.repair === 'leaks' ? FIX_LEAKS : 0;
+  const log = (s: string) => opts.log?.(s);
+  let ck: Checker | null = null;
+  try {
+    const st = await loadState(file);
+    ck = new Checker(file, st, fix, opts);
+    const cs = st.clusterSize;
+    await ck.calculate();
+    if (fix & FIX_ERRORS) await file.flush(); // entries fix_l2_entry_by_zero rewrote
+    const stored = new StoredRefcounts(file, st, log);
+    const preCompare = { ...ck.res };
+    let final: RefArray | null = null;
+    let flagFixes: FlagFix[] = [];
+    let rewrite = false;
+
+    if (fix === 0) {
+      await ck.compare(stored, 0, null);
+      await ck.checkCopiedFlags((c) => stored.get(c), false);
+    } else {
+      final = newRefArray(st.refcountOrder, ck.n);
+      await ck.compare(stored, 0, final);
+      if (ck.rebuild && (fix & FIX_ERRORS)) {
+        // QEMU: rebuild_refcount_structure from the computed refcounts, then recount.
+        const old = { ...ck.res };
+        old.corruptions += ck.outsideBlocks.size; // the grown blocks QEMU would find at refcount 0
+        log('Rebuilding refcount structure');
+        final.set(ck.imrt.subarray(0, ck.n));
+        for (const [c, k] of ck.structureRefs) final[c] = final[c]! - k;
+        // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
+        const fixes = await ck.checkCopiedFlags(finalGetter(final, ck.n), true);
+        const flagsFixed = fixes.length;
+        await writeFlagFixes(file, st, fixes, false);
+        await file.flush();
+        const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs);
+        await writeFlagFixes(file, st, fixes, true);
+        await file.flush();
+        // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
+        const st2 = await loadState(file);
+        const again = new Checker(file, st2, 0, {});
+        await again.calculate();
+        const res = ck.res;
+        res.checkErrors = old.checkErrors + again.res.checkErrors;
+        res.corruptions = again.res.corruptions;
+        res.leaks = 0;
+        res.corruptionsFixed = old.corruptionsFixed + Math.max(0, old.corruptions - again.res.corruptions) + flagsFixed;
+        res.leaksFixed = old.leaksFixed + old.leaks;
+        res.allocatedClusters = again.res.allocatedClusters;
+        res.fragmentedClusters = again.res.fragmentedClusters;
+        res.compressedClusters = again.res.compressedClusters;
+        ck.highestCluster = Math.max(ck.highestCluster, Math.ceil(w.end / cs) - 1);
+        flagFixes = [];
+      } else {
+        if (ck.rebuild) {
+          log('ERROR need to rebuild refcount structures');
+          ck.res.checkErrors++;
+          return { ...ck.res, failure: 'Input/output error' };
+        }
+        if (ck.res.leaks || ck.res.corruptions) {
+          Object.assign(ck.res, preCompare);
+          await ck.compare(stored, fix, final);
+          rewrite = ck.res.leaksFixed > preCompare.leaksFixed || ck.res.corruptionsFixed > preCompare.corruptionsFixed;
+        }
+        if (rewrite) {
+          for (const [c, k] of ck.structureRefs) final[c] = ck.imrt[c]! - k;
+        }
+        const repairFlags = (fix & FIX_ERRORS) !== 0 || (!ck.res.checkErrors && !ck.res.corruptions && !ck.res.leaks);
+        const getter = rewrite ? finalGetter(final, ck.n) : (c: number) => stored.get(c);
+        flagFixes = await ck.checkCopiedFlags(getter, repairFlags);
+        await writeFlagFixes(file, st, flagFixes, false);
+        if (rewrite) {
+          await file.flush();
+          const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs);
+          ck.highestCluster = Math.max(ck.highestCluster, Math.ceil(w.end / cs) - 1);
+        }
+        await writeFlagFixes(file, st, flagFixes, true);
+        await file.flush();
+      }
+    }
+    const res = ck.res;
+    res.imageEndOffset = (ck.highestCluster + 1) * cs;
+    if (fix && res.checkErrors === 0 && res.corruptions === 0) {
+      const h = st.parsed.header;
+      const bits = C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT;
+      if (h.version === 3 && (h.incompatibleFeatures & bits)) {
+        // qcow2_mark_clean + qcow2_mark_consistent
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(h.incompatibleFeatures & ~bits);
+        await file.write(b, 72);
+        await file.flush();
+      }
+    }
+    return { ...res, failure: null };
+  } catch (err) {
+    if (err instanceof CheckAbort) {
+      const res = ck?.res ?? emptyCounts();
+      res.checkErrors++;
+      log(err.message);
+      return { ...res, failure: err.reason };
+    }
+    throw err;
+  }
+}
