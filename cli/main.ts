@@ -8,6 +8,8 @@ import { convertCommand } from './convert';
 import { snapshotCommand } from './snapshot';
 import { checkCommand } from './check';
 import { ioCommand } from './io';
+import { rebaseCommand } from './rebase';
+import { commitCommand } from './commit';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -17,6 +19,8 @@ Commands (options follow qemu-img):
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] A B
   convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
+  commit [-p] [-b BASE] [-d] FILE
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
@@ -33,6 +37,8 @@ const COMMANDS: Record<string, Command> = {
   snapshot: snapshotCommand,
   check: checkCommand,
   io: ioCommand,
+  rebase: rebaseCommand,
+  commit: commitCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */

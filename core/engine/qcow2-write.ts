@@ -385,9 +385,9 @@ export class Qcow2Writable extends Qcow2Image {
   /**
    * Discards whole clusters (partial ones are left alone, as QEMU does, except a partial last
    * cluster at the end of the image): they read as zero afterwards (v3), or from the backing
-   * file (v2), and their host clusters are freed.
+   * file (v2, or with `full`), and their host clusters are freed.
    */
-  async discard(offset: number, length: number): Promise<void> {
+  async discard(offset: number, length: number, opts: { full?: boolean } = {}): Promise<void> {
     this.checkRange(offset, length);
     const cs = this.cs;
     const end = offset + length;
@@ -406,7 +406,10 @@ export class Qcow2Writable extends Qcow2Image {
           const l2Offset = this.l2OffsetOf(l1Index);
           const { entry } = this.entryAt(table, l2Index);
           const allocated = entry.kind === 'normal' || entry.kind === 'compressed' || (entry.kind === 'zero' && entry.hostOffset !== 0);
-          if (this.hasBacking || allocated) {
+          if (opts.full) {
+            // Full discard (emptying an overlay): the cluster falls through to the backing file.
+            this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: 0 });
+          } else if (this.hasBacking || allocated) {
             if (this.geometry.extendedL2) this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: ALL });
             else if (this.header.version >= 3) this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: 0, copied: false });
             else this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' });

@@ -17,6 +17,8 @@ export interface RefcountHost {
 export class Refcounts {
   reftable: Buffer;
   reftableOffset: number;
+  /** What this was created with, so a fresh structure can be managed the same way. */
+  readonly hostInfo: RefcountHost;
   private readonly reftableDirty = new Set<number>();
   private readonly blocks = new Map<number, Buffer>();
   private readonly dirtyBlocks = new Set<number>();
@@ -32,6 +34,7 @@ export class Refcounts {
   private readonly blockCacheLimit: number;
 
   constructor(private readonly host: RefcountHost, reftable: Buffer, reftableOffset: number, fileSize: number) {
+    this.hostInfo = host;
     this.reftable = reftable;
     this.reftableOffset = reftableOffset;
     this.clusterSize = 2 ** host.clusterBits;

@@ -1,0 +1,81 @@
+// check: consistency check and repair of one image, as qemu-img check. A repair that fixed
+// something is followed by a second, read-only pass whose findings are the result (with the
+// fixed counts of the first pass), exactly like qemu-img's "Double checking the fixed image".
+import { StrataError } from '../errors';
+import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
+import { isQcow2Magic } from '../format/header';
+import { NodeFile } from '../io/node-file';
+import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+
+export type { RepairMode } from '../engine/check';
+
+export interface CheckJobOptions {
+  /** -r: null/undefined checks only and opens the file read-only. */
+  repair?: RepairMode | null;
+  /** -f: without it the format is probed. */
+  format?: 'qcow2' | 'raw';
+}
+
+export interface CheckResult extends CheckCounts {
+  /** The name as given (qemu-img prints it unchanged). */
+  filename: string;
+  format: 'qcow2';
+  /** Set when a repair fixed something: what the first pass fixed; the counts are the second pass's. */
+  repaired: { leaks: number; corruptions: number } | null;
+}
+
+/** qemu-img: "This image format does not support checks" (exit 63). */
+export class CheckNotSupportedError extends StrataError {
+  constructor() {
+    super('unsupported', 'This image format does not support checks');
+    this.name = 'CheckNotSupportedError';
+  }
+}
+
+/** The check could not run to its end (qemu-img: "Check failed: REASON", exit 1). */
+export class CheckFailedError extends StrataError {
+  constructor(reason: string, file: string) {
+    super('corrupt', `Check failed: ${reason}`, file);
+    this.name = 'CheckFailedError';
+  }
+}
+
+export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOptions = {}): Promise<CheckResult> {
+  throwIfCancelled(ctx);
+  const file = await NodeFile.open(path, { writable: !!opts.repair });
+  try {
+    let format = opts.format;
+    if (!format) {
+      const head = Buffer.alloc(4);
+      await file.read(head, 0);
+      format = isQcow2Magic(head) ? 'qcow2' : 'raw';
+    }
+    if (format === 'raw') throw new CheckNotSupportedError();
+    const progress = new ProgressReporter(ctx, 0);
+    const hooks = {
+      log: ctx.log,
+      progress: (done: number, total: number) => {
+        progress.bytesTotal = total;
+        progress.add(done - progress.bytesDone);
+      },
+      checkCancelled: () => throwIfCancelled(ctx),
+    };
+    progress.setPhase(opts.repair ? 'checking and repairing' : 'checking', 1);
+    const first = await checkQcow2(file, { ...hooks, repair: opts.repair ?? null });
+    if (first.failure) throw new CheckFailedError(first.failure, path);
+    let counts: CheckCounts = first;
+    let repaired: CheckResult['repaired'] = null;
+    if (first.corruptionsFixed || first.leaksFixed) {
+      repaired = { leaks: first.leaksFixed, corruptions: first.corruptionsFixed };
+      progress.setPhase('double checking the fixed image', 1);
+      const second = await checkQcow2(file, { ...hooks, repair: null });
+      if (second.failure) throw new CheckFailedError(second.failure, path);
+      counts = { ...second, leaksFixed: first.leaksFixed, corruptionsFixed: first.corruptionsFixed };
+    }
+    progress.done();
+    const { failure: _f, ...rest } = counts as CheckCounts & { failure?: unknown };
+    return { filename: path, format: 'qcow2', ...rest, repaired };
+  } finally {
+    await file.close();
+  }
+}

@@ -1,0 +1,189 @@
+// rebase: point an overlay at a new backing file while it keeps reading exactly the same.
+// Safe mode compares old and new backing content only where the overlay allocates nothing
+// and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
+// needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
+import { realpath } from 'node:fs/promises';
+import { FormatError, UsageError } from '../errors';
+import { encodeHeader } from '../format/header';
+import type { DiskImage, ImageFormat } from '../engine/image';
+import { Qcow2Writable } from '../engine/qcow2-write';
+import { openImage, openImageFile, closeChain, combineBackingPath, probeFormat, chainOf } from '../chain/open';
+import { NodeFile } from '../io/node-file';
+import { isZero } from '../engine/zero';
+import { chainBlockStatus } from '../chain/block-status';
+import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+
+export interface RebaseOptions {
+  /** New backing file name as the user gave it; '' flattens. */
+  backing: string;
+  backingFormat?: ImageFormat;
+  unsafe?: boolean;
+  /** Bytes compared per step (default 1 MiB, rounded to the overlay's write unit). */
+  chunkSize?: number;
+}
+
+export interface RebaseResult {
+  bytesCompared: number;
+  bytesWritten: number;
+  writes: number;
+}
+
+async function same(a: string, b: string): Promise<boolean> {
+  const r = async (p: string) => { try { return await realpath(p); } catch { return p; } };
+  return (await r(a)) === (await r(b));
+}
+
+/** Rewrites the header with a new backing name/format (the last, single step of every rebase). */
+export async function writeBackingName(img: Qcow2Writable, backing: string | null, format: string | null): Promise<void> {
+  await img.flush();
+  const p = img.parsed;
+  p.backingFile = backing || null;
+  p.backingFormat = backing ? format : null;
+  p.extensions = p.extensions.filter((e) => e.type !== 0xe2792aca);
+  const cluster = encodeHeader(p, img.filename);
+  await img.file.write(cluster, 0);
+  await img.file.flush();
+}
+
+export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions): Promise<RebaseResult> {
+  const result: RebaseResult = { bytesCompared: 0, bytesWritten: 0, writes: 0 };
+  if (opts.unsafe) {
+    const top = await openImageFile(path, { writable: true });
+    try {
+      if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+      let fmt: string | null = opts.backingFormat ?? null;
+      if (opts.backing && !fmt) {
+        // Record the format when it can be told without guessing raw.
+        try {
+          const f = await NodeFile.open(combineBackingPath(path, opts.backing));
+          try { if ((await probeFormat(f)) === 'qcow2') fmt = 'qcow2'; } finally { await f.close(); }
+        } catch { /* the new backing need not exist with -u */ }
+      }
+      await writeBackingName(top, opts.backing, fmt);
+    } finally {
+      await closeChain(top);
+    }
+    return result;
+  }
+
+  const top = await openImage(path, { writable: true });
+  let next: DiskImage | null = null;
+  let nextOpenedHere = false;
+  try {
+    if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+    let fmt: ImageFormat | null = opts.backingFormat ?? null;
+    if (opts.backing) {
+      const full = combineBackingPath(path, opts.backing);
+      // A new backing inside the old chain is used as it is opened there.
+      for (const layer of chainOf(top).slice(1)) if (await same(layer.filename, full)) next = layer;
+      if (!next) {
+        next = await openImage(full, { format: opts.backingFormat });
+        nextOpenedHere = true;
+      }
+      if (!fmt) {
+        if (next.format === 'raw' && !opts.backingFormat) {
+          throw new FormatError(`new backing file '${opts.backing}' is not qcow2; if it is raw, say so with -F raw`, path);
+        }
+        fmt = next.format;
+      }
+      if (await same(next.filename, path)) throw new UsageError(`${path}: an image cannot be its own backing file`);
+    }
+    const g = top.geometry;
+    const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
+    const chunk = Math.max(unit, Math.floor((opts.chunkSize ?? 1 << 20) / unit) * unit);
+    const old = top.backing;
+    const size = top.virtualSize;
+    const progress = new ProgressReporter(ctx, size);
+    progress.setPhase('comparing');
+    const layersAbove = (): DiskImage[] => {
+      // Layers between the overlay and the new backing, when the new backing is in the old chain.
+      const out: DiskImage[] = [];
+      for (let l = old; l && l !== next; l = l.backing) out.push(l);
+      return out;
+    };
+    const between = next && chainOf(top).includes(next) ? layersAbove() : null;
+    const oldBuf = Buffer.allocUnsafe(chunk);
+    const newBuf = Buffer.allocUnsafe(chunk);
+    let pos = 0;
+    while (pos < size) {
+      throwIfCancelled(ctx);
+      const [st] = await top.runs(pos, Math.min(chunk, size - pos), true);
+      const run = st!;
+      if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
+      const end = pos + run.length;
+      while (pos < end) {
+        throwIfCancelled(ctx);
+        const n = Math.min(chunk, end - pos);
+        if (between && !(await allocatedIn(between, pos, n))) { pos += n; progress.add(n); continue; }
+        const zeroRun = await bothZero(old, next, pos, n);
+        if (zeroRun > 0) { pos += zeroRun; progress.add(zeroRun); continue; }
+        const o = oldBuf.subarray(0, n);
+        const w = newBuf.subarray(0, n);
+        await Promise.all([readLayer(old, o, pos), readLayer(next, w, pos)]);
+        result.bytesCompared += n;
+        // Write the differing units (widened to whole units), merged into runs.
+        let p = 0;
+        while (p < n) {
+          const u = Math.min(unit - ((pos + p) % unit), n - p);
+          if (o.compare(w, p, p + u, p, p + u) === 0) { p += u; continue; }
+          let q = p + u;
+          while (q < n) {
+            const v = Math.min(unit, n - q);
+            if (o.compare(w, q, q + v, q, q + v) === 0) break;
+            q += v;
+          }
+          // What the overlay must keep reading; zeros become zero flags, not written data.
+          if (isZero(o, p, q)) await top.writeZeroes(pos + p, q - p);
+          else await top.write(o.subarray(p, q), pos + p);
+          result.writes++;
+          result.bytesWritten += q - p;
+          p = q;
+        }
+        pos += n;
+        progress.add(n);
+      }
+    }
+    throwIfCancelled(ctx);
+    progress.setPhase('switching backing file');
+    await writeBackingName(top, opts.backing, fmt);
+    progress.done();
+    return result;
+  } finally {
+    if (nextOpenedHere) await closeChain(next);
+    await closeChain(top);
+  }
+}
+
+/** Guest content of a chain below the overlay (zeros past its end, or with no chain). */
+async function readLayer(img: DiskImage | null, buf: Buffer, offset: number): Promise<void> {
+  const n = img ? Math.max(0, Math.min(buf.length, img.virtualSize - offset)) : 0;
+  if (n > 0) await img!.read(buf.subarray(0, n), offset);
+  if (n < buf.length) buf.fill(0, n);
+}
+
+async function allocatedIn(layers: DiskImage[], offset: number, length: number): Promise<boolean> {
+  for (const l of layers) {
+    let p = offset;
+    const end = Math.min(offset + length, l.virtualSize);
+    while (p < end) {
+      const st = await l.blockStatus(p, end - p);
+      if (st.allocated) return true;
+      p += st.length;
+    }
+    // Past a shorter layer's end everything below reads as zero: that differs unless zero below.
+    if (offset + length > l.virtualSize) return true;
+  }
+  return false;
+}
+
+/** Length of the run at `offset` (at most `length`) that reads as zero in both chains, or 0. */
+async function bothZero(a: DiskImage | null, b: DiskImage | null, offset: number, length: number): Promise<number> {
+  const zeroLen = async (img: DiskImage | null): Promise<number> => {
+    if (!img || offset >= img.virtualSize) return length;
+    const st = await chainBlockStatus(img, offset, Math.min(length, img.virtualSize - offset));
+    return st.zero ? st.length : 0;
+  };
+  const la = await zeroLen(a);
+  if (la === 0) return 0;
+  return Math.min(la, await zeroLen(b));
+}
