@@ -10,6 +10,7 @@ import { checkCommand } from './check';
 import { ioCommand } from './io';
 import { rebaseCommand } from './rebase';
 import { commitCommand } from './commit';
+import { resizeCommand } from './resize';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -21,6 +22,7 @@ Commands (options follow qemu-img):
   convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
+  resize [--shrink] FILE [+|-]SIZE
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
@@ -39,6 +41,7 @@ const COMMANDS: Record<string, Command> = {
   io: ioCommand,
   rebase: rebaseCommand,
   commit: commitCommand,
+  resize: resizeCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */

@@ -516,6 +516,44 @@ export class Qcow2Writable extends Qcow2Image {
     });
   }
 
+  /**
+   * Shrinks the virtual size, dropping everything past it (as qemu-img resize --shrink): whole
+   * clusters past the end are discarded, L2 tables past the end freed, the file truncated
+   * after the last cluster still in use.
+   */
+  async shrink(newSize: number): Promise<void> {
+    if (newSize > this.virtualSize) throw new UsageError(`${this.filename}: shrink to ${newSize} is larger than the current size ${this.virtualSize}`);
+    if (this.snapshots.length) throw new UsageError(`${this.filename}: cannot shrink an image with internal snapshots`);
+    const g = this.geometry;
+    const from = Math.ceil(newSize / g.clusterSize) * g.clusterSize;
+    if (from < this.virtualSize) await this.discard(from, this.virtualSize - from, { full: true });
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      const keepL1 = Math.ceil(newSize / (g.l2Entries * g.clusterSize));
+      for (let i = keepL1; i < this.l1.length / 8; i++) {
+        const e = decodeL1Entry(this.l1, i);
+        if (!e.l2Offset) continue;
+        this.pendingFrees.push({ offset: e.l2Offset, length: g.clusterSize });
+        encodeL1Entry(this.l1, i, 0, false);
+        this.l1Dirty.add(i);
+      }
+    });
+    await this.flush();
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(BigInt(newSize));
+    await this.file.write(b, 24);
+    await this.file.flush();
+    this.header.size = newSize;
+    this.virtualSize = newSize;
+    await this.mutex.run(async () => {
+      const end = (await this.refcounts.usedEnd()) * g.clusterSize;
+      if (end < (await this.file.size())) {
+        await this.file.truncate(end);
+        await this.file.flush();
+      }
+    });
+  }
+
   private async maybeFlush(): Promise<void> {
     if (this.l2Cache.dirty.size > 256 || this.pendingFrees.length > 4096) await this.flush();
   }

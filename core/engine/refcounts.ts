@@ -46,6 +46,19 @@ export class Refcounts {
 
   get reftableEntries(): number { return this.reftable.length / 8; }
 
+  /** One past the highest cluster with a non-zero refcount (scans down from the end). */
+  async usedEnd(): Promise<number> {
+    for (let ri = this.reftableEntries - 1; ri >= 0; ri--) {
+      const off = this.blockOffset(ri);
+      if (!off) continue;
+      const b = await this.loadBlock(off);
+      for (let i = this.perBlock - 1; i >= 0; i--) {
+        if (getRefcount(b, i, this.host.refcountOrder) !== 0) return ri * this.perBlock + i + 1;
+      }
+    }
+    return 0;
+  }
+
   private blockOffset(ri: number): number {
     if (ri >= this.reftableEntries) return 0;
     const { blockOffset } = decodeReftableEntry(this.reftable, ri);

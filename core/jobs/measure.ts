@@ -1,0 +1,91 @@
+// measure: bytes a new image needs, computed as qemu-img measure 7.2 computes them.
+import * as C from '../format/constants';
+import { refcountMetadataSize } from '../format/layout';
+import { decodeBitmapDirectory } from '../format/bitmaps';
+import type { DiskImage } from '../engine/image';
+import { Qcow2Image } from '../engine/qcow2';
+import { chainBlockStatus } from '../chain/block-status';
+import { throwIfCancelled, type JobContext } from './job';
+
+export interface MeasureTarget {
+  format: 'qcow2' | 'raw';
+  clusterSize: number;
+  refcountBits: number;
+  extendedL2: boolean;
+  /** The target will have a backing file (-o backing_file): every cluster may be needed. */
+  hasBacking: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
+export interface MeasureResult {
+  required: number;
+  'fully-allocated': number;
+  bitmaps?: number;
+}
+
+const roundUp = (v: number, a: number) => Math.ceil(v / a) * a;
+
+/** qcow2_calc_prealloc_size */
+export function qcow2PreallocSize(totalSize: number, clusterSize: number, refcountOrder: number, extendedL2: boolean): number {
+  const aligned = roundUp(totalSize, clusterSize);
+  const l2eSize = extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL;
+  let meta = clusterSize;
+  let nl2e = aligned / clusterSize;
+  nl2e = roundUp(nl2e, clusterSize / l2eSize);
+  meta += nl2e * l2eSize;
+  let nl1e = (nl2e * l2eSize) / clusterSize;
+  nl1e = roundUp(nl1e, clusterSize / 8);
+  meta += nl1e * 8;
+  meta += refcountMetadataSize((meta + aligned) / clusterSize, clusterSize, refcountOrder, false).bytes;
+  return meta + aligned;
+}
+
+async function bitmapsSize(src: DiskImage, clusterSize: number): Promise<number> {
+  if (!(src instanceof Qcow2Image) || !src.parsed.bitmaps) return 0;
+  const b = src.parsed.bitmaps;
+  const dir = Buffer.alloc(b.bitmapDirectorySize);
+  await src.file.read(dir, b.bitmapDirectoryOffset);
+  let total = 0;
+  let dirSize = 0;
+  for (const e of decodeBitmapDirectory(dir, b.nbBitmaps, src.filename)) {
+    const bits = Math.ceil(src.virtualSize / 2 ** e.granularityBits);
+    const bmclusters = Math.ceil(Math.ceil(bits / 8) / clusterSize);
+    total += roundUp(bmclusters * 8, clusterSize) + bmclusters * clusterSize;
+    dirSize = roundUp(dirSize + 24 + Buffer.byteLength(e.name), 8);
+  }
+  return total + roundUp(dirSize, clusterSize);
+}
+
+export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage | null, size?: number): Promise<MeasureResult> {
+  const virtualSize = src ? src.virtualSize : size ?? 0;
+  if (t.format === 'raw') {
+    const v = roundUp(virtualSize, 512);
+    return { required: v, 'fully-allocated': v };
+  }
+  const cs = t.clusterSize;
+  const aligned = roundUp(virtualSize, cs);
+  let required = aligned;
+  if (src && !t.hasBacking) {
+    required = 0;
+    let off = 0;
+    while (off < virtualSize) {
+      throwIfCancelled(ctx);
+      const st = await chainBlockStatus(src, off, virtualSize - off);
+      let pnum = st.length;
+      if (st.zero) {
+        // zero regions need nothing (there is no backing file)
+      } else if (st.data && st.present) {
+        pnum = roundUp(off + pnum, cs) - off;
+        required += (off % cs) + pnum;
+      }
+      off += pnum;
+    }
+  }
+  if (t.preallocation === 'full' || t.preallocation === 'falloc') required = aligned;
+  const full = qcow2PreallocSize(virtualSize, cs, Math.log2(t.refcountBits), t.extendedL2);
+  const result: MeasureResult = { required: full - aligned + required, 'fully-allocated': full };
+  if (src && src.format === 'qcow2' && (src as Qcow2Image).header.version === 3) {
+    return { bitmaps: await bitmapsSize(src, cs), ...result };
+  }
+  return result;
+}
