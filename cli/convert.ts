@@ -4,9 +4,10 @@ import { Qcow2Image } from '../core/engine/qcow2';
 import type { DiskImage } from '../core/engine/image';
 import { NotFoundError, UsageError } from '../core/errors';
 import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
+import { parseCreateOptions } from '../core/jobs/create';
 import { progressPrinter } from './progress';
 
-const USAGE = 'strata convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST';
+const USAGE = 'strata convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] [-U] SRC DST';
 
 /** -l accepts "snapshot.name=N", "snapshot.id=I", both comma-separated, or a bare id-or-name. */
 export function parseSnapshotParam(v: string): { id?: string; name?: string; any?: string } {
@@ -33,10 +34,21 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     snapshot: { type: 'string', short: 'l' },
     'snapshot-id': { type: 'string', short: 's' },
     'force-share': { type: 'boolean', short: 'U' },
+    options: { type: 'string', short: 'o', multiple: true },
+    compress: { type: 'boolean', short: 'c' },
+    'backing': { type: 'string', short: 'B' },
+    'backing-format': { type: 'string', short: 'F' },
   }, USAGE);
   needPositionals(positionals, 2, USAGE);
-  const outFmt = str(values['output-format']) ?? 'raw';
-  if (outFmt !== 'raw') throw new UsageError(`convert -O ${outFmt}: only raw output is available in this build`);
+  const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
+  const create = parseCreateOptions(((values.options as string[] | undefined) ?? []).join(','));
+  if (values.backing !== undefined) {
+    if (outFmt !== 'qcow2') throw new UsageError('-B needs a qcow2 target (-O qcow2)');
+    create.backingFile = str(values.backing);
+    create.backingFormat = str(values['backing-format']) ?? create.backingFormat;
+  }
+  if (values.compress && outFmt !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
+  if (values.n && values.options) throw new UsageError('-o cannot be used with -n (the target exists already)');
   if (values['target-is-zero'] && !values.n) throw new UsageError('--target-is-zero requires -n (an existing target)');
   const minSparse = values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096;
   const [srcName, dstName] = positionals as [string, string];
@@ -54,7 +66,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     }
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
     await convert({ signal, progress: bar.onProgress }, from, dstName, {
-      targetFormat: 'raw', existing: !!values.n, targetIsZero: !!values['target-is-zero'], minSparse,
+      format: outFmt, create, existing: !!values.n, targetIsZero: !!values['target-is-zero'], minSparse, compress: !!values.compress,
     });
     bar.end();
   } finally {

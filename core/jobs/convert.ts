@@ -1,24 +1,23 @@
-// convert: copy a chain's guest content to a new or existing target. Walks block status so
-// ranges unallocated in every layer are never read, and never writes zeros to a fresh target.
-import { unlink } from 'node:fs/promises';
-import { CancelledError, UsageError } from '../errors';
+// convert: copy a chain's guest content into a new or existing image (compaction, compression,
+// format change, flattening, -B). Block status decides what is read: windows that read as zero
+// in every layer are never read, and zeros are never written to a fresh target. Windows are
+// processed several at a time, and compression runs off the main thread, on both cores.
+import { CancelledError } from '../errors';
 import type { DiskImage } from '../engine/image';
-import { zeroRuns } from '../engine/zero';
-import { NodeFile } from '../io/node-file';
-import { native, isUnsupported } from '../io/native';
-import { walkChain } from '../chain/block-status';
+import { Qcow2Writable } from '../engine/qcow2-write';
+import { isZero } from '../engine/zero';
+import { compressClusterAsync } from '../codec/index';
+import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
+import { openTarget, abandonTarget, type TargetSpec } from './target';
 
-export interface ConvertOptions {
-  targetFormat: 'raw';
-  /** -n: write into an existing target instead of creating one. */
-  existing?: boolean;
-  /** --target-is-zero: the existing target already reads as zero everywhere. */
-  targetIsZero?: boolean;
-  /** -S: smallest run of zeros (bytes) left unwritten inside data; 0 writes data as read. Default 4096. */
+export interface ConvertOptions extends TargetSpec {
+  /** -c: store data clusters compressed (qcow2 targets). */
+  compress?: boolean;
+  /** -S: zero detection granularity for raw targets (default 4096); 0 writes data as read. */
   minSparse?: number;
-  /** Bytes per request (default 2 MiB) and requests in flight (default 8). */
+  /** Bytes per window (default 2 MiB) and windows in flight (default 8). */
   chunkSize?: number;
   parallel?: number;
 }
@@ -26,115 +25,102 @@ export interface ConvertOptions {
 export interface ConvertResult {
   bytesRead: number;
   bytesWritten: number;
+  compressedClusters: number;
 }
 
-/** A target that accepts guest writes at guest offsets. */
-interface Target {
-  readonly zeroInitialized: boolean;
-  write(buf: Uint8Array, offset: number): Promise<void>;
-  writeZeroes(offset: number, length: number): Promise<void>;
-  finish(): Promise<void>;
-  abort(): Promise<void>;
-}
-
-class RawTarget implements Target {
-  private constructor(private readonly file: NodeFile, private readonly created: boolean, readonly zeroInitialized: boolean) {}
-
-  static async open(path: string, size: number, opts: ConvertOptions): Promise<RawTarget> {
-    if (opts.existing) {
-      const file = await NodeFile.open(path, { writable: true });
-      const cur = await file.size();
-      if (cur < size) {
-        await file.close();
-        throw new UsageError(`${path}: target is smaller (${cur} bytes) than the source (${size} bytes)`);
-      }
-      return new RawTarget(file, false, !!opts.targetIsZero);
-    }
-    const file = await NodeFile.open(path, { create: 'truncate' });
-    await file.truncate(size);
-    return new RawTarget(file, true, true);
+/** True when every run in [off, off+len) reads as zero, per block status (no data read). */
+async function windowIsZero(src: DiskImage, off: number, len: number): Promise<boolean> {
+  let p = off;
+  while (p < off + len) {
+    const st = await chainBlockStatus(src, p, off + len - p);
+    if (!st.zero) return false;
+    p += st.length;
   }
-
-  write(buf: Uint8Array, offset: number): Promise<void> { return this.file.write(buf, offset); }
-
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    const n = native();
-    if (n) {
-      try { n.punchHole(this.file.fd, offset, length); return; } catch (err) { if (!isUnsupported(err)) throw err; }
-    }
-    const zero = Buffer.alloc(Math.min(length, 1 << 20));
-    for (let p = 0; p < length; p += zero.length) await this.file.write(zero.subarray(0, Math.min(zero.length, length - p)), offset + p);
-  }
-
-  async finish(): Promise<void> {
-    await this.file.flush();
-    await this.file.close();
-  }
-
-  async abort(): Promise<void> {
-    await this.file.close().catch(() => {});
-    if (this.created) await unlink(this.file.path).catch(() => {});
-  }
+  return true;
 }
 
 export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions): Promise<ConvertResult> {
   const size = src.virtualSize;
-  const chunk = opts.chunkSize ?? 2 * 1024 * 1024;
-  const width = opts.parallel ?? 8;
-  const minSparse = opts.minSparse ?? 4096;
-  const target: Target = await RawTarget.open(targetPath, size, opts);
-  const progress = new ProgressReporter(ctx, size);
-  progress.setPhase('copying');
-  const result: ConvertResult = { bytesRead: 0, bytesWritten: 0 };
-  const buffers = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
-
-  type Task = { offset: number; length: number; image: DiskImage; zero: boolean };
-  async function* tasks(): AsyncGenerator<Task> {
-    for await (const st of walkChain(src)) {
-      if (st.zero) {
-        yield { offset: st.start, length: st.length, image: st.image, zero: true };
-        continue;
-      }
-      // Split data runs at chunk-aligned boundaries so requests stay aligned and bounded.
-      let p = st.start;
-      const end = st.start + st.length;
-      while (p < end) {
-        const n = Math.min(end, (Math.floor(p / chunk) + 1) * chunk) - p;
-        yield { offset: p, length: n, image: st.image, zero: false };
-        p += n;
-      }
-    }
-  }
-
+  const target = await openTarget(targetPath, size, opts);
+  const img = target.image;
+  const result: ConvertResult = { bytesRead: 0, bytesWritten: 0, compressedClusters: 0 };
   try {
-    await runPool(tasks(), width, async (t, slot) => {
+    const q = img instanceof Qcow2Writable ? img : null;
+    const compress = !!opts.compress && !!q;
+    const minSparse = opts.minSparse ?? 4096;
+    // The unit zeros are judged in: what the target allocates (cluster/subcluster), or -S.
+    const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
+    const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? 2 << 20) / unit) * unit);
+    const width = opts.parallel ?? 8;
+    const below = img.backing;
+    const progress = new ProgressReporter(ctx, size);
+    progress.setPhase('converting');
+    const srcBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
+
+    async function* windows(): AsyncGenerator<number> {
+      for (let off = 0; off < size; off += chunk) yield off;
+    }
+
+    await runPool(windows(), width, async (off, slot) => {
       if (ctx.signal?.aborted) throw new CancelledError();
-      if (t.zero) {
-        if (!target.zeroInitialized) await target.writeZeroes(t.offset, t.length);
-        progress.add(t.length);
-        return;
+      const len = Math.min(chunk, size - off);
+      const zeroWindow = await windowIsZero(src, off, len);
+      if (zeroWindow && target.zeroInitialized) { progress.add(len); return; }
+      const buf = srcBufs[slot]!.subarray(0, len);
+      if (zeroWindow) buf.fill(0);
+      else { await src.read(buf, off); result.bytesRead += len; }
+      let base: Buffer | null = null;
+      if (below) {
+        base = baseBufs[slot]!.subarray(0, len);
+        const n = Math.max(0, Math.min(len, below.virtualSize - off));
+        if (n > 0) await below.read(base.subarray(0, n), off);
+        base.fill(0, n);
       }
-      const buf = buffers[slot]!.subarray(0, t.length);
-      await t.image.read(buf, t.offset);
-      result.bytesRead += t.length;
-      const runs = minSparse > 0 ? zeroRuns(buf, t.offset, minSparse) : [{ offset: 0, length: t.length, zero: false }];
-      for (const r of runs) {
-        if (r.zero) {
-          if (!target.zeroInitialized) await target.writeZeroes(t.offset + r.offset, r.length);
-          continue;
+      // Decide per unit: skip (already right on the target), zero, or data; merge neighbours.
+      type Piece = { start: number; end: number; kind: 'zero' | 'data' };
+      const pieces: Piece[] = [];
+      for (let p = 0; p < len; p += unit) {
+        const e = Math.min(len, p + unit);
+        let kind: Piece['kind'] | null;
+        const zero = minSparse === 0 && !q ? false : isZero(buf, p, e);
+        if (base) kind = buf.compare(base, p, e, p, e) === 0 ? null : zero ? 'zero' : 'data';
+        else kind = zero ? (target.zeroInitialized ? null : 'zero') : 'data';
+        if (!kind) continue;
+        const last = pieces[pieces.length - 1];
+        if (last && last.kind === kind && last.end === p && !(compress && kind === 'data')) last.end = e;
+        else pieces.push({ start: p, end: e, kind });
+      }
+      await Promise.all(pieces.map(async (pc) => {
+        if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start); return; }
+        const data = buf.subarray(pc.start, pc.end);
+        if (compress) {
+          const full = data.length === unit ? data : Buffer.concat([data, Buffer.alloc(unit - data.length)]);
+          const packed = await compressClusterAsync(q!.compressionType, full);
+          if (packed) {
+            await q!.writeCompressedCluster(packed, off + pc.start);
+            result.compressedClusters++;
+            result.bytesWritten += packed.length;
+            return;
+          }
         }
-        await target.write(buf.subarray(r.offset, r.offset + r.length), t.offset + r.offset);
-        result.bytesWritten += r.length;
-      }
-      progress.add(t.length);
+        await img.write(data, off + pc.start);
+        result.bytesWritten += data.length;
+      }));
+      progress.add(len);
     }, ctx.signal);
     if (ctx.signal?.aborted) throw new CancelledError();
-    await target.finish();
+    await img.flush();
   } catch (err) {
-    await target.abort();
-    if (ctx.signal?.aborted) throw new CancelledError('convert cancelled; the partial target was removed');
+    await abandonTarget(target, targetPath);
+    if (ctx.signal?.aborted) throw new CancelledError(target.created ? 'convert cancelled; the partial target was removed' : 'convert cancelled');
     throw err;
   }
-  progress.done();
+  await img.close();
+  await closeBelow(img.backing);
   return result;
+}
+
+async function closeBelow(img: DiskImage | null): Promise<void> {
+  for (let l = img; l; l = l.backing) await l.close().catch(() => {});
 }

@@ -1,0 +1,53 @@
+import { openImage, closeChain, parseFormat } from '../core/chain/open';
+import { mirror } from '../core/jobs/mirror';
+import { openTarget, abandonTarget, type Target } from '../core/jobs/target';
+import type { DiskImage } from '../core/engine/image';
+import { CancelledError, UsageError } from '../core/errors';
+import { parse, needPositionals, str, type CommandIO } from './common';
+import { progressPrinter } from './progress';
+import { parseCreateOptions } from '../core/jobs/create';
+
+const USAGE = 'strata mirror [-p] [-f FMT] [-O FMT] [-o OPTS] [--sync full|top] [-n] [-U] SRC DST';
+
+export async function mirrorCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
+  const { values, positionals } = parse(args, {
+    progress: { type: 'boolean', short: 'p' },
+    format: { type: 'string', short: 'f' },
+    'output-format': { type: 'string', short: 'O' },
+    options: { type: 'string', short: 'o', multiple: true },
+    sync: { type: 'string' },
+    n: { type: 'boolean', short: 'n' },
+    'force-share': { type: 'boolean', short: 'U' },
+  }, USAGE);
+  needPositionals(positionals, 2, USAGE);
+  const sync = str(values.sync) ?? 'full';
+  if (sync !== 'full' && sync !== 'top') throw new UsageError(`--sync must be full or top, not '${sync}'`);
+  const [srcName, dstName] = positionals as [string, string];
+  let src: DiskImage | null = null;
+  let target: Target | null = null;
+  try {
+    src = await openImage(srcName, { format: parseFormat(str(values.format)), lock: values['force-share'] ? 'none' : 'auto' });
+    const outFmt = parseFormat(str(values['output-format']), 'output format') ?? src.format;
+    const create = parseCreateOptions(((values.options as string[] | undefined) ?? []).join(','));
+    if (sync === 'top') {
+      if (!src.backingFile) throw new UsageError(`${srcName}: --sync top needs a source with a backing file`);
+      if (outFmt !== 'qcow2') throw new UsageError('--sync top needs a qcow2 target (it keeps the backing file)');
+      create.backingFile ??= src.backingFile;
+      create.backingFormat ??= src.backingFormat ?? src.backing?.format;
+    }
+    target = await openTarget(dstName, src.virtualSize, { format: outFmt, create, existing: !!values.n });
+    const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+    const r = await mirror({ signal, progress: bar.onProgress }, src, target.image, { sync, targetIsFresh: target.created && target.zeroInitialized });
+    bar.end();
+    await closeChain(target.image);
+    target = null;
+    if (values.progress) io.err(`mirrored: ${r.bytesWritten} bytes written, ${r.bytesZeroed} bytes zeroed, ${r.bytesRead} bytes read\n`);
+    return 0;
+  } catch (err) {
+    if (target) await abandonTarget(target, dstName);
+    if (signal.aborted) throw new CancelledError(target?.created ? 'mirror cancelled; the partial target was removed' : 'mirror cancelled');
+    throw err;
+  } finally {
+    await closeChain(src);
+  }
+}
