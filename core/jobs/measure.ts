@@ -64,7 +64,8 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
   }
   const cs = t.clusterSize;
   const aligned = roundUp(virtualSize, cs);
-  let required = aligned;
+  // Without a source nothing needs data clusters; with a backing file every cluster may.
+  let required = src ? aligned : 0;
   if (src && !t.hasBacking) {
     required = 0;
     let off = 0;
