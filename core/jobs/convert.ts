@@ -61,8 +61,20 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     async function* windows(): AsyncGenerator<number> {
       for (let off = 0; off < size; off += chunk) yield off;
     }
+    // Reads overlap; writes go out in guest order (as qemu-img does without -W), which keeps
+    // the file system's and the target's allocation sequential.
+    const gate = new OrderedGate();
 
     await runPool(windows(), width, async (off, slot) => {
+      const turn = off / chunk;
+      try {
+        await processWindow(off, slot, turn);
+      } finally {
+        gate.done(turn);
+      }
+    }, ctx.signal);
+
+    async function processWindow(off: number, slot: number, turn: number): Promise<void> {
       if (ctx.signal?.aborted) throw new CancelledError();
       const len = Math.min(chunk, size - off);
       const zeroWindow = await windowIsZero(src, off, len);
@@ -91,24 +103,26 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         if (last && last.kind === kind && last.end === p && !(compress && kind === 'data')) last.end = e;
         else pieces.push({ start: p, end: e, kind });
       }
-      await Promise.all(pieces.map(async (pc) => {
+      // Compress before taking our turn, so compression of several windows overlaps.
+      const packed = compress
+        ? await Promise.all(pieces.map((pc) => (pc.kind === 'data' ? compressClusterAsync(q!.compressionType, padTo(buf.subarray(pc.start, pc.end), unit)) : null)))
+        : null;
+      await gate.wait(turn);
+      await Promise.all(pieces.map(async (pc, i) => {
         if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start); return; }
         const data = buf.subarray(pc.start, pc.end);
-        if (compress) {
-          const full = data.length === unit ? data : Buffer.concat([data, Buffer.alloc(unit - data.length)]);
-          const packed = await compressClusterAsync(q!.compressionType, full);
-          if (packed) {
-            await q!.writeCompressedCluster(packed, off + pc.start);
-            result.compressedClusters++;
-            result.bytesWritten += packed.length;
-            return;
-          }
+        const c = packed?.[i];
+        if (c) {
+          await q!.writeCompressedCluster(c, off + pc.start);
+          result.compressedClusters++;
+          result.bytesWritten += c.length;
+          return;
         }
         await img.write(data, off + pc.start);
         result.bytesWritten += data.length;
       }));
       progress.add(len);
-    }, ctx.signal);
+    }
     if (ctx.signal?.aborted) throw new CancelledError();
     await img.flush();
   } catch (err) {
@@ -123,4 +137,31 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
 
 async function closeBelow(img: DiskImage | null): Promise<void> {
   for (let l = img; l; l = l.backing) await l.close().catch(() => {});
+}
+
+function padTo(data: Buffer, n: number): Buffer {
+  return data.length === n ? data : Buffer.concat([data, Buffer.alloc(n - data.length)]);
+}
+
+/** Lets tasks numbered 0, 1, 2, ... pass one after another, in order. */
+class OrderedGate {
+  private next = 0;
+  private readonly finished = new Set<number>();
+  private readonly waiting = new Map<number, () => void>();
+
+  wait(turn: number): Promise<void> {
+    if (turn <= this.next) return Promise.resolve();
+    return new Promise((r) => this.waiting.set(turn, r));
+  }
+
+  /** Marks `turn` finished (also when it failed or had nothing to write). */
+  done(turn: number): void {
+    this.finished.add(turn);
+    while (this.finished.has(this.next)) {
+      this.finished.delete(this.next);
+      this.next++;
+    }
+    const w = this.waiting.get(this.next);
+    if (w) { this.waiting.delete(this.next); w(); }
+  }
 }
