@@ -19,11 +19,12 @@ function byName(name: string): ImageCase {
 const STACK_LINE = /^\s+at .+/m;
 
 describeOracle('strata CLI text and binary against qemu-img', () => {
-  const tmp = tempDir('strata-cli-text-');
+  let tmp: ReturnType<typeof tempDir>;
   let ctxFor: (sub: string) => BuildContext;
   const built: Record<string, string> = {};
 
   beforeAll(() => {
+    tmp = tempDir('strata-cli-text-');
     const pattern = writePatternFiles(tmp.path);
     ctxFor = (sub) => {
       mkdirSync(tmp.path(sub), { recursive: true });
@@ -34,7 +35,7 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
       syncFiles(tmp.path(name));
     }
   });
-  afterAll(() => tmp.cleanup());
+  afterAll(() => tmp?.cleanup());
 
   describe('human output equals qemu-img text', () => {
     for (const name of ['chain3-raw-base', 'chain-short-backing', 'snap-c64k', 'c64k-plain', 'bitmaps', 'lazy-dirty-c4k']) {

@@ -2,14 +2,15 @@
 // one image and one assertion each, so each can be run and fixed on its own. The matrix
 // (read-path, chains-snapshots) hits the same divergences across many images.
 import { truncateSync, writeFileSync } from 'node:fs';
-import { afterAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle, qemuImg, tempDir } from '../oracle/qemu';
 import { createQcow2, io, snapshot, MiB } from '../oracle/images';
 import { expectSameFile, strataOk, syncFiles } from './run-cli';
 
 describeOracle('read path: minimal divergences from qemu-img', () => {
-  const tmp = tempDir('strata-diverge-');
-  afterAll(() => tmp.cleanup());
+  let tmp: ReturnType<typeof tempDir>;
+  beforeAll(() => { tmp = tempDir('strata-diverge-'); });
+  afterAll(() => tmp?.cleanup());
 
   // qemu's qcow2 driver asks the host file about holes only when it detects metadata
   // preallocation (qcow2_detect_metadata_preallocation: clusters with a refcount >=

@@ -135,10 +135,14 @@ export function flipByte(file: string, offset: number): void {
  */
 export function describeImageMatrix(title: string, cases: ImageCase[]): void {
   describe(title, () => {
-    const tmp = tempDir('strata-oracle-');
+    // Made in beforeAll, not at collection: a run filtered with -t leaves no empty folders.
+    let tmp: ReturnType<typeof tempDir>;
     let pattern: ReturnType<typeof writePatternFiles>;
-    beforeAll(() => { pattern = writePatternFiles(tmp.path); });
-    afterAll(() => tmp.cleanup());
+    beforeAll(() => {
+      tmp = tempDir('strata-oracle-');
+      pattern = writePatternFiles(tmp.path);
+    });
+    afterAll(() => tmp?.cleanup());
 
     for (const c of cases) {
       describe(c.name, () => {
