@@ -1,0 +1,137 @@
+// Shared plumbing for the block-job oracle tests: running strata in-process, guest content
+// through qemu-img (hash of the raw conversion), allocation on disk, and qemu-img check.
+import { createHash } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { closeSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { expect } from 'vitest';
+import { run } from '../../../cli/main';
+import { qemuCheck, qemuImg, qemuImgRun } from '../../oracle/qemu';
+
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export interface CliResult { code: number; out: string; err: string }
+
+/** `strata ARGS` in this process, capturing stdout and stderr. */
+export async function strata(...argv: string[]): Promise<CliResult> {
+  let out = '';
+  let err = '';
+  const code = await run(argv, { out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false }, new AbortController().signal);
+  return { code, out, err };
+}
+
+/** `strata ARGS`, which must succeed; returns stdout. */
+export async function strataOk(...argv: string[]): Promise<CliResult> {
+  const r = await strata(...argv);
+  if (r.code !== 0) throw new Error(`strata ${argv.join(' ')} exited ${r.code}: ${r.err}`);
+  return r;
+}
+
+/** SHA-256 of a file's bytes (optionally from `from` on). */
+export function fileHash(path: string, from = 0): string {
+  const h = createHash('sha256');
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(4 << 20);
+    let pos = from;
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, pos);
+      if (n <= 0) break;
+      h.update(buf.subarray(0, n));
+      pos += n;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest('hex');
+}
+
+/**
+ * Guest content as qemu-img reads it: SHA-256 of `qemu-img convert -O raw`. `snapshot` reads an
+ * internal snapshot; `alone` reads the image without its backing chain.
+ */
+export function guestHash(file: string, opts: { snapshot?: string; alone?: boolean } = {}): string {
+  const out = `${file}.guest-${process.pid}-${Math.random().toString(36).slice(2)}.raw`;
+  const src = opts.alone
+    ? `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: file }, backing: null })}`
+    : file;
+  const args = ['convert', '-U', '-O', 'raw'];
+  if (opts.snapshot) args.push('-l', `snapshot.name=${opts.snapshot}`);
+  args.push(src, out);
+  try {
+    qemuImg(...args);
+    return fileHash(out);
+  } finally {
+    rmSync(out, { force: true });
+  }
+}
+
+/** Bytes the file occupies on disk (st_blocks * 512). */
+export function allocatedBytes(file: string): number {
+  return statSync(file).blocks * 512;
+}
+
+export function fileSize(file: string): number {
+  return statSync(file).size;
+}
+
+/** qemu-img check must be clean: no corruptions, no leaks, exit 0. */
+export function expectClean(file: string): Record<string, unknown> {
+  const r = qemuCheck(file);
+  expect({ file, status: r.status, corruptions: r.json.corruptions ?? 0, leaks: r.json.leaks ?? 0, errors: r.json['check-errors'] ?? 0 })
+    .toEqual({ file, status: 0, corruptions: 0, leaks: 0, errors: 0 });
+  return r.json;
+}
+
+/** qemu-img compare A B must report identical guest content. */
+export function expectSameContent(a: string, b: string): void {
+  const r = qemuImgRun('compare', '-U', a, b);
+  expect({ a, b, status: r.status, out: (r.stdout + r.stderr).trim() }).toEqual({ a, b, status: 0, out: 'Images are identical.' });
+}
+
+export interface QemuInfo {
+  'virtual-size': number;
+  'actual-size': number;
+  'cluster-size'?: number;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'backing-filename-format'?: string;
+  snapshots?: { id: string; name: string }[];
+  'format-specific'?: { data: Record<string, unknown> };
+}
+
+export function qemuInfo(file: string): QemuInfo {
+  return JSON.parse(qemuImg('info', '-U', '--output=json', file)) as QemuInfo;
+}
+
+export interface MapEntry { start: number; length: number; depth: number; present: boolean; zero: boolean; data: boolean; offset?: number }
+
+export function qemuMap(file: string): MapEntry[] {
+  return JSON.parse(qemuImg('map', '-U', '--output=json', file)) as MapEntry[];
+}
+
+/** qemu-io `read -P` checks: returns the lines reporting a mismatch (empty when all match). */
+export function qemuIoMismatches(file: string, cmds: string[]): string[] {
+  const r = spawnSync('qemu-io', ['-r', '-U', ...cmds.flatMap((c) => ['-c', c]), file], { encoding: 'utf8' });
+  const lines = `${r.stdout}${r.stderr}`.split('\n').filter((l) => /fail|error/i.test(l));
+  if (r.status !== 0 && lines.length === 0) lines.push(`qemu-io exited ${r.status}`);
+  return lines.map((l) => `${l.trim()} (${file})`);
+}
+
+/** Splits a long list of qemu-io commands into batches (one qemu-io process each). */
+export function batches<T>(items: T[], size: number): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+export const KiB = 1024;
+export const MiB = 1024 * 1024;
