@@ -5,6 +5,7 @@ import { CorruptImageError } from '../errors';
 import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
+import { decodeReftableEntry, getRefcount, refcountBlockEntries } from '../format/refcount';
 import { decompressCluster, type CompressionType } from '../codec/index';
 import type { BlockFile } from '../io/block-file';
 import type { DiskImage, LayerStatus } from './image';
@@ -143,7 +144,8 @@ export class Qcow2Image implements DiskImage {
     const l1 = Buffer.alloc(s.l1Size * 8);
     await this.file.read(l1, s.l1TableOffset);
     const view = new Qcow2Image(this.filename, this.file, this.parsed, l1, this.snapshots, this.snapshotTableSize, this.fileSize, this.l2Cache, {});
-    view.virtualSize = s.diskSize ?? this.parsed.header.size;
+    // qemu-img convert -l reads the snapshot at the image's current size.
+    view.virtualSize = this.parsed.header.size;
     view.backing = this.backing;
     return view;
   }
@@ -244,8 +246,9 @@ export class Qcow2Image implements DiskImage {
       case 'normal': push(pos, len, 'data', host); return;
       case 'zero-alloc': push(pos, len, 'zero', host); return;
       case 'zero-plain': push(pos, len, 'zero', null); return;
-      case 'unallocated-plain':
-      case 'unallocated-alloc': push(pos, len, 'unallocated', null); return;
+      case 'unallocated-plain': push(pos, len, 'unallocated', null); return;
+      // Inside an allocated cluster QEMU still reports where the subcluster would live.
+      case 'unallocated-alloc': push(pos, len, 'unallocated', host); return;
       case 'compressed':
       case 'invalid':
         throw new CorruptImageError(`unexpected subcluster state ${st} at guest offset ${pos}`, this.filename);
@@ -329,8 +332,9 @@ export class Qcow2Image implements DiskImage {
     switch (r.state) {
       case 'data': {
         const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: r.hostOffset, compressed: false };
-        // As QEMU does: ask the host file whether the run is backed by data or by a hole.
-        if (this.file.extents) {
+        // As QEMU does for images it takes for metadata-preallocated: ask the host file
+        // whether the run is backed by data or by a hole.
+        if (this.file.extents && (await this.metadataPreallocated())) {
           const ext = (await this.file.extents(r.hostOffset!, r.length))[0];
           if (ext) { st.length = ext.length; st.zero = !ext.data; }
         }
@@ -340,10 +344,42 @@ export class Qcow2Image implements DiskImage {
       case 'compressed': return { length: r.length, allocated: true, data: true, zero: false, offset: null, compressed: true };
       case 'unallocated': {
         const below = this.backing;
-        return { length: r.length, allocated: false, data: false, zero: !below || offset >= below.virtualSize, offset: null, compressed: false };
+        return { length: r.length, allocated: false, data: false, zero: !below || offset >= below.virtualSize, offset: r.hostOffset, compressed: false };
       }
       default: { const never: never = r.state; throw new Error(String(never)); }
     }
+  }
+
+  private preallocCheck: Promise<boolean> | null = null;
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation: true when clearly more clusters are in use
+   * (refcount > 0) than the file occupies on disk. Asked once, like QEMU.
+   */
+  metadataPreallocated(): Promise<boolean> {
+    this.preallocCheck ??= (async () => {
+      if (!this.file.allocatedSize) return false;
+      const cs = this.geometry.clusterSize;
+      const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const endCluster = Math.ceil((await this.file.size()) / cs);
+      const h = this.header;
+      const reftable = Buffer.alloc(h.refcountTableClusters * cs);
+      await this.file.read(reftable, h.refcountTableOffset);
+      const perBlock = refcountBlockEntries(h.clusterBits, h.refcountOrder);
+      const block = Buffer.alloc(cs);
+      let count = 0;
+      for (let ri = 0; ri * perBlock < endCluster && count < threshold && ri < reftable.length / 8; ri++) {
+        const { blockOffset } = decodeReftableEntry(reftable, ri);
+        if (!blockOffset) continue;
+        await this.file.read(block, blockOffset);
+        for (let i = 0; i < perBlock && ri * perBlock + i < endCluster && count < threshold; i++) {
+          if (getRefcount(block, i, h.refcountOrder) !== 0) count++;
+        }
+      }
+      return count >= threshold;
+    })();
+    return this.preallocCheck;
   }
 
   async close(): Promise<void> {

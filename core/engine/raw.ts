@@ -14,7 +14,8 @@ export class RawImage implements DiskImage, WritableImage {
   private constructor(readonly filename: string, readonly file: BlockFile, public virtualSize: number) {}
 
   static async open(filename: string, file: BlockFile): Promise<RawImage> {
-    return new RawImage(filename, file, await file.size());
+    // QEMU sees a raw image in whole 512-byte sectors: the tail reads as zero.
+    return new RawImage(filename, file, Math.ceil((await file.size()) / 512) * 512);
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {

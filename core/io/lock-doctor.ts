@@ -11,13 +11,20 @@ export interface LockHolder {
   bytes: number[];
 }
 
+/**
+ * The VM name from QEMU's `-name` option: `guest=NAME,...`, or a first item without `=`
+ * (QEMU's implied key), with QEMU's ",," escape for a literal comma.
+ */
 export function vmNameFromArgs(args: string[]): string | null {
-  const i = args.indexOf('-name');
+  const i = args.findIndex((a) => a === '-name' || a === '--name');
   if (i < 0 || i + 1 >= args.length) return null;
-  const v = args[i + 1]!;
-  const m = /(?:^|,)guest=([^,]+)/.exec(v);
-  if (m) return m[1]!;
-  return v.includes('=') ? null : v.split(',')[0]!;
+  // Split on single commas; ",," stands for a comma inside a value.
+  const items = args[i + 1]!.replace(/,,/g, '\0').split(',').map((x) => x.replace(/\0/g, ','));
+  for (const [k, item] of items.entries()) {
+    if (item.startsWith('guest=')) return item.slice(6) || null;
+    if (k === 0 && !item.includes('=')) return item || null;
+  }
+  return null;
 }
 
 /** Parses the lock lines of /proc/PID/fdinfo/FD (or /proc/locks) into byte ranges. */
@@ -70,6 +77,6 @@ export async function findLockHolders(path: string, exceptPid = process.pid): Pr
 }
 
 export function describeHolders(holders: LockHolder[]): string {
-  if (!holders.length) return 'held by another process';
-  return holders.map((h) => `PID ${h.pid} (${h.program}${h.vmName ? `, VM '${h.vmName}'` : ''})`).join(', ');
+  if (!holders.length) return 'another process (not found in /proc) holds it';
+  return holders.map((h) => `PID ${h.pid} (${h.program}${h.vmName ? `, VM '${h.vmName}'` : ''})`).join(', ') + (holders.length > 1 ? ' hold it' : ' holds it');
 }

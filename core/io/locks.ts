@@ -23,8 +23,8 @@ export interface LockMode {
   shared: number[];
 }
 
-/** What qemu-img takes for readers that need consistent data (convert source, compare, map). */
-export const READ_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, PERM_RESIZE] };
+/** What QEMU takes for readers that need consistent data and for backing files: 100, 201, 203. */
+export const READ_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED] };
 /** What qemu-img takes for writers (commit, rebase, resize, snapshot, check -r). */
 export const WRITE_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED] };
 
@@ -72,7 +72,7 @@ export async function lockImage(fd: number, path: string, mode: LockMode): Promi
 
 async function throwInUse(path: string, what: string): Promise<never> {
   const holders = await findLockHolders(path);
-  throw new InUseError(`image is in use: ${what}; ${describeHolders(holders)} holds it. Stop the VM or process first (read-only commands work with -U)`, path);
+  throw new InUseError(`image is in use: ${what}; ${describeHolders(holders)}. Stop the VM or process first (read-only commands work with -U)`, path);
 }
 
 /** The addon-less check: conflicting QEMU-style bytes in /proc/locks for this inode. */
@@ -87,7 +87,8 @@ async function procLocksConflict(path: string, mode: LockMode, unshared: number[
   }
   const held = new Set<number>();
   for (const l of parseLockLines(text)) {
-    if (l.ino !== ino) continue;
+    // QEMU uses OFD locks (POSIX record locks where those are missing), never flock().
+    if (l.ino !== ino || (l.kind !== 'OFDLCK' && l.kind !== 'POSIX')) continue;
     for (let b = l.start; b <= Math.min(l.end, 300); b++) held.add(b);
   }
   for (const p of mode.perms) if (held.has(LOCK_BASE_SHARE + p)) return `Failed to get "${PERM_NAMES[p]}" lock`;
