@@ -109,13 +109,13 @@ describe('describeHolders', () => {
   const h = (pid: number, program: string, vmName: string | null = null): LockHolder => ({ pid, program, vmName, bytes: [100, 101, 103, 201, 203] });
 
   it('names one holder with its PID and program, and the VM when known', () => {
-    expect(describeHolders([h(4242, 'qemu-io')])).toBe('PID 4242 (qemu-io)');
-    expect(describeHolders([h(77, 'qemu-system-x86_64', 'win11')])).toBe("PID 77 (qemu-system-x86_64, VM 'win11')");
+    expect(describeHolders([h(4242, 'qemu-io')])).toBe('PID 4242 (qemu-io) holds it');
+    expect(describeHolders([h(77, 'qemu-system-x86_64', 'win11')])).toBe("PID 77 (qemu-system-x86_64, VM 'win11') holds it");
   });
 
-  it('lists several holders, and says "held by another process" when none could be found', () => {
-    expect(describeHolders([h(1, 'qemu-nbd'), h(2, 'qemu-system-x86_64', 'db')])).toBe("PID 1 (qemu-nbd), PID 2 (qemu-system-x86_64, VM 'db')");
-    expect(describeHolders([])).toBe('held by another process');
+  it('lists several holders, and still reads as a sentence when none could be found', () => {
+    expect(describeHolders([h(1, 'qemu-nbd'), h(2, 'qemu-system-x86_64', 'db')])).toBe("PID 1 (qemu-nbd), PID 2 (qemu-system-x86_64, VM 'db') hold it");
+    expect(describeHolders([])).toBe('another process (not found in /proc) holds it');
   });
 });
 
@@ -153,7 +153,7 @@ describe('findLockHolders', () => {
     });
     const holders = await findLockHolders(file);
     expect(holders).toEqual([{ pid: child.pid, program: 'python3', vmName: 'pyvm', bytes: [100, 101, 201] }]);
-    expect(describeHolders(holders)).toBe(`PID ${child.pid} (python3, VM 'pyvm')`);
+    expect(describeHolders(holders)).toBe(`PID ${child.pid} (python3, VM 'pyvm') holds it`);
     // the process doing the search is left out
     expect(await findLockHolders(file, child.pid!)).toEqual([]);
     child.stdin.end();
