@@ -6,6 +6,8 @@ import { CancelledError, UsageError } from '../core/errors';
 import { parse, needPositionals, str, type CommandIO } from './common';
 import { progressPrinter } from './progress';
 import { parseCreateOptions } from '../core/jobs/create';
+import { spaceNeeded } from '../core/jobs/convert';
+import { explainNoSpace } from '../core/io/space';
 
 const USAGE = 'strata mirror [-p] [-f FMT] [-O FMT] [-o OPTS] [--sync full|top] [-n] [-U] SRC DST';
 
@@ -35,7 +37,9 @@ export async function mirrorCommand(args: string[], io: CommandIO, signal: Abort
       create.backingFile ??= src.backingFile;
       create.backingFormat ??= src.backingFormat ?? src.backing?.format;
     }
-    target = await openTarget(dstName, src.virtualSize, { format: outFmt, create, existing: !!values.n });
+    const spec = { format: outFmt, create, existing: !!values.n };
+    const needed = values.n ? undefined : await spaceNeeded({ signal }, src, dstName, spec);
+    target = await openTarget(dstName, src.virtualSize, spec);
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
     const r = await mirror({ signal, progress: bar.onProgress }, src, target.image, { sync, targetIsFresh: target.created && target.zeroInitialized });
     bar.end();
@@ -46,7 +50,7 @@ export async function mirrorCommand(args: string[], io: CommandIO, signal: Abort
   } catch (err) {
     if (target) await abandonTarget(target, dstName);
     if (signal.aborted) throw new CancelledError(target?.created ? 'mirror cancelled; the partial target was removed' : 'mirror cancelled');
-    throw err;
+    throw explainNoSpace(err, dstName);
   } finally {
     await closeChain(src);
   }

@@ -12,6 +12,7 @@ import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } fro
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { NodeFile } from '../io/node-file';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+import { ensureSpace, explainNoSpace } from '../io/space';
 import { runPool } from './pool';
 
 export interface CommitOptions {
@@ -90,6 +91,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       if (base instanceof Qcow2Writable) await base.grow(size);
       else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
     }
+    const needed = await commitSpaceNeeded(ctx, above, base, size);
+    ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
     const dependents = await dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('copying into base');
@@ -108,6 +111,13 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     }
     const b = base;
     await runPool(tasks(), width, async (t, slot) => {
+      try {
+        await copyTask(t, slot);
+      } catch (err) {
+        throw explainNoSpace(err, b.filename, needed);
+      }
+    }, ctx.signal);
+    async function copyTask(t: { offset: number; length: number; zero: boolean; skip: boolean }, slot: number): Promise<void> {
       throwIfCancelled(ctx);
       if (!t.skip) {
         if (t.zero) {
@@ -121,14 +131,14 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
         bytesCopied += t.length;
       }
       progress.add(t.length);
-    }, ctx.signal);
+    }
     throwIfCancelled(ctx);
-    await b.flush();
+    try { await b.flush(); } catch (err) { throw explainNoSpace(err, b.filename, needed); }
     let emptied: EmptyMethod | null = null;
     if (!keep) {
       progress.setPhase('emptying the overlay');
       if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 overlays can be emptied (use -d)`);
-      emptied = await makeEmpty(top);
+      try { emptied = await makeEmpty(top); } catch (err) { throw explainNoSpace(err, path); }
     }
     progress.done();
     return { base: oldBase.filename, bytesCopied, emptied, otherDependents: dependents };
@@ -151,4 +161,26 @@ async function aboveStatus(layers: DiskImage[], offset: number, length: number):
     len = st.length;
   }
   return { length: len, allocated: false, zero: false };
+}
+
+/** Data above the base that lands where the base allocates nothing yet (new space in the base). */
+async function commitSpaceNeeded(ctx: JobContext, above: DiskImage[], base: DiskImage, size: number): Promise<number> {
+  let needed = 0;
+  let pos = 0;
+  while (pos < size) {
+    throwIfCancelled(ctx);
+    const st = await aboveStatus(above, pos, size - pos);
+    if (st.allocated && !st.zero) {
+      let p = pos;
+      const end = pos + st.length;
+      while (p < end) {
+        if (p >= base.virtualSize) { needed += end - p; break; }
+        const b = await base.blockStatus(p, Math.min(end, base.virtualSize) - p);
+        if (!(b.allocated && b.offset !== null && b.data)) needed += b.length;
+        p += b.length;
+      }
+    }
+    pos += st.length;
+  }
+  return needed;
 }

@@ -11,6 +11,9 @@ import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
+import { measure } from './measure';
+import { ensureSpace, explainNoSpace } from '../io/space';
+import { stat } from 'node:fs/promises';
 
 export interface ConvertOptions extends TargetSpec {
   /** -c: store data clusters compressed (qcow2 targets). */
@@ -41,6 +44,7 @@ async function windowIsZero(src: DiskImage, off: number, len: number): Promise<b
 
 export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions): Promise<ConvertResult> {
   const size = src.virtualSize;
+  const needed = opts.existing ? undefined : await spaceNeeded(ctx, src, targetPath, opts);
   const target = await openTarget(targetPath, size, opts);
   const img = target.image;
   const result: ConvertResult = { bytesRead: 0, bytesWritten: 0, compressedClusters: 0 };
@@ -58,15 +62,28 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const srcBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
     const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
 
-    async function* windows(): AsyncGenerator<number> {
-      for (let off = 0; off < size; off += chunk) yield off;
+    // Each window yielded gets the next turn number (skipped ranges take none).
+    async function* windows(): AsyncGenerator<{ off: number; turn: number }> {
+      let turn = 0;
+      let off = 0;
+      while (off < size) {
+        if (target.zeroInitialized && !below) {
+          // Jump over long runs that read as zero everywhere without visiting each window.
+          const st = await chainBlockStatus(src, off, size - off);
+          if (st.zero) {
+            const skipTo = Math.min(size, Math.floor((off + st.length) / chunk) * chunk);
+            if (skipTo > off) { progress.add(skipTo - off); off = skipTo; continue; }
+          }
+        }
+        yield { off, turn: turn++ };
+        off += chunk;
+      }
     }
     // Reads overlap; writes go out in guest order (as qemu-img does without -W), which keeps
     // the file system's and the target's allocation sequential.
     const gate = new OrderedGate();
 
-    await runPool(windows(), width, async (off, slot) => {
-      const turn = off / chunk;
+    await runPool(windows(), width, async ({ off, turn }, slot) => {
       try {
         await processWindow(off, slot, turn);
       } finally {
@@ -128,7 +145,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
   } catch (err) {
     await abandonTarget(target, targetPath);
     if (ctx.signal?.aborted) throw new CancelledError(target.created ? 'convert cancelled; the partial target was removed' : 'convert cancelled');
-    throw err;
+    throw explainNoSpace(err, targetPath, needed);
   }
   await img.close();
   await closeBelow(img.backing);
@@ -164,4 +181,30 @@ class OrderedGate {
     const w = this.waiting.get(this.next);
     if (w) { this.waiting.delete(this.next); w(); }
   }
+}
+
+/**
+ * What a fresh target will take (qemu-img measure's `required`, or the data for raw), checked
+ * against the free space (plus what an existing file there gives back when truncated).
+ */
+export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: string, opts: TargetSpec): Promise<number> {
+  const c = opts.create ?? {};
+  const m = await measure(ctx, {
+    format: 'qcow2', clusterSize: c.clusterSize ?? 65536, refcountBits: c.refcountBits ?? 16,
+    extendedL2: !!c.extendedL2, hasBacking: !!c.backingFile,
+  }, src);
+  let needed = m.required;
+  if (opts.format === 'raw') {
+    // Raw targets hold exactly the data: count what is not zero.
+    needed = 0;
+    for (let off = 0; off < src.virtualSize;) {
+      const st = await chainBlockStatus(src, off, src.virtualSize - off);
+      if (!st.zero) needed += st.length;
+      off += st.length;
+    }
+  }
+  let reclaimed = 0;
+  try { reclaimed = (await stat(targetPath)).blocks * 512; } catch { /* no file there yet */ }
+  ensureSpace(targetPath, needed - reclaimed, `the converted image`);
+  return needed;
 }
