@@ -6,6 +6,7 @@ import { mapCommand } from './map';
 import { compareCommand } from './compare';
 import { convertCommand } from './convert';
 import { snapshotCommand } from './snapshot';
+import { createCommand } from './create';
 import { checkCommand } from './check';
 import { ioCommand } from './io';
 import { rebaseCommand } from './rebase';
@@ -15,6 +16,7 @@ import { resizeCommand } from './resize';
 const HELP = `usage: strata COMMAND [options] ...
 
 Commands (options follow qemu-img):
+  create [-q] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] FILE [SIZE]   (-o help lists OPTIONS)
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
   map [--output=human|json] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
@@ -37,6 +39,7 @@ const COMMANDS: Record<string, Command> = {
   compare: compareCommand,
   convert: convertCommand,
   snapshot: snapshotCommand,
+  create: createCommand,
   check: checkCommand,
   io: ioCommand,
   rebase: rebaseCommand,

@@ -13,7 +13,7 @@
 // Pure: no I/O. The caller writes `clusters` (and the L2 tables handed out during
 // preallocation) to disk and sets the file length to `fileLength`.
 import * as C from './constants';
-import { getRefcount, setRefcount } from './refcount';
+import { getRefcount } from './refcount';
 import { FormatError } from '../errors';
 
 export interface Qcow2CreateSpec {
@@ -157,6 +157,27 @@ export function refcountMetadataSize(clusters: number, clusterSize: number, refc
     }
   } while (n !== last);
   return { bytes: (blocks + table) * clusterSize, refblocks: blocks };
+}
+
+/** Refcount block store without range checks (the allocator checks against refcountMax). */
+function setRefcount(block: Buffer, index: number, order: number, value: number): void {
+  switch (order) {
+    case 0: case 1: case 2: {
+      const bits = 1 << order;
+      const perByte = 8 >> order;
+      const byte = Math.floor(index / perByte);
+      const shift = (index % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      block[byte] = (block[byte]! & ~mask) | (value << shift);
+      return;
+    }
+    case 3: block[index] = value; return;
+    case 4: block.writeUInt16BE(value, index * 2); return;
+    case 5: block.writeUInt32BE(value, index * 4); return;
+    default:
+      block.writeUInt32BE(Math.floor(value / 0x1_0000_0000), index * 8);
+      block.writeUInt32BE(value % 0x1_0000_0000, index * 8 + 4);
+  }
 }
 
 /** One run of data clusters mapped by preallocation: guest offset → host offset. */

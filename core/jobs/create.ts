@@ -1,0 +1,426 @@
+// create: a new qcow2 or raw image, laid out byte for byte as qemu-img create 7.2 lays it
+// out (see core/format/layout.ts for how). Options use qemu-img's names and checks; all of
+// them are validated, and the backing file opened, before the target file is touched.
+import { realpath, unlink } from 'node:fs/promises';
+import * as C from '../format/constants';
+import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
+import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
+import { NodeFile } from '../io/node-file';
+import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
+import { closeChain, combineBackingPath, openImage } from '../chain/open';
+import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+
+export type CreateFormat = 'qcow2' | 'raw';
+export type Preallocation = 'off' | 'metadata';
+
+/** What `-o key=value,...` (and -b/-F/-u, SIZE) can set. Everything is optional. */
+export interface CreateOptions {
+  /** Virtual size in bytes (rounded up to 512 as qemu-img does); default: the backing file's. */
+  size?: number;
+  clusterSize?: number;
+  extendedL2?: boolean;
+  compressionType?: 'zlib' | 'zstd';
+  refcountBits?: number;
+  lazyRefcounts?: boolean;
+  /** '0.10' (v2) or '1.1' (v3). */
+  compat?: '0.10' | '1.1';
+  preallocation?: Preallocation;
+  /** Recorded as given: a relative name stays relative (to the new image's directory). */
+  backingFile?: string;
+  backingFormat?: string;
+  /** -u: do not open the backing file (it need not exist; SIZE is then required). */
+  unsafe?: boolean;
+  /** The option names as the user spelled them, in order (for the "Formatting" line and raw checks). */
+  given?: Partial<Record<CreateOptionName, string>>;
+}
+
+export const CREATE_OPTION_NAMES = [
+  'size', 'cluster_size', 'extended_l2', 'compression_type', 'refcount_bits', 'lazy_refcounts',
+  'compat', 'preallocation', 'backing_file', 'backing_fmt',
+] as const;
+export type CreateOptionName = typeof CREATE_OPTION_NAMES[number];
+
+export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only size and preallocation=off):
+  size=SIZE                  virtual disk size (suffixes k, M, G, T, P, E)
+  compat=0.10|1.1            qcow2 version (also v2, v3; default 1.1)
+  backing_file=NAME          file name of a base image
+  backing_fmt=qcow2|raw      format of the base image
+  cluster_size=SIZE          512 to 2M, a power of two (default 64k)
+  extended_l2=on|off         extended L2 entries, 32 subclusters (needs cluster_size >= 16k)
+  compression_type=zlib|zstd compression method for compressed clusters (default zlib)
+  lazy_refcounts=on|off      postpone refcount updates (needs compat=1.1)
+  refcount_bits=N            1, 2, 4, 8, 16, 32 or 64 (default 16; compat=0.10 needs 16)
+  preallocation=off|metadata allocate every L2 table and data cluster up front (qcow2)
+`;
+
+// ---- parsing ----
+
+/** qemu's size syntax for option values: a number with an optional k/M/G/T/P/E suffix. */
+function parseSizeValue(key: string, v: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(v);
+  if (!m) throw new UsageError(`invalid value '${v}' for ${key} (a size such as 512, 64k or 2M)`);
+  const mult = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 }[m[2]!.toLowerCase()]!;
+  const n = Number(m[1]) * mult;
+  if (!Number.isInteger(n)) throw new UsageError(`invalid value '${v}' for ${key}: not a whole number of bytes`);
+  if (n > Number.MAX_SAFE_INTEGER) throw new UsageError(`value '${v}' for ${key} is too large`);
+  return n;
+}
+
+function parseBool(key: string, v: string): boolean {
+  switch (v.toLowerCase()) {
+    case 'on': case 'yes': case 'true': case 'y': return true;
+    case 'off': case 'no': case 'false': case 'n': return false;
+    default: throw new UsageError(`option ${key} expects 'on' or 'off', not '${v}'`);
+  }
+}
+
+/** Splits qemu's option syntax: comma-separated key=value, ",," for a literal comma. */
+function splitOptions(o: string): Array<[string, string | undefined]> {
+  const out: Array<[string, string | undefined]> = [];
+  let cur = '';
+  const flush = () => {
+    if (cur === '') return;
+    const eq = cur.indexOf('=');
+    out.push(eq < 0 ? [cur, undefined] : [cur.slice(0, eq), cur.slice(eq + 1)]);
+    cur = '';
+  };
+  for (let i = 0; i < o.length; i++) {
+    const ch = o[i]!;
+    if (ch === ',') {
+      if (o[i + 1] === ',') { cur += ','; i++; continue; }
+      flush();
+    } else {
+      cur += ch;
+    }
+  }
+  flush();
+  return out;
+}
+
+/** True when the -o string asks for the option list (`help` or `?`). */
+export function isOptionsHelp(o: string): boolean {
+  return splitOptions(o).some(([k, v]) => v === undefined && (k === 'help' || k === '?'));
+}
+
+/**
+ * Parses a qemu-img `-o` string ("cluster_size=4k,compat=0.10,..."). Later keys override
+ * earlier ones. Checks each value's syntax; combinations are checked by createImage.
+ */
+export function parseCreateOptions(o: string): CreateOptions {
+  const r: CreateOptions = { given: {} };
+  for (const [key, value] of splitOptions(o)) {
+    if (!(CREATE_OPTION_NAMES as readonly string[]).includes(key)) {
+      throw new UsageError(`unknown option '${key}' (known: ${CREATE_OPTION_NAMES.join(', ')}; -o help lists them)`);
+    }
+    if (value === undefined) throw new UsageError(`option ${key} needs a value (${key}=...)`);
+    const k = key as CreateOptionName;
+    r.given![k] = value;
+    switch (k) {
+      case 'size': r.size = parseSizeValue(k, value); break;
+      case 'cluster_size': r.clusterSize = parseSizeValue(k, value); break;
+      case 'extended_l2': r.extendedL2 = parseBool(k, value); break;
+      case 'lazy_refcounts': r.lazyRefcounts = parseBool(k, value); break;
+      case 'compression_type':
+        if (value !== 'zlib' && value !== 'zstd') throw new UsageError(`compression_type must be zlib or zstd, not '${value}'`);
+        r.compressionType = value;
+        break;
+      case 'refcount_bits': {
+        if (!/^\d+$/.test(value)) throw new UsageError(`refcount_bits must be a number (1, 2, 4, 8, 16, 32 or 64), not '${value}'`);
+        r.refcountBits = Number(value);
+        break;
+      }
+      case 'compat':
+        if (value === '0.10' || value === 'v2') r.compat = '0.10';
+        else if (value === '1.1' || value === 'v3') r.compat = '1.1';
+        else throw new UsageError(`compat must be 0.10 or 1.1 (or v2, v3), not '${value}'`);
+        break;
+      case 'preallocation':
+        if (value === 'off' || value === 'metadata') r.preallocation = value;
+        else if (value === 'falloc' || value === 'full') throw new UsageError(`preallocation=${value} is not supported (use off, or metadata for qcow2)`);
+        else throw new UsageError(`preallocation must be off or metadata, not '${value}'`);
+        break;
+      case 'backing_file': r.backingFile = value; break;
+      case 'backing_fmt': r.backingFormat = value; break;
+      default: { const never: never = k; throw new UsageError(`unknown option '${String(never)}'`); }
+    }
+  }
+  return r;
+}
+
+// ---- validation ----
+
+export interface ResolvedCreate {
+  path: string;
+  format: CreateFormat;
+  /** Rounded up to a multiple of 512. */
+  size: number;
+  /** The size before rounding, as qemu-img prints it. */
+  sizeGiven: number;
+  preallocation: Preallocation;
+  /** qcow2 only */
+  qcow2: Qcow2CreateSpec | null;
+  opts: CreateOptions;
+}
+
+function fail(path: string, msg: string): never { throw new UsageError(`${path}: ${msg}`); }
+
+/** Everything qemu-img create checks, plus opening the backing file for its size. */
+export async function resolveCreate(path: string, format: CreateFormat, opts: CreateOptions): Promise<ResolvedCreate> {
+  if ((format as string) !== 'qcow2' && (format as string) !== 'raw') fail(path, `unknown format '${format}' (supported: qcow2, raw)`);
+  const backingFile = opts.backingFile ?? null;
+  const backingFormat = opts.backingFormat ?? null;
+  const preallocation = opts.preallocation ?? 'off';
+
+  if (format === 'raw') {
+    const qcow2Only: Array<[CreateOptionName, unknown]> = [
+      ['cluster_size', opts.clusterSize], ['extended_l2', opts.extendedL2], ['compression_type', opts.compressionType],
+      ['refcount_bits', opts.refcountBits], ['lazy_refcounts', opts.lazyRefcounts], ['compat', opts.compat],
+    ];
+    const set = qcow2Only.find(([k, v]) => v !== undefined || opts.given?.[k] !== undefined);
+    if (set) fail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`);
+    if (backingFile !== null || backingFormat !== null) fail(path, 'raw images cannot have a backing file (use -f qcow2)');
+    if (preallocation !== 'off') fail(path, `preallocation=${preallocation} is for qcow2 images; raw images support preallocation=off`);
+  }
+
+  let spec: Qcow2CreateSpec | null = null;
+  if (format === 'qcow2') {
+    const version = opts.compat === '0.10' ? 2 : 3;
+    const cs = opts.clusterSize ?? 2 ** C.DEFAULT_CLUSTER_BITS;
+    const clusterBits = Math.log2(cs);
+    if (!Number.isInteger(clusterBits) || clusterBits < C.MIN_CLUSTER_BITS || clusterBits > C.MAX_CLUSTER_BITS) {
+      fail(path, `invalid cluster size ${cs}: it must be a power of two between 512 and 2M`);
+    }
+    const extendedL2 = opts.extendedL2 ?? false;
+    const refcountBits = opts.refcountBits ?? 16;
+    const refcountOrder = Math.log2(refcountBits);
+    if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > C.MAX_REFCOUNT_ORDER) {
+      fail(path, `invalid refcount_bits ${refcountBits}: it must be a power of two no larger than 64 (1, 2, 4, 8, 16, 32, 64)`);
+    }
+    const zstd = opts.compressionType === 'zstd';
+    const lazy = opts.lazyRefcounts ?? false;
+    if (version === 2) {
+      const needV3 = (what: string) => fail(path, `${what} needs compat=1.1 (qcow2 v3); compat=0.10 images cannot have it`);
+      if (lazy) needV3('lazy_refcounts=on');
+      if (extendedL2) needV3('extended_l2=on');
+      if (zstd) needV3('compression_type=zstd');
+      if (refcountBits !== 16) needV3(`refcount_bits=${refcountBits} (compat=0.10 only has 16-bit refcounts)`);
+    }
+    if (extendedL2 && clusterBits < C.MIN_CLUSTER_BITS_EXTENDED_L2) {
+      fail(path, `extended_l2=on needs a cluster size of at least 16k (cluster_size is ${cs})`);
+    }
+    spec = {
+      size: 0, clusterBits, version, refcountOrder, extendedL2,
+      compressionType: zstd ? C.COMPRESSION_ZSTD : C.COMPRESSION_DEFLATE,
+      lazyRefcounts: lazy, backingFile, backingFormat, preallocation,
+    };
+  }
+
+  if (backingFormat !== null && backingFile === null) fail(path, 'a backing format (-F) needs a backing file (-b)');
+  if (backingFile !== null && spec && preallocation !== 'off' && !spec.extendedL2) {
+    fail(path, `preallocation=${preallocation} with a backing file needs extended_l2=on (otherwise the preallocated clusters would hide the backing file's data)`);
+  }
+  if (backingFile !== null) {
+    if (backingFile === '') fail(path, 'the backing file name is empty');
+    if (backingFile === path) fail(path, 'the backing file is the image being created (give a different -b)');
+    if (Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) fail(path, `the backing file name is too long (${Buffer.byteLength(backingFile)} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
+    if (backingFormat === null) fail(path, `backing format must be specified with -F (qcow2 or raw) for backing file '${backingFile}'`);
+    if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
+    const full = combineBackingPath(path, backingFile);
+    const real = async (p: string) => { try { return await realpath(p); } catch { return null; } };
+    const [a, b] = await Promise.all([real(full), real(path)]);
+    if (a !== null && a === b) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
+  }
+
+  let size = opts.size;
+  if (backingFile !== null && !opts.unsafe) {
+    const full = combineBackingPath(path, backingFile);
+    let top;
+    try {
+      top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
+    } catch (err) {
+      const where = full === backingFile ? `'${backingFile}'` : `'${backingFile}' (${full}, relative to the new image)`;
+      if (err instanceof NotFoundError && err.file === full) {
+        throw new NotFoundError(`backing file ${where} does not exist (create it first, or use -u with a SIZE to record the name anyway)`, path);
+      }
+      const msg = err instanceof StrataError ? err.message : (err as Error).message;
+      throw new FormatError(`cannot open backing file ${where} as ${backingFormat}: ${msg}`, path);
+    }
+    try {
+      // bdrv_getlength: whole sectors
+      if (size === undefined) size = Math.ceil(top.virtualSize / 512) * 512;
+    } finally {
+      await closeChain(top);
+    }
+  }
+  if (size === undefined) {
+    fail(path, backingFile !== null
+      ? 'a SIZE is needed with -u (the backing file is not opened to take its size)'
+      : 'missing SIZE (give the virtual size, e.g. 10G, or a backing file with -b -F to take its size)');
+  }
+  const rounded = Math.ceil(size / 512) * 512;
+  if (rounded > Number.MAX_SAFE_INTEGER) fail(path, `size ${size} is too large`);
+  if (spec) {
+    spec.size = rounded;
+    // The header cluster must hold the extensions and the backing name: check it now.
+    try {
+      encodeCreateHeader(spec, { l1Size: 0, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 0 });
+    } catch (err) {
+      fail(path, (err as Error).message);
+    }
+    const l1 = l1EntriesFor(rounded, spec.clusterBits, spec.extendedL2);
+    if (l1 > C.MAX_L1_SIZE_BYTES / 8) {
+      throw new FormatError(`the image size is too large for qcow2 with ${2 ** spec.clusterBits}-byte clusters${spec.extendedL2 ? ' and extended L2 entries' : ''} (try a larger cluster_size)`, path);
+    }
+  }
+  return { path, format, size: rounded, sizeGiven: size, preallocation, qcow2: spec, opts };
+}
+
+/** qemu-img's "Formatting 'FILE', fmt=... " line (options in qemu's order, defaults included). */
+export function formattingLine(r: ResolvedCreate): string {
+  const o = r.opts;
+  const g = o.given ?? {};
+  const parts: string[] = [`fmt=${r.format}`];
+  if (r.format === 'raw') {
+    parts.push(`size=${r.sizeGiven}`);
+    if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
+  } else {
+    parts.push(`cluster_size=${o.clusterSize ?? 65536}`);
+    parts.push(`extended_l2=${o.extendedL2 ? 'on' : 'off'}`);
+    if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
+    parts.push(`compression_type=${o.compressionType ?? 'zlib'}`);
+    parts.push(`size=${r.sizeGiven}`);
+    if (g.compat !== undefined) parts.push(`compat=${g.compat}`);
+    if (o.backingFile !== undefined) parts.push(`backing_file=${o.backingFile.replace(/,/g, ',,')}`);
+    if (o.backingFormat !== undefined) parts.push(`backing_fmt=${o.backingFormat}`);
+    parts.push(`lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'}`);
+    parts.push(`refcount_bits=${o.refcountBits ?? 16}`);
+  }
+  return `Formatting '${r.path}', ${parts.join(' ')}`;
+}
+
+// ---- writing ----
+
+/**
+ * What qemu-img create locks before it empties the file: write and resize, not sharing
+ * resize. A running VM (or another writer) on the file makes the create fail, untouched.
+ */
+const CREATE_LOCK: LockMode = { perms: [PERM_WRITE, PERM_RESIZE], shared: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED] };
+
+/** Opens the target without truncating it (the lock check comes first). */
+async function openTarget(path: string): Promise<{ file: NodeFile; created: boolean }> {
+  try {
+    return { file: await NodeFile.open(path, { writable: true }), created: false };
+  } catch (err) {
+    if (!(err instanceof NotFoundError)) throw err;
+    return { file: await NodeFile.open(path, { create: 'new' }), created: true };
+  }
+}
+
+/**
+ * Writes clusters (offset-sorted), merging runs of adjacent ones into requests of up to
+ * 8 MiB, `parallel` requests at a time.
+ */
+async function writeAll(file: NodeFile, items: Array<{ offset: number; data: Buffer }>, parallel = 8): Promise<void> {
+  const merged: Array<{ offset: number; data: Buffer }> = [];
+  const MAX = 8 * 1024 * 1024;
+  for (let i = 0; i < items.length;) {
+    const run = [items[i]!];
+    let end = items[i]!.offset + items[i]!.data.length;
+    let bytes = items[i]!.data.length;
+    for (i++; i < items.length && items[i]!.offset === end && bytes + items[i]!.data.length <= MAX; i++) {
+      run.push(items[i]!);
+      end += items[i]!.data.length;
+      bytes += items[i]!.data.length;
+    }
+    merged.push({ offset: run[0]!.offset, data: run.length === 1 ? run[0]!.data : Buffer.concat(run.map((r) => r.data)) });
+  }
+  let next = 0;
+  const worker = async () => {
+    while (next < merged.length) {
+      const it = merged[next++]!;
+      await file.write(it.data, it.offset);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(parallel, merged.length) }, worker));
+}
+
+/**
+ * Creates (or truncates and rewrites, as qemu-img does) `path` as a new image. Validates
+ * everything first; on a failure after the file was emptied, the partial file is removed.
+ */
+export async function createImage(path: string, opts: CreateOptions & { format: CreateFormat }, ctx: JobContext = {}): Promise<void> {
+  const r = await resolveCreate(path, opts.format, opts);
+  await writeImage(r, ctx);
+}
+
+/** The writing half of createImage, for callers that resolved (and maybe printed) first. */
+export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promise<void> {
+  throwIfCancelled(ctx);
+  // Lay the image out in memory before touching the file: size errors leave it alone.
+  const spec = r.qcow2;
+  let alloc: QemuAllocator | null = null;
+  try {
+    alloc = spec ? startQcow2Layout(spec) : null;
+  } catch (err) {
+    if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
+    throw err;
+  }
+  const { file, created } = await openTarget(r.path);
+  let releaseLock = () => {};
+  let emptied = created;
+  try {
+    const lock = await lockImage(file.fd, r.path, CREATE_LOCK);
+    releaseLock = lock.release;
+    await file.truncate(0);
+    emptied = true;
+    if (!spec || !alloc) {
+      await file.truncate(r.size);
+    } else {
+      const cs = alloc.cs;
+      const progress = new ProgressReporter(ctx, spec.preallocation === 'metadata' ? spec.size : 0);
+      progress.setPhase('create');
+      if (spec.preallocation === 'metadata') {
+        // L2 tables are written out as soon as preallocation is done with them.
+        const done: number[] = [];
+        alloc.onL2Done = (off) => { done.push(off); };
+        let last = 0;
+        for (const guestOffset of alloc.preallocate(spec.size, spec.extendedL2 ? cs / C.SUBCLUSTERS_PER_CLUSTER : cs)) {
+          if (done.length * cs >= 8 * 1024 * 1024) {
+            throwIfCancelled(ctx);
+            const items = done.splice(0).sort((a, b) => a - b).map((off) => ({ offset: off, data: alloc.clusters.get(off / cs)! }));
+            await writeAll(file, items);
+            for (const it of items) alloc.clusters.delete(it.offset / cs);
+          }
+          progress.add(guestOffset - last);
+          last = guestOffset;
+        }
+      }
+      throwIfCancelled(ctx);
+      finishQcow2Layout(spec, alloc);
+      const end = alloc.fileLength;
+      const items: Array<{ offset: number; data: Buffer }> = [];
+      let header: Buffer | null = null;
+      for (const idx of [...alloc.clusters.keys()].sort((a, b) => a - b)) {
+        const off = idx * cs;
+        if (off >= end) continue;
+        const data = alloc.clusters.get(idx)!.subarray(0, Math.min(cs, end - off));
+        if (idx === 0) header = data;
+        else items.push({ offset: off, data });
+      }
+      await writeAll(file, items);
+      // The header last: until it is there, the file is not a qcow2 image.
+      if (header) await file.write(header, 0);
+      if ((await file.size()) !== end) await file.truncate(end);
+      progress.done();
+    }
+    await file.flush();
+  } catch (err) {
+    releaseLock();
+    await file.close();
+    if (emptied) { try { await unlink(r.path); } catch { /* best effort */ } }
+    if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
+    throw err;
+  }
+  releaseLock();
+  await file.close();
+}
