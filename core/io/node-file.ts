@@ -1,7 +1,7 @@
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
-import { ioError } from '../errors';
+import { IoError, ioError } from '../errors';
 import { native } from './native';
 
 export interface OpenOptions {
@@ -22,6 +22,11 @@ export class NodeFile implements BlockFile {
     try {
       fh = await open(path, flags, 0o644);
     } catch (err) {
+      const code = (err as NodeJS.ErrnoException)?.code;
+      if (writable && (code === 'EACCES' || code === 'EPERM' || code === 'EROFS')) {
+        const why = code === 'EROFS' ? 'the file system is read-only' : 'no write permission';
+        throw new IoError(`cannot ${opts.create ? 'create' : 'open for writing'}: ${why}; commands that only read (info, map, compare, convert from it) still work`, path, code, err);
+      }
       throw ioError(err, path, opts.create ? 'cannot create' : 'cannot open');
     }
     try {
