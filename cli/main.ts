@@ -12,6 +12,8 @@ import { ioCommand } from './io';
 import { rebaseCommand } from './rebase';
 import { commitCommand } from './commit';
 import { resizeCommand } from './resize';
+import { mirrorCommand } from './mirror';
+import { measureCommand } from './measure';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -25,6 +27,8 @@ Commands (options follow qemu-img):
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
   resize [--shrink] FILE [+|-]SIZE
+  mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
+  measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
@@ -45,6 +49,8 @@ const COMMANDS: Record<string, Command> = {
   rebase: rebaseCommand,
   commit: commitCommand,
   resize: resizeCommand,
+  mirror: mirrorCommand,
+  measure: measureCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
