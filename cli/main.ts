@@ -79,6 +79,8 @@ if (isMain) {
   const onSignal = () => {
     if (++interrupts > 1) process.exit(130);
     ac.abort();
+    // Jobs stop within a fraction of a second; anything that does not (a long open) is ended.
+    setTimeout(() => process.exit(130), 3000).unref();
   };
   // A reader that went away (`strata map IMG | head`) is not an error worth a stack trace.
   for (const stream of [process.stdout, process.stderr]) {

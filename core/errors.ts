@@ -69,3 +69,9 @@ export function ioError(err: unknown, file: string, what: string): StrataError {
     default: return new IoError(`${what}: ${e?.message ?? String(err)}`, file, code, err);
   }
 }
+
+/** A name taken from an image, safe to put in a one-line message (control bytes escaped). */
+export function printable(name: string): string {
+  // eslint-disable-next-line no-control-regex
+  return name.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}

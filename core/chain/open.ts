@@ -1,7 +1,7 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
 import { realpath } from 'node:fs/promises';
-import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
+import { FormatError, NotFoundError, StrataError, UsageError, printable } from '../errors';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
@@ -54,7 +54,7 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
     file = await NodeFile.open(filename, { writable: opts.writable });
   } catch (err) {
     if (opts.wantedBy && err instanceof NotFoundError) {
-      throw new NotFoundError(`backing file '${filename}' of '${opts.wantedBy}' does not exist (fix the name with \`strata rebase -u -b NEWNAME ${opts.wantedBy}\`)`);
+      throw new NotFoundError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy)}' does not exist (fix the name with \`strata rebase -u -b NEWNAME ${printable(opts.wantedBy)}\`)`);
     }
     throw err;
   }
@@ -64,7 +64,7 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
     if (!format) {
       format = await probeFormat(file);
       if (format === 'raw' && opts.probeRaw === false) {
-        throw new FormatError(`backing file '${filename}' of '${opts.wantedBy}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${filename} -F raw ${opts.wantedBy}\``);
+        throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
     if (format === 'raw') return await RawImage.open(filename, file);
@@ -101,7 +101,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
     const key = await real(name);
     const prev = seen.get(key);
     if (prev !== undefined) {
-      throw new FormatError(`backing chain loop: '${img.filename}' has backing file '${name}', which is already in the chain (as '${prev}')`, top.filename);
+      throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename);
     }
     seen.set(key, name);
     const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });
@@ -114,7 +114,7 @@ function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
   const f = img.backingFormat;
   if (!f) return undefined;
   if (f === 'qcow2' || f === 'raw') return f;
-  throw new FormatError(`backing file format '${f}' is not supported (qcow2 and raw are)`, img.filename);
+  throw new FormatError(`backing file format '${printable(f)}' is not supported (qcow2 and raw are)`, img.filename);
 }
 
 export async function closeChain(top: DiskImage | null): Promise<void> {

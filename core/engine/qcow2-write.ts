@@ -155,7 +155,7 @@ export class Qcow2Writable extends Qcow2Image {
   }
 
   private entryAt(table: Buffer, l2Index: number): { entry: L2Entry; bitmap: Bitmap | null } {
-    const entry = decodeL2Entry(table, l2Index, this.geometry);
+    const entry = decodeL2Entry(table, l2Index, this.geometry, undefined, this.filename);
     return { entry, bitmap: this.geometry.extendedL2 ? decodeL2Bitmap(table, l2Index) : null };
   }
 

@@ -104,7 +104,8 @@ export class Qcow2Image implements DiskImage {
     const headerBytes = clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS ? 2 ** clusterBits : probe.length;
     const headerBuf = Buffer.alloc(Math.max(headerBytes, probe.length));
     const got = await file.read(headerBuf, 0);
-    const parsed = decodeHeader(got < C.HEADER_V2_LENGTH ? headerBuf.subarray(0, got) : headerBuf, filename);
+    // Only what the file holds: a header cut short must be reported as such.
+    const parsed = decodeHeader(headerBuf.subarray(0, got), filename);
     checkIncompatibleFeatures(parsed, filename);
     const h = parsed.header;
     const clusterSize = 2 ** h.clusterBits;
@@ -127,10 +128,13 @@ export class Qcow2Image implements DiskImage {
         await file.read(b, h.snapshotsOffset);
         return b;
       };
-      const first = await readAt(Math.min(64 * 1024, fileSize - h.snapshotsOffset));
+      let have = Math.min(64 * 1024, fileSize - h.snapshotsOffset);
+      const first = await readAt(have);
       const t = await decodeSnapshotTable(first, h.nbSnapshots, h.clusterBits, async (need) => {
         if (h.snapshotsOffset + need > fileSize) return null;
-        return readAt(Math.max(need, first.length * 2));
+        // Grow geometrically from what we have, so a large table is read a few times, not per entry.
+        have = Math.max(need, have * 2);
+        return readAt(have);
       }, filename);
       snapshots = t.entries;
       snapshotTableSize = t.tableSize;
@@ -207,7 +211,7 @@ export class Qcow2Image implements DiskImage {
         const clusterStart = clusterIndex * g.clusterSize;
         const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
         const l2Index = clusterIndex % g.l2Entries;
-        const entry = decodeL2Entry(table, l2Index, g, () => `of the L2 table at 0x${l2Offset.toString(16)}`);
+        const entry = decodeL2Entry(table, l2Index, g, () => `of the L2 table at 0x${l2Offset.toString(16)}`, this.filename);
         if (entry.kind === 'compressed') {
           this.checkCompressed(entry, clusterStart);
           push(pos, clusterEnd - pos, 'compressed', null, { hostOffset: entry.hostOffset, sectors: entry.sectors, clusterStart });

@@ -2,6 +2,7 @@
 import * as C from './constants';
 import { CorruptImageError, FormatError, UnsupportedFeatureError } from '../errors';
 import { readU64, toSafeNumber } from './u64';
+import { printable } from '../errors';
 
 export interface Qcow2Header {
   version: 2 | 3;
@@ -171,7 +172,7 @@ export function checkIncompatibleFeatures(p: ParsedHeader, file?: string): void 
     for (let bit = 0; bit < 64; bit++) {
       if (!(unknown & (1n << BigInt(bit)))) continue;
       const n = p.featureNames.find((f) => f.type === C.FEATURE_TYPE_INCOMPATIBLE && f.bit === bit);
-      names.push(n ? `${n.name} (bit ${bit})` : `unknown incompatible feature bit ${bit}`);
+      names.push(n ? `${printable(n.name)} (bit ${bit})` : `unknown incompatible feature bit ${bit}`);
     }
     throw new UnsupportedFeatureError(`unsupported qcow2 feature: ${names.join(', ')}`, file);
   }
@@ -191,16 +192,16 @@ export function decodeHeader(buf: Buffer, file?: string): ParsedHeader {
     header, extensions: [], backingFile: null, backingFormat: null, featureNames: [],
     bitmaps: null, dataFile: null, cryptoHeader: null,
   };
-  if (header.version === 3) {
-    // Extensions run from header_length to the backing file name (or the end of the cluster).
+  {
+    // Extensions run from the end of the header (72 bytes for v2, header_length for v3) to
+    // the backing file name or the end of the cluster; QEMU reads them for both versions.
     const end = Math.min(header.backingFileOffset || clusterSize, clusterSize);
     let off = header.headerLength;
-    for (;;) {
-      if (off + 8 > end) {
-        if (off + 8 > buf.length || off + 8 > clusterSize) throw new CorruptImageError('header extension area is truncated (no end marker)', file);
-        break;
+    while (off < end) {
+      if (off + 8 > end || off + 8 > buf.length) {
+        // QEMU: "Header extension too large" when even the type/length words do not fit.
+        throw new CorruptImageError('header extension area is truncated or overruns the backing file name', file);
       }
-      if (off + 8 > buf.length) throw new CorruptImageError('header extension area is truncated', file);
       const type = buf.readUInt32BE(off);
       const len = buf.readUInt32BE(off + 4);
       off += 8;
@@ -286,6 +287,8 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
     out[104] = h.compressionType;
     h.unknownFields.copy(out, C.HEADER_V3_WITH_COMPRESSION_LENGTH);
     off = headerLength;
+  }
+  {
     const exts = [...p.extensions];
     const putExt = (type: number, data: Buffer) => {
       if (off + 8 + data.length > clusterSize) throw new FormatError('header extensions do not fit in the first cluster', file);

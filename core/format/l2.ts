@@ -37,24 +37,26 @@ export interface L2Geometry {
 }
 
 /** Decodes entry `index` of an L2 table. Throws CorruptImageError on reserved bits or misalignment. */
-export function decodeL2Entry(table: Buffer, index: number, g: L2Geometry, where?: () => string): L2Entry {
+export function decodeL2Entry(table: Buffer, index: number, g: L2Geometry, where?: () => string, file?: string): L2Entry {
   const off = index * (g.extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL);
   const hi = table.readUInt32BE(off);
   const lo = table.readUInt32BE(off + 4);
   if (hi & 0x40000000) {
     const x = 62 - (g.clusterBits - 8); // bits of the offset field
     const hiOffsetBits = x - 32;
-    const hostOffset = (hi & ((1 << hiOffsetBits) - 1)) * TWO32 + lo;
+    const hiOffset = hi & ((1 << hiOffsetBits) - 1);
+    if (hiOffset > 0x1fffff) throw new CorruptImageError(`compressed cluster offset in L2 entry ${index}${where ? ' ' + where() : ''} lies past 2^53`, file);
+    const hostOffset = hiOffset * TWO32 + lo;
     const sectors = ((hi & 0x3fffffff) >>> hiOffsetBits) + 1;
     return { kind: 'compressed', hostOffset, sectors };
   }
   const copied = (hi & 0x80000000) !== 0;
   const hostOffset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
   if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
-    throw new CorruptImageError(`L2 entry ${index}${where ? ' ' + where() : ''} has reserved bits set`);
+    throw new CorruptImageError(`L2 entry ${index}${where ? ' ' + where() : ''} has reserved bits set`, file);
   }
   if (hostOffset % 2 ** g.clusterBits !== 0) {
-    throw new CorruptImageError(`cluster offset 0x${hostOffset.toString(16)} in L2 entry ${index}${where ? ' ' + where() : ''} is not aligned to the cluster size`);
+    throw new CorruptImageError(`cluster offset 0x${hostOffset.toString(16)} in L2 entry ${index}${where ? ' ' + where() : ''} is not aligned to the cluster size`, file);
   }
   if ((lo & 1) && !g.extendedL2) return { kind: 'zero', hostOffset, copied };
   if (hostOffset === 0) return { kind: 'unallocated' };

@@ -66,7 +66,8 @@ export async function decodeSnapshotTable(
     let icount = -1n;
     if (extraSize >= 8) vmStateSize = readU64(extraData, 0, `snapshot ${i} VM state size`, file);
     if (extraSize >= 16) diskSize = readU64(extraData, 8, `snapshot ${i} disk size`, file);
-    if (extraSize >= 24) icount = extraData.readBigUInt64BE(16);
+    // Signed: -1 means "icount disabled".
+    if (extraSize >= 24) icount = extraData.readBigInt64BE(16);
     const id = buf.toString('utf8', x + extraSize, x + extraSize + idSize);
     const name = buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize);
     if (l1TableOffset % 2 ** clusterBits !== 0) throw new CorruptImageError(`snapshot ${id || i} L1 table offset ${l1TableOffset} is not cluster-aligned`, file);
