@@ -171,6 +171,29 @@ describeOracle('commit against qemu-img', () => {
     }
   });
 
+  it('into a base smaller than the overlay: the base grows to the overlay size', async () => {
+    const t = tempDir();
+    try {
+      const base = t.path('base.qcow2');
+      const top = t.path('top.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', base, '8M');
+      qemuIo(base, ['write -P 0x11 0 8M']);
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top, '24M');
+      qemuIo(top, ['write -P 0x21 7M 2M', 'write -P 0x22 20M 1M', 'write -P 0x23 1M 4096']);
+      const before = guestHash(top);
+      const res = await commit({}, top);
+      expect(res.emptied).toBe('fresh-metadata');
+      expectClean(base);
+      expectClean(top);
+      expect(qemuInfo(base)['virtual-size']).toBe(24 * MiB);
+      expect(guestHash(base)).toBe(before);
+      expect(guestHash(top)).toBe(before);
+      expect(fileSize(top)).toBeLessThanOrEqual(1 * MiB);
+    } finally {
+      t.cleanup();
+    }
+  });
+
   it('a top with an internal snapshot keeps it unchanged and falls back to discarding', async () => {
     const t = tempDir();
     try {

@@ -74,6 +74,7 @@ describeOracle('rebase against qemu-img', () => {
         cpSparse(top, `${q}/top.qcow2`);
         const before = guestHash(top);
         const baseBytes = fileHash(`${s}/base.qcow2`);
+        const midBytes = fileHash(`${s}/mid.qcow2`);
         const topBefore = allocatedBytes(top);
 
         const t0 = Date.now();
@@ -91,6 +92,7 @@ describeOracle('rebase against qemu-img', () => {
         expect(guestHash(top)).toBe(before);
         expectSameContent(top, `${q}/top.qcow2`);
         expect(fileHash(`${s}/base.qcow2`)).toBe(baseBytes);
+        expect(fileHash(`${s}/mid.qcow2`)).toBe(midBytes);
 
         const ours = allocatedBytes(top);
         const theirs = allocatedBytes(`${q}/top.qcow2`);
@@ -223,6 +225,33 @@ describeOracle('rebase against qemu-img', () => {
       }
     });
   }
+
+  it('onto a shorter backing outside the chain, and onto a raw one with -F raw', async () => {
+    const t = tempDir();
+    try {
+      const { top } = smallChain(t.path);
+      const before = guestHash(top);
+      // 10 MiB: past its end the new backing reads as zero, where the old one had data (8M..12M).
+      const short = t.path('short.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', short, '10M');
+      qemuIo(short, ['write -P 0x11 0 6M', 'write -P 0x71 6M 1M', 'write -P 0x72 9M 1M']);
+      await strataOk('rebase', '-b', 'short.qcow2', top);
+      expect(qemuInfo(top)['backing-filename']).toBe('short.qcow2');
+      expectClean(top);
+      expect(guestHash(top)).toBe(before);
+
+      const raw = t.path('new.raw');
+      qemuImg('create', '-q', '-f', 'raw', raw, '16M');
+      qemuIo(raw, ['write -P 0x11 0 3M', 'write -P 0x73 12M 4M'], { format: 'raw' });
+      await strataOk('rebase', '-b', 'new.raw', '-F', 'raw', top);
+      const info = qemuInfo(top);
+      expect([info['backing-filename'], info['backing-filename-format']]).toEqual(['new.raw', 'raw']);
+      expectClean(top);
+      expect(guestHash(top)).toBe(before);
+    } finally {
+      t.cleanup();
+    }
+  });
 
   it('relative backing names stay relative (resolved from the overlay, not the cwd)', async () => {
     const t = tempDir();
