@@ -18,7 +18,14 @@ export async function measureCommand(args: string[], io: CommandIO, signal: Abor
   }, USAGE);
   const fmt = outputFormat(values.output);
   const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
-  const o = parseCreateOptions(((values.options as string[] | undefined) ?? []).join(','));
+  // measure also takes preallocation=falloc|full (it only changes the arithmetic).
+  let prealloc: 'off' | 'metadata' | 'falloc' | 'full' | undefined;
+  const rest = ((values.options as string[] | undefined) ?? []).join(',').split(',').filter((kv) => {
+    const m = /^preallocation=(off|metadata|falloc|full)$/.exec(kv);
+    if (m) prealloc = m[1] as typeof prealloc;
+    return !m;
+  });
+  const o = parseCreateOptions(rest.join(','));
   if ((positionals.length === 1) === (values.size !== undefined)) throw new UsageError(`give either FILE or --size SIZE\nusage: ${USAGE}`);
   let src: DiskImage | null = null;
   try {
@@ -29,7 +36,8 @@ export async function measureCommand(args: string[], io: CommandIO, signal: Abor
       refcountBits: o.refcountBits ?? 16,
       extendedL2: !!o.extendedL2,
       hasBacking: o.backingFile !== undefined,
-      preallocation: o.preallocation,
+      preallocation: prealloc,
+      version: o.compat === '0.10' ? 2 : 3,
     }, src, values.size !== undefined ? parseSize(str(values.size)!) : undefined);
     if (fmt === 'json') {
       io.out(JSON.stringify(r, null, 4) + '\n');

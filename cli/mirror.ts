@@ -45,7 +45,7 @@ export async function mirrorCommand(args: string[], io: CommandIO, signal: Abort
     bar.end();
     await closeChain(target.image);
     target = null;
-    if (values.progress) io.err(`mirrored: ${r.bytesWritten} bytes written, ${r.bytesZeroed} bytes zeroed, ${r.bytesRead} bytes read\n`);
+    if (values.progress && io.isTTY) io.err(`mirrored: ${r.bytesWritten} bytes written, ${r.bytesZeroed} bytes zeroed, ${r.bytesRead} bytes read\n`);
     return 0;
   } catch (err) {
     if (target) await abandonTarget(target, dstName);

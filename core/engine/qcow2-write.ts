@@ -326,11 +326,16 @@ export class Qcow2Writable extends Qcow2Image {
     const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
     const end = offset + length;
     // Zero flags need v3; the partial units at either end are written as data.
-    const A = this.header.version === 3 ? Math.ceil(offset / unit) * unit : end;
-    const B = this.header.version === 3 ? Math.max(A, Math.floor(end / unit) * unit) : end;
+    let A = Math.ceil(offset / unit) * unit;
+    let B = Math.floor(end / unit) * unit;
+    if (this.header.version !== 3 || A >= B) { A = end; B = end; }
     const explicit: [number, number][] = [];
-    if (A > offset) explicit.push([offset, Math.min(A, end)]);
-    if (end > B && B >= A && B > offset) explicit.push([Math.max(B, offset), end]);
+    if (A >= end) {
+      explicit.push([offset, end]);
+    } else {
+      if (A > offset) explicit.push([offset, A]);
+      if (end > B) explicit.push([B, end]);
+    }
     if (A < B) {
       const first = Math.floor(A / g.clusterSize);
       const last = Math.floor((B - 1) / g.clusterSize);
@@ -546,6 +551,9 @@ export class Qcow2Writable extends Qcow2Image {
     this.header.size = newSize;
     this.virtualSize = newSize;
     await this.mutex.run(async () => {
+      await this.refcounts.dropIdleBlocks();
+      await this.refcounts.writeBack();
+      await this.file.flush();
       const end = (await this.refcounts.usedEnd()) * g.clusterSize;
       if (end < (await this.file.size())) {
         await this.file.truncate(end);

@@ -46,6 +46,32 @@ export class Refcounts {
 
   get reftableEntries(): number { return this.reftable.length / 8; }
 
+  /**
+   * QEMU's qcow2_shrink_reftable: refcount blocks that count nothing but themselves are
+   * dropped from the table, so a shrunk file can be truncated below them.
+   */
+  async dropIdleBlocks(): Promise<void> {
+    const cs = this.clusterSize;
+    for (let ri = 0; ri < this.reftableEntries; ri++) {
+      const off = this.blockOffset(ri);
+      if (!off) continue;
+      const b = await this.loadBlock(off);
+      const self = off / cs;
+      const selfHere = Math.floor(self / this.perBlock) === ri;
+      let busy = false;
+      for (let i = 0; i < this.perBlock && !busy; i++) {
+        if (getRefcount(b, i, this.host.refcountOrder) !== 0 && !(selfHere && ri * this.perBlock + i === self)) busy = true;
+      }
+      if (busy) continue;
+      encodeReftableEntry(this.reftable, ri, 0);
+      this.reftableDirty.add(ri);
+      this.blocks.delete(off);
+      this.dirtyBlocks.delete(off);
+      if (!selfHere) await this.change(off, cs, -1);
+      else if (self < this.freeHint) this.freeHint = self;
+    }
+  }
+
   /** One past the highest cluster with a non-zero refcount (scans down from the end). */
   async usedEnd(): Promise<number> {
     for (let ri = this.reftableEntries - 1; ri >= 0; ri--) {

@@ -71,9 +71,13 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     if (chain.length < 2) throw new UsageError(`${path}: image has no backing file to commit into`);
     let baseIndex = 1;
     if (opts.base !== undefined) {
-      const want = await real(opts.base);
+      // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
+      // recorded in the chain.
+      const wants = new Set([await real(opts.base), await real(combineBackingPath(path, opts.base))]);
       baseIndex = -1;
-      for (let i = 1; i < chain.length; i++) if ((await real(chain[i]!.filename)) === want) baseIndex = i;
+      for (let i = 1; i < chain.length && baseIndex < 0; i++) {
+        if (wants.has(await real(chain[i]!.filename)) || chain[i - 1]!.backingFile === opts.base) baseIndex = i;
+      }
       if (baseIndex < 0) throw new UsageError(`${path}: '${opts.base}' is not in its backing chain`);
     }
     const oldBase = chain[baseIndex]!;

@@ -142,6 +142,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     }
     if (ctx.signal?.aborted) throw new CancelledError();
     await img.flush();
+    progress.done();
   } catch (err) {
     await abandonTarget(target, targetPath);
     if (ctx.signal?.aborted) throw new CancelledError(target.created ? 'convert cancelled; the partial target was removed' : 'convert cancelled');

@@ -1,5 +1,6 @@
 // measure: bytes a new image needs, computed as qemu-img measure 7.2 computes them.
 import * as C from '../format/constants';
+import { UsageError } from '../errors';
 import { refcountMetadataSize } from '../format/layout';
 import { decodeBitmapDirectory } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
@@ -9,6 +10,8 @@ import { throwIfCancelled, type JobContext } from './job';
 
 export interface MeasureTarget {
   format: 'qcow2' | 'raw';
+  /** compat 0.10 targets have no bitmaps. */
+  version?: 2 | 3;
   clusterSize: number;
   refcountBits: number;
   extendedL2: boolean;
@@ -64,6 +67,10 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
   }
   const cs = t.clusterSize;
   const aligned = roundUp(virtualSize, cs);
+  const l2Entries = cs / (t.extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL);
+  if (Math.ceil(virtualSize / (l2Entries * cs)) > C.MAX_L1_SIZE_BYTES / 8) {
+    throw new UsageError('the image size is too large (try using a larger cluster size)');
+  }
   // Without a source nothing needs data clusters; with a backing file every cluster may.
   let required = src ? aligned : 0;
   if (src && !t.hasBacking) {
@@ -85,7 +92,7 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
   if (t.preallocation === 'full' || t.preallocation === 'falloc') required = aligned;
   const full = qcow2PreallocSize(virtualSize, cs, Math.log2(t.refcountBits), t.extendedL2);
   const result: MeasureResult = { required: full - aligned + required, 'fully-allocated': full };
-  if (src && src.format === 'qcow2' && (src as Qcow2Image).header.version === 3) {
+  if (src && src.format === 'qcow2' && (src as Qcow2Image).header.version === 3 && t.version !== 2) {
     return { bitmaps: await bitmapsSize(src, cs), ...result };
   }
   return result;

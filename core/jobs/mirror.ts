@@ -79,14 +79,38 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
     }
   }
 
+  // Zero only the granules not already known to read as zero on the target.
   const zeroRange = async (off: number, len: number) => {
-    if (zeros.isZero(off, len)) return;
-    await target.writeZeroes(off, len);
-    zeros.set(off, len, true);
-    result.bytesZeroed += len;
+    const end = off + len;
+    let p = off;
+    while (p < end) {
+      const gEnd = Math.min(end, (Math.floor(p / granule) + 1) * granule);
+      if (zeros.isZero(p, gEnd - p)) { p = gEnd; continue; }
+      let q = gEnd;
+      while (q < end) {
+        const next = Math.min(end, q + granule);
+        if (zeros.isZero(q, next - q)) break;
+        q = next;
+      }
+      await target.writeZeroes(p, q - p);
+      zeros.set(p, q - p, true);
+      result.bytesZeroed += q - p;
+      p = q;
+    }
   };
 
-  await runPool(tasks(), width, async (t, slot) => {
+  try {
+    await runPool(tasks(), width, async (t, slot) => mirrorTask(t, slot), ctx.signal);
+  } catch (err) {
+    if (ctx.signal?.aborted) throw new CancelledError();
+    throw err;
+  }
+  if (ctx.signal?.aborted) throw new CancelledError();
+  await target.flush();
+  progress.done();
+  return result;
+
+  async function mirrorTask(t: Task, slot: number): Promise<void> {
     if (ctx.signal?.aborted) throw new CancelledError();
     if (!t.image) { progress.add(t.length); return; }
     if (t.zero) { await zeroRange(t.offset, t.length); progress.add(t.length); return; }
@@ -108,11 +132,7 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
       result.bytesWritten += r.length;
     }
     progress.add(t.length);
-  }, ctx.signal);
-  if (ctx.signal?.aborted) throw new CancelledError();
-  await target.flush();
-  progress.done();
-  return result;
+  }
 }
 
 export { isZero };
