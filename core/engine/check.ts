@@ -11,7 +11,11 @@
 // switch the header to it in one write, flush: a crash at any point leaves either the old
 // structure or the new one, never a mix. COPIED flags that must be cleared are cleared
 // before the switch and the ones that must be set after it, so a flag never claims a
-// refcount of 1 that the refcount structure on disk does not have.
+// refcount of 1 that the refcount structure on disk does not have. Like qemu-img 7.2, -r all
+// also turns misaligned preallocated zero clusters into plain zero clusters, leaves L2
+// entries that point past the end of the file or at misaligned data alone (reported, not
+// fixed), and clears the dirty and corrupt bits once no corruption is left; -r leaks fixes
+// leaks only and fails (as QEMU) when only a rebuild could fix the refcounts.
 //
 // The image is opened by hand (not through Qcow2Image.open) so images with the corrupt or
 // the dirty bit, or with broken tables, can be checked. Memory is bounded by the file:
@@ -137,6 +141,29 @@ async function readAt(file: BlockFile, fileSize: number, offset: number, len: nu
   return buf;
 }
 
+/**
+ * Reads of small tables through a read-ahead window: metadata of small-cluster images is
+ * often laid out back to back, and one 256 KiB read is much cheaper than 512 tiny ones.
+ * Writes through the checker must call invalidate().
+ */
+class TableReader {
+  private static readonly WINDOW = 256 * 1024;
+  private start = -1;
+  private buf: Buffer = Buffer.alloc(0);
+  constructor(private readonly file: BlockFile, private readonly fileSize: number) {}
+
+  async read(offset: number, len: number): Promise<Buffer> {
+    if (len * 4 > TableReader.WINDOW || offset >= this.fileSize) return readAt(this.file, this.fileSize, offset, len);
+    if (this.start < 0 || offset < this.start || offset + len > this.start + this.buf.length) {
+      this.start = offset;
+      this.buf = await readAt(this.file, this.fileSize, offset, Math.min(TableReader.WINDOW, Math.max(len, this.fileSize - offset)));
+    }
+    return Buffer.from(this.buf.subarray(offset - this.start, offset - this.start + len));
+  }
+
+  invalidate(): void { this.start = -1; }
+}
+
 /** The header cluster, decoded with the format decoders; dirty and corrupt images are accepted. */
 async function loadHeader(file: BlockFile): Promise<ParsedHeader> {
   const fileSize = await file.size();
@@ -233,8 +260,10 @@ class StoredRefcounts {
   private readonly cache = new Map<number, Buffer>();
   private readonly cacheMax: number;
   private reported = false;
+  private readonly reader: TableReader;
 
-  constructor(private readonly file: BlockFile, private readonly st: ImageState, private readonly log: (s: string) => void) {
+  constructor(file: BlockFile, private readonly st: ImageState, private readonly log: (s: string) => void) {
+    this.reader = new TableReader(file, st.fileSize);
     this.entries = refcountBlockEntries(st.clusterBits, st.refcountOrder);
     this.cacheMax = Math.max(16, Math.floor((32 * 1024 * 1024) / st.clusterSize));
   }
@@ -261,15 +290,22 @@ class StoredRefcounts {
       this.cache.set(offset, hit);
       return hit;
     }
-    const buf = await readAt(this.file, st.fileSize, offset, st.clusterSize);
+    const buf = await this.reader.read(offset, st.clusterSize);
     if (this.cache.size >= this.cacheMax) this.cache.delete(this.cache.keys().next().value!);
     this.cache.set(offset, buf);
     return buf;
   }
 
+  private lastIndex = -1;
+  private lastBlock: Buffer | 'zero' | null = null;
+
   async get(cluster: number): Promise<number | null> {
     const b = Math.floor(cluster / this.entries);
-    const blk = await this.block(b);
+    if (b !== this.lastIndex) {
+      this.lastBlock = await this.block(b);
+      this.lastIndex = b;
+    }
+    const blk = this.lastBlock;
     if (blk === null) return null;
     if (blk === 'zero') return 0;
     return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
@@ -296,6 +332,7 @@ class Checker {
   /** Refcount blocks outside the image that QEMU's -r all would have grown the file for. */
   readonly outsideBlocks = new Set<number>();
   highestCluster = 0;
+  private readonly reader: TableReader;
   private unitsDone = 0;
   private readonly unitsTotal: number;
 
@@ -311,6 +348,7 @@ class Checker {
     this.imrt = newRefArray(st.refcountOrder, nb + 1);
     this.n = nb;
     this.max = maxRefcount(st.refcountOrder);
+    this.reader = new TableReader(file, st.fileSize);
     const h = st.parsed.header;
     this.res.totalClusters = Math.ceil((Math.floor(h.size / 512) * 512) / st.clusterSize);
     this.unitsTotal = st.l1Size + st.snapshots.reduce((a, s) => a + s.l1Size, 0) + Math.ceil(nb / refcountBlockEntries(st.clusterBits, st.refcountOrder)) * 2 + 1;
@@ -326,11 +364,11 @@ class Checker {
   private get cs(): number { return this.st.clusterSize; }
 
   /** qcow2_inc_refcounts_imrt */
-  private inc(offset: number, size: number, structure = false): void {
+  private inc(offset: number, size: number, structure = false, exact?: bigint): void {
     if (size <= 0) return;
     const cs = this.cs;
     if (offset + size - this.st.fileSize >= cs) {
-      this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(offset)} size 0x${hex(size)}`);
+      this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(exact ?? offset)} size 0x${hex(size)}`);
       this.res.corruptions++;
       const nb = Math.ceil(this.st.fileSize / cs);
       const first = Math.floor(offset / cs);
@@ -356,7 +394,7 @@ class Checker {
   }
 
   private read(offset: number, len: number): Promise<Buffer> {
-    return readAt(this.file, this.st.fileSize, offset, len);
+    return this.reader.read(offset, len);
   }
 
   /** calculate_refcounts */
@@ -440,8 +478,10 @@ class Checker {
       }
       if (compressed) {
         const coffset = (hi & offsetHiMask) * TWO32 + (lo >>> 0);
+        // Offsets past 2^53 are not exact as numbers; print them exactly.
+        const exact = (hi & offsetHiMask) > 0x1fffff ? (BigInt(hi & offsetHiMask) << 32n) | BigInt(lo >>> 0) : undefined;
         if (hi & 0x80000000) {
-          this.log(`ERROR: coffset=0x${hex(coffset)}: copied flag must never be set for compressed clusters`);
+          this.log(`ERROR: coffset=0x${hex(exact ?? coffset)}: copied flag must never be set for compressed clusters`);
           hi &= 0x7fffffff;
           this.res.corruptions++;
         }
@@ -452,7 +492,7 @@ class Checker {
         }
         const sectors = ((hi >>> hiShift) & csizeMask) + 1;
         const csize = sectors * C.COMPRESSED_SECTOR_SIZE - (lo & (C.COMPRESSED_SECTOR_SIZE - 1));
-        this.inc(coffset, csize);
+        this.inc(coffset, csize, false, exact);
         if (fragInfo) {
           this.res.allocatedClusters++;
           this.res.compressedClusters++;
@@ -507,6 +547,7 @@ class Checker {
     if (this.st.extendedL2) e.writeUInt32BE(bitmapAll >>> 0, 8);
     else e.writeUInt32BE(1, 4);
     await this.file.write(e, l2Offset + index * es);
+    this.reader.invalidate();
   }
 
   /** qcow2_check_bitmaps_refcounts */
