@@ -125,7 +125,8 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
   const quiet = !!values.quiet;
   let result: CheckResult;
   try {
-    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, positionals[0]!, { repair, format });
+    if (values['force-share'] && repair) throw new UsageError('-U (force share) cannot be used with -r (repairs need the image to themselves)');
+    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, positionals[0]!, { repair, format, forceShare: !!values['force-share'] });
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {
       io.err(`strata: ${err.message}\n`);

@@ -7,7 +7,7 @@ import { parse, parseSize, needPositionals, str, type CommandIO } from './common
 import { parseCreateOptions } from '../core/jobs/create';
 import { progressPrinter } from './progress';
 
-const USAGE = 'strata convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] [-U] SRC DST';
+const USAGE = 'strata convert [-p] [-t unsafe|writeback] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] [-U] SRC DST';
 
 /** -l accepts "snapshot.name=N", "snapshot.id=I", both comma-separated, or a bare id-or-name. */
 export function parseSnapshotParam(v: string): { id?: string; name?: string; any?: string } {
@@ -38,7 +38,10 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     compress: { type: 'boolean', short: 'c' },
     'backing': { type: 'string', short: 'B' },
     'backing-format': { type: 'string', short: 'F' },
+    cache: { type: 'string', short: 't' },
   }, USAGE);
+  const cache = str(values.cache) ?? 'unsafe';
+  if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`-t must be unsafe or writeback, not '${cache}'`);
   needPositionals(positionals, 2, USAGE);
   const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
   const create = parseCreateOptions(((values.options as string[] | undefined) ?? []).join(','));
@@ -66,7 +69,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     }
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
     await convert({ signal, progress: bar.onProgress }, from, dstName, {
-      format: outFmt, create, existing: !!values.n, targetIsZero: !!values['target-is-zero'], minSparse, compress: !!values.compress,
+      format: outFmt, create, existing: !!values.n, cache, targetIsZero: !!values['target-is-zero'], minSparse, compress: !!values.compress,
     });
     bar.end();
   } finally {

@@ -23,6 +23,8 @@ export type LockPolicy = 'auto' | 'none';
 export interface OpenImageOptions {
   format?: ImageFormat;
   writable?: boolean;
+  /** Skip syncing the top image (qemu-img's cache=unsafe). */
+  unsafe?: boolean;
   lock?: LockPolicy;
   /** Open the backing chain too (default true). */
   backing?: boolean;
@@ -48,10 +50,10 @@ export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
 }
 
 /** Opens one image (no backing chain). */
-export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy }): Promise<DiskImage> {
+export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
   let file: NodeFile;
   try {
-    file = await NodeFile.open(filename, { writable: opts.writable });
+    file = await NodeFile.open(filename, { writable: opts.writable, unsafe: opts.unsafe });
   } catch (err) {
     if (opts.wantedBy && err instanceof NotFoundError) {
       throw new NotFoundError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy)}' does not exist (fix the name with \`strata rebase -u -b NEWNAME ${printable(opts.wantedBy)}\`)`);
@@ -77,7 +79,7 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe });
   if (opts.backing === false) return top;
   try {
     await openBackingChain(top, opts.lock);

@@ -8,10 +8,19 @@ export interface OpenOptions {
   writable?: boolean;
   /** Create the file: 'new' fails if it exists, 'truncate' empties an existing one. */
   create?: 'new' | 'truncate';
+  /**
+   * Never sync to disk (flush() only orders nothing): qemu-img's cache=unsafe, its default for
+   * convert targets, which are worthless until the job has finished anyway.
+   */
+  unsafe?: boolean;
 }
 
 export class NodeFile implements BlockFile {
   private closed = false;
+  private unsafe = false;
+  /** The last extent SEEK_DATA/SEEK_HOLE found (read-only files: nothing changes it). */
+  private lastExtent: { start: number; end: number; data: boolean } | null = null;
+  private knownSize = -1;
   private constructor(readonly path: string, readonly writable: boolean, private readonly fh: FileHandle) {}
 
   static async open(path: string, opts: OpenOptions = {}): Promise<NodeFile> {
@@ -36,7 +45,9 @@ export class NodeFile implements BlockFile {
       await fh.close();
       throw ioError(err, path, 'cannot open');
     }
-    return new NodeFile(path, writable, fh);
+    const f = new NodeFile(path, writable, fh);
+    f.unsafe = !!opts.unsafe;
+    return f;
   }
 
   get fd(): number { return this.fh.fd; }
@@ -81,6 +92,7 @@ export class NodeFile implements BlockFile {
   }
 
   async flush(): Promise<void> {
+    if (this.unsafe) return;
     try { await this.fh.datasync(); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
   }
 
@@ -92,7 +104,9 @@ export class NodeFile implements BlockFile {
 
   async extents(offset: number, length: number): Promise<HostExtent[]> {
     const end = offset + length;
-    const fileSize = await this.size();
+    // Read-only files do not change under us (we hold QEMU's read lock): remember the size.
+    if (this.writable || this.knownSize < 0 || end > this.knownSize) this.knownSize = await this.size();
+    const fileSize = this.knownSize;
     const out: HostExtent[] = [];
     const push = (o: number, l: number, data: boolean) => {
       if (l <= 0) return;
@@ -108,11 +122,25 @@ export class NodeFile implements BlockFile {
       } else {
         let pos = offset;
         while (pos < dataEnd) {
+          const c = this.writable ? null : this.lastExtent;
+          if (c && pos >= c.start && pos < c.end) {
+            // SEEK_HOLE walks the file's extents: asking again for every run is quadratic.
+            const stop = Math.min(c.end, dataEnd);
+            push(pos, stop - pos, c.data);
+            pos = stop;
+            continue;
+          }
           const data = n.seekData(this.fd, pos);
-          if (data < 0 || data >= dataEnd) { push(pos, dataEnd - pos, false); break; }
+          if (data < 0 || data >= dataEnd) {
+            push(pos, dataEnd - pos, false);
+            if (data > pos) this.lastExtent = { start: pos, end: data, data: false };
+            break;
+          }
           if (data > pos) push(pos, data - pos, false);
           let hole = n.seekHole(this.fd, data);
-          if (hole < 0 || hole > dataEnd) hole = dataEnd;
+          if (hole < 0) hole = fileSize;
+          this.lastExtent = { start: data, end: hole, data: true };
+          hole = Math.min(hole, dataEnd);
           push(data, hole - data, true);
           pos = hole;
         }

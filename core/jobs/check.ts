@@ -4,6 +4,7 @@
 import { StrataError } from '../errors';
 import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
 import { isQcow2Magic } from '../format/header';
+import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { NodeFile } from '../io/node-file';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
@@ -14,6 +15,8 @@ export interface CheckJobOptions {
   repair?: RepairMode | null;
   /** -f: without it the format is probed. */
   format?: 'qcow2' | 'raw';
+  /** -U: check without taking QEMU's locks (read-only checks only). */
+  forceShare?: boolean;
 }
 
 export interface CheckResult extends CheckCounts {
@@ -44,6 +47,8 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
   throwIfCancelled(ctx);
   const file = await NodeFile.open(path, { writable: !!opts.repair });
   try {
+    // As qemu-img: checking needs consistent data, repairing needs the image to ourselves.
+    if (!opts.forceShare || opts.repair) await lockImage(file.fd, path, opts.repair ? WRITE_LOCK : READ_LOCK);
     let format = opts.format;
     if (!format) {
       const head = Buffer.alloc(4);

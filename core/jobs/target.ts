@@ -14,6 +14,8 @@ export interface TargetSpec {
   existing?: boolean;
   /** --target-is-zero: the existing target reads as zero everywhere. */
   targetIsZero?: boolean;
+  /** -t: 'unsafe' (qemu-img convert's default) never syncs the target; 'writeback' does at the end. */
+  cache?: 'unsafe' | 'writeback';
 }
 
 export interface Target {
@@ -30,7 +32,7 @@ export async function openTarget(path: string, size: number, spec: TargetSpec): 
   }
   let image;
   try {
-    image = await openImage(path, { format: spec.format, writable: true });
+    image = await openImage(path, { format: spec.format, writable: true, unsafe: spec.cache === 'unsafe' });
   } catch (err) {
     if (!spec.existing) await unlink(path).catch(() => {});
     throw err;
