@@ -2,6 +2,8 @@
 const ZERO = Buffer.alloc(1 << 16);
 
 export function isZero(buf: Uint8Array, start = 0, end = buf.length): boolean {
+  // Most data is not zero at either end of a range: answer that without a native call.
+  if (end > start && (buf[start] !== 0 || buf[end - 1] !== 0)) return false;
   const b = Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
   for (let p = start; p < end; p += ZERO.length) {
     const n = Math.min(ZERO.length, end - p);

@@ -125,7 +125,11 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         ? await Promise.all(pieces.map((pc) => (pc.kind === 'data' ? compressClusterAsync(q!.compressionType, padTo(buf.subarray(pc.start, pc.end), unit)) : null)))
         : null;
       await gate.wait(turn);
-      await Promise.all(pieces.map(async (pc, i) => {
+      // One write at a time: concurrent writers to one file only contend for its inode lock.
+      for (const [i, pc] of pieces.entries()) await writePiece(pc, i);
+      progress.add(len);
+
+      async function writePiece(pc: Piece, i: number): Promise<void> {
         if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start); return; }
         const data = buf.subarray(pc.start, pc.end);
         const c = packed?.[i];
@@ -137,8 +141,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         }
         await img.write(data, off + pc.start);
         result.bytesWritten += data.length;
-      }));
-      progress.add(len);
+      }
     }
     if (ctx.signal?.aborted) throw new CancelledError();
     await img.flush();
