@@ -512,13 +512,18 @@ export class Qcow2Writable extends Qcow2Image {
         if (oldLen > 0) await this.refcounts.change(oldOff, Math.ceil(oldLen / g.clusterSize) * g.clusterSize, -1);
         await this.refcounts.writeBack();
       }
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(BigInt(newSize));
-      await this.file.write(b, 24);
-      await this.file.flush();
-      this.header.size = newSize;
-      this.virtualSize = newSize;
+      await this.setVirtualSize(newSize);
     });
+  }
+
+  /** @internal Writes the header's size field durably and adopts it. */
+  async setVirtualSize(size: number): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(BigInt(size));
+    await this.file.write(b, 24);
+    await this.file.flush();
+    this.header.size = size;
+    this.virtualSize = size;
   }
 
   /**
@@ -544,12 +549,7 @@ export class Qcow2Writable extends Qcow2Image {
       }
     });
     await this.flush();
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(BigInt(newSize));
-    await this.file.write(b, 24);
-    await this.file.flush();
-    this.header.size = newSize;
-    this.virtualSize = newSize;
+    await this.setVirtualSize(newSize);
     await this.mutex.run(async () => {
       await this.refcounts.dropIdleBlocks();
       await this.refcounts.writeBack();

@@ -168,12 +168,5 @@ export async function applySnapshot(img: Qcow2Writable, idOrName: string): Promi
     await updateSnapshotRefcount(img, img.l1, 0, true);
   });
   await img.flush();
-  if (size !== img.virtualSize) {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(BigInt(size));
-    await img.file.write(b, 24);
-    await img.file.flush();
-    img.header.size = size;
-    img.virtualSize = size;
-  }
+  if (size !== img.virtualSize) await img.setVirtualSize(size);
 }

@@ -1,7 +1,7 @@
 // The qcow2 header and its extensions: pure decode/encode with validation. Nothing here does I/O.
 import * as C from './constants';
 import { CorruptImageError, FormatError, UnsupportedFeatureError } from '../errors';
-import { readU64, toSafeNumber } from './u64';
+import { readU64 } from './u64';
 import { printable } from '../errors';
 
 export interface Qcow2Header {
@@ -265,6 +265,7 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
   const h = p.header;
   const clusterSize = 2 ** h.clusterBits;
   const out = Buffer.alloc(clusterSize);
+  const tooBig = () => new FormatError(`the header extensions and backing file name do not fit in one ${clusterSize}-byte cluster (use a shorter backing file name or a larger cluster size)`, file);
   out.writeUInt32BE(C.QCOW_MAGIC, 0);
   out.writeUInt32BE(h.version, 4);
   out.writeUInt32BE(h.clusterBits, 20);
@@ -291,7 +292,7 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
   {
     const exts = [...p.extensions];
     const putExt = (type: number, data: Buffer) => {
-      if (off + 8 + data.length > clusterSize) throw new FormatError('header extensions do not fit in the first cluster', file);
+      if (off + 8 + Math.ceil(data.length / 8) * 8 > clusterSize) throw tooBig();
       out.writeUInt32BE(type, off);
       out.writeUInt32BE(data.length, off + 4);
       data.copy(out, off + 8);
@@ -300,12 +301,11 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
     if (p.backingFormat !== null && p.backingFile !== null) putExt(C.EXT_BACKING_FORMAT, Buffer.from(p.backingFormat, 'utf8'));
     for (const e of exts) if (e.type !== C.EXT_BACKING_FORMAT) putExt(e.type, e.data);
     putExt(C.EXT_END, Buffer.alloc(0));
-    off -= 0;
   }
   if (p.backingFile !== null && p.backingFile.length > 0) {
     const name = Buffer.from(p.backingFile, 'utf8');
-    if (name.length > C.MAX_BACKING_FILE_NAME) throw new FormatError(`backing file name is too long (${name.length} bytes, at most 1023)`, file);
-    if (off + name.length > clusterSize) throw new FormatError('backing file name does not fit in the header cluster', file);
+    if (name.length > C.MAX_BACKING_FILE_NAME) throw new FormatError(`backing file name is too long (${name.length} bytes, at most ${C.MAX_BACKING_FILE_NAME})`, file);
+    if (off + name.length > clusterSize) throw tooBig();
     name.copy(out, off);
     out.writeBigUInt64BE(BigInt(off), 8);
     out.writeUInt32BE(name.length, 16);
@@ -316,6 +316,4 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
   return out;
 }
 
-export function clusterSizeOf(h: Qcow2Header): number { return 2 ** h.clusterBits; }
 export function hasExtendedL2(h: Qcow2Header): boolean { return (h.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n; }
-export function toSafe(v: bigint, what: string, file?: string): number { return toSafeNumber(v, what, file); }

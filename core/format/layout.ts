@@ -13,7 +13,8 @@
 // Pure: no I/O. The caller writes `clusters` (and the L2 tables handed out during
 // preallocation) to disk and sets the file length to `fileLength`.
 import * as C from './constants';
-import { getRefcount } from './refcount';
+import { getRefcount, setRefcount } from './refcount';
+import { encodeHeader, type HeaderExtension } from './header';
 import { FormatError } from '../errors';
 
 export interface Qcow2CreateSpec {
@@ -77,43 +78,10 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   l1Size: number; l1TableOffset: number; refcountTableOffset: number; refcountTableClusters: number;
 }): Buffer {
   const cs = 2 ** spec.clusterBits;
-  const out = Buffer.alloc(cs);
-  out.writeUInt32BE(C.QCOW_MAGIC, 0);
-  out.writeUInt32BE(spec.version, 4);
-  out.writeUInt32BE(spec.clusterBits, 20);
-  out.writeBigUInt64BE(BigInt(spec.size), 24);
-  out.writeUInt32BE(C.CRYPT_NONE, 32);
-  out.writeUInt32BE(st.l1Size, 36);
-  out.writeBigUInt64BE(BigInt(st.l1TableOffset), 40);
-  out.writeBigUInt64BE(BigInt(st.refcountTableOffset), 48);
-  out.writeUInt32BE(st.refcountTableClusters, 56);
-  out.writeUInt32BE(0, 60); // nb_snapshots
-  out.writeBigUInt64BE(0n, 64); // snapshots_offset
-  let off: number;
-  if (spec.version === 3) {
-    let incompat = 0n;
-    if (spec.compressionType !== C.COMPRESSION_DEFLATE) incompat |= C.INCOMPAT_COMPRESSION;
-    if (spec.extendedL2) incompat |= C.INCOMPAT_EXTL2;
-    out.writeBigUInt64BE(incompat, 72);
-    out.writeBigUInt64BE(spec.lazyRefcounts ? C.COMPAT_LAZY_REFCOUNTS : 0n, 80);
-    out.writeBigUInt64BE(0n, 88);
-    out.writeUInt32BE(spec.refcountOrder, 96);
-    out.writeUInt32BE(QEMU_HEADER_SIZE, 100);
-    out[104] = spec.compressionType;
-    off = QEMU_HEADER_SIZE;
-  } else {
-    off = C.HEADER_V2_LENGTH;
-  }
-  const tooBig = () => new FormatError(`the header extensions and backing file name do not fit in one ${cs}-byte cluster (use a shorter backing file name or a larger cluster size)`);
-  const addExt = (type: number, data: Buffer) => {
-    const len = 8 + Math.ceil(data.length / 8) * 8;
-    if (off + len > cs) throw tooBig();
-    out.writeUInt32BE(type, off);
-    out.writeUInt32BE(data.length, off + 4);
-    data.copy(out, off + 8);
-    off += len;
-  };
-  if (spec.backingFormat !== null && spec.backingFile !== null) addExt(C.EXT_BACKING_FORMAT, Buffer.from(spec.backingFormat, 'utf8'));
+  let incompat = 0n;
+  if (spec.compressionType !== C.COMPRESSION_DEFLATE) incompat |= C.INCOMPAT_COMPRESSION;
+  if (spec.extendedL2) incompat |= C.INCOMPAT_EXTL2;
+  const extensions: HeaderExtension[] = [];
   if (spec.version === 3 && cs > FEATURE_TABLE_MIN_CLUSTER) {
     const table = Buffer.alloc(QEMU_FEATURE_NAMES.length * C.FEATURE_NAME_ENTRY_SIZE);
     QEMU_FEATURE_NAMES.forEach((f, i) => {
@@ -122,18 +90,23 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
       table[o + 1] = f.bit;
       table.write(f.name, o + 2, 'utf8');
     });
-    addExt(C.EXT_FEATURE_TABLE, table);
+    extensions.push({ type: C.EXT_FEATURE_TABLE, data: table });
   }
-  addExt(C.EXT_END, Buffer.alloc(0));
-  if (spec.backingFile !== null) {
-    const name = Buffer.from(spec.backingFile, 'utf8');
-    if (name.length > C.MAX_BACKING_FILE_NAME) throw new FormatError(`backing file name is too long (${name.length} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
-    if (off + name.length > cs) throw tooBig();
-    name.copy(out, off);
-    out.writeBigUInt64BE(BigInt(off), 8);
-    out.writeUInt32BE(name.length, 16);
-  }
-  return out;
+  return encodeHeader({
+    header: {
+      version: spec.version, backingFileOffset: 0, backingFileSize: 0, clusterBits: spec.clusterBits,
+      size: spec.size, cryptMethod: C.CRYPT_NONE, l1Size: st.l1Size, l1TableOffset: st.l1TableOffset,
+      refcountTableOffset: st.refcountTableOffset, refcountTableClusters: st.refcountTableClusters,
+      nbSnapshots: 0, snapshotsOffset: 0,
+      incompatibleFeatures: spec.version === 3 ? incompat : 0n,
+      compatibleFeatures: spec.version === 3 && spec.lazyRefcounts ? C.COMPAT_LAZY_REFCOUNTS : 0n,
+      autoclearFeatures: 0n, refcountOrder: spec.refcountOrder,
+      headerLength: spec.version === 3 ? QEMU_HEADER_SIZE : C.HEADER_V2_LENGTH,
+      compressionType: spec.compressionType, unknownFields: Buffer.alloc(0),
+    },
+    extensions, backingFile: spec.backingFile, backingFormat: spec.backingFormat,
+    featureNames: [], bitmaps: null, dataFile: null, cryptoHeader: null,
+  });
 }
 
 /** qcow2_refcount_metadata_size: refcount blocks needed to cover `clusters` plus themselves. */
@@ -159,26 +132,6 @@ export function refcountMetadataSize(clusters: number, clusterSize: number, refc
   return { bytes: (blocks + table) * clusterSize, refblocks: blocks };
 }
 
-/** Refcount block store without range checks (the allocator checks against refcountMax). */
-function setRefcount(block: Buffer, index: number, order: number, value: number): void {
-  switch (order) {
-    case 0: case 1: case 2: {
-      const bits = 1 << order;
-      const perByte = 8 >> order;
-      const byte = Math.floor(index / perByte);
-      const shift = (index % perByte) * bits;
-      const mask = ((1 << bits) - 1) << shift;
-      block[byte] = (block[byte]! & ~mask) | (value << shift);
-      return;
-    }
-    case 3: block[index] = value; return;
-    case 4: block.writeUInt16BE(value, index * 2); return;
-    case 5: block.writeUInt32BE(value, index * 4); return;
-    default:
-      block.writeUInt32BE(Math.floor(value / 0x1_0000_0000), index * 8);
-      block.writeUInt32BE(value % 0x1_0000_0000, index * 8 + 4);
-  }
-}
 
 /** One run of data clusters mapped by preallocation: guest offset → host offset. */
 interface L2Meta { guestOffset: number; hostOffset: number; nbClusters: number }

@@ -3,21 +3,12 @@
 // every write that was flushed before the cut.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { expect, it } from 'vitest';
+import { rng } from '../jobs/helpers';
 import { describeOracle, qemuImg, qemuImgRun, tempDir } from '../../oracle/qemu';
 import { MemoryFile } from '../../../core/io/memory-file';
 import { Qcow2Image } from '../../../core/engine/qcow2';
 import { Qcow2Writable } from '../../../core/engine/qcow2-write';
 
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Cut {
   durable: Buffer;

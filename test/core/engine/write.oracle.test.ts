@@ -1,19 +1,10 @@
 // Differential tests of the write path: the same random guest I/O through qemu-io on one image
 // and `strata io` on another must give identical content, and ours must pass qemu-img check.
 import { expect, it } from 'vitest';
+import { rng } from '../jobs/helpers';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import { run } from '../../../cli/main';
 
-function rng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 async function strataIo(file: string, cmds: string[]): Promise<void> {
   let err = '';
