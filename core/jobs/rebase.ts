@@ -111,36 +111,46 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
       const run = st!;
       if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
       const end = pos + run.length;
-      while (pos < end) {
-        throwIfCancelled(ctx);
-        const n = Math.min(chunk, end - pos);
-        if (between && !(await allocatedIn(between, pos, n))) { pos += n; progress.add(n); continue; }
-        const zeroRun = await bothZero(old, next, pos, n);
-        if (zeroRun > 0) { pos += zeroRun; progress.add(zeroRun); continue; }
-        const o = oldBuf.subarray(0, n);
-        const w = newBuf.subarray(0, n);
-        await Promise.all([readLayer(old, o, pos), readLayer(next, w, pos)]);
-        result.bytesCompared += n;
-        // Write the differing units (widened to whole units), merged into runs.
-        let p = 0;
-        while (p < n) {
-          const u = Math.min(unit - ((pos + p) % unit), n - p);
-          if (o.compare(w, p, p + u, p, p + u) === 0) { p += u; continue; }
-          let q = p + u;
-          while (q < n) {
-            const v = Math.min(unit, n - q);
-            if (o.compare(w, q, q + v, q, q + v) === 0) break;
-            q += v;
-          }
-          // What the overlay must keep reading; zeros become zero flags, not written data.
-          if (isZero(o, p, q)) await top.writeZeroes(pos + p, q - p);
-          else await top.write(o.subarray(p, q), pos + p);
-          result.writes++;
-          result.bytesWritten += q - p;
-          p = q;
+      // Only ranges some layer between the overlay and the new backing allocates can differ
+      // (when the new backing is in the old chain); they are widened to whole write units.
+      const work = between ? await changedRanges(between, pos, end, unit) : [[pos, end] as [number, number]];
+      for (const [a, b] of work) {
+        for (let p0 = a; p0 < b;) {
+          throwIfCancelled(ctx);
+          const n = Math.min(chunk - (p0 % chunk), b - p0);
+          const zeroRun = await bothZero(old, next, p0, n);
+          if (zeroRun > 0) { p0 += zeroRun; continue; }
+          await compareAndWrite(p0, n);
+          p0 += n;
         }
-        pos += n;
-        progress.add(n);
+      }
+      progress.add(end - pos);
+      pos = end;
+    }
+
+    /** Reads [at, at+n) from both chains and writes what differs, widened to whole units. */
+    async function compareAndWrite(at: number, n: number): Promise<void> {
+      const o = oldBuf.subarray(0, n);
+      const w = newBuf.subarray(0, n);
+      await Promise.all([readLayer(old, o, at), readLayer(next, w, at)]);
+      result.bytesCompared += n;
+      let p = 0;
+      while (p < n) {
+        const u = Math.min(unit - ((at + p) % unit), n - p);
+        if (o.compare(w, p, p + u, p, p + u) === 0) { p += u; continue; }
+        let q = p + u;
+        while (q < n) {
+          const v = Math.min(unit, n - q);
+          if (o.compare(w, q, q + v, q, q + v) === 0) break;
+          q += v;
+        }
+        // What the overlay must keep reading; zeros become zero flags, not written data.
+        const t = top as Qcow2Writable;
+        if (isZero(o, p, q)) await t.writeZeroes(at + p, q - p);
+        else await t.write(o.subarray(p, q), at + p);
+        result.writes++;
+        result.bytesWritten += q - p;
+        p = q;
       }
     }
     throwIfCancelled(ctx);
@@ -161,19 +171,33 @@ async function readLayer(img: DiskImage | null, buf: Buffer, offset: number): Pr
   if (n < buf.length) buf.fill(0, n);
 }
 
-async function allocatedIn(layers: DiskImage[], offset: number, length: number): Promise<boolean> {
-  for (const l of layers) {
-    let p = offset;
-    const end = Math.min(offset + length, l.virtualSize);
-    while (p < end) {
-      const st = await l.blockStatus(p, end - p);
-      if (st.allocated) return true;
-      p += st.length;
+/**
+ * The parts of [start, end) that any of `layers` allocates (or that lie past a shorter
+ * layer's end, where it hides what is below), widened outward to multiples of `unit`,
+ * clamped and merged.
+ */
+async function changedRanges(layers: DiskImage[], start: number, end: number, unit: number): Promise<[number, number][]> {
+  const out: [number, number][] = [];
+  let p = start;
+  while (p < end) {
+    let step = end - p;
+    let allocated = false;
+    for (const l of layers) {
+      if (p >= l.virtualSize) { allocated = true; continue; }
+      const st = await l.blockStatus(p, Math.min(step, l.virtualSize - p));
+      step = Math.min(step, st.length);
+      if (st.allocated) allocated = true;
     }
-    // Past a shorter layer's end everything below reads as zero: that differs unless zero below.
-    if (offset + length > l.virtualSize) return true;
+    if (allocated) {
+      const a = Math.max(start, Math.floor(p / unit) * unit);
+      const b = Math.min(end, Math.ceil((p + step) / unit) * unit);
+      const last = out[out.length - 1];
+      if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+      else out.push([a, b]);
+    }
+    p += step;
   }
-  return false;
+  return out;
 }
 
 /** Length of the run at `offset` (at most `length`) that reads as zero in both chains, or 0. */
