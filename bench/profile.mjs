@@ -2,18 +2,23 @@
 // CPU profile of the strata side of one benchmark pair: runs it once under `node --cpu-prof`
 // (same warm page cache as bench/run.mjs) and prints the functions with the most self time,
 // mapped back to core/ and cli/ sources through the bundle's source map.
-//   node bench/profile.mjs [SCENARIO] [--pair N|LABEL] [--top N] [--interval US] [--build] [--work DIR]
+//   node bench/profile.mjs [SCENARIO] [--pair N|LABEL] [--top N] [--interval US] [--perf] [--build] [--work DIR]
 // Keeps bench/out/prof/<scenario>.cpuprofile (open it in Chrome DevTools or speedscope) and
 // writes bench/out/prof/<scenario>.txt.
+// --perf: afterwards runs the strata side once more under `perf record -g` (node
+// --perf-basic-prof, so JIT-compiled JS functions have names), prints the top of
+// `perf report --no-children --sort sym` with bundle lines mapped to core/ and cli/ sources, and
+// keeps bench/out/prof/<scenario>.perf.data and <scenario>.perf.txt. Shows what the CPU-profile
+// cannot: kernel time (syscalls, page cache copies, page faults), libuv threadpool threads, GC.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { SourceMap } from 'node:module';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { ensureSetup, loadScenarios } from './lib/harness.mjs';
+import { ensureSetup, loadScenarios, warmInputs } from './lib/harness.mjs';
 import { prepareEngine } from './lib/engine.mjs';
-import { removeFiles, syncAll, warmFile } from './lib/util.mjs';
+import { removeFiles, syncAll } from './lib/util.mjs';
 
 const benchDir = dirname(fileURLToPath(import.meta.url));
 const root = resolve(benchDir, '..');
@@ -26,6 +31,7 @@ const { values, positionals } = parseArgs({
     pair: { type: 'string', default: '0' },
     top: { type: 'string', default: '25' },
     interval: { type: 'string', default: '250' },
+    perf: { type: 'boolean', default: false },
     build: { type: 'boolean', default: false },
     work: { type: 'string' },
   },
@@ -48,8 +54,9 @@ mkdirSync(profDir, { recursive: true });
 const profName = `${scenario.name}.cpuprofile`;
 rmSync(join(profDir, profName), { force: true });
 removeFiles(pair.outputs?.strata ?? []);
+if (pair.prepare) await pair.prepare('strata');
 syncAll();
-for (const f of scenario.inputs ? scenario.inputs(dir) : []) warmFile(f);
+warmInputs(pair.inputs ?? (scenario.inputs ? scenario.inputs(dir) : []));
 const t0 = performance.now();
 const r = spawnSync(process.execPath, [
   '--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${profName}`, `--cpu-prof-interval=${values.interval}`,
@@ -100,7 +107,8 @@ const top = Number(values.top);
 const pct = (us) => `${((100 * us) / totalUs).toFixed(1).padStart(5)}%`;
 const ms = (us) => `${(us / 1000).toFixed(0).padStart(6)} ms`;
 const lines = [];
-lines.push(`strata ${pair.strata.join(' ')}`);
+const shown = pair.strata.join(' ');
+lines.push(`strata ${shown.length > 300 ? `${shown.slice(0, 300)} ... (${pair.strata.length} arguments)` : shown}`);
 lines.push(`wall ${(wallMs / 1000).toFixed(2)} s, profiled ${(totalUs / 1e6).toFixed(2)} s on the main thread, ${samples.length} samples every ${values.interval} us`);
 lines.push('');
 lines.push(`top ${top} functions by self time (main JS thread; "(idle)" = waiting for I/O in libuv's threadpool):`);
@@ -112,3 +120,28 @@ const text = lines.join('\n') + '\n';
 writeFileSync(join(profDir, `${scenario.name}.txt`), text);
 process.stdout.write(text);
 log(`profile: ${relative(root, join(profDir, profName))} (open in Chrome DevTools > Performance, or speedscope)`);
+
+if (values.perf) {
+  const data = join(profDir, `${scenario.name}.perf.data`);
+  removeFiles(pair.outputs?.strata ?? []);
+  if (pair.prepare) await pair.prepare('strata');
+  syncAll();
+  warmInputs(pair.inputs ?? (scenario.inputs ? scenario.inputs(dir) : []));
+  const p = spawnSync('perf', ['record', '-g', '-F', '999', '-o', data, '--', process.execPath, '--perf-basic-prof', engine.path, ...pair.strata],
+    { stdio: ['ignore', 'ignore', 'inherit'] });
+  removeFiles(pair.outputs?.strata ?? []);
+  if (p.error || p.status !== 0) { log(`profile: perf record failed (${p.error?.message ?? `exit ${p.status}`})`); process.exit(1); }
+  const rep = spawnSync('perf', ['report', '-i', data, '--no-children', '--sort', 'sym', '--stdio', '-g', 'none', '--percent-limit', '0.3'],
+    { encoding: 'utf8', maxBuffer: 256 << 20 });
+  if (rep.status !== 0) { log(`profile: perf report failed: ${rep.stderr}`); process.exit(1); }
+  // JIT frames are named like "LazyCompile:*name file:///.../strata.mjs:LINE:COL" (1-based).
+  const mapped = rep.stdout.split('\n').filter((l) => /^\s+\d+\.\d+%/.test(l)).slice(0, top).map((l) => l.replace(/file:\/\/\S*?strata\.mjs:(\d+):(\d+)/, (m, line, col) => {
+    const e = map?.findEntry(Number(line) - 1, Number(col) - 1);
+    if (!e || !e.originalSource) return m;
+    return `${relative(root, resolve(dirname(engine.path), e.originalSource.replace(/^file:\/\//, '')))}:${e.originalLine + 1}`;
+  }));
+  const ptext = [`perf record -g (999 Hz, all threads) of strata ${lines[0].slice(7)}`, 'perf report --no-children --sort sym (self time; [k] kernel, [.] user):', ...mapped].join('\n') + '\n';
+  writeFileSync(join(profDir, `${scenario.name}.perf.txt`), ptext);
+  process.stdout.write('\n' + ptext);
+  log(`profile: ${relative(root, data)} (perf report -i ... for more)`);
+}

@@ -15,11 +15,14 @@ const benchDir = dirname(fileURLToPath(import.meta.url));
 const root = resolve(benchDir, '..');
 const outDir = join(benchDir, 'out');
 
-const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [--no-check] [--build] [--work DIR] [--list]
+const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [--budget S] [--no-check] [--build] [--work DIR] [--list]
 
   SCENARIO     names under bench/scenarios/ (default: all)
   --reps N     timed strata/qemu pairs per benchmark, interleaved (default 5)
   --warmup N   untimed pairs first; the first one also runs the scenario's check (default 1)
+  --budget S   per benchmark pair: when the warm-up round says N reps would take longer than
+               S seconds, run fewer (the largest odd number that fits, at least 3); 0 = never
+               (default 150)
   --no-check   skip the output comparison
   --build      bundle the current core/ and cli/ sources into bench/out/engine instead of
                using a copy of dist/strata.mjs
@@ -38,6 +41,7 @@ function main() {
       options: {
         reps: { type: 'string', default: '5' },
         warmup: { type: 'string', default: '1' },
+        budget: { type: 'string', default: '150' },
         'no-check': { type: 'boolean', default: false },
         build: { type: 'boolean', default: false },
         list: { type: 'boolean', default: false },
@@ -56,8 +60,9 @@ async function run({ values, positionals }) {
   if (values.help) { process.stdout.write(USAGE + '\n'); return 0; }
   const reps = Number(values.reps);
   const warmup = Number(values.warmup);
-  if (!Number.isInteger(reps) || reps < 1 || !Number.isInteger(warmup) || warmup < 0) {
-    log(`bench: --reps must be >= 1 and --warmup >= 0\n${USAGE}`);
+  const budgetS = Number(values.budget);
+  if (!Number.isInteger(reps) || reps < 1 || !Number.isInteger(warmup) || warmup < 0 || !(budgetS >= 0)) {
+    log(`bench: --reps must be >= 1, --warmup >= 0 and --budget >= 0\n${USAGE}`);
     return 2;
   }
   const all = await loadScenarios(join(benchDir, 'scenarios'));
@@ -75,6 +80,7 @@ async function run({ values, positionals }) {
   log(`bench: engine ${engine.source} (git ${engine.git.head}${engine.git.sourcesDirty ? ', core/cli modified' : ''}); RSS via ${RSS_METHOD_DESCRIPTION[rssMethod]}; ${reps} reps + ${warmup} warm-up`);
 
   const results = [];
+  const notes = [];
   const setups = {};
   for (const scenario of selected) {
     const { dir, setupS } = await ensureSetup(scenario, join(outDir, 'cache'), log);
@@ -82,9 +88,24 @@ async function run({ values, positionals }) {
     const work = join(values.work ? resolve(values.work) : join(outDir, 'work'), scenario.name);
     mkdirSync(work, { recursive: true });
     const pairs = typeof scenario.pairs === 'function' ? scenario.pairs(dir, work) : scenario.pairs;
+    const mine = [];
     for (const pair of pairs) {
       log(`${scenario.name} / ${pair.label}`);
-      results.push(await runPair({ scenario, dir, work, pair, engine, rssMethod, reps, warmup, check: !values['no-check'], log }));
+      try {
+        mine.push(await runPair({ scenario, dir, work, pair, engine, rssMethod, reps, warmup, budgetS, check: !values['no-check'], log }));
+      } catch (err) {
+        // One failing command does not cost the other scenarios their results.
+        log(`  ERROR: ${err.message}`);
+        mine.push({ scenario: scenario.name, label: pair.label, error: err.message, check: 'error', goals: {}, verdict: {}, summary: null, runs: [] });
+      }
+    }
+    results.push(...mine);
+    if (scenario.notes) {
+      try {
+        notes.push(...scenario.notes(mine).map((l) => `${scenario.name}: ${l}`));
+      } catch (err) {
+        log(`  notes: ${err.message}`);
+      }
     }
   }
 
@@ -97,9 +118,11 @@ async function run({ values, positionals }) {
     rssMethodDescription: RSS_METHOD_DESCRIPTION[rssMethod],
     reps,
     warmup,
+    budgetS,
     workDir: values.work ? resolve(values.work) : join(outDir, 'work'),
     setups,
     results,
+    notes,
   };
   const json = JSON.stringify(report, null, 2) + '\n';
   writeFileSync(join(outDir, 'results.json'), json);
@@ -107,8 +130,10 @@ async function run({ values, positionals }) {
   writeFileSync(join(outDir, 'history', report.date.replace(/[:.]/g, '-') + '.json'), json);
 
   process.stdout.write('\n' + table(results) + '\n');
-  process.stdout.write(`\nratio = median over ${reps} interleaved pairs of strata/qemu wall time; RSS = ${RSS_METHOD_DESCRIPTION[rssMethod]}, max over reps.\n`);
-  const busy = results.filter((r) => Math.max(r.summary.loadAvg1.start, r.summary.loadAvg1.end) > r.summary.loadAvg1.cpus / 2);
+  if (notes.length) process.stdout.write('\n' + notes.join('\n') + '\n');
+  for (const r of results.filter((x) => x.error)) process.stdout.write(`\nERROR ${r.scenario} / ${r.label}: ${r.error}\n`);
+  process.stdout.write(`\nn = timed interleaved pairs (strata, qemu); ratio = median over them of strata/qemu wall time; RSS = ${RSS_METHOD_DESCRIPTION[rssMethod]}, max over reps.\n`);
+  const busy = results.filter((r) => r.summary && Math.max(r.summary.loadAvg1.start, r.summary.loadAvg1.end) > r.summary.loadAvg1.cpus / 2);
   if (busy.length) process.stdout.write(`note: the machine was busy (1-min load average up to ${Math.max(...busy.flatMap((r) => [r.summary.loadAvg1.start, r.summary.loadAvg1.end])).toFixed(1)} on ${busy[0].summary.loadAvg1.cpus} CPUs); rerun when it is quiet for stable numbers.\n`);
   process.stdout.write(`wrote ${join('bench', 'out', 'results.json')}\n`);
   return 0;
@@ -117,12 +142,12 @@ async function run({ values, positionals }) {
 function table(results) {
   const f = (x, d = 2) => (x == null || Number.isNaN(x) ? '-' : x.toFixed(d));
   const goal = (ok, target) => (ok == null ? '' : `${ok ? 'ok' : 'MISS'} (${target})`);
-  const head = ['scenario', 'pair', 'strata s', 'qemu s', 'ratio', 'ratio goal', 'strata RSS MiB', 'RSS goal', 'qemu RSS MiB', 'strata cpu s', 'qemu cpu s', 'check'];
-  const rows = results.map((r) => [
-    r.scenario, r.label, f(r.summary.strataMedianS), f(r.summary.qemuMedianS), f(r.summary.ratioMedian),
+  const head = ['scenario', 'pair', 'n', 'strata s', 'qemu s', 'ratio', 'ratio goal', 'strata RSS MiB', 'RSS goal', 'qemu RSS MiB', 'strata cpu s', 'qemu cpu s', 'check'];
+  const rows = results.map((r) => (r.error ? [r.scenario, r.label, ...Array(head.length - 3).fill('-'), 'error'] : [
+    r.scenario, r.label, r.reps, f(r.summary.strataMedianS), f(r.summary.qemuMedianS), f(r.summary.ratioMedian),
     goal(r.verdict.ratio, `<= ${r.goals.ratio}`), f(r.summary.strataPeakRssMiB, 0), goal(r.verdict.strataRssMiB, `< ${r.goals.strataRssMiB}`),
-    f(r.summary.qemuPeakRssMiB, 0), f(r.summary.strataCpuMedianS), f(r.summary.qemuCpuMedianS), r.check,
-  ]);
+    f(r.summary.qemuPeakRssMiB, 0), f(r.summary.strataCpuMedianS), f(r.summary.qemuCpuMedianS), r.check.length > 40 ? r.check.slice(0, 40) + '...' : r.check,
+  ]));
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((row) => String(row[i]).length)));
   const line = (cells) => cells.map((c, i) => String(c).padEnd(w[i])).join('  ').trimEnd();
   return [line(head), line(w.map((n) => '-'.repeat(n))), ...rows.map(line)].join('\n');

@@ -9,22 +9,30 @@
 //     cacheKey: 'v1-...',                  // change it when setup() changes
 //     goals?: { ratio?: 1.2, strataRssMiB?: 200 },
 //     async setup(dir, { log }),           // build inputs in dir; only runs when not cached
-//     inputs?(dir) => string[],            // files to read into the page cache before each run
+//     inputs?(dir) => (string | { path, warm(path) })[],  // read into the page cache before each
+//                                          // run (whole file, or only what warm() reads)
 //     pairs(dir, work) => [{               // or a plain array
 //       label: 'convert -O raw',
 //       strata: ['convert', ...],          // argv after `node strata.mjs`
 //       qemu: { cmd: 'qemu-img', argv: [...] },
 //       outputs: { strata: [paths], qemu: [paths] },  // deleted before each run of that side
+//       async prepare?(side),              // untimed, before each run of that side ('strata'|'qemu'),
+//                                          // after its outputs are deleted: fresh copies, new images
+//       inputs?: [...],                    // replaces the scenario's inputs for this pair
+//       reps?: N,                          // caps --reps for this pair (very slow pairs)
 //       goals?: { ... },                 // overrides the scenario's goals for this pair
 //     }],
-//     async check?(dir, work, pair),       // once per pair after the warm-up, both outputs present; throw on mismatch
+//     async check?(dir, work, pair, { strata(argv) }),  // once per pair after the warm-up, both
+//                                          // outputs present; throw on mismatch. strata(argv) runs the
+//                                          // benchmarked strata build, resolves its stdout
+//     notes?(results) => string[],         // extra report lines from this scenario's pair results
 //   }
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { measure } from './measure.mjs';
-import { allocatedBytes, median, removeFiles, syncAll, warmFile } from './util.mjs';
+import { allocatedBytes, exec, median, removeFiles, syncAll, warmFile } from './util.mjs';
 
 export async function loadScenarios(dir) {
   const out = [];
@@ -58,6 +66,14 @@ export async function ensureSetup(scenario, cacheRoot, log) {
   return { dir, setupS };
 }
 
+/** Reads the inputs into the page cache: whole files, or what an entry's own warm() reads. */
+export function warmInputs(inputs) {
+  for (const f of inputs) {
+    if (typeof f === 'string') warmFile(f);
+    else f.warm(f.path);
+  }
+}
+
 function fmtRun(m) {
   return `${m.wallS.toFixed(2)} s${m.rssKiB != null ? ` ${(m.rssKiB / 1024).toFixed(0)} MiB` : ''}`;
 }
@@ -68,8 +84,13 @@ function fmtRun(m) {
  * everything dirty (the previous run's output included), and the inputs are read once so both
  * tools start from a warm page cache.
  */
-export async function runPair({ scenario, dir, work, pair, engine, rssMethod, reps, warmup, check, log }) {
-  const inputs = scenario.inputs ? scenario.inputs(dir) : [];
+export async function runPair({ scenario, dir, work, pair, engine, rssMethod, reps, warmup, check, log, budgetS = 0 }) {
+  const repsAsked = reps;
+  const inputs = pair.inputs ?? (scenario.inputs ? scenario.inputs(dir) : []);
+  if (pair.reps != null && pair.reps < reps) {
+    log(`  ${pair.reps} reps for this pair (capped by the scenario)`);
+    reps = pair.reps;
+  }
   const sides = {
     strata: { cmd: process.execPath, argv: [engine.path, ...pair.strata], outputs: pair.outputs?.strata ?? [] },
     qemu: { cmd: pair.qemu.cmd, argv: pair.qemu.argv, outputs: pair.outputs?.qemu ?? [] },
@@ -77,8 +98,9 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
   const runSide = async (name, keep = false) => {
     const s = sides[name];
     removeFiles(s.outputs);
+    if (pair.prepare) await pair.prepare(name);
     syncAll();
-    for (const f of inputs) warmFile(f);
+    warmInputs(inputs);
     const m = await measure(rssMethod, s.cmd, s.argv);
     if (m.code !== 0) {
       throw new Error(`${scenario.name} / ${pair.label}: ${name} failed (${m.signal ?? `exit ${m.code}`}): ${[s.cmd, ...s.argv].join(' ')}\n${m.stderr.trim()}`);
@@ -88,22 +110,43 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
     return { ...m, stderr: undefined, outputAllocatedBytes: outBytes };
   };
 
+  // A mismatch is reported in the table (check: FAILED) rather than ending the whole run.
+  const runCheck = async () => {
+    try {
+      await scenario.check(dir, work, pair, { strata: (argv) => exec(process.execPath, [engine.path, ...argv]) });
+      log('  check passed');
+      return 'passed';
+    } catch (err) {
+      log(`  CHECK FAILED: ${err.message}`);
+      return `FAILED: ${err.message.split('\n')[0]}`;
+    }
+  };
+
   const loadStart = loadavg()[0];
   if (loadStart > cpus().length / 2) log(`  note: load average ${loadStart.toFixed(1)} on ${cpus().length} CPUs; other work on this machine adds noise`);
   let checkResult = check && scenario.check ? 'pending' : 'skipped';
   const warm = [];
+  let roundS = null;
   for (let i = 0; i < warmup; i++) {
+    const t0 = performance.now();
     const a = await runSide('strata', true);
     const b = await runSide('qemu', true);
     warm.push({ strata: a, qemu: b });
+    roundS = (performance.now() - t0) / 1000;
     log(`  warm-up ${i + 1}/${warmup}: strata ${fmtRun(a)} | qemu ${fmtRun(b)}`);
-    if (i === 0 && checkResult === 'pending') {
-      await scenario.check(dir, work, pair);
-      checkResult = 'passed';
-      log('  check passed');
-    }
+    if (i === 0 && checkResult === 'pending') checkResult = await runCheck();
     removeFiles([...sides.strata.outputs, ...sides.qemu.outputs]);
     syncAll();
+  }
+  // Time budget: when one round (both sides, with their preparation) is so slow that `reps`
+  // rounds would take longer than budgetS, run fewer: the largest odd count that fits, at least 3.
+  if (budgetS > 0 && roundS != null && reps > 3 && reps * roundS > budgetS) {
+    let n = Math.max(3, Math.floor(budgetS / roundS));
+    if (n % 2 === 0) n -= 1;
+    if (n < reps) {
+      log(`  one round takes ${roundS.toFixed(0)} s: ${n} reps instead of ${reps} (--budget ${budgetS})`);
+      reps = n;
+    }
   }
   const runs = [];
   for (let i = 0; i < reps; i++) {
@@ -117,8 +160,7 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
   if (checkResult === 'pending') {
     await runSide('strata', true);
     await runSide('qemu', true);
-    await scenario.check(dir, work, pair);
-    checkResult = 'passed';
+    checkResult = await runCheck();
     removeFiles([...sides.strata.outputs, ...sides.qemu.outputs]);
     syncAll();
   }
@@ -148,6 +190,8 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
     label: pair.label,
     commands: { strata: ['strata', ...pair.strata].join(' '), qemu: [pair.qemu.cmd, ...pair.qemu.argv].join(' ') },
     check: checkResult,
+    reps,
+    repsAsked,
     goals,
     verdict,
     summary,

@@ -96,3 +96,63 @@ export function median(xs) {
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
+
+/** Copies a file keeping its holes (cp --sparse=always); dst is replaced. */
+export async function copySparse(src, dst) {
+  rmSync(dst, { force: true });
+  await exec('cp', ['--sparse=always', src, dst]);
+}
+
+/**
+ * Throws unless `qemu-img compare` finds the two images' guest-visible content identical
+ * (through their backing chains). Extra args go before the files, e.g. ['-f', 'qcow2', '-F', 'qcow2'].
+ */
+export async function assertSameContent(a, b, extra = []) {
+  try {
+    await exec('qemu-img', ['compare', ...extra, a, b], { quiet: true });
+  } catch (err) {
+    throw new Error(`guest content differs (qemu-img compare): ${a} vs ${b}\n${err.message.split('\n').slice(1).join('\n')}`);
+  }
+}
+
+/**
+ * Reads a qcow2 file's metadata into the page cache: header, L1 table, every L2 table, the
+ * refcount table and every refcount block. For huge sparse images (preallocation=metadata)
+ * where reading the whole file would mean reading hundreds of GiB of holes. Returns bytes read.
+ */
+export function warmQcow2Metadata(path) {
+  const fd = openSync(path, 'r');
+  let total = 0;
+  const read = (length, position) => {
+    const buf = Buffer.alloc(length);
+    for (let p = 0; p < length; ) {
+      const n = readSync(fd, buf, p, length - p, position + p);
+      if (n === 0) break;
+      p += n;
+    }
+    total += length;
+    return buf;
+  };
+  try {
+    const h = read(4096, 0);
+    if (h.readUInt32BE(0) !== 0x514649fb) throw new Error(`${path}: not a qcow2 image`);
+    const cs = 2 ** h.readUInt32BE(20);
+    const l1Size = h.readUInt32BE(36);
+    const l1Off = Number(h.readBigUInt64BE(40));
+    const rtOff = Number(h.readBigUInt64BE(48));
+    const rtClusters = h.readUInt32BE(56);
+    const l1 = read(l1Size * 8, l1Off);
+    for (let i = 0; i < l1Size; i++) {
+      const off = Number(l1.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n);
+      if (off) read(cs, off);
+    }
+    const rt = read(rtClusters * cs, rtOff);
+    for (let i = 0; i < rt.length / 8; i++) {
+      const off = Number(rt.readBigUInt64BE(i * 8) & ~0x1ffn);
+      if (off) read(cs, off);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return total;
+}
