@@ -47,72 +47,125 @@ export function parseIoCommand(text: string): IoCommand {
   return cmd;
 }
 
-function stats(io: CommandIO, bytes: number, ms: number): void {
+function statsLine(bytes: number, ms: number): string {
   const secs = ms / 1000;
   const mins = Math.floor(secs / 60);
   const rate = secs > 0 ? bytes / secs : 0;
   const ops = secs > 0 ? 1 / secs : 0;
-  io.out(`${sizeToStr(bytes)}, 1 ops; ${String(mins).padStart(2, '0')}:${(secs % 60).toFixed(2).padStart(5, '0')} sec (${sizeToStr(rate)}/sec and ${ops.toFixed(4)} ops/sec)\n`);
+  return `${sizeToStr(bytes)}, 1 ops; ${String(mins).padStart(2, '0')}:${(secs % 60).toFixed(2).padStart(5, '0')} sec (${sizeToStr(rate)}/sec and ${ops.toFixed(4)} ops/sec)\n`;
 }
 
+/** Pulls the (many) `-c CMD` pairs out before option parsing, which is slow for thousands. */
+function takeCommands(args: string[]): { texts: string[]; rest: string[] } {
+  const texts: string[] = [];
+  const rest: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '-c' && i + 1 < args.length) texts.push(args[++i]!);
+    else if (a.startsWith('-c') && a.length > 2 && !a.startsWith('--')) texts.push(a.slice(2));
+    else rest.push(a);
+  }
+  return { texts, rest };
+}
+
+/** Up to this many non-overlapping writes are in flight at once (results print in order). */
+const IN_FLIGHT = 8;
+
 export async function ioCommand(args: string[], io: CommandIO): Promise<number> {
-  const { values, positionals } = parse(args, {
-    cmd: { type: 'string', short: 'c', multiple: true },
+  const { texts, rest } = takeCommands(args);
+  const { values, positionals } = parse(rest, {
     format: { type: 'string', short: 'f' },
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
-  const texts = (values.cmd as string[] | undefined) ?? [];
   if (!texts.length) throw new UsageError(`give at least one -c command\nusage: ${USAGE}`);
   const cmds = texts.map(parseIoCommand);
   const needsWrite = cmds.some((c) => c.op === 'write' || c.op === 'discard');
   const img: DiskImage = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), writable: needsWrite });
   let failed = false;
+  let pending = '';
+  const out = (s: string) => {
+    pending += s;
+    if (pending.length > 1 << 16) { io.out(pending); pending = ''; }
+  };
+  const patterns = new Map<string, Buffer>();
+  const patternBuf = (len: number, pattern: number): Buffer => {
+    const key = `${len}/${pattern}`;
+    let b = patterns.get(key);
+    if (!b) {
+      if (patterns.size > 16) patterns.clear();
+      b = Buffer.alloc(len, pattern);
+      patterns.set(key, b);
+    }
+    return b;
+  };
+  // Guest writes to disjoint ranges may overlap in time (as a guest's queue would); anything
+  // touching an in-flight range, and every read or flush, waits for what is in flight.
+  const inflight: { start: number; end: number; done: Promise<string> }[] = [];
+  const drain = async () => {
+    while (inflight.length) out(await inflight.shift()!.done);
+  };
+  const runOne = async (c: IoCommand): Promise<string> => {
+    const t0 = performance.now();
+    let line = '';
+    switch (c.op) {
+      case 'flush':
+        if (isWritable(img)) await img.flush();
+        return '';
+      case 'write': {
+        if (!isWritable(img)) throw new UsageError('image is not writable');
+        if (c.zero) {
+          await img.writeZeroes(c.offset, c.length);
+        } else {
+          const buf = patternBuf(c.length, c.pattern ?? 0xcd);
+          if (c.compressed) {
+            if (!img.writeCompressed) throw new UsageError(`${img.filename}: compressed writes need a qcow2 image`);
+            await img.writeCompressed(buf, c.offset);
+          } else {
+            await img.write(buf, c.offset);
+          }
+        }
+        line = `wrote ${c.length}/${c.length} bytes at offset ${c.offset}\n`;
+        break;
+      }
+      case 'discard':
+        if (!isWritable(img)) throw new UsageError('image is not writable');
+        await img.discard(c.offset, c.length);
+        line = `discard ${c.length}/${c.length} bytes at offset ${c.offset}\n`;
+        break;
+      case 'read': {
+        if (c.offset + c.length > img.virtualSize) throw new UsageError(`${img.filename}: read [${c.offset}, ${c.offset + c.length}) lies outside the image (${img.virtualSize} bytes)`);
+        const buf = Buffer.allocUnsafe(c.length);
+        await img.read(buf, c.offset);
+        if (c.pattern !== null) {
+          const bad = buf.findIndex((b) => b !== c.pattern);
+          if (bad >= 0) {
+            line += `Pattern verification failed at offset ${c.offset + bad}, ${c.length} bytes\n`;
+            failed = true;
+          }
+        }
+        line += `read ${c.length}/${c.length} bytes at offset ${c.offset}\n`;
+        break;
+      }
+    }
+    return line + statsLine(c.length, performance.now() - t0);
+  };
   try {
     for (const c of cmds) {
-      const t0 = performance.now();
-      switch (c.op) {
-        case 'flush':
-          if (isWritable(img)) await img.flush();
-          continue;
-        case 'write': {
-          if (!isWritable(img)) throw new UsageError('image is not writable');
-          if (c.zero) {
-            await img.writeZeroes(c.offset, c.length);
-          } else {
-            const buf = Buffer.alloc(c.length, c.pattern ?? 0xcd);
-            if (c.compressed) {
-              if (!img.writeCompressed) throw new UsageError(`${img.filename}: compressed writes need a qcow2 image`);
-              await img.writeCompressed(buf, c.offset);
-            } else {
-              await img.write(buf, c.offset);
-            }
-          }
-          io.out(`wrote ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
-          break;
-        }
-        case 'discard':
-          if (!isWritable(img)) throw new UsageError('image is not writable');
-          await img.discard(c.offset, c.length);
-          io.out(`discard ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
-          break;
-        case 'read': {
-          if (c.offset + c.length > img.virtualSize) throw new UsageError(`${img.filename}: read [${c.offset}, ${c.offset + c.length}) lies outside the image (${img.virtualSize} bytes)`);
-          const buf = Buffer.allocUnsafe(c.length);
-          await img.read(buf, c.offset);
-          if (c.pattern !== null) {
-            const bad = buf.findIndex((b) => b !== c.pattern);
-            if (bad >= 0) {
-              io.out(`Pattern verification failed at offset ${c.offset + bad}, ${c.length} bytes\n`);
-              failed = true;
-            }
-          }
-          io.out(`read ${c.length}/${c.length} bytes at offset ${c.offset}\n`);
-          break;
-        }
-      }
-      stats(io, c.length, performance.now() - t0);
+      const start = c.offset;
+      const end = c.offset + c.length;
+      const concurrent = c.op === 'write' || c.op === 'discard';
+      if (!concurrent || inflight.some((f) => f.start < end && start < f.end)) await drain();
+      const done = runOne(c);
+      done.catch(() => {});
+      if (!concurrent) { out(await done); continue; }
+      inflight.push({ start, end, done });
+      while (inflight.length >= IN_FLIGHT) out(await inflight.shift()!.done);
     }
+    await drain();
   } finally {
+    io.out(pending);
+    pending = '';
+    await Promise.allSettled(inflight.map((f) => f.done));
     await closeChain(img);
   }
   return failed ? 1 : 0;

@@ -151,13 +151,19 @@ export class Refcounts {
   }
 
   /** Finds `n` contiguous free clusters at or after `from` (without claiming them). */
-  private async findFree(n: number, from = this.freeHint): Promise<number> {
-    let start = from;
+  private async findFree(n: number): Promise<number> {
+    let start = this.freeHint;
     let run = 0;
-    for (let c = from; ; c++) {
+    let seenFree = false;
+    const noteFree = (c: number) => {
+      // Everything between the hint and the first free cluster is in use: move the hint.
+      if (!seenFree) { seenFree = true; this.freeHint = c; }
+    };
+    for (let c = this.freeHint; ; c++) {
       // Whole ranges without a refcount block are free: skip through them at once.
       const ri = Math.floor(c / this.perBlock);
       if (ri >= this.reftableEntries || this.blockOffset(ri) === 0) {
+        noteFree(c);
         if (run === 0) start = c;
         const blockEnd = (ri + 1) * this.perBlock;
         run += blockEnd - c;
@@ -165,12 +171,19 @@ export class Refcounts {
         c = blockEnd - 1;
         continue;
       }
-      if ((await this.get(c)) === 0) {
-        if (run === 0) start = c;
-        if (++run >= n) return start;
-      } else {
-        run = 0;
+      const block = await this.loadBlock(this.blockOffset(ri));
+      // Scan within this block synchronously.
+      const end = (ri + 1) * this.perBlock;
+      for (; c < end; c++) {
+        if (getRefcount(block, c % this.perBlock, this.host.refcountOrder) === 0) {
+          noteFree(c);
+          if (run === 0) start = c;
+          if (++run >= n) return start;
+        } else {
+          run = 0;
+        }
       }
+      c = end - 1;
     }
   }
 
