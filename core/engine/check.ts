@@ -311,6 +311,16 @@ class StoredRefcounts {
     return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
   }
 
+  /** The refcount when its block is the one last used (no await needed), else undefined. */
+  peek(cluster: number): number | null | undefined {
+    const b = Math.floor(cluster / this.entries);
+    if (b !== this.lastIndex) return undefined;
+    const blk = this.lastBlock;
+    if (blk === null) return null;
+    if (blk === 'zero') return 0;
+    return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
+  }
+
   get blockEntries(): number { return this.entries; }
 }
 
@@ -680,7 +690,7 @@ class Checker {
    * refcounts the image has, or will have once the repair is written). Returns the flags to
    * change when `repair`.
    */
-  async checkCopiedFlags(refcount: (cluster: number) => Promise<number | null>, repair: boolean): Promise<FlagFix[]> {
+  async checkCopiedFlags(refcount: (cluster: number) => Promise<number | null>, repair: boolean, peek?: (cluster: number) => number | null | undefined): Promise<FlagFix[]> {
     const st = this.st;
     const cs = this.cs;
     const fixes: FlagFix[] = [];
@@ -708,7 +718,10 @@ class Checker {
         if (ehi & 0x40000000) continue; // compressed
         const dataOffset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
         if (dataOffset === 0) continue; // unallocated or plain zero
-        const rc = await refcount(Math.floor(dataOffset / cs));
+        // Millions of entries: take the synchronous path while the refcount block is at hand.
+        const cluster = Math.floor(dataOffset / cs);
+        let rc = peek?.(cluster);
+        if (rc === undefined) rc = await refcount(cluster);
         if (rc === null) continue;
         if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
           this.res.corruptions++;
@@ -859,7 +872,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
 
     if (fix === 0) {
       await ck.compare(stored, 0, null);
-      await ck.checkCopiedFlags((c) => stored.get(c), false);
+      await ck.checkCopiedFlags((c) => stored.get(c), false, (c) => stored.peek(c));
     } else {
       final = newRefArray(st.refcountOrder, ck.n);
       await ck.compare(stored, 0, final);
@@ -909,7 +922,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         }
         const repairFlags = (fix & FIX_ERRORS) !== 0 || (!ck.res.checkErrors && !ck.res.corruptions && !ck.res.leaks);
         const getter = rewrite ? finalGetter(final, ck.n) : (c: number) => stored.get(c);
-        flagFixes = await ck.checkCopiedFlags(getter, repairFlags);
+        flagFixes = await ck.checkCopiedFlags(getter, repairFlags, rewrite ? undefined : (c) => stored.peek(c));
         await writeFlagFixes(file, st, flagFixes, false);
         if (rewrite) {
           await file.flush();
