@@ -10,6 +10,8 @@ import { Qcow2Writable } from '../engine/qcow2-write';
 import { openImage, openImageFile, closeChain, combineBackingPath, probeFormat, chainOf } from '../chain/open';
 import { NodeFile } from '../io/node-file';
 import { isZero } from '../engine/zero';
+import { Qcow2Image } from '../engine/qcow2';
+import { runPool } from './pool';
 import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
@@ -102,36 +104,42 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
       return out;
     };
     const between = next && chainOf(top).includes(next) ? layersAbove() : null;
-    const oldBuf = Buffer.allocUnsafe(chunk);
-    const newBuf = Buffer.allocUnsafe(chunk);
-    let pos = 0;
-    while (pos < size) {
-      throwIfCancelled(ctx);
-      const [st] = await top.runs(pos, Math.min(chunk, size - pos), true);
-      const run = st!;
-      if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
-      const end = pos + run.length;
-      // Only ranges some layer between the overlay and the new backing allocates can differ
-      // (when the new backing is in the old chain); they are widened to whole write units.
-      const work = between ? await changedRanges(between, pos, end, unit) : [[pos, end] as [number, number]];
-      for (const [a, b] of work) {
-        for (let p0 = a; p0 < b;) {
-          throwIfCancelled(ctx);
-          const n = Math.min(chunk - (p0 % chunk), b - p0);
-          const zeroRun = await bothZero(old, next, p0, n);
-          if (zeroRun > 0) { p0 += zeroRun; continue; }
-          await compareAndWrite(p0, n);
-          p0 += n;
+    const width = 8;
+    const oldBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    const newBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    // Pieces to compare, produced in order and processed several at a time (they are disjoint,
+    // so their writes into the overlay never touch the same clusters).
+    async function* pieces(): AsyncGenerator<[number, number]> {
+      let pos = 0;
+      while (pos < size) {
+        throwIfCancelled(ctx);
+        const [st] = await (top as Qcow2Writable).runs(pos, Math.min(chunk, size - pos), true);
+        const run = st!;
+        if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
+        const end = pos + run.length;
+        // Only ranges some layer between the overlay and the new backing allocates can differ
+        // (when the new backing is in the old chain); they are widened to whole write units.
+        const work = between ? await changedRanges(between, pos, end, unit) : [[pos, end] as [number, number]];
+        for (const [a, b] of work) {
+          for (let p0 = a; p0 < b;) {
+            throwIfCancelled(ctx);
+            const n = Math.min(chunk - (p0 % chunk), b - p0);
+            const zeroRun = await bothZero(old, next, p0, n);
+            if (zeroRun > 0) { p0 += zeroRun; continue; }
+            yield [p0, n];
+            p0 += n;
+          }
         }
+        progress.add(end - pos);
+        pos = end;
       }
-      progress.add(end - pos);
-      pos = end;
     }
+    await runPool(pieces(), width, ([at, n], slot) => compareAndWrite(at, n, slot), ctx.signal);
 
     /** Reads [at, at+n) from both chains and writes what differs, widened to whole units. */
-    async function compareAndWrite(at: number, n: number): Promise<void> {
-      const o = oldBuf.subarray(0, n);
-      const w = newBuf.subarray(0, n);
+    async function compareAndWrite(at: number, n: number, slot: number): Promise<void> {
+      const o = oldBufs[slot]!.subarray(0, n);
+      const w = newBufs[slot]!.subarray(0, n);
       await Promise.all([readLayer(old, o, at), readLayer(next, w, at)]);
       result.bytesCompared += n;
       let p = 0;
@@ -184,9 +192,11 @@ async function changedRanges(layers: DiskImage[], start: number, end: number, un
     let allocated = false;
     for (const l of layers) {
       if (p >= l.virtualSize) { allocated = true; continue; }
-      const st = await l.blockStatus(p, Math.min(step, l.virtualSize - p));
-      step = Math.min(step, st.length);
-      if (st.allocated) allocated = true;
+      if (!(l instanceof Qcow2Image)) { allocated = true; continue; } // raw: everything is allocated
+      // Allocation only: the mapping, without asking the host file about holes.
+      const [r] = await l.runs(p, Math.min(step, l.virtualSize - p), true);
+      step = Math.min(step, r!.length);
+      if (r!.state !== 'unallocated') allocated = true;
     }
     if (allocated) {
       const a = Math.max(start, Math.floor(p / unit) * unit);
