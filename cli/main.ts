@@ -1,5 +1,6 @@
 // The strata command: qemu-img's commands and spelling over our own engine.
 import { CancelledError } from '../core/errors';
+import { nativeStatus } from '../core/io/native';
 import { reportError, stdio, type CommandIO } from './common';
 import { infoCommand } from './info';
 import { mapCommand } from './map';
@@ -59,7 +60,11 @@ const ERROR_EXIT: Record<string, number> = { compare: 2 };
 export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
   const [cmd, ...rest] = argv;
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { io.out(HELP); return cmd ? 0 : 2; }
-  if (cmd === '--version' || cmd === '-V') { io.out('strata 0.1.0\n'); return 0; }
+  if (cmd === '--version' || cmd === '-V') {
+    const n = nativeStatus();
+    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks are not taken (images in use are still detected from /proc/locks), holes are not detected or punched`}\n`);
+    return 0;
+  }
   const command = COMMANDS[cmd];
   if (!command) { io.err(`strata: unknown command '${cmd}'\n${HELP}`); return 2; }
   try {
