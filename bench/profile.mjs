@@ -2,7 +2,7 @@
 // CPU profile of the strata side of one benchmark pair: runs it once under `node --cpu-prof`
 // (same warm page cache as bench/run.mjs) and prints the functions with the most self time,
 // mapped back to core/ and cli/ sources through the bundle's source map.
-//   node bench/profile.mjs [SCENARIO] [--pair N|LABEL] [--top N] [--interval US] [--perf] [--build] [--work DIR]
+//   node bench/profile.mjs [SCENARIO] [--pair N|LABEL] [--top N] [--interval US] [--perf] [--build | --ref REV] [--work DIR]
 // Keeps bench/out/prof/<scenario>.cpuprofile (open it in Chrome DevTools or speedscope) and
 // writes bench/out/prof/<scenario>.txt.
 // --perf: afterwards runs the strata side once more under `perf record -g` (node
@@ -33,6 +33,7 @@ const { values, positionals } = parseArgs({
     interval: { type: 'string', default: '250' },
     perf: { type: 'boolean', default: false },
     build: { type: 'boolean', default: false },
+    ref: { type: 'string' },
     work: { type: 'string' },
   },
 });
@@ -41,7 +42,7 @@ const all = await loadScenarios(join(benchDir, 'scenarios'));
 const name = positionals[0] ?? 'convert-raw';
 const scenario = all.find((s) => s.name === name);
 if (!scenario) { log(`profile: unknown scenario ${name}`); process.exit(2); }
-const engine = await prepareEngine(root, outDir, { build: values.build, log });
+const engine = await prepareEngine(root, outDir, { build: values.build, ref: values.ref, log });
 const { dir } = await ensureSetup(scenario, join(outDir, 'cache'), log);
 const work = join(values.work ? resolve(values.work) : join(outDir, 'work'), scenario.name);
 mkdirSync(work, { recursive: true });
@@ -71,13 +72,18 @@ let map = null;
 if (existsSync(engine.path + '.map')) map = new SourceMap(JSON.parse(readFileSync(engine.path + '.map', 'utf8')));
 const engineUrl = new URL(`file://${engine.path}`).href;
 
+/** core/... or cli/... for a source-map path (a --ref build's sources are in bench/out/ref-src/). */
+function srcName(src) {
+  return relative(root, resolve(dirname(engine.path), src)).replace(/^bench\/out\/ref-src\//, '');
+}
+
 function where(cf) {
   if (!cf.url) return '(native)';
   if (cf.url === engineUrl && map && cf.lineNumber >= 0) {
     const e = map.findEntry(cf.lineNumber, cf.columnNumber);
     if (e && e.originalSource) {
       const src = e.originalSource.replace(/^file:\/\//, '');
-      return `${relative(root, resolve(dirname(engine.path), src))}:${e.originalLine + 1}`;
+      return `${srcName(src)}:${e.originalLine + 1}`;
     }
   }
   if (cf.url.startsWith('node:')) return cf.url;
@@ -138,7 +144,7 @@ if (values.perf) {
   const mapped = rep.stdout.split('\n').filter((l) => /^\s+\d+\.\d+%/.test(l)).slice(0, top).map((l) => l.replace(/file:\/\/\S*?strata\.mjs:(\d+):(\d+)/, (m, line, col) => {
     const e = map?.findEntry(Number(line) - 1, Number(col) - 1);
     if (!e || !e.originalSource) return m;
-    return `${relative(root, resolve(dirname(engine.path), e.originalSource.replace(/^file:\/\//, '')))}:${e.originalLine + 1}`;
+    return `${srcName(e.originalSource.replace(/^file:\/\//, ''))}:${e.originalLine + 1}`;
   }));
   const ptext = [`perf record -g (999 Hz, all threads) of strata ${lines[0].slice(7)}`, 'perf report --no-children --sort sym (self time; [k] kernel, [.] user):', ...mapped].join('\n') + '\n';
   writeFileSync(join(profDir, `${scenario.name}.perf.txt`), ptext);

@@ -26,6 +26,8 @@ const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [
   --no-check   skip the output comparison
   --build      bundle the current core/ and cli/ sources into bench/out/engine instead of
                using a copy of dist/strata.mjs
+  --ref REV    bundle core/ and cli/ as committed at git revision REV (e.g. HEAD: without the
+               uncommitted changes in the tree)
   --work DIR   where outputs are written (default bench/out/work); e.g. /dev/shm takes the
                disk out of the measurement and leaves the engine's own cost
   --list       list scenarios and exit
@@ -44,6 +46,7 @@ function main() {
         budget: { type: 'string', default: '150' },
         'no-check': { type: 'boolean', default: false },
         build: { type: 'boolean', default: false },
+        ref: { type: 'string' },
         list: { type: 'boolean', default: false },
         work: { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
@@ -75,9 +78,9 @@ async function run({ values, positionals }) {
   const selected = positionals.length ? all.filter((s) => positionals.includes(s.name)) : all;
 
   mkdirSync(outDir, { recursive: true });
-  const engine = await prepareEngine(root, outDir, { build: values.build, log });
+  const engine = await prepareEngine(root, outDir, { build: values.build, ref: values.ref, log });
   const rssMethod = chooseRssMethod(log);
-  log(`bench: engine ${engine.source} (git ${engine.git.head}${engine.git.sourcesDirty ? ', core/cli modified' : ''}); RSS via ${RSS_METHOD_DESCRIPTION[rssMethod]}; ${reps} reps + ${warmup} warm-up`);
+  log(`bench: engine ${engine.source} (checkout at git ${engine.git.head}${engine.git.sourcesDirty ? ', core/cli modified' : ''}); RSS via ${RSS_METHOD_DESCRIPTION[rssMethod]}; ${reps} reps + ${warmup} warm-up`);
 
   const results = [];
   const notes = [];

@@ -1,11 +1,12 @@
 // Which strata build the benchmark runs. By default a copy of dist/strata.mjs (built first if
 // missing) taken at the start of the run, so a concurrent `npm run build` cannot swap the engine
 // between the runs of one benchmark. `--build` bundles the current sources instead (same esbuild
-// settings as scripts/build.mjs) into bench/out/engine/, leaving the shared dist/ alone.
+// settings as scripts/build.mjs) into bench/out/engine/, leaving the shared dist/ alone; `--ref REV`
+// bundles core/ and cli/ as committed at REV (git archive into bench/out/ref-src/).
 // The copy lives below the repository, so the bundle still finds node_modules/ (zstd-napi) and
 // native/build/Release/strata_native.node by walking up from its own directory.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
 
 function newestSourceMtime(root) {
@@ -26,27 +27,47 @@ function git(root, args) {
   return r.status === 0 ? r.stdout.trim() : null;
 }
 
-/** Returns { path, source, builtAt, stale, git } for the strata bundle to run. */
-export async function prepareEngine(root, outDir, { build, log }) {
+async function bundle(entry, engineDir) {
+  const { build: esbuild } = await import('esbuild');
+  await esbuild({
+    entryPoints: { strata: entry },
+    outdir: engineDir,
+    outExtension: { '.js': '.mjs' },
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    sourcemap: true,
+    external: ['zstd-napi'],
+    banner: { js: "import { createRequire as __strataCreateRequire } from 'node:module'; const require = __strataCreateRequire(import.meta.url);" },
+    logLevel: 'warning',
+  });
+}
+
+/**
+ * Returns { path, source, builtAt, stale, git } for the strata bundle to run.
+ * `ref`: bundle core/ and cli/ as committed at that git revision (extracted with git archive into
+ * bench/out/ref-src/), e.g. 'HEAD' to leave out uncommitted work in the tree. The native addon
+ * and node_modules are still the checkout's.
+ */
+export async function prepareEngine(root, outDir, { build, ref, log }) {
   const engineDir = join(outDir, 'engine');
   mkdirSync(engineDir, { recursive: true });
   const path = join(engineDir, 'strata.mjs');
   let source;
-  if (build) {
-    const { build: esbuild } = await import('esbuild');
-    await esbuild({
-      entryPoints: { strata: join(root, 'cli/main.ts') },
-      outdir: engineDir,
-      outExtension: { '.js': '.mjs' },
-      bundle: true,
-      platform: 'node',
-      format: 'esm',
-      target: 'node20',
-      sourcemap: true,
-      external: ['zstd-napi'],
-      banner: { js: "import { createRequire as __strataCreateRequire } from 'node:module'; const require = __strataCreateRequire(import.meta.url);" },
-      logLevel: 'warning',
-    });
+  let refCommit = null;
+  if (ref) {
+    refCommit = git(root, ['rev-parse', '--short', `${ref}^{commit}`]);
+    if (!refCommit) throw new Error(`--ref ${ref}: not a commit`);
+    const src = join(outDir, 'ref-src');
+    rmSync(src, { recursive: true, force: true });
+    mkdirSync(src, { recursive: true });
+    const r = spawnSync('sh', ['-c', `git archive --format=tar ${refCommit} core cli | tar -x -C "${src}"`], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`--ref ${ref}: git archive failed: ${r.stderr}`);
+    await bundle(join(src, 'cli/main.ts'), engineDir);
+    source = `git ${refCommit} (bench --ref ${ref})`;
+  } else if (build) {
+    await bundle(join(root, 'cli/main.ts'), engineDir);
     source = 'sources (bench --build)';
   } else {
     const dist = join(root, 'dist', 'strata.mjs');
@@ -65,7 +86,7 @@ export async function prepareEngine(root, outDir, { build, log }) {
     source = 'dist/strata.mjs';
   }
   const builtAt = statSync(path).mtimeMs;
-  const stale = !build && newestSourceMtime(root) > statSync(join(root, 'dist', 'strata.mjs')).mtimeMs;
+  const stale = !build && !ref && newestSourceMtime(root) > statSync(join(root, 'dist', 'strata.mjs')).mtimeMs;
   if (stale) log('bench: note: dist/strata.mjs is older than some core/ or cli/ sources (use --build to bundle the current sources)');
   const dirty = git(root, ['status', '--porcelain', '--', 'core', 'cli']);
   return {
@@ -73,6 +94,6 @@ export async function prepareEngine(root, outDir, { build, log }) {
     source,
     builtAt: new Date(builtAt).toISOString(),
     staleVsSources: stale,
-    git: { head: git(root, ['rev-parse', '--short', 'HEAD']), sourcesDirty: dirty === null ? null : dirty.length > 0 },
+    git: { head: git(root, ['rev-parse', '--short', 'HEAD']), ref: refCommit, sourcesDirty: ref ? false : dirty === null ? null : dirty.length > 0 },
   };
 }
