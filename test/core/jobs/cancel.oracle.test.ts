@@ -249,7 +249,8 @@ describeOracle('cancelling convert and mirror', () => {
 
   it('SIGINT to `strata mirror -O qcow2`: prompt non-zero exit, one error line, target removed', async () => {
     const dst = t.path('sigint-mirror.qcow2');
-    const r = await interrupt(['mirror', '-O', 'qcow2', src, dst], () => existsSync(dst));
+    // Mirror is quick: signal it as soon as it has created its target.
+    const r = await interrupt(['mirror', '-O', 'qcow2', src, dst], () => existsSync(dst), 20);
     expectCleanInterrupt(r, 'mirror');
     expect(existsSync(dst)).toBe(false);
   });

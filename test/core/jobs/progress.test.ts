@@ -84,11 +84,11 @@ describe('job progress events', () => {
   afterAll(() => t.cleanup());
 
   it('convert (lasting over a second): throttled, monotonic, final event complete', async () => {
-    const dst = t.path('conv.qcow2');
+    const dst = t.path('conv.raw');
     const img = await openImage(src, { format: 'raw' });
     try {
       // Small windows, one at a time: thousands of progress steps over more than a second.
-      const r = await collect((progress) => convert({ progress }, img, dst, { format: 'qcow2', chunkSize: 64 * 1024, parallel: 1 }));
+      const r = await collect((progress) => convert({ progress }, img, dst, { format: 'raw', chunkSize: 8 * 1024, parallel: 1 }));
       console.log(`[progress] convert: ${r.events.length} events over ${r.ms} ms; last ${JSON.stringify(r.events.at(-1))}`);
       expect(r.ms).toBeGreaterThan(1000);
       expectWellFormed(r, SIZE, ['converting']);
@@ -103,7 +103,7 @@ describe('job progress events', () => {
     try {
       const target = await openTarget(dst, img.virtualSize, { format: 'qcow2' });
       try {
-        const r = await collect((progress) => mirror({ progress }, img, target.image, { targetIsFresh: true, chunkSize: 64 * 1024, parallel: 1 }));
+        const r = await collect((progress) => mirror({ progress }, img, target.image, { targetIsFresh: true, chunkSize: 16 * 1024, parallel: 1 }));
         console.log(`[progress] mirror: ${r.events.length} events over ${r.ms} ms`);
         expect(r.ms).toBeGreaterThan(1000);
         expectWellFormed(r, SIZE, ['mirroring']);
