@@ -403,6 +403,21 @@ class Checker {
     }
   }
 
+  /** L2 tables read by the refcount pass, kept (up to 64 MiB) for the COPIED-flag pass. */
+  private readonly l2Tables = new Map<number, Buffer>();
+  private l2TableBytes = 0;
+
+  private async readL2(offset: number): Promise<Buffer> {
+    const hit = this.l2Tables.get(offset);
+    if (hit) return hit;
+    const t = await this.reader.read(offset, this.cs);
+    if (this.l2TableBytes + t.length <= 64 * 1024 * 1024) {
+      this.l2Tables.set(offset, t);
+      this.l2TableBytes += t.length;
+    }
+    return t;
+  }
+
   private read(offset: number, len: number): Promise<Buffer> {
     return this.reader.read(offset, len);
   }
@@ -468,7 +483,7 @@ class Checker {
     const cs = this.cs;
     const ext = st.extendedL2;
     const es = st.l2EntrySize;
-    const table = await this.read(l2Offset, cs);
+    const table = await this.readL2(l2Offset);
     let nextContiguous = 0;
     const csizeShift = 62 - (st.clusterBits - 8);
     const hiShift = csizeShift - 32;
@@ -558,6 +573,8 @@ class Checker {
     else e.writeUInt32BE(1, 4);
     await this.file.write(e, l2Offset + index * es);
     this.reader.invalidate();
+    // Keep the cached copy of the table in step with the disk.
+    e.copy(this.l2Tables.get(l2Offset) ?? Buffer.alloc(0), index * es);
   }
 
   /** qcow2_check_bitmaps_refcounts */
@@ -710,7 +727,7 @@ class Checker {
           this.res.corruptionsFixed++;
         }
       }
-      const table = await this.read(l2Offset, cs);
+      const table = await this.readL2(l2Offset);
       const es = st.l2EntrySize;
       for (let j = 0; j < st.l2Entries; j++) {
         const ehi = table.readUInt32BE(j * es);
