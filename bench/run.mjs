@@ -15,7 +15,7 @@ const benchDir = dirname(fileURLToPath(import.meta.url));
 const root = resolve(benchDir, '..');
 const outDir = join(benchDir, 'out');
 
-const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [--budget S] [--no-check] [--build] [--work DIR] [--list]
+const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [--budget S] [--no-check] [--build | --ref REV] [--work DIR] [--list]
 
   SCENARIO     names under bench/scenarios/ (default: all)
   --reps N     timed strata/qemu pairs per benchmark, interleaved (default 5)
