@@ -90,7 +90,7 @@ interface Interrupted { code: number | null; signal: NodeJS.Signals | null; stde
  * polled every 20 ms: the target appeared or grew) and then `delayMs` more, sends SIGINT and
  * waits for the exit. Fails when the process ended before the signal could be sent.
  */
-async function interrupt(args: string[], started: () => boolean, delayMs = 300): Promise<Interrupted> {
+async function interrupt(args: string[], started: () => boolean, delayMs = 20): Promise<Interrupted> {
   const t0 = Date.now();
   const child = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), ...args], {
     cwd: repoRoot, env: { ...process.env, STRATA_DEBUG: undefined }, stdio: ['ignore', 'pipe', 'pipe'],

@@ -87,8 +87,11 @@ describe('job progress events', () => {
     const dst = t.path('conv.raw');
     const img = await openImage(src, { format: 'raw' });
     try {
-      // Small windows, one at a time: thousands of progress steps over more than a second.
-      const r = await collect((progress) => convert({ progress }, img, dst, { format: 'raw', chunkSize: 8 * 1024, parallel: 1 }));
+      // Small windows, one at a time, each read delayed a little: thousands of progress steps
+      // over more than a second however fast the machine is.
+      const read = img.read.bind(img);
+      img.read = async (buf, off) => { await new Promise((r) => setTimeout(r, 1)); return read(buf, off); };
+      const r = await collect((progress) => convert({ progress }, img, dst, { format: 'raw', chunkSize: 128 * 1024, parallel: 1 }));
       console.log(`[progress] convert: ${r.events.length} events over ${r.ms} ms; last ${JSON.stringify(r.events.at(-1))}`);
       expect(r.ms).toBeGreaterThan(1000);
       expectWellFormed(r, SIZE, ['converting']);
@@ -103,7 +106,9 @@ describe('job progress events', () => {
     try {
       const target = await openTarget(dst, img.virtualSize, { format: 'qcow2' });
       try {
-        const r = await collect((progress) => mirror({ progress }, img, target.image, { targetIsFresh: true, chunkSize: 16 * 1024, parallel: 1 }));
+        const read = img.read.bind(img);
+        img.read = async (buf, off) => { await new Promise((r) => setTimeout(r, 1)); return read(buf, off); };
+        const r = await collect((progress) => mirror({ progress }, img, target.image, { targetIsFresh: true, chunkSize: 128 * 1024, parallel: 1 }));
         console.log(`[progress] mirror: ${r.events.length} events over ${r.ms} ms`);
         expect(r.ms).toBeGreaterThan(1000);
         expectWellFormed(r, SIZE, ['mirroring']);
