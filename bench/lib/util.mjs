@@ -15,6 +15,8 @@ export function exec(cmd, argv, { input, env, quiet } = {}) {
       if (code === 0) { if (!quiet && err.trim()) process.stderr.write(err); resolve(out); return; }
       reject(new Error(`${cmd} ${argv.slice(0, 6).join(' ')}${argv.length > 6 ? ' ...' : ''} failed (${signal ?? `exit ${code}`}):\n${err.trim()}`));
     });
+    // A child that exits without reading its stdin must not crash the harness with EPIPE.
+    child.stdin.on('error', () => {});
     child.stdin.end(input ?? '');
   });
 }
