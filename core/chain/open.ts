@@ -1,7 +1,7 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
 import { realpath } from 'node:fs/promises';
-import { FormatError, NotFoundError, StrataError, UsageError, printable } from '../errors';
+import { FormatError, NotFoundError, UsageError, printable } from '../errors';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
@@ -132,4 +132,3 @@ export function chainOf(top: DiskImage): DiskImage[] {
   return out;
 }
 
-export function isStrataError(e: unknown): e is StrataError { return e instanceof StrataError; }

@@ -7,7 +7,7 @@
 // their references on disk before their refcounts drop. A crash at any instant leaves at
 // worst leaked clusters.
 import * as C from '../format/constants';
-import { CorruptImageError, StrataError, UsageError } from '../errors';
+import { CorruptImageError, UsageError } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, decodeL2Bitmap, encodeL2Entry, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { compressClusterAsync } from '../codec/index';
 import type { BlockFile } from '../io/block-file';
@@ -613,4 +613,3 @@ export class Qcow2Writable extends Qcow2Image {
   }
 }
 
-export function isStrata(e: unknown): e is StrataError { return e instanceof StrataError; }

@@ -4,7 +4,7 @@
 // mirroring onto a finished target writes (almost) nothing.
 import { CancelledError } from '../errors';
 import type { DiskImage, WritableImage } from '../engine/image';
-import { zeroRuns, isZero } from '../engine/zero';
+import { zeroRuns } from '../engine/zero';
 import { chainBlockStatus, walkChain } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
@@ -135,4 +135,3 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
   }
 }
 
-export { isZero };
