@@ -5,24 +5,12 @@
 import { closeSync, existsSync, ftruncateSync, openSync, writeFileSync, writeSync, fsyncSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
-import { allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, MiB, KiB, qemuInfo, rng, strata, strataOk } from './helpers';
+import { allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, MiB, KiB, qemuInfo, rng, strata, strataOk, randomBytes } from './helpers';
 
 const GiB = 1024 * MiB;
 const SIZE = 256 * MiB;
 const RATIO = 1.02;
 
-/** Seeded random bytes (xorshift32 over whole words: fast enough for tens of MiB). */
-function randomBytes(seed: number, len: number): Buffer {
-  const words = new Uint32Array(Math.ceil(len / 4));
-  let s = (seed * 0x9e3779b1) >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    words[i] = s;
-  }
-  return Buffer.from(words.buffer, 0, len);
-}
 
 /** Text-like data (words from a small vocabulary, spaces, newlines): compresses to ~1/3. */
 function textBytes(seed: number, len: number): Buffer {

@@ -135,3 +135,16 @@ export function batches<T>(items: T[], size: number): T[][] {
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
+
+/** Seeded random bytes (xorshift32 over whole words: fast enough for tens of MiB). */
+export function randomBytes(seed: number, len: number): Buffer {
+  const words = new Uint32Array(Math.ceil(len / 4));
+  let s = (seed * 0x9e3779b1) >>> 0 || 1;
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13; s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5; s >>>= 0;
+    words[i] = s;
+  }
+  return Buffer.from(words.buffer, 0, len);
+}

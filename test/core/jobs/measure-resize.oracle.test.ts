@@ -7,7 +7,7 @@ import { closeSync, openSync, readSync, statSync, writeFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import {
-  allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, guestHash, KiB, MiB, qemuInfo, qemuIoMismatches, rng, strata, strataOk,
+  allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, guestHash, KiB, MiB, qemuInfo, qemuIoMismatches, rng, strata, strataOk, randomBytes,
 } from './helpers';
 
 const GiB = 1024 * MiB;
@@ -16,17 +16,6 @@ function cpSparse(from: string, to: string): void {
   execFileSync('cp', ['--sparse=always', from, to]);
 }
 
-function randomBytes(seed: number, len: number): Buffer {
-  const words = new Uint32Array(Math.ceil(len / 4));
-  let s = (seed * 0x9e3779b1) >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    words[i] = s;
-  }
-  return Buffer.from(words.buffer, 0, len);
-}
 
 /** qemu-img compare: identical guest content (images of different sizes: the rest reads zero). */
 function expectSameGuest(a: string, b: string): void {

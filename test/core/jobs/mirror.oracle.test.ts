@@ -9,21 +9,10 @@ import { describeOracle, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
 import { mirror } from '../../../core/jobs/mirror';
 import { openTarget } from '../../../core/jobs/target';
 import { closeChain, openImage } from '../../../core/chain/open';
-import { allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, MiB, qemuInfo, qemuMap, strataOk } from './helpers';
+import { allocatedBytes, expectClean, expectSameContent, fileHash, fileSize, MiB, qemuInfo, qemuMap, strataOk, randomBytes } from './helpers';
 
 const GiB = 1024 * MiB;
 
-function randomBytes(seed: number, len: number): Buffer {
-  const words = new Uint32Array(Math.ceil(len / 4));
-  let s = (seed * 0x9e3779b1) >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    words[i] = s;
-  }
-  return Buffer.from(words.buffer, 0, len);
-}
 
 /** cmp(1): the two files hold the same bytes. */
 function expectSameBytes(a: string, b: string): void {
