@@ -1,5 +1,13 @@
 import { open, stat, type FileHandle } from 'node:fs/promises';
-import { constants, readSync, writeSync } from 'node:fs';
+import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
+
+// The callback API costs the main thread less per request than FileHandle's promises.
+function readAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fsRead(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+function writeAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fsWrite(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
 
 /**
  * Requests up to this size use direct syscalls: on a page-cache hit they take microseconds,
@@ -78,7 +86,7 @@ export class NodeFile implements BlockFile {
         }
       }
       while (done < buf.length && buf.length > SYNC_IO_MAX) {
-        const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+        const bytesRead = await readAsync(this.fh.fd, buf, done, buf.length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
@@ -96,10 +104,7 @@ export class NodeFile implements BlockFile {
         while (done < buf.length) done += writeSync(this.fh.fd, buf, done, buf.length - done, offset + done);
         return;
       }
-      while (done < buf.length) {
-        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
-        done += bytesWritten;
-      }
+      while (done < buf.length) done += await writeAsync(this.fh.fd, buf, done, buf.length - done, offset + done);
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
