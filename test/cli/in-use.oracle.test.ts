@@ -6,14 +6,14 @@
 // refuses writes to an image QEMU holds, through /proc/locks.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../cli/main';
-import { parseLockLines } from '../../core/io/lock-doctor';
 import { native } from '../../core/io/native';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
+import { lockBytes, poll, startHolder, type Holder } from '../oracle/holders';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const MiB = 1 << 20;
@@ -65,63 +65,6 @@ function sha256(file: string): string {
 // ---------------------------------------------------------------------------------------------
 // Holders and /proc
 
-/** Lock bytes (<= 300) process `pid` holds on `file`, from /proc/PID/fdinfo. */
-function lockBytes(pid: number, file: string): number[] {
-  const st = statSync(file);
-  const bytes = new Set<number>();
-  let fds: string[] = [];
-  try { fds = readdirSync(`/proc/${pid}/fd`); } catch { return []; }
-  for (const fd of fds) {
-    try {
-      if (!readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/')) continue;
-      const s = statSync(`/proc/${pid}/fd/${fd}`);
-      if (s.ino !== st.ino || s.dev !== st.dev) continue;
-      for (const l of parseLockLines(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))) {
-        for (let b = l.start; b <= Math.min(l.end, 300); b++) bytes.add(b);
-      }
-    } catch { /* gone */ }
-  }
-  return [...bytes].sort((a, b) => a - b);
-}
-
-async function poll<T>(fn: () => T | null | undefined | false, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = fn();
-    if (v !== null && v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-interface Holder { pid: number; program: string; stop: () => Promise<void> }
-
-/** `qemu-io [-r] IMG` with stdin left open, or `qemu-nbd [-r] -f qcow2 -t -k SOCK IMG`; resolves once it holds its locks. */
-async function startHolder(kind: 'qemu-io' | 'qemu-nbd', img: string, sock: string, opts: { readOnly?: boolean } = {}): Promise<Holder> {
-  const ro = opts.readOnly ? ['-r'] : [];
-  const args = kind === 'qemu-nbd' ? [...ro, '-f', 'qcow2', '-t', '-k', sock, img] : [...ro, img];
-  const child: ChildProcess = spawn(kind, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stdout!.resume();
-  child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const pid = child.pid!;
-  const stop = () => new Promise<void>((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve();
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('exit', () => { clearTimeout(timer); resolve(); });
-    if (kind === 'qemu-io') child.stdin!.end(); else child.kill('SIGTERM');
-  });
-  try {
-    await poll(() => {
-      if (child.exitCode !== null) throw new Error(`${kind} exited early (${child.exitCode}): ${stderr}`);
-      return lockBytes(pid, img).includes(100);
-    }, 15_000, `${kind} to lock ${img}`);
-  } catch (err) {
-    await stop();
-    throw err;
-  }
-  return { pid, program: kind, stop };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures

@@ -3,17 +3,17 @@
 // QEMU process holding an image makes Strata's opens fail with InUseError naming it, and an
 // image Strata holds makes qemu-io/qemu-img fail with QEMU's own lock error.
 // Needs the native addon (skips loudly without it, fails under CI=true) and qemu for the oracle.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { closeChain, openImage, openImageFile } from '../../../core/chain/open';
 import { isWritable, type DiskImage } from '../../../core/engine/image';
 import { InUseError } from '../../../core/errors';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../../../core/io/locks';
-import { parseLockLines } from '../../../core/io/lock-doctor';
 import { native, nativeStatus } from '../../../core/io/native';
 import { NodeFile } from '../../../core/io/node-file';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
+import { fdsOn, lockBytes, startHolder, type Holder } from '../../oracle/holders';
 
 const MiB = 1 << 20;
 /** What qemu-io (read-write) holds on its image: uses read, write, resize; shares neither write nor resize. */
@@ -30,74 +30,6 @@ function describeNative(name: string, fn: () => void): void {
   describe.skip(name, fn);
 }
 
-/** The fds of process `pid` open on `file` (same inode and device). */
-function fdsOn(pid: number, file: string): string[] {
-  const st = statSync(file);
-  const out: string[] = [];
-  let fds: string[] = [];
-  try { fds = readdirSync(`/proc/${pid}/fd`); } catch { return out; }
-  for (const fd of fds) {
-    try {
-      if (!readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/')) continue;
-      const s = statSync(`/proc/${pid}/fd/${fd}`);
-      if (s.ino === st.ino && s.dev === st.dev) out.push(fd);
-    } catch { /* gone */ }
-  }
-  return out;
-}
-
-/** Lock bytes (<= 300) process `pid` holds on `file`, from /proc/PID/fdinfo. */
-function lockBytes(pid: number, file: string): number[] {
-  const bytes = new Set<number>();
-  for (const fd of fdsOn(pid, file)) {
-    let info = '';
-    try { info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'); } catch { continue; }
-    for (const l of parseLockLines(info)) for (let b = l.start; b <= Math.min(l.end, 300); b++) bytes.add(b);
-  }
-  return [...bytes].sort((a, b) => a - b);
-}
-
-async function poll<T>(fn: () => T | null | undefined | false, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = fn();
-    if (v !== null && v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-interface Holder { pid: number; program: string; stop: () => Promise<void> }
-
-/**
- * Starts a QEMU process that keeps `img` open: `qemu-io [-r] IMG` with its stdin left open, or
- * `qemu-nbd -t -k SOCK IMG`. Resolves once its locks on `img` are visible in /proc.
- */
-async function startHolder(kind: 'qemu-io' | 'qemu-io -r' | 'qemu-nbd', img: string, sock: string): Promise<Holder> {
-  const program = kind === 'qemu-nbd' ? 'qemu-nbd' : 'qemu-io';
-  const args = kind === 'qemu-nbd' ? ['-f', 'qcow2', '-t', '-k', sock, img] : kind === 'qemu-io -r' ? ['-r', img] : [img];
-  const child: ChildProcess = spawn(program, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stdout!.resume();
-  child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const pid = child.pid!;
-  const stop = () => new Promise<void>((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve();
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('exit', () => { clearTimeout(timer); resolve(); });
-    if (program === 'qemu-io') child.stdin!.end(); else child.kill('SIGTERM');
-  });
-  try {
-    await poll(() => {
-      if (child.exitCode !== null) throw new Error(`${kind} exited early (${child.exitCode}): ${stderr}`);
-      return lockBytes(pid, img).includes(100);
-    }, 15_000, `${kind} to lock ${img}`);
-  } catch (err) {
-    await stop();
-    throw err;
-  }
-  return { pid, program, stop };
-}
 
 /** base.qcow2 (16 MiB of 0x11 in its first MiB) <- top.qcow2 (0x22 in its second MiB). */
 function makeChain(path: (n: string) => string): { base: string; top: string } {
@@ -246,7 +178,7 @@ describeNative('image locks against QEMU', () => {
     // and write-unchanged) refuses to share write AND resize: bytes 100, 201, 203.
     it('Strata locks the same bytes as qemu-io -r for a read-only open', async () => {
       const c = fresh();
-      const h = await startHolder('qemu-io -r', c.top, c.sock);
+      const h = await startHolder('qemu-io', c.top, c.sock, { readOnly: true });
       const qTop = lockBytes(h.pid, c.top);
       const qBase = lockBytes(h.pid, c.base);
       await h.stop();
