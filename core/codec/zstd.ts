@@ -482,21 +482,18 @@ function ranOut(where: string | undefined, inPos: number, outPos: number, out: U
   return new CorruptImageError(`${label(where)}: zstd data ends at input byte ${inPos} with ${outPos} of ${out.length} bytes decompressed`);
 }
 
-/** Decompresses frames from `input` into `out` until it is full, as QEMU does. */
-export function zstdDecompressCluster(input: Uint8Array, out: Uint8Array, where?: string): void {
-  const b = requireBackend();
+/**
+ * The frames to decode, in order, until `out` is full (as QEMU does): each is handed to
+ * `decode(frame, outPos)`, which returns the bytes it produced. Sync and async share this walk.
+ */
+function* frameWalk(input: Uint8Array, out: Uint8Array, where: string | undefined): Generator<ZstdFrame, void, number> {
   let inPos = 0;
   let outPos = 0;
   while (outPos < out.length) {
     if (inPos >= input.length) throw ranOut(where, inPos, outPos, out);
     const frame = parseZstdFrame(input, inPos, out.length - outPos, where);
     if (!frame.skippable) {
-      let n: number;
-      try {
-        n = b.decodeFrame(input.subarray(frame.start, frame.end), out.subarray(outPos));
-      } catch (err) {
-        throw decodeError(where, frame, err);
-      }
+      const n: number = yield frame;
       checkLength(where, frame, n);
       outPos += n;
     }
@@ -504,24 +501,38 @@ export function zstdDecompressCluster(input: Uint8Array, out: Uint8Array, where?
   }
 }
 
+/** Decompresses frames from `input` into `out` until it is full, as QEMU does. */
+export function zstdDecompressCluster(input: Uint8Array, out: Uint8Array, where?: string): void {
+  const b = requireBackend();
+  const walk = frameWalk(input, out, where);
+  let outPos = 0;
+  for (let r = walk.next(0); !r.done; ) {
+    const frame = r.value;
+    let n: number;
+    try {
+      n = b.decodeFrame(input.subarray(frame.start, frame.end), out.subarray(outPos));
+    } catch (err) {
+      throw decodeError(where, frame, err);
+    }
+    r = walk.next(n);
+    outPos += n;
+  }
+}
+
 export async function zstdDecompressClusterAsync(input: Uint8Array, out: Uint8Array, where?: string): Promise<void> {
   const b = requireBackend();
-  let inPos = 0;
+  const walk = frameWalk(input, out, where);
   let outPos = 0;
-  while (outPos < out.length) {
-    if (inPos >= input.length) throw ranOut(where, inPos, outPos, out);
-    const frame = parseZstdFrame(input, inPos, out.length - outPos, where);
-    if (!frame.skippable) {
-      let n: number;
-      try {
-        n = await b.decodeFrameAsync(input.subarray(frame.start, frame.end), out.subarray(outPos));
-      } catch (err) {
-        throw decodeError(where, frame, err);
-      }
-      checkLength(where, frame, n);
-      outPos += n;
+  for (let r = walk.next(0); !r.done; ) {
+    const frame = r.value;
+    let n: number;
+    try {
+      n = await b.decodeFrameAsync(input.subarray(frame.start, frame.end), out.subarray(outPos));
+    } catch (err) {
+      throw decodeError(where, frame, err);
     }
-    inPos = frame.end;
+    r = walk.next(n);
+    outPos += n;
   }
 }
 
