@@ -63,10 +63,11 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
 
     // Each window yielded gets the next turn number (skipped ranges take none).
-    async function* windows(): AsyncGenerator<{ off: number; turn: number }> {
+    async function* windows(): AsyncGenerator<{ off: number; turn: number; hasData: boolean }> {
       let turn = 0;
       let off = 0;
       while (off < size) {
+        let hasData = false;
         if (target.zeroInitialized && !below) {
           // Jump over long runs that read as zero everywhere without visiting each window.
           const st = await chainBlockStatus(src, off, size - off);
@@ -74,8 +75,9 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
             const skipTo = Math.min(size, Math.floor((off + st.length) / chunk) * chunk);
             if (skipTo > off) { progress.add(skipTo - off); off = skipTo; continue; }
           }
+          hasData = !st.zero;
         }
-        yield { off, turn: turn++ };
+        yield { off, turn: turn++, hasData };
         off += chunk;
       }
     }
@@ -83,18 +85,19 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     // the file system's and the target's allocation sequential.
     const gate = new OrderedGate();
 
-    await runPool(windows(), width, async ({ off, turn }, slot) => {
+    await runPool(windows(), width, async ({ off, turn, hasData }, slot) => {
       try {
-        await processWindow(off, slot, turn);
+        await processWindow(off, slot, turn, hasData);
       } finally {
         gate.done(turn);
       }
     }, ctx.signal);
 
-    async function processWindow(off: number, slot: number, turn: number): Promise<void> {
+    async function processWindow(off: number, slot: number, turn: number, hasData: boolean): Promise<void> {
       if (ctx.signal?.aborted) throw new CancelledError();
       const len = Math.min(chunk, size - off);
-      const zeroWindow = await windowIsZero(src, off, len);
+      // The window generator already knows when the window starts with data: no second walk.
+      const zeroWindow = !hasData && (await windowIsZero(src, off, len));
       if (zeroWindow && target.zeroInitialized) { progress.add(len); return; }
       const buf = srcBufs[slot]!.subarray(0, len);
       if (zeroWindow) buf.fill(0);
