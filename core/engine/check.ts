@@ -84,6 +84,11 @@ function newRefArray(order: number, n: number): RefArray {
   return new Float64Array(n);
 }
 
+/** Big-endian u32 at `o` (index arithmetic: cheaper than Buffer#readUInt32BE in hot loops). */
+function u32(b: Uint8Array, o: number): number {
+  return ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
+}
+
 function hex(n: number | bigint): string { return n.toString(16); }
 function hex64(hi: number, lo: number): string { return ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16); }
 /** C's %#x: "0" for zero, "0x..." otherwise. */
@@ -150,15 +155,30 @@ class TableReader {
   private static readonly WINDOW = 256 * 1024;
   private start = -1;
   private buf: Buffer = Buffer.alloc(0);
+  /** Requests the current window served; a window that served one turns read-ahead off. */
+  private served = 0;
+  private readAhead = true;
+  private lastEnd = -1;
   constructor(private readonly file: BlockFile, private readonly fileSize: number) {}
 
   async read(offset: number, len: number): Promise<Buffer> {
     if (len * 4 > TableReader.WINDOW || offset >= this.fileSize) return readAt(this.file, this.fileSize, offset, len);
-    if (this.start < 0 || offset < this.start || offset + len > this.start + this.buf.length) {
-      this.start = offset;
-      this.buf = await readAt(this.file, this.fileSize, offset, Math.min(TableReader.WINDOW, Math.max(len, this.fileSize - offset)));
+    const sequential = offset === this.lastEnd;
+    this.lastEnd = offset + len;
+    if (this.start >= 0 && offset >= this.start && offset + len <= this.start + this.buf.length) {
+      this.served++;
+      return Buffer.from(this.buf.subarray(offset - this.start, offset - this.start + len));
     }
-    return Buffer.from(this.buf.subarray(offset - this.start, offset - this.start + len));
+    // Tables far apart (metadata-preallocated images): reading ahead only copies data.
+    if (this.start >= 0 && this.served <= 1) this.readAhead = sequential;
+    else if (sequential) this.readAhead = true;
+    if (!this.readAhead) return readAt(this.file, this.fileSize, offset, len);
+    // Start and contents change together, after the read: concurrent reads stay consistent.
+    const buf = await readAt(this.file, this.fileSize, offset, Math.min(TableReader.WINDOW, Math.max(len, this.fileSize - offset)));
+    this.start = offset;
+    this.buf = buf;
+    this.served = 1;
+    return Buffer.from(buf.subarray(0, len));
   }
 
   invalidate(): void { this.start = -1; }
@@ -311,16 +331,6 @@ class StoredRefcounts {
     return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
   }
 
-  /** The refcount when its block is the one last used (no await needed), else undefined. */
-  peek(cluster: number): number | null | undefined {
-    const b = Math.floor(cluster / this.entries);
-    if (b !== this.lastIndex) return undefined;
-    const blk = this.lastBlock;
-    if (blk === null) return null;
-    if (blk === 'zero') return 0;
-    return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
-  }
-
   get blockEntries(): number { return this.entries; }
 }
 
@@ -407,9 +417,26 @@ class Checker {
   private readonly l2Tables = new Map<number, Buffer>();
   private l2TableBytes = 0;
 
+  /** L2 reads started ahead of their turn (read-only checks), by offset. */
+  private readonly prefetched = new Map<number, Promise<Buffer>>();
+
+  /** Starts reading the L2 table at `offset` so the next checkL2 finds it on its way. */
+  private prefetchL2(offset: number): void {
+    if (this.fix !== 0 || offset === 0 || offset % this.cs !== 0 || offset >= this.st.fileSize) return;
+    if (this.l2Tables.has(offset) || this.prefetched.has(offset)) return;
+    const p = this.readL2(offset);
+    p.catch(() => {}); // the real read reports it
+    this.prefetched.set(offset, p);
+  }
+
   private async readL2(offset: number): Promise<Buffer> {
     const hit = this.l2Tables.get(offset);
     if (hit) return hit;
+    const pending = this.prefetched.get(offset);
+    if (pending) {
+      this.prefetched.delete(offset);
+      return pending;
+    }
     const t = await this.reader.read(offset, this.cs);
     if (this.l2TableBytes + t.length <= 64 * 1024 * 1024) {
       this.l2Tables.set(offset, t);
@@ -457,10 +484,20 @@ class Checker {
     const cs = this.cs;
     this.inc(l1Offset, l1Size * 8);
     const l1 = active && l1Offset === this.st.l1Offset ? this.st.l1 : await this.read(l1Offset, l1Size * 8);
+    let ahead = 0;
     for (let i = 0; i < l1Size; i++) {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
       if (hi === 0 && lo === 0) { this.tick(); continue; }
+      // Keep one table read in flight while this one is walked.
+      for (ahead = Math.max(ahead, i + 1); ahead < l1Size; ahead++) {
+        const nhi = l1.readUInt32BE(ahead * 8);
+        const nlo = l1.readUInt32BE(ahead * 8 + 4);
+        if (nhi === 0 && nlo === 0) continue;
+        this.prefetchL2((nhi & 0x00ffffff) * TWO32 + ((nlo & 0xfffffe00) >>> 0));
+        ahead++;
+        break;
+      }
       this.hooks.checkCancelled?.();
       if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
         this.log(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
@@ -489,12 +526,34 @@ class Checker {
     const hiShift = csizeShift - 32;
     const offsetHiMask = (1 << hiShift) - 1;
     const csizeMask = (1 << (st.clusterBits - 8)) - 1;
+    // The common entry (standard L2, normal, aligned, inside the file, refcount not at its
+    // maximum) is counted inline: millions of them in a large image.
+    const imrt = this.imrt;
+    const max = this.max;
+    const clustersInFile = Math.ceil(st.fileSize / cs);
     for (let i = 0; i < st.l2Entries; i++) {
       const o = i * es;
-      let hi = table.readUInt32BE(o);
-      const lo = table.readUInt32BE(o + 4);
-      const bmZero = ext ? table.readUInt32BE(o + 8) : 0;
-      const bmAlloc = ext ? table.readUInt32BE(o + 12) : 0;
+      let hi = u32(table, o);
+      const lo = u32(table, o + 4);
+      if (!ext && (hi & 0x7f000000) === 0 && (lo & 0x1ff) === 0 && (hi | lo) !== 0) {
+        const offset = (hi & 0x00ffffff) * TWO32 + lo;
+        const k = offset / cs;
+        if (k === Math.floor(k) && k < clustersInFile) {
+          const r = imrt[k]!;
+          if (r < max) {
+            imrt[k] = r + 1;
+            if (k >= this.n) this.n = k + 1;
+            if (fragInfo) {
+              this.res.allocatedClusters++;
+              if (nextContiguous && offset !== nextContiguous) this.res.fragmentedClusters++;
+              nextContiguous = offset + cs;
+            }
+            continue;
+          }
+        }
+      }
+      const bmZero = ext ? u32(table, o + 8) : 0;
+      const bmAlloc = ext ? u32(table, o + 12) : 0;
       if (hi === 0 && lo === 0 && bmZero === 0 && bmAlloc === 0) continue;
       const compressed = (hi & 0x40000000) !== 0;
       if (!compressed && ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0)) {
@@ -664,27 +723,40 @@ class Checker {
   }
 
   /**
-   * compare_refcounts. With `final`, also fills it with the refcounts the image must end up
-   * with: the stored ones, except where this pass fixes them (computed ones instead).
+   * compare_refcounts. Fills `final` with the refcounts the image must end up with: the stored
+   * ones, except where this pass fixes them (computed ones instead). Blocks that cannot be
+   * read go into `unreadable` (their clusters get the computed refcounts in `final`).
    */
-  async compare(stored: StoredRefcounts, fix: number, final: RefArray | null): Promise<void> {
+  async compare(stored: StoredRefcounts, fix: number, final: RefArray, unreadable?: Set<number>): Promise<void> {
     const E = stored.blockEntries;
     const order = this.st.refcountOrder;
+    const imrt = this.imrt;
     this.highestCluster = 0;
     for (let b = 0; b * E < this.n; b++) {
       this.hooks.checkCancelled?.();
       const blk = await stored.block(b);
+      if (blk === null) unreadable?.add(b);
       const end = Math.min(this.n, (b + 1) * E);
-      for (let i = b * E; i < end; i++) {
-        const computed = this.imrt[i]!;
+      let i = b * E;
+      if (blk !== null && blk !== 'zero' && order === 4) {
+        // 16-bit refcounts (the default): the matching entries without a call per cluster.
+        for (let j = 0; i < end; i++, j += 2) {
+          const s = (blk[j]! << 8) | blk[j + 1]!;
+          final[i] = s;
+          if (s !== imrt[i]) break;
+          if (s > 0) this.highestCluster = i;
+        }
+      }
+      for (; i < end; i++) {
+        const computed = imrt[i]!;
         if (blk === null) {
           this.log(`Can't get refcount for cluster ${i}: Input/output error`);
           this.res.checkErrors++;
-          if (final) final[i] = computed;
+          final[i] = computed;
           continue;
         }
         const s = blk === 'zero' ? 0 : getRefcount(blk, i - b * E, order);
-        if (final) final[i] = s;
+        final[i] = s;
         if (s > 0 || computed > 0) this.highestCluster = i;
         if (s === computed) continue;
         let fixed: 'leak' | 'corruption' | null = null;
@@ -696,21 +768,27 @@ class Checker {
         else if (fixed === 'corruption') this.res.corruptionsFixed++;
         else if (s < computed) this.res.corruptions++;
         else this.res.leaks++;
-        if (fixed && final) final[i] = computed;
+        if (fixed) final[i] = computed;
       }
       this.tick();
     }
   }
 
   /**
-   * check_oflag_copied over the active L1 and its L2 tables, against `refcount` (the
-   * refcounts the image has, or will have once the repair is written). Returns the flags to
-   * change when `repair`.
+   * check_oflag_copied over the active L1 and its L2 tables, against `refs` (the refcounts the
+   * image has, or will have once the repair is written). Returns the flags to change when
+   * `repair`.
    */
-  async checkCopiedFlags(refcount: (cluster: number) => Promise<number | null>, repair: boolean, peek?: (cluster: number) => number | null | undefined): Promise<FlagFix[]> {
+  async checkCopiedFlags(refs: RefLookup, repair: boolean): Promise<FlagFix[]> {
     const st = this.st;
     const cs = this.cs;
     const fixes: FlagFix[] = [];
+    const { refs: known, n: knownN, entries: E, unreadable } = refs;
+    const anyUnreadable = unreadable.size > 0;
+    const refcount = async (cluster: number): Promise<number | null> => {
+      if (cluster >= knownN) return refs.beyond(cluster);
+      return anyUnreadable && unreadable.has(Math.floor(cluster / E)) ? null : known[cluster]!;
+    };
     for (let i = 0; i < st.l1Size; i++) {
       const hi = st.l1.readUInt32BE(i * 8);
       const lo = st.l1.readUInt32BE(i * 8 + 4);
@@ -730,15 +808,14 @@ class Checker {
       const table = await this.readL2(l2Offset);
       const es = st.l2EntrySize;
       for (let j = 0; j < st.l2Entries; j++) {
-        const ehi = table.readUInt32BE(j * es);
-        const elo = table.readUInt32BE(j * es + 4);
+        const ehi = u32(table, j * es);
+        const elo = u32(table, j * es + 4);
         if (ehi & 0x40000000) continue; // compressed
         const dataOffset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
         if (dataOffset === 0) continue; // unallocated or plain zero
-        // Millions of entries: take the synchronous path while the refcount block is at hand.
+        // Millions of entries: a plain array lookup for the clusters the passes counted.
         const cluster = Math.floor(dataOffset / cs);
-        let rc = peek?.(cluster);
-        if (rc === undefined) rc = await refcount(cluster);
+        const rc = cluster < knownN && !anyUnreadable ? known[cluster]! : await refcount(cluster);
         if (rc === null) continue;
         if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
           this.res.corruptions++;
@@ -754,6 +831,19 @@ class Checker {
     }
     return fixes;
   }
+}
+
+/**
+ * Refcounts for the COPIED-flag pass: `refs` for clusters [0, n) (except those in refcount
+ * blocks that could not be read, which count as unknown), `beyond` for the rest.
+ */
+interface RefLookup {
+  refs: RefArray;
+  n: number;
+  /** Entries per refcount block, for `unreadable`. */
+  entries: number;
+  unreadable: Set<number>;
+  beyond: (cluster: number) => Promise<number | null>;
 }
 
 /**
@@ -861,8 +951,8 @@ async function writeRefcountStructure(
 }
 
 /** The refcounts `final` describes (0 past it: the new structure covers nothing else). */
-function finalGetter(final: RefArray, n: number): (cluster: number) => Promise<number | null> {
-  return async (c) => (c < n ? final[c]! : 0);
+function finalLookup(final: RefArray, n: number, entries: number): RefLookup {
+  return { refs: final, n, entries, unreadable: new Set(), beyond: async () => 0 };
 }
 
 /**
@@ -887,12 +977,17 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
     let flagFixes: FlagFix[] = [];
     let rewrite = false;
 
+    const E = stored.blockEntries;
+    const unreadable = new Set<number>();
+    // The stored refcounts, as compare() read them: what the COPIED flags are checked against.
+    const storedLookup = (arr: RefArray): RefLookup => ({ refs: arr, n: ck!.n, entries: E, unreadable, beyond: (c) => stored.get(c) });
     if (fix === 0) {
-      await ck.compare(stored, 0, null);
-      await ck.checkCopiedFlags((c) => stored.get(c), false, (c) => stored.peek(c));
+      final = newRefArray(st.refcountOrder, ck.n);
+      await ck.compare(stored, 0, final, unreadable);
+      await ck.checkCopiedFlags(storedLookup(final), false);
     } else {
       final = newRefArray(st.refcountOrder, ck.n);
-      await ck.compare(stored, 0, final);
+      await ck.compare(stored, 0, final, unreadable);
       if (ck.rebuild && (fix & FIX_ERRORS)) {
         // QEMU: rebuild_refcount_structure from the computed refcounts, then recount.
         const old = { ...ck.res };
@@ -901,7 +996,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         final.set(ck.imrt.subarray(0, ck.n));
         for (const [c, k] of ck.structureRefs) final[c] = final[c]! - k;
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
-        const fixes = await ck.checkCopiedFlags(finalGetter(final, ck.n), true);
+        const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
         await writeFlagFixes(file, st, fixes, false);
         await file.flush();
@@ -931,15 +1026,14 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         }
         if (ck.res.leaks || ck.res.corruptions) {
           Object.assign(ck.res, preCompare);
-          await ck.compare(stored, fix, final);
+          await ck.compare(stored, fix, final, unreadable);
           rewrite = ck.res.leaksFixed > preCompare.leaksFixed || ck.res.corruptionsFixed > preCompare.corruptionsFixed;
         }
         if (rewrite) {
           for (const [c, k] of ck.structureRefs) final[c] = ck.imrt[c]! - k;
         }
         const repairFlags = (fix & FIX_ERRORS) !== 0 || (!ck.res.checkErrors && !ck.res.corruptions && !ck.res.leaks);
-        const getter = rewrite ? finalGetter(final, ck.n) : (c: number) => stored.get(c);
-        flagFixes = await ck.checkCopiedFlags(getter, repairFlags, rewrite ? undefined : (c) => stored.peek(c));
+        flagFixes = await ck.checkCopiedFlags(rewrite ? finalLookup(final, ck.n, E) : storedLookup(final), repairFlags);
         await writeFlagFixes(file, st, flagFixes, false);
         if (rewrite) {
           await file.flush();
