@@ -54,6 +54,14 @@ type Qcow2Ctor<T> = new (
   snapshotTableSize: number, fileSize: number, l2Cache: TableCache | null, opts: Qcow2OpenOptions,
 ) => T;
 
+/** True when the L2 entry at byte `o` (and, extended, its bitmap) is all zero: unallocated. */
+function isEmptyEntry(t: Buffer, o: number, es: number): boolean {
+  for (let i = o; i < o + es; i += 4) {
+    if (t[i] !== 0 || t[i + 1] !== 0 || t[i + 2] !== 0 || t[i + 3] !== 0) return false;
+  }
+  return true;
+}
+
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2' as const;
   backing: DiskImage | null = null;
@@ -205,20 +213,35 @@ export class Qcow2Image implements DiskImage {
         continue;
       }
       const table = await this.l2Table(l2Offset);
+      const where = () => `of the L2 table at 0x${l2Offset.toString(16)}`;
+      const es = g.extendedL2 ? 16 : 8;
       while (pos < spanEnd) {
         if (firstOnly && out.length > 1) break;
         const clusterIndex = Math.floor(pos / g.clusterSize);
         const clusterStart = clusterIndex * g.clusterSize;
-        const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
         const l2Index = clusterIndex % g.l2Entries;
-        const entry = decodeL2Entry(table, l2Index, g, () => `of the L2 table at 0x${l2Offset.toString(16)}`, this.filename);
+        if (isEmptyEntry(table, l2Index * es, es)) {
+          // A run of unallocated entries (sparse overlays are mostly these): one run, no decoding.
+          let k = l2Index + 1;
+          const kEnd = l2Index + Math.ceil((spanEnd - clusterStart) / g.clusterSize);
+          while (k < kEnd && isEmptyEntry(table, k * es, es)) k++;
+          const runEnd = Math.min(spanEnd, clusterStart + (k - l2Index) * g.clusterSize);
+          push(pos, runEnd - pos, 'unallocated', null);
+          pos = runEnd;
+          continue;
+        }
+        const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
+        const entry = decodeL2Entry(table, l2Index, g, where, this.filename);
         if (entry.kind === 'compressed') {
           this.checkCompressed(entry, clusterStart);
           push(pos, clusterEnd - pos, 'compressed', null, { hostOffset: entry.hostOffset, sectors: entry.sectors, clusterStart });
           pos = clusterEnd;
           continue;
         }
-        if (entry.kind === 'normal' || entry.kind === 'zero') await this.checkDataCluster(entry, clusterStart);
+        if ((entry.kind === 'normal' || entry.kind === 'zero') && entry.hostOffset !== 0 &&
+            (entry.hostOffset < g.clusterSize || entry.hostOffset >= this.fileSize)) {
+          await this.checkDataCluster(entry, clusterStart);
+        }
         if (!g.extendedL2) {
           this.pushState(push, subclusterState(entry, null, 0), pos, clusterEnd - pos, entry, pos - clusterStart);
           pos = clusterEnd;
