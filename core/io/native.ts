@@ -53,6 +53,12 @@ export interface NativeApi {
    * system cannot (tmpfs, NFS, ...): see isUnsupported(). len 0 is a no-op.
    */
   zeroRange(fd: number, offset: number, len: number): void;
+  /**
+   * sync_file_range(SYNC_FILE_RANGE_WRITE): starts writing the range's dirty pages to the
+   * device and returns without waiting (len 0 = to the end of the file). Durability still
+   * needs a flush; this only leaves the flush less to wait for.
+   */
+  startWriteback(fd: number, offset: number, len: number): void;
 }
 
 export interface NativeStatus {
@@ -66,7 +72,7 @@ export interface NativeStatus {
 /** Where the addon lives relative to the repository (or package) root. */
 export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
 
-const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange'] as const satisfies readonly (keyof NativeApi)[];
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback'] as const satisfies readonly (keyof NativeApi)[];
 
 let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
 

@@ -16,6 +16,7 @@ function writeAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: 
  * Larger requests (convert's 2 MiB windows) go to the pool, where they overlap.
  */
 const SYNC_IO_MAX = 256 * 1024;
+const WRITEBACK_STEP = 16 * 1024 * 1024;
 import type { BlockFile, HostExtent } from './block-file';
 import { IoError, ioError } from '../errors';
 import { native } from './native';
@@ -110,6 +111,7 @@ export class NodeFile implements BlockFile {
     if (this.writesQueued === 0 && buf.length <= SYNC_IO_MAX) {
       try {
         this.writeNowSync(buf, offset);
+        if (!this.unsafe) this.noteWritten(buf.length);
         return Promise.resolve();
       } catch (err) {
         return Promise.reject(err);
@@ -117,9 +119,25 @@ export class NodeFile implements BlockFile {
     }
     this.writesQueued++;
     const p = this.writeTail.then(() => (buf.length <= SYNC_IO_MAX ? this.writeNowSync(buf, offset) : this.writeNowAsync(buf, offset)));
+    if (!this.unsafe) void p.then(() => this.noteWritten(buf.length), () => {});
     const settled = p.then(() => { this.writesQueued--; }, () => { this.writesQueued--; });
     this.writeTail = settled;
     return p;
+  }
+
+  /** Bytes written since writeback was last started (files that will be flushed only). */
+  private unstarted = 0;
+
+  /**
+   * Bulk writes to a file that will be flushed start their writeback every WRITEBACK_STEP
+   * bytes, so the disk works while the job is still copying and the final flush (commit's,
+   * mirror's) has little left to wait for. Only a hint: errors are left to the flush.
+   */
+  private noteWritten(n: number): void {
+    this.unstarted += n;
+    if (this.unstarted < WRITEBACK_STEP || this.closed) return;
+    this.unstarted = 0;
+    try { native()?.startWriteback(this.fh.fd, 0, 0); } catch { /* the flush reports real errors */ }
   }
 
   private writeNowSync(buf: Uint8Array, offset: number): void {
