@@ -12,7 +12,8 @@ import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } fro
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { NodeFile } from '../io/node-file';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
-import { ensureSpace, explainNoSpace } from '../io/space';
+import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
+import { qcow2PreallocSize } from './measure';
 import { runPool } from './pool';
 
 export interface CommitOptions {
@@ -95,8 +96,17 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       if (base instanceof Qcow2Writable) await base.grow(size);
       else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
     }
-    const needed = await commitSpaceNeeded(ctx, above, base, size);
-    ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
+    // The exact figure needs a walk over every layer; skip it when even a base filled to its
+    // full size (data and metadata) fits.
+    const free = freeSpace(oldBase.filename);
+    const worst = base instanceof Qcow2Writable
+      ? qcow2PreallocSize(size, base.geometry.clusterSize, base.header.refcountOrder, base.geometry.extendedL2)
+      : size;
+    let needed: number | undefined;
+    if (free !== null && worst > free) {
+      needed = await commitSpaceNeeded(ctx, above, base, size);
+      ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
+    }
     const dependents = await dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('copying into base');

@@ -11,8 +11,8 @@ import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
-import { measure } from './measure';
-import { ensureSpace, explainNoSpace } from '../io/space';
+import { measure, qcow2PreallocSize } from './measure';
+import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
 import { stat } from 'node:fs/promises';
 
 export interface ConvertOptions extends TargetSpec {
@@ -193,9 +193,18 @@ class OrderedGate {
 /**
  * What a fresh target will take (qemu-img measure's `required`, or the data for raw), checked
  * against the free space (plus what an existing file there gives back when truncated).
+ * Undefined when even a fully allocated target fits: then the walk over the source that
+ * the exact figure needs is not worth its time.
  */
-export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: string, opts: TargetSpec): Promise<number> {
+export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: string, opts: TargetSpec): Promise<number | undefined> {
   const c = opts.create ?? {};
+  let reclaimed = 0;
+  try { reclaimed = (await stat(targetPath)).blocks * 512; } catch { /* no file there yet */ }
+  const free = freeSpace(targetPath);
+  const worst = opts.format === 'raw'
+    ? Math.ceil(src.virtualSize / 512) * 512
+    : qcow2PreallocSize(src.virtualSize, c.clusterSize ?? 65536, Math.log2(c.refcountBits ?? 16), !!c.extendedL2);
+  if (free === null || worst <= free + reclaimed) return undefined;
   const m = await measure(ctx, {
     format: 'qcow2', clusterSize: c.clusterSize ?? 65536, refcountBits: c.refcountBits ?? 16,
     extendedL2: !!c.extendedL2, hasBacking: !!c.backingFile,
@@ -210,8 +219,6 @@ export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: s
       off += st.length;
     }
   }
-  let reclaimed = 0;
-  try { reclaimed = (await stat(targetPath)).blocks * 512; } catch { /* no file there yet */ }
   ensureSpace(targetPath, needed - reclaimed, `the converted image`);
   return needed;
 }
