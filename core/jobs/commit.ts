@@ -107,7 +107,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       needed = await commitSpaceNeeded(ctx, above, base, size);
       ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
     }
-    const dependents = await dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
+    // Only reads other files' headers (it never fails): it runs while the data is copied.
+    const dependents = dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('copying into base');
     const chunk = opts.chunkSize ?? 2 << 20;
@@ -155,7 +156,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       try { emptied = await makeEmpty(top); } catch (err) { throw explainNoSpace(err, path); }
     }
     progress.done();
-    return { base: oldBase.filename, bytesCopied, emptied, otherDependents: dependents };
+    return { base: oldBase.filename, bytesCopied, emptied, otherDependents: await dependents };
   } finally {
     await closeChain(top);
     await closeChain(base);
