@@ -8,6 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { transformSync } from 'esbuild';
 import { isUnsupported, native, nativeStatus, type NativeApi } from '../../../core/io/native';
+import { NodeFile } from '../../../core/io/node-file';
 import { describeOracle, qemuImg, tempDir } from '../../oracle/qemu';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
@@ -228,6 +229,48 @@ describeNative('native addon: holes', () => {
     expect(err).toBeInstanceOf(Error);
     expect(err).toMatchObject({ code: 'EBADF', errno: -9, syscall: 'lseek(SEEK_DATA)' });
     expect((err as Error).message).toMatch(/^EBADF: /);
+  }));
+
+  it('startWriteback starts writing dirty pages without changing what the file reads', () => withTemp((p) => {
+    const file = p('wb.bin');
+    const data = Buffer.alloc(4 * MiB);
+    for (let i = 0; i < data.length; i += 4096) data.fill(i / 4096, i, i + 4096);
+    const fd = openSync(file, 'w+');
+    try {
+      writeSync(fd, data, 0, data.length, 0);
+      n().startWriteback(fd, 0, 0);
+      n().startWriteback(fd, MiB, MiB);
+      expect(readAt(fd, 0, data.length).equals(data)).toBe(true);
+      expect(fstatSync(fd).size).toBe(4 * MiB);
+      expect(() => n().startWriteback(fd, -1, 0)).toThrow(TypeError);
+    } finally {
+      closeSync(fd);
+    }
+    expect(() => n().startWriteback(fd, 0, 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'sync_file_range' }));
+  }));
+
+  it('NodeFile starts writeback every 16 MiB on files it will flush, never on cache=unsafe targets', async () => withTempAsync(async (p) => {
+    const a = n();
+    const calls: number[] = [];
+    const original = a.startWriteback;
+    a.startWriteback = (fd, off, len) => { calls.push(fd); original.call(a, fd, off, len); };
+    try {
+      const chunk = Buffer.alloc(MiB, 0x5a);
+      for (const unsafe of [false, true]) {
+        calls.length = 0;
+        const f = await NodeFile.open(p(`nf-${unsafe}.bin`), { create: 'new', unsafe });
+        try {
+          // 1 MiB requests go through the queued path, 64 KiB ones through the direct one.
+          for (let i = 0; i < 20; i++) await f.write(chunk, i * MiB);
+          for (let i = 0; i < 64; i++) await f.write(chunk.subarray(0, 64 * KiB), 20 * MiB + i * 64 * KiB);
+        } finally {
+          await f.close();
+        }
+        expect(calls.length, `unsafe=${unsafe}`).toBe(unsafe ? 0 : 1);
+      }
+    } finally {
+      a.startWriteback = original;
+    }
   }));
 });
 
