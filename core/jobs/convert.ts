@@ -81,8 +81,8 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         off += chunk;
       }
     }
-    // Reads overlap; writes go out in guest order (as qemu-img does without -W), which keeps
-    // the file system's and the target's allocation sequential.
+    // Reads overlap; writes are started in guest order (as qemu-img does without -W), which
+    // keeps the file system's and the target's allocation sequential.
     const gate = new OrderedGate();
 
     await runPool(windows(), width, async ({ off, turn, hasData }, slot) => {
@@ -128,8 +128,14 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         ? await Promise.all(pieces.map((pc) => (pc.kind === 'data' ? compressClusterAsync(q!.compressionType, padTo(buf.subarray(pc.start, pc.end), unit)) : null)))
         : null;
       await gate.wait(turn);
-      // One write at a time: concurrent writers to one file only contend for its inode lock.
-      for (const [i, pc] of pieces.entries()) await writePiece(pc, i);
+      // Started in guest order, the writes allocate in that order (the target's layout stays
+      // sequential), and the next window may start its own while these are still in flight:
+      // the target file takes them one at a time, but its queue no longer runs dry while the
+      // main thread finishes this window's metadata or scans another window.
+      const writes = pieces.map((pc, i) => writePiece(pc, i));
+      gate.done(turn);
+      const settled = await Promise.allSettled(writes);
+      for (const r of settled) if (r.status === 'rejected') throw r.reason;
       progress.add(len);
 
       async function writePiece(pc: Piece, i: number): Promise<void> {
@@ -178,8 +184,9 @@ class OrderedGate {
     return new Promise((r) => this.waiting.set(turn, r));
   }
 
-  /** Marks `turn` finished (also when it failed or had nothing to write). */
+  /** Marks `turn` finished (also when it failed or had nothing to write); again is a no-op. */
   done(turn: number): void {
+    if (turn < this.next || this.finished.has(turn)) return;
     this.finished.add(turn);
     while (this.finished.has(this.next)) {
       this.finished.delete(this.next);
