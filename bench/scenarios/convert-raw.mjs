@@ -11,6 +11,7 @@
 import { closeSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { assertIdentical, exec, prng, GiB, KiB, MiB } from '../lib/util.mjs';
+import { textCorpus } from '../lib/allocated-source.mjs';
 
 const VIRTUAL_SIZE = 2 * GiB;
 const DATA_BYTES = 1 * GiB;
@@ -53,23 +54,6 @@ function plan() {
   return { runs, overlays, writeOrder: r.shuffle(runs.map((_, i) => i)) };
 }
 
-/** ~8 MiB of log-like lines: compressible (deflate ~4x), never zero. */
-function textCorpus() {
-  const r = prng(SEED ^ 0x7e47);
-  const words = ['GET', 'POST', 'PUT', 'request', 'handled', 'cache', 'miss', 'hit', 'user', 'session', 'token', 'refresh', 'items', 'orders', 'invoice', 'timeout', 'retry', 'backend', 'upstream', 'ok'];
-  const levels = ['INFO ', 'DEBUG', 'WARN ', 'ERROR'];
-  const parts = [];
-  let size = 0;
-  for (let i = 0; size < 8 * MiB; i++) {
-    const ts = new Date(1_700_000_000_000 + i * 137).toISOString();
-    const msg = Array.from({ length: r.int(3, 9) }, () => words[r.int(0, words.length - 1)]).join(' ');
-    const line = `${ts} ${levels[r.int(0, 3)]} [worker-${r.int(0, 15)}] ${msg} id=${r.int(0, 1e9).toString(16)} path=/api/v1/${words[r.int(0, 19)]}/${r.int(1, 99999)} status=${[200, 200, 200, 404, 500][r.int(0, 4)]} ms=${r.int(0, 2000)}\n`;
-    parts.push(line);
-    size += line.length;
-  }
-  return Buffer.from(parts.join(''), 'latin1');
-}
-
 export default {
   name: 'convert-raw',
   description: '2 GiB qcow2 (64 KiB clusters, 1 GiB mixed data, fragmented) -> raw',
@@ -84,7 +68,7 @@ export default {
     const { runs, overlays, writeOrder } = plan();
     log(`convert-raw: writing ${runs.length} runs + ${overlays.length} zero overlays into a 2 GiB qcow2`);
     await exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, src, String(VIRTUAL_SIZE)]);
-    const corpus = textCorpus();
+    const corpus = textCorpus(SEED ^ 0x7e47);
     const urandom = openSync('/dev/urandom', 'r');
     const cmds = [];
     try {
