@@ -15,7 +15,7 @@ import { openTarget } from '../../../core/jobs/target';
 import type { Progress } from '../../../core/jobs/job';
 import { closeChain, openImage } from '../../../core/chain/open';
 import { CancelledError } from '../../../core/errors';
-import { fileHash, MiB } from './helpers';
+import { fileHash, MiB, randomBytes } from './helpers';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const SRC_SIZE = 512 * MiB;
@@ -40,15 +40,7 @@ function ensureBuilt(): void {
 
 /** 512 MiB of data everywhere (a random 4 MiB block, stamped with its index), as a raw file. */
 function writeDataSource(path: string): void {
-  const words = new Uint32Array(MiB);
-  let s = 7;
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    words[i] = s;
-  }
-  const block = Buffer.from(words.buffer);
+  const block = randomBytes(7, 4 * MiB);
   const fd = openSync(path, 'w');
   try {
     for (let i = 0; i < SRC_SIZE / block.length; i++) {

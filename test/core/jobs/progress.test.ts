@@ -11,21 +11,13 @@ import { mirror } from '../../../core/jobs/mirror';
 import { openTarget } from '../../../core/jobs/target';
 import type { Progress } from '../../../core/jobs/job';
 import { closeChain, openImage } from '../../../core/chain/open';
+import { MiB, randomBytes } from './helpers';
 
-const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
 
 /** 256 MiB raw: data in most of it (a random 1 MiB block, stamped), 32 MiB holes at two places. */
 function writeSource(path: string): void {
-  const words = new Uint32Array(MiB / 4);
-  let s = 3;
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    words[i] = s;
-  }
-  const block = Buffer.from(words.buffer);
+  const block = randomBytes(3, MiB);
   const fd = openSync(path, 'w');
   try {
     for (let i = 0; i < SIZE / MiB; i++) {
