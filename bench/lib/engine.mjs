@@ -1,8 +1,9 @@
 // Which strata build the benchmark runs. By default a copy of dist/strata.mjs (built first if
 // missing) taken at the start of the run, so a concurrent `npm run build` cannot swap the engine
-// between the runs of one benchmark. `--build` bundles the current sources instead (same esbuild
-// settings as scripts/build.mjs) into bench/out/engine/, leaving the shared dist/ alone; `--ref REV`
-// bundles core/ and cli/ as committed at REV (git archive into bench/out/ref-src/).
+// between the runs of one benchmark. `--build` bundles the current sources instead (with the
+// esbuild settings dist/ is built with: scripts/bundle-options.mjs) into bench/out/engine/,
+// leaving the shared dist/ alone; `--ref REV` bundles core/ and cli/ as committed at REV (git
+// archive into bench/out/ref-src/).
 // The copy lives below the repository, so the bundle still finds node_modules/ (zstd-napi) and
 // native/build/Release/strata_native.node by walking up from its own directory.
 import { spawnSync } from 'node:child_process';
@@ -29,19 +30,8 @@ function git(root, args) {
 
 async function bundle(entry, engineDir) {
   const { build: esbuild } = await import('esbuild');
-  await esbuild({
-    entryPoints: { strata: entry },
-    outdir: engineDir,
-    outExtension: { '.js': '.mjs' },
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    target: 'node20',
-    sourcemap: true,
-    external: ['zstd-napi'],
-    banner: { js: "import { createRequire as __strataCreateRequire } from 'node:module'; const require = __strataCreateRequire(import.meta.url);" },
-    logLevel: 'warning',
-  });
+  const { cliBundleOptions } = await import('../../scripts/bundle-options.mjs');
+  await esbuild(cliBundleOptions(entry, engineDir));
 }
 
 /**
