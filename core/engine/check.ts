@@ -89,6 +89,11 @@ function u32(b: Uint8Array, o: number): number {
   return ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
 }
 
+/** The offset field (bits 9-55) of an L1/L2/bitmap table entry given as two u32 halves. */
+function entryOffset(hi: number, lo: number): number {
+  return (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+}
+
 function hex(n: number | bigint): string { return n.toString(16); }
 function hex64(hi: number, lo: number): string { return ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16); }
 /** C's %#x: "0" for zero, "0x..." otherwise. */
@@ -316,16 +321,9 @@ class StoredRefcounts {
     return buf;
   }
 
-  private lastIndex = -1;
-  private lastBlock: Buffer | 'zero' | null = null;
-
   async get(cluster: number): Promise<number | null> {
     const b = Math.floor(cluster / this.entries);
-    if (b !== this.lastIndex) {
-      this.lastBlock = await this.block(b);
-      this.lastIndex = b;
-    }
-    const blk = this.lastBlock;
+    const blk = await this.block(b);
     if (blk === null) return null;
     if (blk === 'zero') return 0;
     return getRefcount(blk, cluster - b * this.entries, this.st.refcountOrder);
@@ -494,7 +492,7 @@ class Checker {
         const nhi = l1.readUInt32BE(ahead * 8);
         const nlo = l1.readUInt32BE(ahead * 8 + 4);
         if (nhi === 0 && nlo === 0) continue;
-        this.prefetchL2((nhi & 0x00ffffff) * TWO32 + ((nlo & 0xfffffe00) >>> 0));
+        this.prefetchL2(entryOffset(nhi, nlo));
         ahead++;
         break;
       }
@@ -503,7 +501,7 @@ class Checker {
         this.log(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
         this.res.corruptions++;
       }
-      const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const l2Offset = entryOffset(hi, lo);
       this.inc(l2Offset, cs);
       if (l2Offset % cs !== 0) {
         this.log(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -584,7 +582,7 @@ class Checker {
         }
         continue;
       }
-      const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const offset = entryOffset(hi, lo);
       const zeroFlag = !ext && (lo & 1) !== 0;
       if (offset === 0) {
         // ZERO_PLAIN or UNALLOCATED
@@ -665,7 +663,7 @@ class Checker {
         const hi = table.readUInt32BE(i * 8);
         const lo = table.readUInt32BE(i * 8 + 4);
         // BME_TABLE_ENTRY_RESERVED_MASK 0xff000000000001fe; offset mask 0x00fffffffffffe00
-        const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+        const offset = entryOffset(hi, lo);
         if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (offset !== 0 && ((lo & 1) !== 0 || offset % cs !== 0))) {
           this.res.corruptions++;
           continue;
@@ -792,7 +790,7 @@ class Checker {
     for (let i = 0; i < st.l1Size; i++) {
       const hi = st.l1.readUInt32BE(i * 8);
       const lo = st.l1.readUInt32BE(i * 8 + 4);
-      const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      const l2Offset = entryOffset(hi, lo);
       if (!l2Offset) { this.tick(); continue; }
       this.hooks.checkCancelled?.();
       const r = await refcount(Math.floor(l2Offset / cs));
@@ -811,7 +809,7 @@ class Checker {
         const ehi = u32(table, j * es);
         const elo = u32(table, j * es + 4);
         if (ehi & 0x40000000) continue; // compressed
-        const dataOffset = (ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0);
+        const dataOffset = entryOffset(ehi, elo);
         if (dataOffset === 0) continue; // unallocated or plain zero
         // Millions of entries: a plain array lookup for the clusters the passes counted.
         const cluster = Math.floor(dataOffset / cs);
@@ -973,21 +971,19 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
     if (fix & FIX_ERRORS) await file.flush(); // entries fix_l2_entry_by_zero rewrote
     const stored = new StoredRefcounts(file, st, log);
     const preCompare = { ...ck.res };
-    let final: RefArray | null = null;
     let flagFixes: FlagFix[] = [];
     let rewrite = false;
 
     const E = stored.blockEntries;
     const unreadable = new Set<number>();
-    // The stored refcounts, as compare() read them: what the COPIED flags are checked against.
-    const storedLookup = (arr: RefArray): RefLookup => ({ refs: arr, n: ck!.n, entries: E, unreadable, beyond: (c) => stored.get(c) });
+    const final = newRefArray(st.refcountOrder, ck.n);
+    await ck.compare(stored, 0, final, unreadable);
+    // The stored refcounts, as compare() read them: what the COPIED flags are checked against
+    // (until a repair changes `final`).
+    const storedLookup: RefLookup = { refs: final, n: ck.n, entries: E, unreadable, beyond: (c) => stored.get(c) };
     if (fix === 0) {
-      final = newRefArray(st.refcountOrder, ck.n);
-      await ck.compare(stored, 0, final, unreadable);
-      await ck.checkCopiedFlags(storedLookup(final), false);
+      await ck.checkCopiedFlags(storedLookup, false);
     } else {
-      final = newRefArray(st.refcountOrder, ck.n);
-      await ck.compare(stored, 0, final, unreadable);
       if (ck.rebuild && (fix & FIX_ERRORS)) {
         // QEMU: rebuild_refcount_structure from the computed refcounts, then recount.
         const old = { ...ck.res };
@@ -1033,7 +1029,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
           for (const [c, k] of ck.structureRefs) final[c] = ck.imrt[c]! - k;
         }
         const repairFlags = (fix & FIX_ERRORS) !== 0 || (!ck.res.checkErrors && !ck.res.corruptions && !ck.res.leaks);
-        flagFixes = await ck.checkCopiedFlags(rewrite ? finalLookup(final, ck.n, E) : storedLookup(final), repairFlags);
+        flagFixes = await ck.checkCopiedFlags(rewrite ? finalLookup(final, ck.n, E) : storedLookup, repairFlags);
         await writeFlagFixes(file, st, flagFixes, false);
         if (rewrite) {
           await file.flush();
