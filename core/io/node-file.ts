@@ -1,5 +1,8 @@
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
+import type { BlockFile, HostExtent } from './block-file';
+import { IoError, ioError } from '../errors';
+import { native } from './native';
 
 // The callback API costs the main thread less per request than FileHandle's promises.
 function readAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
@@ -17,9 +20,6 @@ function writeAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: 
  */
 const SYNC_IO_MAX = 256 * 1024;
 const WRITEBACK_STEP = 16 * 1024 * 1024;
-import type { BlockFile, HostExtent } from './block-file';
-import { IoError, ioError } from '../errors';
-import { native } from './native';
 
 export interface OpenOptions {
   writable?: boolean;
@@ -80,18 +80,13 @@ export class NodeFile implements BlockFile {
   async read(buf: Uint8Array, offset: number): Promise<number> {
     let done = 0;
     try {
-      if (buf.length <= SYNC_IO_MAX) {
-        // Small requests: a direct syscall costs less than a hand-off to the thread pool.
-        while (done < buf.length) {
-          const n = readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
-          if (n === 0) break;
-          done += n;
-        }
-      }
-      while (done < buf.length && buf.length > SYNC_IO_MAX) {
-        const bytesRead = await readAsync(this.fh.fd, buf, done, buf.length - done, offset + done);
-        if (bytesRead === 0) break;
-        done += bytesRead;
+      const direct = buf.length <= SYNC_IO_MAX;
+      while (done < buf.length) {
+        const n = direct
+          ? readSync(this.fh.fd, buf, done, buf.length - done, offset + done)
+          : await readAsync(this.fh.fd, buf, done, buf.length - done, offset + done);
+        if (n === 0) break;
+        done += n;
       }
     } catch (err) {
       throw ioError(err, this.path, `read of ${buf.length} bytes at offset ${offset} failed`);
@@ -111,7 +106,6 @@ export class NodeFile implements BlockFile {
     if (this.writesQueued === 0 && buf.length <= SYNC_IO_MAX) {
       try {
         this.writeNowSync(buf, offset);
-        if (!this.unsafe) this.noteWritten(buf.length);
         return Promise.resolve();
       } catch (err) {
         return Promise.reject(err);
@@ -119,9 +113,8 @@ export class NodeFile implements BlockFile {
     }
     this.writesQueued++;
     const p = this.writeTail.then(() => (buf.length <= SYNC_IO_MAX ? this.writeNowSync(buf, offset) : this.writeNowAsync(buf, offset)));
-    if (!this.unsafe) void p.then(() => this.noteWritten(buf.length), () => {});
-    const settled = p.then(() => { this.writesQueued--; }, () => { this.writesQueued--; });
-    this.writeTail = settled;
+    const dequeue = () => { this.writesQueued--; };
+    this.writeTail = p.then(dequeue, dequeue);
     return p;
   }
 
@@ -134,6 +127,7 @@ export class NodeFile implements BlockFile {
    * mirror's) has little left to wait for. Only a hint: errors are left to the flush.
    */
   private noteWritten(n: number): void {
+    if (this.unsafe) return;
     this.unstarted += n;
     if (this.unstarted < WRITEBACK_STEP || this.closed) return;
     this.unstarted = 0;
@@ -147,6 +141,7 @@ export class NodeFile implements BlockFile {
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
+    this.noteWritten(done);
   }
 
   private async writeNowAsync(buf: Uint8Array, offset: number): Promise<void> {
@@ -156,6 +151,7 @@ export class NodeFile implements BlockFile {
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
+    this.noteWritten(done);
   }
 
   async truncate(size: number): Promise<void> {
