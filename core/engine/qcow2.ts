@@ -238,9 +238,9 @@ export class Qcow2Image implements DiskImage {
           pos = clusterEnd;
           continue;
         }
-        if ((entry.kind === 'normal' || entry.kind === 'zero') && entry.hostOffset !== 0 &&
-            (entry.hostOffset < g.clusterSize || entry.hostOffset >= this.fileSize)) {
-          await this.checkDataCluster(entry, clusterStart);
+        if (entry.kind === 'normal' || entry.kind === 'zero') {
+          const pending = this.checkDataCluster(entry, clusterStart);
+          if (pending) await pending;
         }
         if (!g.extendedL2) {
           this.pushState(push, subclusterState(entry, null, 0), pos, clusterEnd - pos, entry, pos - clusterStart);
@@ -283,17 +283,22 @@ export class Qcow2Image implements DiskImage {
     }
   }
 
-  private async checkDataCluster(entry: { hostOffset: number }, guest: number): Promise<void> {
-    if (entry.hostOffset === 0) return;
+  /**
+   * Throws when a data cluster lies in the header or past the end of the file. Synchronous
+   * (undefined) in the common case; a promise only when the file size must be asked again.
+   */
+  private checkDataCluster(entry: { hostOffset: number }, guest: number): Promise<void> | undefined {
+    if (entry.hostOffset === 0) return undefined;
     if (entry.hostOffset < this.geometry.clusterSize) {
       throw new CorruptImageError(`guest offset ${guest} maps into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
     }
-    if (entry.hostOffset >= this.fileSize) {
+    if (entry.hostOffset < this.fileSize) return undefined;
+    return (async () => {
       this.fileSize = await this.file.size();
       if (entry.hostOffset >= this.fileSize) {
         throw new CorruptImageError(`guest offset ${guest} maps to host offset 0x${entry.hostOffset.toString(16)}, past the end of the file (${this.fileSize} bytes)`, this.filename);
       }
-    }
+    })();
   }
 
   private checkCompressed(entry: { hostOffset: number; sectors: number }, guest: number): void {
