@@ -212,19 +212,19 @@ export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: s
     ? Math.ceil(src.virtualSize / 512) * 512
     : qcow2PreallocSize(src.virtualSize, c.clusterSize ?? 65536, Math.log2(c.refcountBits ?? 16), !!c.extendedL2);
   if (free === null || worst <= free + reclaimed) return undefined;
-  const m = await measure(ctx, {
-    format: 'qcow2', clusterSize: c.clusterSize ?? 65536, refcountBits: c.refcountBits ?? 16,
-    extendedL2: !!c.extendedL2, hasBacking: !!c.backingFile,
-  }, src);
-  let needed = m.required;
+  let needed = 0;
   if (opts.format === 'raw') {
     // Raw targets hold exactly the data: count what is not zero.
-    needed = 0;
     for (let off = 0; off < src.virtualSize;) {
       const st = await chainBlockStatus(src, off, src.virtualSize - off);
       if (!st.zero) needed += st.length;
       off += st.length;
     }
+  } else {
+    needed = (await measure(ctx, {
+      format: 'qcow2', clusterSize: c.clusterSize ?? 65536, refcountBits: c.refcountBits ?? 16,
+      extendedL2: !!c.extendedL2, hasBacking: !!c.backingFile,
+    }, src)).required;
   }
   ensureSpace(targetPath, needed - reclaimed, `the converted image`);
   return needed;
