@@ -11,7 +11,7 @@
 // bench/out/cache/shared/<key>/src.qcow2; the scenarios link to it from their own cache dirs.
 import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { exec, prng, GiB, KiB, MiB } from './util.mjs';
+import { assertSameContent, exec, prng, GiB, KiB, MiB } from './util.mjs';
 
 const VIRTUAL_SIZE = 2 * GiB;
 const CLUSTER = 64 * KiB;
@@ -107,4 +107,41 @@ export async function linkAllocatedSource(dir, log) {
     log(`allocated source: using ${src}`);
   }
   symlinkSync(src, join(dir, 'src.qcow2'));
+}
+
+/**
+ * A `convert` scenario on the allocated source: `strata convert FLAGS -O qcow2` against
+ * `qemu-img convert FLAGS -O qcow2`, both with their defaults (the target is written with
+ * cache=unsafe, no flush at the end). Check: `qemu-img compare` of the two outputs.
+ */
+export function allocatedConvertScenario({ name, description, flags }) {
+  return {
+    name,
+    description,
+    cacheKey: ALLOCATED_SOURCE_KEY,
+    goals: { ratio: 1.0, strataRssMiB: 250 },
+
+    async setup(dir, { log }) {
+      await linkAllocatedSource(dir, log);
+    },
+
+    inputs: (dir) => [join(dir, 'src.qcow2')],
+
+    pairs(dir, work) {
+      const src = join(dir, 'src.qcow2');
+      const a = join(work, 'strata.qcow2');
+      const b = join(work, 'qemu.qcow2');
+      const argv = (out) => ['convert', ...flags, '-O', 'qcow2', src, out];
+      return [{
+        label: ['convert', ...flags, '-O qcow2'].join(' '),
+        strata: argv(a),
+        qemu: { cmd: 'qemu-img', argv: argv(b) },
+        outputs: { strata: [a], qemu: [b] },
+      }];
+    },
+
+    async check(dir, work, pair) {
+      await assertSameContent(pair.outputs.strata[0], pair.outputs.qemu[0]);
+    },
+  };
 }
