@@ -73,6 +73,8 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
   let nextOpenedHere = false;
   try {
     if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+    // Narrowed once, for the closures below.
+    const overlay: Qcow2Writable = top;
     let fmt: ImageFormat | null = opts.backingFormat ?? null;
     if (opts.backing) {
       const full = combineBackingPath(path, opts.backing);
@@ -113,7 +115,7 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
       let pos = 0;
       while (pos < size) {
         throwIfCancelled(ctx);
-        const [st] = await (top as Qcow2Writable).runs(pos, Math.min(chunk, size - pos), true);
+        const [st] = await overlay.runs(pos, Math.min(chunk, size - pos), true);
         const run = st!;
         if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
         const end = pos + run.length;
@@ -153,9 +155,8 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
           q += v;
         }
         // What the overlay must keep reading; zeros become zero flags, not written data.
-        const t = top as Qcow2Writable;
-        if (isZero(o, p, q)) await t.writeZeroes(at + p, q - p);
-        else await t.write(o.subarray(p, q), at + p);
+        if (isZero(o, p, q)) await overlay.writeZeroes(at + p, q - p);
+        else await overlay.write(o.subarray(p, q), at + p);
         result.writes++;
         result.bytesWritten += q - p;
         p = q;
