@@ -77,8 +77,6 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
 
 const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.mjs)?|main\.ts)$/.test(process.argv[1]);
 if (isMain) {
-  // More threadpool threads keep more file requests in flight; set before any I/O starts.
-  process.env.UV_THREADPOOL_SIZE ??= '8';
   const ac = new AbortController();
   let interrupts = 0;
   const onSignal = () => {
