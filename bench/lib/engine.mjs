@@ -5,7 +5,10 @@
 // leaving the shared dist/ alone; `--ref REV` bundles core/ and cli/ as committed at REV (git
 // archive into bench/out/ref-src/).
 // The copy lives below the repository, so the bundle still finds node_modules/ (zstd-napi) and
-// native/build/Release/strata_native.node by walking up from its own directory.
+// native/build/Release/strata_native.node by walking up from its own directory. Beside it
+// (engine/bin/strata.mjs, engine/dist/strata.mjs: the checkout's layout) goes a copy of
+// bin/strata.mjs, and the benchmark runs that launcher as a shell runs the installed `strata`
+// command, so what is measured includes what the launcher does before node starts.
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
@@ -35,14 +38,19 @@ async function bundle(entry, engineDir) {
 }
 
 /**
- * Returns { path, source, builtAt, stale, git } for the strata bundle to run.
+ * Returns { path (the bundle), launcher (the bin/strata.mjs beside it: what to run), source,
+ * builtAt, stale, git } for the strata build to run.
  * `ref`: bundle core/ and cli/ as committed at that git revision (extracted with git archive into
  * bench/out/ref-src/), e.g. 'HEAD' to leave out uncommitted work in the tree. The native addon
  * and node_modules are still the checkout's.
  */
 export async function prepareEngine(root, outDir, { build, ref, log }) {
-  const engineDir = join(outDir, 'engine');
+  const engineDir = join(outDir, 'engine', 'dist');
+  rmSync(join(outDir, 'engine'), { recursive: true, force: true });
   mkdirSync(engineDir, { recursive: true });
+  mkdirSync(join(outDir, 'engine', 'bin'));
+  const launcher = join(outDir, 'engine', 'bin', 'strata.mjs');
+  copyFileSync(join(root, 'bin', 'strata.mjs'), launcher);
   const path = join(engineDir, 'strata.mjs');
   let source;
   let refCommit = null;
@@ -81,6 +89,7 @@ export async function prepareEngine(root, outDir, { build, ref, log }) {
   const dirty = git(root, ['status', '--porcelain', '--', 'core', 'cli']);
   return {
     path,
+    launcher,
     source,
     builtAt: new Date(builtAt).toISOString(),
     staleVsSources: stale,

@@ -92,7 +92,7 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
     reps = pair.reps;
   }
   const sides = {
-    strata: { cmd: process.execPath, argv: [engine.path, ...pair.strata], outputs: pair.outputs?.strata ?? [] },
+    strata: { cmd: engine.launcher, argv: pair.strata, outputs: pair.outputs?.strata ?? [] },
     qemu: { cmd: pair.qemu.cmd, argv: pair.qemu.argv, outputs: pair.outputs?.qemu ?? [] },
   };
   const runSide = async (name, keep = false) => {
@@ -113,7 +113,7 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
   // A mismatch is reported in the table (check: FAILED) rather than ending the whole run.
   const runCheck = async () => {
     try {
-      await scenario.check(dir, work, pair, { strata: (argv) => exec(process.execPath, [engine.path, ...argv]) });
+      await scenario.check(dir, work, pair, { strata: (argv) => exec(engine.launcher, argv) });
       log('  check passed');
       return 'passed';
     } catch (err) {
