@@ -7,17 +7,25 @@ export class TableCache {
   /** Tables changed in memory and not yet written: never evicted until written back. */
   readonly dirty = new Map<number, Buffer>();
 
+  /** The most recently used key: already last in the LRU order, so a hit on it moves nothing. */
+  private newest = -1;
+
   constructor(private readonly capacity: number) {}
 
   get(offset: number, load: () => Promise<Buffer>): Promise<Buffer> {
     const hit = this.map.get(offset);
     if (hit) {
-      this.map.delete(offset);
-      this.map.set(offset, hit);
+      // Runs of clusters use one table after another: most lookups are for the newest.
+      if (offset !== this.newest) {
+        this.map.delete(offset);
+        this.map.set(offset, hit);
+        this.newest = offset;
+      }
       return hit;
     }
     const p = load();
     this.map.set(offset, p);
+    this.newest = offset;
     p.catch(() => { if (this.map.get(offset) === p) this.map.delete(offset); });
     this.evict();
     return p;
@@ -39,6 +47,7 @@ export class TableCache {
   set(offset: number, table: Buffer): void {
     this.map.delete(offset);
     this.map.set(offset, Promise.resolve(table));
+    this.newest = offset;
     this.evict();
   }
 

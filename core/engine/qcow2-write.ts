@@ -222,13 +222,16 @@ export class Qcow2Writable extends Qcow2Image {
     const plans: Plan[] = [];
     await this.mutex.run(async () => {
       await this.beforeChange();
+      // One table serves l2Entries clusters: look it up when the write crosses into the next.
+      let tableL1 = -1;
+      let table: Buffer | null = null;
       for (let c = first; c <= last; c++) {
         const cStart = c * cs;
         const a = Math.max(offset, cStart);
         const b = Math.min(end, cStart + cs);
         const { l1Index, l2Index } = this.l1Location(c);
-        const table = await this.writableL2(l1Index);
-        const { entry, bitmap } = this.entryAt(table, l2Index);
+        if (l1Index !== tableL1) { table = await this.writableL2(l1Index); tableL1 = l1Index; }
+        const { entry, bitmap } = this.entryAt(table!, l2Index);
         let fa = a;
         let fb = b;
         let host = 0;
@@ -307,13 +310,19 @@ export class Qcow2Writable extends Qcow2Image {
     }));
 
     await this.mutex.run(async () => {
+      let tableL1 = -1;
+      let l2Offset = 0;
+      let table: Buffer | null = null;
       for (const p of plans) {
-        const { l1Index, l2Index } = this.l1Location(p.cluster);
-        const l2Offset = this.l2OffsetOf(l1Index);
-        const table = await this.l2Table(l2Offset);
         if (!p.needsAlloc && !g.extendedL2) continue;
+        const { l1Index, l2Index } = this.l1Location(p.cluster);
+        if (l1Index !== tableL1) {
+          l2Offset = this.l2OffsetOf(l1Index);
+          table = await this.l2Table(l2Offset);
+          tableL1 = l1Index;
+        }
         if (p.needsAlloc) this.freeEntry(p.entry);
-        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: p.host, copied: true }, p.newBitmap);
+        this.setEntry(table!, l2Offset, l2Index, { kind: 'normal', hostOffset: p.host, copied: true }, p.newBitmap);
       }
     });
   }

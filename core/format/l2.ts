@@ -55,7 +55,9 @@ export function decodeL2Entry(table: Buffer, index: number, g: L2Geometry, where
   if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
     throw new CorruptImageError(`L2 entry ${index}${where ? ' ' + where() : ''} has reserved bits set`, file);
   }
-  if (hostOffset % 2 ** g.clusterBits !== 0) {
+  // Clusters are at most 2 MiB: alignment is decided by the low word alone (integer ops, not a
+  // floating-point remainder of an offset past 2^31).
+  if ((lo & 0xfffffe00 & ((1 << g.clusterBits) - 1)) !== 0) {
     throw new CorruptImageError(`cluster offset 0x${hostOffset.toString(16)} in L2 entry ${index}${where ? ' ' + where() : ''} is not aligned to the cluster size`, file);
   }
   if ((lo & 1) && !g.extendedL2) return { kind: 'zero', hostOffset, copied };

@@ -98,6 +98,11 @@ describe('standard L2 entries', () => {
       expect(() => decodeL2Entry(u64(off | 1n), 0, std(16))).toThrow(CorruptImageError);
     }
     expect(() => decodeL2Entry(u64(0x200n), 0, std(9))).not.toThrow();
+    // Past 4 GiB: the high word never makes an offset misaligned, the low word decides.
+    expect(() => decodeL2Entry(u64(0x1_0000_0200n), 0, std(16))).toThrow(CorruptImageError);
+    expect(() => decodeL2Entry(u64(0x3_0001_0000n), 0, std(16))).not.toThrow();
+    expect(() => decodeL2Entry(u64(0x1_0010_0000n), 0, std(21))).toThrow(CorruptImageError);
+    expect(decodeL2Entry(u64(0x1_0020_0000n), 0, std(21))).toMatchObject({ kind: 'normal', hostOffset: 0x1_0020_0000 });
   });
 
   // DESIGN.md: "64-bit on-disk values are read once and converted with a guard that rejects
