@@ -189,8 +189,15 @@ export class Refcounts {
 
   /** True when [start, start+n) is free, after making sure refcount blocks cover it. */
   private async claimable(start: number, n: number): Promise<boolean> {
-    for (let ri = Math.floor(start / this.perBlock); ri <= Math.floor((start + n - 1) / this.perBlock); ri++) await this.ensureBlock(ri);
-    for (let c = start; c < start + n; c++) if ((await this.get(c)) !== 0) return false;
+    const end = start + n;
+    for (let ri = Math.floor(start / this.perBlock); ri <= Math.floor((end - 1) / this.perBlock); ri++) await this.ensureBlock(ri);
+    // Each block once, its entries checked in a plain loop (a run may be thousands of clusters).
+    for (let c = start; c < end;) {
+      const ri = Math.floor(c / this.perBlock);
+      const stop = Math.min(end, (ri + 1) * this.perBlock);
+      const block = await this.loadBlock(this.blockOffset(ri));
+      for (; c < stop; c++) if (getRefcount(block, c % this.perBlock, this.host.refcountOrder) !== 0) return false;
+    }
     return true;
   }
 
@@ -200,8 +207,18 @@ export class Refcounts {
       const start = await this.findFree(n);
       // Creating refcount blocks for the range may take clusters from it: check again.
       if (!(await this.claimable(start, n))) continue;
-      for (let c = start; c < start + n; c++) await this.set(c, 1);
-      if (start === this.freeHint) this.freeHint = start + n;
+      // claimable() made every block covering the range exist.
+      const end = start + n;
+      for (let c = start; c < end;) {
+        const ri = Math.floor(c / this.perBlock);
+        const stop = Math.min(end, (ri + 1) * this.perBlock);
+        const off = this.blockOffset(ri);
+        const block = await this.loadBlock(off);
+        for (; c < stop; c++) setRefcount(block, c % this.perBlock, this.host.refcountOrder, 1);
+        this.dirtyBlocks.add(off);
+      }
+      if (end > this.allocEnd) this.allocEnd = end;
+      if (start === this.freeHint) this.freeHint = end;
       return start * this.clusterSize;
     }
   }

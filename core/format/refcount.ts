@@ -58,8 +58,11 @@ export function setRefcount(block: Buffer, index: number, order: number, value: 
   }
 }
 
+// Largest refcount of each width: a table, as setRefcount asks for it on every call.
+const MAX_REFCOUNT = [1, 3, 15, 255, 65535, 0xffffffff, Number.MAX_SAFE_INTEGER];
+
 export function maxRefcount(order: number): number {
-  return order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (1 << order) - 1;
+  return MAX_REFCOUNT[Math.min(order, 6)]!;
 }
 
 /** Entries in one refcount block: cluster_size * 8 / refcount_bits. */
