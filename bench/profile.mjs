@@ -17,7 +17,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ensureSetup, loadScenarios, warmInputs } from './lib/harness.mjs';
-import { prepareEngine } from './lib/engine.mjs';
+import { launcherStart, prepareEngine } from './lib/engine.mjs';
 import { removeFiles, syncAll } from './lib/util.mjs';
 
 const benchDir = dirname(fileURLToPath(import.meta.url));
@@ -43,6 +43,8 @@ const name = positionals[0] ?? 'convert-raw';
 const scenario = all.find((s) => s.name === name);
 if (!scenario) { log(`profile: unknown scenario ${name}`); process.exit(2); }
 const engine = await prepareEngine(root, outDir, { build: values.build, ref: values.ref, log });
+// node started as the `strata` command starts it (flags, environment), plus the profiler's flags.
+const start = launcherStart(engine.launcher);
 const { dir } = await ensureSetup(scenario, join(outDir, 'cache'), log);
 const work = join(values.work ? resolve(values.work) : join(outDir, 'work'), scenario.name);
 mkdirSync(work, { recursive: true });
@@ -60,9 +62,9 @@ syncAll();
 warmInputs(pair.inputs ?? (scenario.inputs ? scenario.inputs(dir) : []));
 const t0 = performance.now();
 const r = spawnSync(process.execPath, [
-  '--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${profName}`, `--cpu-prof-interval=${values.interval}`,
+  ...start.nodeFlags, '--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${profName}`, `--cpu-prof-interval=${values.interval}`,
   engine.path, ...pair.strata,
-], { stdio: ['ignore', 'ignore', 'inherit'] });
+], { stdio: ['ignore', 'ignore', 'inherit'], env: start.env });
 const wallMs = performance.now() - t0;
 removeFiles(pair.outputs?.strata ?? []);
 if (r.status !== 0) { log(`profile: strata exited with ${r.status ?? r.signal}`); process.exit(1); }
@@ -133,8 +135,8 @@ if (values.perf) {
   if (pair.prepare) await pair.prepare('strata');
   syncAll();
   warmInputs(pair.inputs ?? (scenario.inputs ? scenario.inputs(dir) : []));
-  const p = spawnSync('perf', ['record', '-g', '-F', '999', '-o', data, '--', process.execPath, '--perf-basic-prof', engine.path, ...pair.strata],
-    { stdio: ['ignore', 'ignore', 'inherit'] });
+  const p = spawnSync('perf', ['record', '-g', '-F', '999', '-o', data, '--', process.execPath, ...start.nodeFlags, '--perf-basic-prof', engine.path, ...pair.strata],
+    { stdio: ['ignore', 'ignore', 'inherit'], env: start.env });
   removeFiles(pair.outputs?.strata ?? []);
   if (p.error || p.status !== 0) { log(`profile: perf record failed (${p.error?.message ?? `exit ${p.status}`})`); process.exit(1); }
   const rep = spawnSync('perf', ['report', '-i', data, '--no-children', '--sort', 'sym', '--stdio', '-g', 'none', '--percent-limit', '0.3'],

@@ -31,6 +31,21 @@ function git(root, args) {
   return r.status === 0 ? r.stdout.trim() : null;
 }
 
+/**
+ * How the launcher starts node: the flags on its `exec node ... "$0"` line and the variables it
+ * unsets, for tools that must run the bundle under node themselves (the profiler adds its own
+ * flags) and still measure what the command runs.
+ */
+export function launcherStart(launcher) {
+  const text = readFileSync(launcher, 'utf8');
+  const m = /^":" \/\/;(.*)exec node (.*?)"\$0" "\$@"$/m.exec(text);
+  if (!m) throw new Error(`${launcher}: no 'exec node ... "$0" "$@"' line`);
+  const unset = [...m[1].matchAll(/unset ([A-Z_]+)/g)].map((u) => u[1]);
+  const env = { ...process.env };
+  for (const name of unset) delete env[name];
+  return { nodeFlags: m[2].trim().split(/\s+/).filter(Boolean), env };
+}
+
 async function bundle(entry, engineDir) {
   const { build: esbuild } = await import('esbuild');
   const { cliBundleOptions } = await import('../../scripts/bundle-options.mjs');
