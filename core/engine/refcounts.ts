@@ -191,12 +191,24 @@ export class Refcounts {
   private async claimable(start: number, n: number): Promise<boolean> {
     const end = start + n;
     for (let ri = Math.floor(start / this.perBlock); ri <= Math.floor((end - 1) / this.perBlock); ri++) await this.ensureBlock(ri);
-    // Each block once, its entries checked in a plain loop (a run may be thousands of clusters).
+    return this.eachBlock(start, end, (block, _off, from, stop) => {
+      for (let c = from; c < stop; c++) if (getRefcount(block, c % this.perBlock, this.host.refcountOrder) !== 0) return false;
+      return true;
+    });
+  }
+
+  /**
+   * Calls `fn` with each refcount block over clusters [start, end) (they must exist) and the
+   * clusters it covers, loading each block once: a run may be thousands of clusters, checked
+   * or set in a plain loop. Stops, returning false, when `fn` does.
+   */
+  private async eachBlock(start: number, end: number, fn: (block: Buffer, off: number, from: number, stop: number) => boolean): Promise<boolean> {
     for (let c = start; c < end;) {
       const ri = Math.floor(c / this.perBlock);
       const stop = Math.min(end, (ri + 1) * this.perBlock);
-      const block = await this.loadBlock(this.blockOffset(ri));
-      for (; c < stop; c++) if (getRefcount(block, c % this.perBlock, this.host.refcountOrder) !== 0) return false;
+      const off = this.blockOffset(ri);
+      if (!fn(await this.loadBlock(off), off, c, stop)) return false;
+      c = stop;
     }
     return true;
   }
@@ -209,14 +221,11 @@ export class Refcounts {
       if (!(await this.claimable(start, n))) continue;
       // claimable() made every block covering the range exist.
       const end = start + n;
-      for (let c = start; c < end;) {
-        const ri = Math.floor(c / this.perBlock);
-        const stop = Math.min(end, (ri + 1) * this.perBlock);
-        const off = this.blockOffset(ri);
-        const block = await this.loadBlock(off);
-        for (; c < stop; c++) setRefcount(block, c % this.perBlock, this.host.refcountOrder, 1);
+      await this.eachBlock(start, end, (block, off, from, stop) => {
+        for (let c = from; c < stop; c++) setRefcount(block, c % this.perBlock, this.host.refcountOrder, 1);
         this.dirtyBlocks.add(off);
-      }
+        return true;
+      });
       if (end > this.allocEnd) this.allocEnd = end;
       if (start === this.freeHint) this.freeHint = end;
       return start * this.clusterSize;
