@@ -5,12 +5,13 @@
 // file and the problem, with a non-zero exit, no stack trace unless STRATA_DEBUG=1, quickly,
 // and no file changes.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { run } from '../../cli/main';
 import { describeOracle, qemuImg, tempDir } from '../oracle/qemu';
+import { ensureBuilt } from './run-cli';
 import { CASES, WORST_CASES, baseQcow2, sha256, writeAt, u32, type Built, type HostileCase, type Level } from '../core/format/hostile-cases';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -149,22 +150,6 @@ describeOracle('hostile images through the strata command (in-process)', () => {
 const CHILD_HEAP_MIB = 128;
 const CHILD_RSS_MIB = 320;
 const CHILD_KILL_MS = 15_000;
-
-/** dist/strata.mjs, rebuilt when missing or older than the sources it bundles. */
-function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.mjs');
-  const newest = (dir: string): number => {
-    let t = 0;
-    for (const e of readdirSync(dir, { withFileTypes: true })) {
-      const p = join(dir, e.name);
-      t = Math.max(t, e.isDirectory() ? newest(p) : statSync(p).mtimeMs);
-    }
-    return t;
-  };
-  if (existsSync(dist) && statSync(dist).mtimeMs >= Math.max(newest(join(repoRoot, 'core')), newest(join(repoRoot, 'cli')))) return;
-  const r = spawnSync(process.execPath, ['scripts/build.mjs'], { cwd: repoRoot, encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`node scripts/build.mjs failed: ${r.stderr}`);
-}
 
 describeOracle('worst-case sizes through node bin/strata.mjs (child process, 128 MiB heap)', () => {
   const tmp = tempDir('strata-worst-cli-');

@@ -6,14 +6,14 @@
 // refuses writes to an image QEMU holds, through /proc/locks.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from '../../cli/main';
 import { native } from '../../core/io/native';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { lockBytes, poll, startHolder, type Holder } from '../oracle/holders';
+import { ensureBuilt, strata, strataBin as runBin } from './run-cli';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const MiB = 1 << 20;
@@ -22,40 +22,9 @@ const WRITER_BYTES = [100, 101, 103, 201, 203];
 // ---------------------------------------------------------------------------------------------
 // Running strata
 
-interface CliResult { code: number; out: string; err: string }
-
-/** `strata ARGS` in this process (cli/main's run), capturing stdout and stderr. */
-async function strata(...argv: string[]): Promise<CliResult> {
-  let out = '';
-  let err = '';
-  const code = await run(argv, { out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false }, new AbortController().signal);
-  return { code, out, err };
-}
-
-/** `node bin/strata.mjs ARGS` as a real process. */
+/** `node bin/strata.mjs ARGS` as a real process (with the addon unless `env` turns it off). */
 function strataBin(args: string[], env: NodeJS.ProcessEnv = {}): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), ...args], {
-    encoding: 'utf8', cwd: repoRoot, env: { ...process.env, STRATA_DEBUG: undefined, STRATA_NO_NATIVE: undefined, ...env }, maxBuffer: 64 << 20,
-  });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
-
-function newestSource(dir: string): number {
-  let t = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, newestSource(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
-  }
-  return t;
-}
-
-/** Builds dist/strata.mjs (node scripts/build.mjs) when it is missing or older than cli/ and core/. */
-function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.mjs');
-  if (existsSync(dist) && statSync(dist).mtimeMs >= Math.max(newestSource(join(repoRoot, 'cli')), newestSource(join(repoRoot, 'core')))) return;
-  const r = spawnSync(process.execPath, [join(repoRoot, 'scripts', 'build.mjs')], { cwd: repoRoot, encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`node scripts/build.mjs failed (${r.status}): ${r.stderr}`);
+  return runBin(args, { env: { STRATA_NO_NATIVE: undefined, ...env } });
 }
 
 function sha256(file: string): string {

@@ -18,19 +18,22 @@ describe('bin/strata.mjs', () => {
 
   it('through sh (the npm link), runs the CLI without NODE_EXTRA_CA_CERTS', () => {
     const t = tempDir('strata-launcher-');
-    mkdirSync(t.path('bin'));
-    const link = t.path('bin/strata');
-    symlinkSync(bin, link);
-    const r = spawnSync(link, ['--version'], { encoding: 'utf8', env });
-    expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/^strata \d+\.\d+\.\d+\n/);
-    expect(r.stderr).toBe('');
-    // Arguments pass through unchanged (spaces included), and so do exit codes.
-    const missing = t.path('no such image.qcow2');
-    const e = spawnSync(link, ['info', missing], { encoding: 'utf8', env });
-    expect(e.status).toBe(1);
-    expect(e.stderr).toBe(`strata: ${missing}: cannot open: no such file\n`);
-    t.cleanup();
+    try {
+      mkdirSync(t.path('bin'));
+      const link = t.path('bin/strata');
+      symlinkSync(bin, link);
+      const r = spawnSync(link, ['--version'], { encoding: 'utf8', env });
+      expect(r.status).toBe(0);
+      expect(r.stdout).toMatch(/^strata \d+\.\d+\.\d+\n/);
+      expect(r.stderr).toBe('');
+      // Arguments pass through unchanged (spaces included), and so do exit codes.
+      const missing = t.path('no such image.qcow2');
+      const e = spawnSync(link, ['info', missing], { encoding: 'utf8', env });
+      expect(e.status).toBe(1);
+      expect(e.stderr).toBe(`strata: ${missing}: cannot open: no such file\n`);
+    } finally {
+      t.cleanup();
+    }
   });
 
   it('through node, is the same program (node itself reads the variable first)', () => {

@@ -5,7 +5,7 @@
 import { beforeAll, afterAll, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
-import { run } from '../../../cli/main';
+import { strata } from '../../cli/run-cli';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import { decodeHeader, hasExtendedL2 } from '../../../core/format/header';
 import { getRefcount, refcountBlockEntries, setRefcount } from '../../../core/format/refcount';
@@ -15,13 +15,6 @@ import { MemoryFile } from '../../../core/io/memory-file';
 import type { BlockFile } from '../../../core/io/block-file';
 
 type Out = { code: number; out: string; err: string };
-
-async function strata(...args: string[]): Promise<Out> {
-  let out = '';
-  let err = '';
-  const code = await run(args, { out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false });
-  return { code, out, err };
-}
 
 function qemu(...args: string[]): Out {
   const r = qemuImgRun(...args);

@@ -2,8 +2,8 @@
 // the progress callback at ~30%) and through SIGINT to the real CLI (node bin/strata.mjs). The
 // job stops promptly, the CLI exits non-zero with one error line, the source is untouched, a
 // target the job created is removed and an existing target (-n) stays, still a valid image.
-import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, openSync, readdirSync, statSync, writeSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, fsyncSync, openSync, statSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -16,27 +16,10 @@ import type { Progress } from '../../../core/jobs/job';
 import { closeChain, openImage } from '../../../core/chain/open';
 import { CancelledError } from '../../../core/errors';
 import { fileHash, MiB, randomBytes } from './helpers';
+import { ensureBuilt } from '../../cli/run-cli';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const SRC_SIZE = 512 * MiB;
-
-function newestTs(dir: string): number {
-  let t = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, newestTs(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
-  }
-  return t;
-}
-
-/** dist/strata.mjs (what bin/strata.mjs runs), built when missing or older than cli/ and core/. */
-function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.mjs');
-  if (existsSync(dist) && statSync(dist).mtimeMs >= Math.max(newestTs(join(repoRoot, 'cli')), newestTs(join(repoRoot, 'core')))) return;
-  const r = spawnSync(process.execPath, [join(repoRoot, 'scripts', 'build.mjs')], { cwd: repoRoot, encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`node scripts/build.mjs failed (${r.status}): ${r.stderr}`);
-}
 
 /** 512 MiB of data everywhere (a random 4 MiB block, stamped with its index), as a raw file. */
 function writeDataSource(path: string): void {

@@ -2,36 +2,19 @@
 // afterwards every image passes qemu-img check with at most leaked clusters, and the chain (read
 // through its top) holds exactly what it held before the job.
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { mkdirSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle, qemuCheck, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
 import { batches, guestHash, MiB, rng } from './helpers';
+import { ensureBuilt } from '../../cli/run-cli';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const SIZE = 256 * MiB;
 const KILLS = 10;
 /** Wall-clock budget per job kind for the kill loop (the test stops early, and says so, past it). */
 const BUDGET_MS = 80_000;
-
-function newestSource(dir: string): number {
-  let newest = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) newest = Math.max(newest, newestSource(p));
-    else if (e.name.endsWith('.ts')) newest = Math.max(newest, statSync(p).mtimeMs);
-  }
-  return newest;
-}
-
-/** Builds dist/strata.mjs when it is missing or older than the sources. */
-function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.mjs');
-  const stale = !existsSync(dist)
-    || statSync(dist).mtimeMs < Math.max(newestSource(join(repoRoot, 'core')), newestSource(join(repoRoot, 'cli')));
-  if (stale) execFileSync(process.execPath, ['scripts/build.mjs'], { cwd: repoRoot, stdio: 'pipe' });
-}
 
 interface Outcome { code: number | null; signal: NodeJS.Signals | null; ms: number; stderr: string }
 

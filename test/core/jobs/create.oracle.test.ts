@@ -6,20 +6,13 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, statSync, writeFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, expect as globalExpect, it, type ExpectStatic } from 'vitest';
-import { run } from '../../../cli/main';
+import { strata } from '../../cli/run-cli';
 import { parseCreateOptions } from '../../../core/jobs/create';
 import { describeOracle, qemuCheck, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 const TiB = 2 ** 40;
-
-async function strata(...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await run(args, { out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false });
-  return { code, out, err };
-}
 
 /** qemu-img info --output=json without the fields that legitimately differ. */
 function info(file: string): Record<string, unknown> {

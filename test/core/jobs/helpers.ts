@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import { expect } from 'vitest';
-import { run } from '../../../cli/main';
+import { strata, type CliResult } from '../../cli/run-cli';
 import { qemuCheck, qemuImg, qemuImgRun } from '../../oracle/qemu';
 
 export function rng(seed: number): () => number {
@@ -18,17 +18,9 @@ export function rng(seed: number): () => number {
   };
 }
 
-export interface CliResult { code: number; out: string; err: string }
+export { strata, type CliResult };
 
-/** `strata ARGS` in this process, capturing stdout and stderr. */
-export async function strata(...argv: string[]): Promise<CliResult> {
-  let out = '';
-  let err = '';
-  const code = await run(argv, { out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false }, new AbortController().signal);
-  return { code, out, err };
-}
-
-/** `strata ARGS`, which must succeed; returns stdout. */
+/** `strata ARGS`, which must succeed; returns its result. */
 export async function strataOk(...argv: string[]): Promise<CliResult> {
   const r = await strata(...argv);
   if (r.code !== 0) throw new Error(`strata ${argv.join(' ')} exited ${r.code}: ${r.err}`);
