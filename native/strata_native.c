@@ -7,9 +7,14 @@
  *   punchHole(fd, offset, len)                     fallocate PUNCH_HOLE | KEEP_SIZE
  *   zeroRange(fd, offset, len)                     fallocate ZERO_RANGE
  *   startWriteback(fd, offset, len)                sync_file_range(SYNC_FILE_RANGE_WRITE)
+ *   readScan(buf, segments, unit, bitmap, cb)      preads into buf and a zero scan of it, on
+ *                                                  a thread-pool thread; cb(err) when done
  *
  * Plain C over N-API (node_api.h) so one binary loads in every Node and Electron with the
- * same N-API version. All functions are synchronous: each is a single fast syscall.
+ * same N-API version. All functions but readScan are synchronous: each is a single fast
+ * syscall. readScan is the copy loop's data path: a whole window of reads and the scan of
+ * what they read, in one request to libuv's pool instead of one per read plus the scan on
+ * the JavaScript thread.
  * Failures throw an Error shaped like Node's own system errors: err.code = 'EAGAIN' etc.,
  * err.errno (negative, as libuv reports it), err.syscall. Bad arguments throw a TypeError.
  * Offsets and lengths are JS numbers: integers in [0, 2^53 - 1].
@@ -29,6 +34,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -99,22 +105,26 @@ static const char *errno_name(int e) {
   }
 }
 
-/* Throws Error("<CODE>: <strerror>, <syscall>") with code, errno and syscall set. */
-static void throw_errno(napi_env env, int e, const char *syscall) {
+/* Error("<CODE>: <strerror>, <syscall>") with code, errno and syscall set; NULL if N-API fails. */
+static napi_value errno_error(napi_env env, int e, const char *syscall) {
   const char *code = errno_name(e);
   char msg[256];
   snprintf(msg, sizeof msg, "%s: %s, %s", code, strerror(e), syscall);
   napi_value js_code, js_msg, err, v;
   if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &js_code) != napi_ok ||
       napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &js_msg) != napi_ok ||
-      napi_create_error(env, js_code, js_msg, &err) != napi_ok) {
-    napi_throw_error(env, code, msg);
-    return;
-  }
+      napi_create_error(env, js_code, js_msg, &err) != napi_ok)
+    return NULL;
   if (napi_create_int32(env, -e, &v) == napi_ok) napi_set_named_property(env, err, "errno", v);
   if (napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &v) == napi_ok)
     napi_set_named_property(env, err, "syscall", v);
-  napi_throw(env, err);
+  return err;
+}
+
+static void throw_errno(napi_env env, int e, const char *syscall) {
+  napi_value err = errno_error(env, e, syscall);
+  if (err) napi_throw(env, err);
+  else napi_throw_error(env, errno_name(e), strerror(e));
 }
 
 static void throw_type(napi_env env, const char *code, const char *fn, const char *name,
@@ -396,13 +406,214 @@ static napi_value StartWriteback(napi_env env, napi_callback_info info) {
 #endif
 }
 
+/* ---- readScan ----------------------------------------------------------------------- */
+
+/*
+ * readScan(buf, segments, unit, bitmap, callback): on a libuv pool thread, fills buf from
+ * `segments` (a Float64Array of quadruples [fd, bufOffset, fileOffset, length]; fd -1 means
+ * "zeros"; bytes past a file's end read as zero), then, when unit > 0, sets bitmap[i] to 1 if
+ * buf[i*unit, (i+1)*unit) holds any non-zero byte and to 0 otherwise, while those bytes are
+ * still in the CPU's cache. callback(null) or callback(err) runs on the JS thread afterwards;
+ * err is shaped like the synchronous functions' errors plus err.segment, the index of the
+ * quadruple whose read failed. buf and bitmap must not be touched until then.
+ */
+typedef struct {
+  int fd;
+  size_t at;
+  off_t offset;
+  size_t length;
+} scan_segment;
+
+typedef struct {
+  napi_async_work work;
+  napi_ref callback, buf_ref, bitmap_ref;
+  uint8_t *buf;
+  size_t buf_len;
+  uint8_t *bitmap;
+  size_t unit;
+  scan_segment *segs;
+  size_t nsegs;
+  int err;         /* errno of the failed read, 0 when all went well */
+  size_t failed;   /* its segment */
+} scan_job;
+
+/* true when p[0, n) is all zero bytes: 16 checked one by one (data is rarely zero there), then
+ * memcmp of the range against itself shifted by 16, which equals only when every byte equals
+ * the one 16 before it -- all zero, given the first 16. One pass, at memcmp's SIMD speed. */
+static bool all_zero(const uint8_t *p, size_t n) {
+  size_t head = n < 16 ? n : 16;
+  for (size_t i = 0; i < head; i++)
+    if (p[i]) return false;
+  return n <= 16 || memcmp(p, p + 16, n - 16) == 0;
+}
+
+static void scan_execute(napi_env env, void *data) {
+  scan_job *j = data;
+  for (size_t s = 0; s < j->nsegs; s++) {
+    const scan_segment *g = &j->segs[s];
+    uint8_t *dst = j->buf + g->at;
+    if (g->fd < 0) {
+      memset(dst, 0, g->length);
+      continue;
+    }
+    size_t done = 0;
+    while (done < g->length) {
+      ssize_t n = pread(g->fd, dst + done, g->length - done, g->offset + (off_t)done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        j->err = errno;
+        j->failed = s;
+        return;
+      }
+      if (n == 0) { /* end of file: the rest reads as zero */
+        memset(dst + done, 0, g->length - done);
+        break;
+      }
+      done += (size_t)n;
+    }
+  }
+  if (j->unit == 0) return;
+  for (size_t u = 0, i = 0; u < j->buf_len; u += j->unit, i++) {
+    size_t n = j->buf_len - u < j->unit ? j->buf_len - u : j->unit;
+    j->bitmap[i] = all_zero(j->buf + u, n) ? 0 : 1;
+  }
+}
+
+static void scan_free(napi_env env, scan_job *j) {
+  if (j->callback) napi_delete_reference(env, j->callback);
+  if (j->buf_ref) napi_delete_reference(env, j->buf_ref);
+  if (j->bitmap_ref) napi_delete_reference(env, j->bitmap_ref);
+  if (j->work) napi_delete_async_work(env, j->work);
+  free(j->segs);
+  free(j);
+}
+
+static void scan_complete(napi_env env, napi_status status, void *data) {
+  scan_job *j = data;
+  napi_value cb, global, arg = NULL, v;
+  if (status == napi_cancelled) {
+    j->err = ECANCELED;
+    j->failed = 0;
+  }
+  if (j->err) {
+    arg = errno_error(env, j->err, "pread");
+    if (arg && napi_create_double(env, (double)j->failed, &v) == napi_ok)
+      napi_set_named_property(env, arg, "segment", v);
+  }
+  if (!arg) napi_get_null(env, &arg);
+  if (napi_get_reference_value(env, j->callback, &cb) == napi_ok && napi_get_global(env, &global) == napi_ok)
+    napi_call_function(env, global, cb, 1, &arg, NULL);
+  scan_free(env, j);
+}
+
+/* A Uint8Array argument's bytes (any view: Buffer, subarray). */
+static bool get_bytes(napi_env env, napi_value v, const char *fn, const char *name,
+                      uint8_t **data, size_t *len) {
+  bool is = false;
+  napi_typedarray_type type;
+  void *p = NULL;
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, v, &type, len, &p, NULL, NULL) != napi_ok ||
+      type != napi_uint8_array) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, name, "a Uint8Array");
+    return false;
+  }
+  *data = p;
+  return true;
+}
+
+static napi_value ReadScan(napi_env env, napi_callback_info info) {
+  const char *fn = "readScan";
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5) {
+    throw_type(env, "ERR_MISSING_ARGS", fn, "callback", "given (5 arguments)");
+    return NULL;
+  }
+  uint8_t *buf, *bitmap = NULL;
+  size_t buf_len, bitmap_len = 0;
+  if (!get_bytes(env, argv[0], fn, "buf", &buf, &buf_len)) return NULL;
+
+  bool is = false;
+  napi_typedarray_type type;
+  size_t nvals = 0;
+  void *vals = NULL;
+  if (napi_is_typedarray(env, argv[1], &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, argv[1], &type, &nvals, &vals, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || nvals % 4 != 0) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "segments", "a Float64Array of [fd, bufOffset, fileOffset, length] quadruples");
+    return NULL;
+  }
+  int64_t unit;
+  if (!get_integer(env, argv, argc, 2, fn, "unit", 0, 2147483647.0, "an integer >= 0", &unit)) return NULL;
+  if (unit > 0) {
+    if (!get_bytes(env, argv[3], fn, "bitmap", &bitmap, &bitmap_len)) return NULL;
+    if (bitmap_len < (buf_len + (size_t)unit - 1) / (size_t)unit) {
+      throw_type(env, "ERR_OUT_OF_RANGE", fn, "bitmap", "at least one byte per unit of buf");
+      return NULL;
+    }
+  }
+  napi_valuetype t;
+  if (napi_typeof(env, argv[4], &t) != napi_ok || t != napi_function) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "callback", "a function");
+    return NULL;
+  }
+
+  size_t nsegs = nvals / 4;
+  scan_job *j = calloc(1, sizeof *j);
+  scan_segment *segs = nsegs ? calloc(nsegs, sizeof *segs) : NULL;
+  if (!j || (nsegs && !segs)) {
+    free(j);
+    free(segs);
+    throw_errno(env, ENOMEM, "readScan");
+    return NULL;
+  }
+  j->segs = segs;
+  const double *q = vals;
+  for (size_t s = 0; s < nsegs; s++, q += 4) {
+    double fd = q[0], at = q[1], off = q[2], len = q[3];
+    /* each test also fails for NaN; integers only, inside buf, offsets within 2^53 */
+    if (!(fd >= -1 && fd <= 2147483647.0 && fd == (double)(int64_t)fd) ||
+        !(at >= 0 && at <= (double)buf_len && at == (double)(int64_t)at) ||
+        !(len >= 0 && len <= (double)buf_len - at && len == (double)(int64_t)len) ||
+        !(off >= 0 && off <= MAX_SAFE_INTEGER - len && off == (double)(int64_t)off)) {
+      free(j);
+      free(segs);
+      throw_type(env, "ERR_OUT_OF_RANGE", fn, "segments", "[fd >= -1, bufOffset, fileOffset, length] integers inside buf");
+      return NULL;
+    }
+    segs[s] = (scan_segment){(int)fd, (size_t)at, (off_t)off, (size_t)len};
+  }
+  j->nsegs = nsegs;
+  j->buf = buf;
+  j->buf_len = buf_len;
+  j->bitmap = bitmap;
+  j->unit = (size_t)unit;
+
+  napi_value name;
+  if (napi_create_reference(env, argv[4], 1, &j->callback) != napi_ok ||
+      napi_create_reference(env, argv[0], 1, &j->buf_ref) != napi_ok ||
+      (bitmap && napi_create_reference(env, argv[3], 1, &j->bitmap_ref) != napi_ok) ||
+      napi_create_string_utf8(env, "strata.readScan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, scan_execute, scan_complete, j, &j->work) != napi_ok ||
+      napi_queue_async_work(env, j->work) != napi_ok) {
+    throw_napi_failure(env, "readScan: queueing the request");
+    scan_free(env, j);
+    return NULL;
+  }
+  napi_value undef;
+  CHECK_NAPI(env, napi_get_undefined(env, &undef));
+  return undef;
+}
+
 /* ---- module ------------------------------------------------------------------------- */
 
 static napi_value Init(napi_env env, napi_value exports) {
   static const struct { const char *name; napi_callback cb; } fns[] = {
     {"seekData", SeekData},     {"seekHole", SeekHole},   {"ofdSetLock", OfdSetLock},
     {"ofdGetLock", OfdGetLock}, {"punchHole", PunchHole}, {"zeroRange", ZeroRange},
-    {"startWriteback", StartWriteback},
+    {"startWriteback", StartWriteback}, {"readScan", ReadScan},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn; /* named, so stack traces say seekData rather than <anonymous> */

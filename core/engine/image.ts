@@ -18,6 +18,18 @@ export interface LayerStatus {
   compressed: boolean;
 }
 
+/**
+ * One step of a guest read as plain I/O: `length` bytes at `at` in the caller's buffer come
+ * from `file` at `offset`, or are zeros when file is null. Bytes past the file's end read as
+ * zero, as BlockFile.read has them.
+ */
+export interface ReadSegment {
+  at: number;
+  length: number;
+  file: BlockFile | null;
+  offset: number;
+}
+
 export interface DiskImage {
   readonly format: ImageFormat;
   /** The name the image was opened by (as given, or as combined from the overlay's name). */
@@ -31,6 +43,12 @@ export interface DiskImage {
   backing: DiskImage | null;
   /** Guest-visible read through the backing chain; bytes past the virtual size read as zero. */
   read(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * What read(buf of `length`, offset) would do, as file reads and zero fills in buffer order,
+   * through the backing chain; null when some of it needs more than that (compressed
+   * clusters). Lets a copy loop hand a whole window's reads to the I/O threads at once.
+   */
+  readPlan?(offset: number, length: number): Promise<ReadSegment[] | null>;
   /** Status of the first run at `offset`, at most `bytes` long (bytes > 0, offset < virtualSize). */
   blockStatus(offset: number, bytes: number): Promise<LayerStatus>;
   close(): Promise<void>;

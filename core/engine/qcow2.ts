@@ -8,7 +8,7 @@ import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import { decodeReftableEntry, getRefcount, refcountBlockEntries } from '../format/refcount';
 import { decompressCluster, type CompressionType } from '../codec/index';
 import type { BlockFile } from '../io/block-file';
-import type { DiskImage, LayerStatus } from './image';
+import type { DiskImage, LayerStatus, ReadSegment } from './image';
 import { TableCache } from './l2-cache';
 
 export interface Qcow2OpenOptions {
@@ -324,6 +324,36 @@ export class Qcow2Image implements DiskImage {
       }
     }
     await Promise.all(pending);
+  }
+
+  async readPlan(offset: number, length: number): Promise<ReadSegment[] | null> {
+    const out: ReadSegment[] = [];
+    const inside = Math.max(0, Math.min(length, this.virtualSize - offset));
+    if (inside > 0) {
+      for (const r of await this.runs(offset, inside)) {
+        const at = r.offset - offset;
+        switch (r.state) {
+          case 'data': out.push({ at, length: r.length, file: this.file, offset: r.hostOffset! }); break;
+          case 'zero': out.push({ at, length: r.length, file: null, offset: 0 }); break;
+          case 'unallocated': {
+            // As readBacking: the backing chain, zeros past its end or without one.
+            const b = this.backing;
+            const n = b ? Math.max(0, Math.min(r.length, b.virtualSize - r.offset)) : 0;
+            if (n > 0) {
+              const below = b!.readPlan ? await b!.readPlan(r.offset, n) : null;
+              if (!below) return null;
+              for (const seg of below) out.push({ ...seg, at: seg.at + at });
+            }
+            if (n < r.length) out.push({ at: at + n, length: r.length - n, file: null, offset: 0 });
+            break;
+          }
+          case 'compressed': return null;
+          default: { const never: never = r.state; throw new Error(String(never)); }
+        }
+      }
+    }
+    if (inside < length) out.push({ at: inside, length: length - inside, file: null, offset: 0 });
+    return out;
   }
 
   /** Reads what lies below this layer: the backing chain, zeros past its end or without one. */

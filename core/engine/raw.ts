@@ -2,7 +2,7 @@ import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
 import { native, isUnsupported } from '../io/native';
 import { UsageError } from '../errors';
-import type { DiskImage, LayerStatus, WritableImage } from './image';
+import type { DiskImage, LayerStatus, ReadSegment, WritableImage } from './image';
 
 /** A raw image: the file is the disk. Holes (SEEK_HOLE) read as zero and are reported as such. */
 export class RawImage implements DiskImage, WritableImage {
@@ -20,6 +20,10 @@ export class RawImage implements DiskImage, WritableImage {
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
     await this.file.read(buf, offset);
+  }
+
+  async readPlan(offset: number, length: number): Promise<ReadSegment[]> {
+    return [{ at: 0, length, file: this.file, offset }];
   }
 
   async blockStatus(offset: number, bytes: number): Promise<LayerStatus> {

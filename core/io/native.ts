@@ -1,5 +1,6 @@
 // The optional native addon (native/strata_native.c): the file syscalls Node lacks — QEMU-
-// compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching. It is built by
+// compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching — and the copy
+// loop's data path (a window's reads plus its zero scan as one thread-pool request). It is built by
 // `npm install` (scripts/build-native.mjs) when a compiler is there; without it Strata still
 // works, minus those features, and nativeStatus() says why so the CLI/UI can tell the user.
 // Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
@@ -22,8 +23,16 @@ export interface LockInfo {
   pid: number;
 }
 
+/** readScan's error: a system error plus the index of the segment whose read failed. */
+export interface ReadScanError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+  segment: number;
+}
+
 /**
- * All functions are synchronous single syscalls. Offsets and lengths must be integers in
+ * All functions but readScan are synchronous single syscalls. Offsets and lengths must be integers in
  * [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a TypeError. System failures
  * throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP', ...), `errno` and `syscall`.
  */
@@ -59,6 +68,15 @@ export interface NativeApi {
    * needs a flush; this only leaves the flush less to wait for.
    */
   startWriteback(fd: number, offset: number, len: number): void;
+  /**
+   * On a libuv thread-pool thread: fills buf from `segments`, a Float64Array of quadruples
+   * [fd, bufOffset, fileOffset, length] (fd -1: zeros; bytes past a file's end read as zero),
+   * then, when unit > 0, sets bitmap[i] to 1 when buf[i*unit, (i+1)*unit) holds a non-zero
+   * byte, else 0 (the last unit may be shorter). callback(null | error) runs on the JS thread
+   * when done; until then buf and bitmap belong to the request. Bad arguments throw a TypeError
+   * at once. The segments are copied, so the Float64Array may be reused right away.
+   */
+  readScan(buf: Uint8Array, segments: Float64Array, unit: number, bitmap: Uint8Array | null, callback: (err: ReadScanError | null) => void): void;
 }
 
 export interface NativeStatus {
@@ -72,7 +90,7 @@ export interface NativeStatus {
 /** Where the addon lives relative to the repository (or package) root. */
 export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
 
-const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback'] as const satisfies readonly (keyof NativeApi)[];
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan'] as const satisfies readonly (keyof NativeApi)[];
 
 let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
 

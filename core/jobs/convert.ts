@@ -5,7 +5,7 @@
 import { CancelledError } from '../errors';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { isZero } from '../engine/zero';
+import { readScanned } from '../engine/read-scan';
 import { compressClusterAsync } from '../codec/index';
 import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
@@ -60,6 +60,9 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
     const srcBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    // Which units of a window hold data (1) or only zeros (0); none with -S 0 to a raw target.
+    const scan = !(minSparse === 0 && !q);
+    const unitMaps = Array.from({ length: width }, () => (scan ? new Uint8Array(chunk / unit) : null));
     const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
 
     // Each window yielded gets the next turn number (skipped ranges take none).
@@ -100,8 +103,14 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       const zeroWindow = !hasData && (await windowIsZero(src, off, len));
       if (zeroWindow && target.zeroInitialized) { progress.add(len); return; }
       const buf = srcBufs[slot]!.subarray(0, len);
-      if (zeroWindow) buf.fill(0);
-      else { await src.read(buf, off); result.bytesRead += len; }
+      const dataUnits = unitMaps[slot] ?? null;
+      if (zeroWindow) {
+        buf.fill(0);
+        dataUnits?.fill(0);
+      } else {
+        await readScanned(src, buf, off, unit, dataUnits);
+        result.bytesRead += len;
+      }
       let base: Buffer | null = null;
       if (below) {
         base = baseBufs[slot]!.subarray(0, len);
@@ -112,10 +121,10 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       // Decide per unit: skip (already right on the target), zero, or data; merge neighbours.
       type Piece = { start: number; end: number; kind: 'zero' | 'data' };
       const pieces: Piece[] = [];
-      for (let p = 0; p < len; p += unit) {
+      for (let p = 0, i = 0; p < len; p += unit, i++) {
         const e = Math.min(len, p + unit);
         let kind: Piece['kind'] | null;
-        const zero = minSparse === 0 && !q ? false : isZero(buf, p, e);
+        const zero = dataUnits ? dataUnits[i] === 0 : false;
         if (base) kind = buf.compare(base, p, e, p, e) === 0 ? null : zero ? 'zero' : 'data';
         else kind = zero ? (target.zeroInitialized ? null : 'zero') : 'data';
         if (!kind) continue;

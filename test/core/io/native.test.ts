@@ -395,6 +395,88 @@ describeNative('native addon: QEMU image locks', () => {
   });
 });
 
+describeNative('native addon: readScan (a window of reads plus its zero scan)', () => {
+  const scan = (buf: Uint8Array, segs: number[], unit: number, bitmap: Uint8Array | null) =>
+    new Promise<void>((resolve, reject) => n().readScan(buf, Float64Array.from(segs), unit, bitmap, (err) => (err ? reject(err) : resolve())));
+
+  it('fills the buffer from several files and zero segments, reads past EOF as zero, and marks the units holding data', () => withTempAsync(async (p) => {
+    const a = p('a.bin');
+    const b = p('b.bin');
+    const bytesA = Buffer.alloc(256 * KiB);
+    for (let i = 0; i < bytesA.length; i++) bytesA[i] = (i * 7 + 3) & 0xff;
+    bytesA.fill(0, 64 * KiB, 128 * KiB); // a zero unit inside the data
+    writeFileSync(a, bytesA);
+    writeFileSync(b, Buffer.alloc(10 * KiB, 0x77)); // shorter than the segment that reads it
+    const fa = openSync(a, 'r');
+    const fb = openSync(b, 'r');
+    try {
+      const buf = Buffer.alloc(512 * KiB, 0xee); // stale bytes everywhere: all must be overwritten
+      const bitmap = new Uint8Array(8).fill(9);
+      // [fd, bufOffset, fileOffset, length]
+      await scan(buf, [
+        fa, 0, 0, 256 * KiB,                  // [0, 256K): file a
+        -1, 256 * KiB, 0, 64 * KiB,           // [256K, 320K): zeros
+        fb, 320 * KiB, 4 * KiB, 64 * KiB,     // [320K, 384K): 6 KiB of b, then its EOF: zeros
+        fa, 384 * KiB, 100, 128 * KiB,        // [384K, 512K): a from an unaligned offset
+      ], 64 * KiB, bitmap);
+      const want = Buffer.concat([bytesA, Buffer.alloc(64 * KiB), Buffer.alloc(6 * KiB, 0x77), Buffer.alloc(58 * KiB), bytesA.subarray(100, 100 + 128 * KiB)]);
+      expect(buf.equals(want)).toBe(true);
+      expect([...bitmap]).toEqual([1, 0, 1, 1, 0, 1, 1, 1]);
+    } finally {
+      closeSync(fa);
+      closeSync(fb);
+    }
+  }));
+
+  it('judges a short last unit by its own bytes, a zero at the start or end of a unit does not make it zero, and unit 0 skips the scan', () => withTempAsync(async (p) => {
+    const f = p('f.bin');
+    const bytes = Buffer.alloc(10_000);
+    bytes[4095] = 1; // only the last byte of unit 0
+    bytes[8192 + 17] = 2; // inside the short last unit [8192, 10000)
+    writeFileSync(f, bytes);
+    const fd = openSync(f, 'r');
+    try {
+      const buf = Buffer.alloc(10_000);
+      const bitmap = new Uint8Array(3).fill(9);
+      await scan(buf, [fd, 0, 0, 10_000], 4096, bitmap);
+      expect(buf.equals(bytes)).toBe(true);
+      expect([...bitmap]).toEqual([1, 0, 1]);
+      const untouched = new Uint8Array(3).fill(9);
+      await scan(buf.fill(0xcc), [fd, 0, 0, 10_000], 0, untouched);
+      expect(buf.equals(bytes)).toBe(true);
+      expect([...untouched]).toEqual([9, 9, 9]);
+    } finally {
+      closeSync(fd);
+    }
+  }));
+
+  it('reports a failed read as a system error naming the segment', async () => {
+    const buf = Buffer.alloc(8 * KiB);
+    const fd = openSync(fileURLToPath(import.meta.url), 'r');
+    closeSync(fd); // a descriptor that is no longer open
+    const err = await scan(buf, [-1, 0, 0, 4096, fd, 4096, 0, 4096], 4096, new Uint8Array(2)).then(() => null, (e: unknown) => e);
+    expect(err).toMatchObject({ code: 'EBADF', syscall: 'pread', segment: 1 });
+  });
+
+  it('rejects bad arguments at once with a TypeError', () => {
+    const buf = Buffer.alloc(8 * KiB);
+    const cb = () => { throw new Error('must not be called'); };
+    const bad: [string, () => void][] = [
+      ['segments past the buffer', () => n().readScan(buf, Float64Array.from([-1, 4096, 0, 8192]), 0, null, cb)],
+      ['fd below -1', () => n().readScan(buf, Float64Array.from([-2, 0, 0, 16]), 0, null, cb)],
+      ['fractional length', () => n().readScan(buf, Float64Array.from([-1, 0, 0, 1.5]), 0, null, cb)],
+      ['NaN offset', () => n().readScan(buf, Float64Array.from([-1, 0, NaN, 16]), 0, null, cb)],
+      ['not quadruples', () => n().readScan(buf, Float64Array.from([-1, 0, 0]), 0, null, cb)],
+      ['segments not a Float64Array', () => n().readScan(buf, [-1, 0, 0, 16] as unknown as Float64Array, 0, null, cb)],
+      ['bitmap too short', () => n().readScan(buf, new Float64Array(0), 4096, new Uint8Array(1), cb)],
+      ['no bitmap with a unit', () => n().readScan(buf, new Float64Array(0), 4096, null, cb)],
+      ['buffer not a Uint8Array', () => n().readScan(new Uint16Array(4) as unknown as Uint8Array, new Float64Array(0), 0, null, cb)],
+      ['no callback', () => (n().readScan as (...a: unknown[]) => void)(buf, new Float64Array(0), 0, null)],
+    ];
+    for (const [what, call] of bad) expect(call, what).toThrow(TypeError);
+  });
+});
+
 describe('native addon: loading', () => {
   // The module caches its first load, so each variant runs in a fresh child. The module is
   // compiled with esbuild into native/build/ to also prove the walk-up search works from a
