@@ -62,6 +62,25 @@ function isEmptyEntry(t: Buffer, o: number, es: number): boolean {
   return true;
 }
 
+/**
+ * Standard L2 entries only: the first index in (index, end) whose entry is not its
+ * predecessor's plus one cluster with the same flags and reserved bits (end when all are). Such
+ * a run is what the first entry decoded to, cluster after cluster: it needs no decoding of its
+ * own. Offsets are compared as numbers below 2^56, flags and reserved bits as the top byte.
+ */
+function contiguousEnd(t: Buffer, index: number, end: number, clusterSize: number): number {
+  let o = index * 8;
+  const top = t[o]!;
+  let prev = (t.readUInt32BE(o) & 0x00ffffff) * 0x1_0000_0000 + t.readUInt32BE(o + 4);
+  let k = index + 1;
+  for (o += 8; k < end; k++, o += 8) {
+    const next = (t.readUInt32BE(o) & 0x00ffffff) * 0x1_0000_0000 + t.readUInt32BE(o + 4);
+    if (t[o] !== top || next !== prev + clusterSize) break;
+    prev = next;
+  }
+  return k;
+}
+
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2' as const;
   backing: DiskImage | null = null;
@@ -243,6 +262,21 @@ export class Qcow2Image implements DiskImage {
           if (pending) await pending;
         }
         if (!g.extendedL2) {
+          if (entry.kind === 'normal') {
+            // Data clusters that follow each other in the file: one run, decoded once, its
+            // last cluster checked against the end of the file.
+            const kEnd = l2Index + Math.ceil((spanEnd - clusterStart) / g.clusterSize);
+            const k = contiguousEnd(table, l2Index, kEnd, g.clusterSize);
+            if (k > l2Index + 1) {
+              const lastStart = clusterStart + (k - 1 - l2Index) * g.clusterSize;
+              const pendingLast = this.checkDataCluster({ hostOffset: entry.hostOffset + (lastStart - clusterStart) }, lastStart);
+              if (pendingLast) await pendingLast;
+              const runEnd = Math.min(spanEnd, lastStart + g.clusterSize);
+              push(pos, runEnd - pos, 'data', entry.hostOffset + (pos - clusterStart));
+              pos = runEnd;
+              continue;
+            }
+          }
           this.pushState(push, subclusterState(entry, null, 0), pos, clusterEnd - pos, entry, pos - clusterStart);
           pos = clusterEnd;
           continue;

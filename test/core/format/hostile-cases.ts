@@ -381,6 +381,16 @@ export const CASES: HostileCase[] = [
   { name: 'L2 entry pointing into the header', level: 'l2', problem: /header|align/, build: patched(setL2(0, COPIED | 0x200n)) },
   { name: 'L2 entry pointing to an unaligned data cluster', level: 'l2', problem: /align/, build: patched((p) => writeAt(p, l2EntryPos(p, 0), u64((getU64(p, l2EntryPos(p, 0)) & ~OFFSET_MASK) | BigInt(Number(getU64(p, l2EntryPos(p, 0)) & OFFSET_MASK) + 0x200)))) },
   { name: 'L2 entry with reserved bits set', level: 'l2', problem: /reserved/, build: patched((p) => writeAt(p, l2EntryPos(p, 0), u64(getU64(p, l2EntryPos(p, 0)) | 0x2n))) },
+  // Runs of host-contiguous data clusters are read without decoding each entry: the damage
+  // must still be found at the run's end and in its middle.
+  {
+    name: 'contiguous data clusters, the last ones past EOF', level: 'l2', problem: /past the end/,
+    build: patched((p) => truncateSync(p, 0xb000), { io: ['write -P 0xab 0 32k'] }),
+  },
+  {
+    name: 'contiguous data clusters, reserved bits set in the middle of the run', level: 'l2', problem: /reserved/,
+    build: patched((p) => writeAt(p, l2EntryPos(p, 4), u64(getU64(p, l2EntryPos(p, 4)) | (1n << 57n))), { io: ['write -P 0xab 0 32k'] }),
+  },
   { name: 'zero L2 entry preallocated past EOF', level: 'l2', problem: /past the end/, build: patched(setL2(16, 0x100000n | 1n)) },
   { name: 'compressed descriptor pointing into the header', level: 'l2', problem: /header/, build: patched(setL2(0, compressedDescriptor(0x100, 1))) },
   {
