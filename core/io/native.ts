@@ -1,6 +1,7 @@
 // The optional native addon (native/strata_native.c): the file syscalls Node lacks — QEMU-
 // compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching — and the copy
-// loop's data path (a window's reads plus its zero scan as one thread-pool request). It is built by
+// loops' data path (a window's reads plus its zero scan, a large write in steps, each as one
+// thread-pool request). It is built by
 // `npm install` (scripts/build-native.mjs) when a compiler is there; without it Strata still
 // works, minus those features, and nativeStatus() says why so the CLI/UI can tell the user.
 // Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
@@ -32,7 +33,7 @@ export interface ReadScanError extends Error {
 }
 
 /**
- * All functions but readScan are synchronous single syscalls. Offsets and lengths must be integers in
+ * All functions but readScan and writeSteps are synchronous single syscalls. Offsets and lengths must be integers in
  * [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a TypeError. System failures
  * throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP', ...), `errno` and `syscall`.
  */
@@ -77,6 +78,12 @@ export interface NativeApi {
    * at once. The segments are copied, so the Float64Array may be reused right away.
    */
   readScan(buf: Uint8Array, segments: Float64Array, unit: number, bitmap: Uint8Array | null, callback: (err: ReadScanError | null) => void): void;
+  /**
+   * On a libuv thread-pool thread: writes all of buf at `offset` with pwrite calls of at most
+   * `step` bytes, then callback(null | error) on the JS thread; until then buf belongs to the
+   * request. Bad arguments throw a TypeError at once.
+   */
+  writeSteps(fd: number, buf: Uint8Array, offset: number, step: number, callback: (err: NodeJS.ErrnoException | null) => void): void;
 }
 
 export interface NativeStatus {
@@ -90,7 +97,7 @@ export interface NativeStatus {
 /** Where the addon lives relative to the repository (or package) root. */
 export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
 
-const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan'] as const satisfies readonly (keyof NativeApi)[];
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan', 'writeSteps'] as const satisfies readonly (keyof NativeApi)[];
 
 let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
 

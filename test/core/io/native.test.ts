@@ -477,6 +477,51 @@ describeNative('native addon: readScan (a window of reads plus its zero scan)', 
   });
 });
 
+describeNative('native addon: writeSteps (a large write in pieces, on the thread pool)', () => {
+  const write = (fd: number, buf: Uint8Array, offset: number, step: number) =>
+    new Promise<void>((resolve, reject) => n().writeSteps(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
+
+  it('writes the whole buffer at the offset, whatever the step, leaving the bytes around it alone', () => withTempAsync(async (p) => {
+    const f = p('w.bin');
+    writeFileSync(f, Buffer.alloc(2 * MiB, 0x11));
+    const data = Buffer.alloc(MiB + 123);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13 + 5) & 0xff;
+    const fd = openSync(f, 'r+');
+    try {
+      await write(fd, data, 5000, 64 * KiB);
+      await write(fd, data.subarray(0, 1000), 2 * MiB - 10, 7); // a step that divides nothing, past EOF
+    } finally {
+      closeSync(fd);
+    }
+    const got = readFileSync(f);
+    expect(got.length).toBe(2 * MiB + 990);
+    expect(got.subarray(0, 5000).equals(Buffer.alloc(5000, 0x11))).toBe(true);
+    expect(got.subarray(5000, 5000 + data.length).equals(data)).toBe(true);
+    expect(got.subarray(5000 + data.length, 2 * MiB - 10).equals(Buffer.alloc(2 * MiB - 10 - 5000 - data.length, 0x11))).toBe(true);
+    expect(got.subarray(2 * MiB - 10).equals(data.subarray(0, 1000))).toBe(true);
+  }));
+
+  it('reports a failed write as a system error, and bad arguments at once with a TypeError', async () => {
+    const fd = openSync(fileURLToPath(import.meta.url), 'r'); // open for reading only
+    try {
+      const err = await write(fd, Buffer.alloc(4096), 0, 1024).then(() => null, (e: unknown) => e);
+      expect(err).toMatchObject({ code: 'EBADF', syscall: 'pwrite' });
+    } finally {
+      closeSync(fd);
+    }
+    const cb = () => { throw new Error('must not be called'); };
+    const buf = Buffer.alloc(16);
+    const bad: [string, () => void][] = [
+      ['step 0', () => n().writeSteps(1, buf, 0, 0, cb)],
+      ['negative offset', () => n().writeSteps(1, buf, -1, 1024, cb)],
+      ['fd -1', () => n().writeSteps(-1, buf, 0, 1024, cb)],
+      ['buffer not a Uint8Array', () => n().writeSteps(1, 'abc' as unknown as Uint8Array, 0, 1024, cb)],
+      ['no callback', () => (n().writeSteps as (...a: unknown[]) => void)(1, buf, 0, 1024)],
+    ];
+    for (const [what, call] of bad) expect(call, what).toThrow(TypeError);
+  });
+});
+
 describe('native addon: loading', () => {
   // The module caches its first load, so each variant runs in a fresh child. The module is
   // compiled with esbuild into native/build/ to also prove the walk-up search works from a
