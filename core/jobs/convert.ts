@@ -21,9 +21,11 @@ export interface ConvertOptions extends TargetSpec {
   /** -S: zero detection granularity for raw targets (default 4096); 0 writes data as read. */
   minSparse?: number;
   /**
-   * Bytes per window (default 4 MiB) and windows in flight (default 8). Each window costs the
-   * JavaScript thread about the same whatever its size, and that thread is what limits a
-   * copy on a small machine: 4 MiB halves that cost against 2 MiB for 16 MiB more buffers.
+   * Bytes per window (default 4 MiB, 2 MiB with -c) and windows in flight (default 8). Each
+   * window costs the JavaScript thread about the same whatever its size, and that thread is
+   * what limits a copy on a small machine: 4 MiB halves that cost against 2 MiB for 16 MiB
+   * more buffers. Compression is bound by the codecs instead, and holds every window's
+   * clusters several times over (input, worker copies, output): it keeps 2 MiB.
    */
   chunkSize?: number;
   parallel?: number;
@@ -58,7 +60,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const minSparse = opts.minSparse ?? 4096;
     // The unit zeros are judged in: what the target allocates (cluster/subcluster), or -S.
     const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
-    const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? 4 << 20) / unit) * unit);
+    const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? (compress ? 2 << 20 : 4 << 20)) / unit) * unit);
     const width = opts.parallel ?? 8;
     const below = img.backing;
     const progress = new ProgressReporter(ctx, size);
