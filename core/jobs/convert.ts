@@ -125,18 +125,38 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         base.fill(0, n);
       }
       // Decide per unit: skip (already right on the target), zero, or data; merge neighbours.
+      // Units with the same zero map value are taken as one run (a raw target has a thousand
+      // 4 KiB units per window); only -B compares unit by unit.
       type Piece = { start: number; end: number; kind: 'zero' | 'data' };
       const pieces: Piece[] = [];
-      for (let p = 0, i = 0; p < len; p += unit, i++) {
-        const e = Math.min(len, p + unit);
-        let kind: Piece['kind'] | null;
-        const zero = dataUnits ? dataUnits[i] === 0 : false;
-        if (base) kind = buf.compare(base, p, e, p, e) === 0 ? null : zero ? 'zero' : 'data';
-        else kind = zero ? (target.zeroInitialized ? null : 'zero') : 'data';
-        if (!kind) continue;
+      const add = (start: number, end: number, kind: Piece['kind']) => {
         const last = pieces[pieces.length - 1];
-        if (last && last.kind === kind && last.end === p && !(compress && kind === 'data')) last.end = e;
-        else pieces.push({ start: p, end: e, kind });
+        if (last && last.kind === kind && last.end === start) last.end = end;
+        else pieces.push({ start, end, kind });
+      };
+      const units = Math.ceil(len / unit);
+      for (let i = 0; i < units;) {
+        const v = dataUnits ? dataUnits[i] : 1;
+        let j = i + 1;
+        if (dataUnits) while (j < units && dataUnits[j] === v) j++;
+        else j = units;
+        const zero = v === 0;
+        if (base) {
+          for (let k = i; k < j; k++) {
+            const p = k * unit;
+            const e = Math.min(len, p + unit);
+            if (buf.compare(base, p, e, p, e) === 0) continue;
+            if (compress && !zero) pieces.push({ start: p, end: e, kind: 'data' });
+            else add(p, e, zero ? 'zero' : 'data');
+          }
+        } else if (!zero) {
+          // Compressed clusters are written one by one (so are they with -B above).
+          if (compress) for (let k = i; k < j; k++) pieces.push({ start: k * unit, end: Math.min(len, (k + 1) * unit), kind: 'data' });
+          else add(i * unit, Math.min(len, j * unit), 'data');
+        } else if (!target.zeroInitialized) {
+          add(i * unit, Math.min(len, j * unit), 'zero');
+        }
+        i = j;
       }
       // Compress before taking our turn, so compression of several windows overlaps.
       const packed = compress

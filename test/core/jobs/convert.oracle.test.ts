@@ -180,6 +180,13 @@ describeOracle('convert against qemu-img', () => {
       expectWithinRatio(row);
       // About 6 MiB of differences: nowhere near the base's 25 MiB.
       expect(row.strata).toBeLessThan(8 * MiB);
+      // -c with -B: the differences compressed cluster by cluster, the same content.
+      const packed = d.path('out-c.qcow2');
+      await strataOk('convert', '-c', '-O', 'qcow2', '-B', 'base.qcow2', '-F', 'qcow2', top, packed);
+      expectClean(packed);
+      expectSameContent(top, packed);
+      const check = JSON.parse(qemuImg('check', '--output=json', packed)) as { 'compressed-clusters'?: number };
+      expect(check['compressed-clusters'] ?? 0).toBeGreaterThan(10);
     } finally {
       d.cleanup();
     }
