@@ -62,7 +62,7 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { io.out(HELP); return cmd ? 0 : 2; }
   if (cmd === '--version' || cmd === '-V') {
     const n = nativeStatus();
-    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks are not taken (images in use are still detected from /proc/locks), holes are not detected or punched`}\n`);
+    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching, native copy path)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks are not taken (images in use are still detected from /proc/locks), holes are not detected or punched, copies take the slower plain Node path`}\n`);
     return 0;
   }
   const command = COMMANDS[cmd];

@@ -1,6 +1,7 @@
 // Builds the optional N-API addon native/build/Release/strata_native.node (image locks, hole
-// detection, hole punching) with the node-gyp that npm bundles. Called from scripts/build.mjs,
-// which is the `prepare` script, so it runs on `npm install`; also runnable on its own.
+// detection, hole punching, the copy loops' data path) with the node-gyp that npm bundles.
+// Called from scripts/build.mjs, which is the `prepare` script, so it runs on `npm install`;
+// also runnable on its own.
 //
 // This must never fail an install: without a compiler, node-gyp or Python, or when the build
 // breaks, it prints one warning line and returns; Strata then runs without those features
@@ -25,7 +26,7 @@ const logFile = join(nativeDir, 'build', 'native-build.log');
 const BUILD_TIMEOUT_MS = 5 * 60_000;
 
 function warn(reason) {
-  process.stderr.write(`strata: native addon not built (${reason}); image locks, hole detection and hole punching are off\n`);
+  process.stderr.write(`strata: native addon not built (${reason}); image locks, hole detection, hole punching and the native copy path are off\n`);
 }
 
 function mtime(path) {
