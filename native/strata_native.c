@@ -7,8 +7,10 @@
  *   punchHole(fd, offset, len)                     fallocate PUNCH_HOLE | KEEP_SIZE
  *   zeroRange(fd, offset, len)                     fallocate ZERO_RANGE
  *   startWriteback(fd, offset, len)                sync_file_range(SYNC_FILE_RANGE_WRITE)
- *   readScan(buf, segments, unit, bitmap, cb)      preads into buf and a zero scan of it, on
- *                                                  a thread-pool thread; cb(err) when done
+ *   readScan(buf, segments, unit, bitmap, cb[, outFd, outOffset, step])
+ *                                                  preads into buf and a zero scan of it (and
+ *                                                  writes of its data), on a thread-pool
+ *                                                  thread; cb(err) when done
  *   writeSteps(fd, buf, offset, step, cb)          pwrites of buf in `step`-byte pieces, on a
  *                                                  thread-pool thread; cb(err) when done
  *
@@ -417,6 +419,11 @@ static napi_value StartWriteback(napi_env env, napi_callback_info info) {
  * still in the CPU's cache. callback(null) or callback(err) runs on the JS thread afterwards;
  * err is shaped like the synchronous functions' errors plus err.segment, the index of the
  * quadruple whose read failed. buf and bitmap must not be touched until then.
+ *
+ * readScan(buf, segments, unit, bitmap, callback, outFd, outOffset, step) also writes, on the
+ * same thread, each run of units holding data to outFd at outOffset + its place in buf, in
+ * pwrites of at most `step` bytes (see writeSteps): a copy to a raw file in one request. A
+ * failed write gives err.syscall 'pwrite' and err.segment -1. outFd -1 means no writing.
  */
 typedef struct {
   int fd;
@@ -434,8 +441,11 @@ typedef struct {
   size_t unit;
   scan_segment *segs;
   size_t nsegs;
-  int err;         /* errno of the failed read, 0 when all went well */
-  size_t failed;   /* its segment */
+  int out_fd;      /* >= 0: write the units holding data there (see readScan's comment) */
+  off_t out_offset;
+  size_t out_step;
+  int err;         /* errno of the failed read or write, 0 when all went well */
+  long failed;     /* the read's segment, -1 for a write */
 } scan_job;
 
 /* true when p[0, n) is all zero bytes: 16 checked one by one (data is rarely zero there), then
@@ -446,6 +456,22 @@ static bool all_zero(const uint8_t *p, size_t n) {
   for (size_t i = 0; i < head; i++)
     if (p[i]) return false;
   return n <= 16 || memcmp(p, p + 16, n - 16) == 0;
+}
+
+/* Writes len bytes at off in pwrite calls of at most `step` bytes; 0 or the errno. */
+static int pwrite_all(int fd, const uint8_t *buf, size_t len, off_t off, size_t step) {
+  size_t done = 0;
+  while (done < len) {
+    size_t n = len - done < step ? len - done : step;
+    ssize_t w = pwrite(fd, buf + done, n, off + (off_t)done);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (w == 0) return EIO; /* cannot happen for regular files; do not spin */
+    done += (size_t)w;
+  }
+  return 0;
 }
 
 static void scan_execute(napi_env env, void *data) {
@@ -474,9 +500,24 @@ static void scan_execute(napi_env env, void *data) {
     }
   }
   if (j->unit == 0) return;
-  for (size_t u = 0, i = 0; u < j->buf_len; u += j->unit, i++) {
+  size_t units = 0;
+  for (size_t u = 0; u < j->buf_len; u += j->unit, units++) {
     size_t n = j->buf_len - u < j->unit ? j->buf_len - u : j->unit;
-    j->bitmap[i] = all_zero(j->buf + u, n) ? 0 : 1;
+    j->bitmap[units] = all_zero(j->buf + u, n) ? 0 : 1;
+  }
+  if (j->out_fd < 0) return;
+  for (size_t i = 0; i < units;) {
+    if (!j->bitmap[i]) { i++; continue; }
+    size_t k = i + 1;
+    while (k < units && j->bitmap[k]) k++;
+    size_t start = i * j->unit, end = k * j->unit < j->buf_len ? k * j->unit : j->buf_len;
+    int e = pwrite_all(j->out_fd, j->buf + start, end - start, j->out_offset + (off_t)start, j->out_step);
+    if (e) {
+      j->err = e;
+      j->failed = -1;
+      return;
+    }
+    i = k;
   }
 }
 
@@ -497,7 +538,7 @@ static void scan_complete(napi_env env, napi_status status, void *data) {
     j->failed = 0;
   }
   if (j->err) {
-    arg = errno_error(env, j->err, "pread");
+    arg = errno_error(env, j->err, j->failed < 0 ? "pwrite" : "pread");
     if (arg && napi_create_double(env, (double)j->failed, &v) == napi_ok)
       napi_set_named_property(env, arg, "segment", v);
   }
@@ -525,8 +566,8 @@ static bool get_bytes(napi_env env, napi_value v, const char *fn, const char *na
 
 static napi_value ReadScan(napi_env env, napi_callback_info info) {
   const char *fn = "readScan";
-  size_t argc = 5;
-  napi_value argv[5];
+  size_t argc = 8;
+  napi_value argv[8];
   CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (argc < 5) {
     throw_type(env, "ERR_MISSING_ARGS", fn, "callback", "given (5 arguments)");
@@ -561,6 +602,26 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
     return NULL;
   }
 
+  /* optional: outFd, outOffset, step */
+  int64_t out_fd = -1, out_step = 0;
+  off_t out_offset = 0;
+  if (argc >= 6) {
+    if (!get_integer(env, argv, argc, 5, fn, "outFd", -1, 2147483647.0, "a file descriptor or -1", &out_fd)) return NULL;
+    if (out_fd >= 0) {
+      if (unit == 0) {
+        throw_type(env, "ERR_OUT_OF_RANGE", fn, "unit", "> 0 when writing out");
+        return NULL;
+      }
+      if (!get_offset(env, argv, argc, 6, fn, "outOffset", &out_offset) ||
+          !get_integer(env, argv, argc, 7, fn, "step", 1, 1073741824.0, "an integer between 1 and 2^30", &out_step))
+        return NULL;
+      if ((double)out_offset + (double)buf_len > MAX_SAFE_INTEGER) {
+        throw_type(env, "ERR_OUT_OF_RANGE", fn, "outOffset", "such that outOffset + buf.length <= 2^53 - 1");
+        return NULL;
+      }
+    }
+  }
+
   size_t nsegs = nvals / 4;
   scan_job *j = calloc(1, sizeof *j);
   scan_segment *segs = nsegs ? calloc(nsegs, sizeof *segs) : NULL;
@@ -591,6 +652,9 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
   j->buf_len = buf_len;
   j->bitmap = bitmap;
   j->unit = (size_t)unit;
+  j->out_fd = (int)out_fd;
+  j->out_offset = out_offset;
+  j->out_step = (size_t)out_step;
 
   napi_value name;
   if (napi_create_reference(env, argv[4], 1, &j->callback) != napi_ok ||
@@ -619,9 +683,10 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
  * of each call, and a large aligned write gets large folios (512 KiB and up), which the
  * allocator takes from large free blocks. Under a hypervisor with free page reporting those
  * blocks are the ones given back to the host, and touching them costs a host fault per page:
- * measured on a 2-vCPU VM, 1 GiB in aligned 512 KiB-2 MiB writes took 1.3-2.9 s, in 256 KiB
- * writes 0.2-0.3 s (QEMU's writes escape it by being mostly unaligned). Steps of 256 KiB
- * keep the folios small at the cost of a few thousand more syscalls per GiB.
+ * measured on a 2-vCPU VM, 1 GiB in aligned 512 KiB-2 MiB writes took 1.3-3.4 s, in 256 KiB
+ * writes 0.2-0.3 s, or 0.45-1.3 s when nearly all free memory had gone back (QEMU's 2 MiB
+ * writes are mostly unaligned, which keeps their folios smaller too). Steps of 256 KiB keep
+ * the folios small at the cost of a few thousand more syscalls per GiB.
  */
 typedef struct {
   napi_async_work work;
@@ -636,21 +701,7 @@ typedef struct {
 
 static void write_execute(napi_env env, void *data) {
   write_job *j = data;
-  size_t done = 0;
-  while (done < j->len) {
-    size_t n = j->len - done < j->step ? j->len - done : j->step;
-    ssize_t w = pwrite(j->fd, j->buf + done, n, j->offset + (off_t)done);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      j->err = errno;
-      return;
-    }
-    if (w == 0) { /* cannot happen for regular files; do not spin */
-      j->err = EIO;
-      return;
-    }
-    done += (size_t)w;
-  }
+  j->err = pwrite_all(j->fd, j->buf, j->len, j->offset, j->step);
 }
 
 static void write_free(napi_env env, write_job *j) {

@@ -6,7 +6,7 @@
 // isZero here, with the same result.
 import { ioError } from '../errors';
 import { native, type ReadScanError } from '../io/native';
-import { NodeFile } from '../io/node-file';
+import { NodeFile, WRITE_STEP } from '../io/node-file';
 import type { DiskImage, ReadSegment } from './image';
 import { isZero } from './zero';
 
@@ -28,6 +28,29 @@ export async function readScanned(img: DiskImage, buf: Uint8Array, offset: numbe
   await img.read(buf, offset);
   if (!dataUnits) return;
   for (let i = 0, p = 0; p < buf.length; p += unit, i++) dataUnits[i] = isZero(buf, p, Math.min(buf.length, p + unit)) ? 0 : 1;
+}
+
+/**
+ * readScanned, then the units holding data written to `out` at the same offsets (a raw file),
+ * in the same thread-pool request: a copy without a trip through the JavaScript thread
+ * between reading and writing. False, having done nothing, without the addon or when the
+ * window needs more than plain reads (compressed clusters): then read and write as usual.
+ * The writes bypass `out`'s write queue: they are ordered only among themselves, so nothing
+ * else may write the same range of `out` meanwhile.
+ */
+export async function readScannedInto(img: DiskImage, buf: Uint8Array, offset: number, unit: number, dataUnits: Uint8Array, out: NodeFile): Promise<boolean> {
+  const n = native();
+  const plan = n && img.readPlan && out.fd >= 0 ? await img.readPlan(offset, buf.length) : null;
+  const segments = plan ? nativeSegments(plan) : null;
+  if (!n || !plan || !segments) return false;
+  await new Promise<void>((resolve, reject) => {
+    n.readScan(buf, segments, unit, dataUnits, (err) => {
+      if (!err) resolve();
+      else if (err.segment < 0) reject(ioError(err, out.path, `write of guest data at offset ${offset} failed`));
+      else reject(readError(err, plan));
+    }, out.fd, offset, WRITE_STEP);
+  });
+  return true;
 }
 
 /** The plan as readScan's [fd, bufOffset, fileOffset, length] quadruples; null unless every file is an open NodeFile. */

@@ -1,9 +1,9 @@
 // The optional native addon (native/strata_native.c): the file syscalls Node lacks — QEMU-
 // compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching — and the copy
 // loops' data path (a window's reads plus its zero scan, a large write in steps, each as one
-// thread-pool request). It is built by
-// `npm install` (scripts/build-native.mjs) when a compiler is there; without it Strata still
-// works, minus those features, and nativeStatus() says why so the CLI/UI can tell the user.
+// thread-pool request). It is built by `npm install` (scripts/build-native.mjs) when a
+// compiler is there; without it Strata still works, minus those features (the copy loops fall
+// back to Node's fs), and nativeStatus() says why so the CLI/UI can tell the user.
 // Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
 // No electron import: this runs under Node, in Electron's main/utility processes, and from
 // the esbuild bundle in dist/.
@@ -33,9 +33,10 @@ export interface ReadScanError extends Error {
 }
 
 /**
- * All functions but readScan and writeSteps are synchronous single syscalls. Offsets and lengths must be integers in
- * [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a TypeError. System failures
- * throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP', ...), `errno` and `syscall`.
+ * All functions but readScan and writeSteps are synchronous single syscalls. Offsets and
+ * lengths must be integers in [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a
+ * TypeError. System failures throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP',
+ * ...), `errno` and `syscall`.
  */
 export interface NativeApi {
   /** lseek(SEEK_DATA): the first data byte at or after offset; -1 when there is none (ENXIO). */
@@ -76,8 +77,12 @@ export interface NativeApi {
    * byte, else 0 (the last unit may be shorter). callback(null | error) runs on the JS thread
    * when done; until then buf and bitmap belong to the request. Bad arguments throw a TypeError
    * at once. The segments are copied, so the Float64Array may be reused right away.
+   * With outFd >= 0 (and unit > 0) the same thread then writes each run of units holding data
+   * to outFd at outOffset + its place in buf, in pwrites of at most `step` bytes (as
+   * writeSteps); a failed write reports syscall 'pwrite' and segment -1.
    */
-  readScan(buf: Uint8Array, segments: Float64Array, unit: number, bitmap: Uint8Array | null, callback: (err: ReadScanError | null) => void): void;
+  readScan(buf: Uint8Array, segments: Float64Array, unit: number, bitmap: Uint8Array | null, callback: (err: ReadScanError | null) => void,
+    outFd?: number, outOffset?: number, step?: number): void;
   /**
    * On a libuv thread-pool thread: writes all of buf at `offset` with pwrite calls of at most
    * `step` bytes, then callback(null | error) on the JS thread; until then buf belongs to the

@@ -25,11 +25,12 @@ const SYNC_IO_MAX = 256 * 1024;
  * folios of a buffered write by each call's length and alignment, and large aligned writes
  * get folios of 512 KiB and more, taken from large free blocks; under a hypervisor with free
  * page reporting those are the blocks handed back to the host, and each page of them then
- * costs a host fault: on a 2-vCPU VM, 1 GiB written in aligned 512 KiB-2 MiB calls took
- * 1.3-2.9 s once the host had the memory back, in 256 KiB calls 0.2-0.3 s every time.
+ * costs a host fault. On a 2-vCPU VM, 1 GiB written in aligned 512 KiB-2 MiB calls took
+ * 1.3-3.4 s once the host had the memory back, in 256 KiB calls 0.2-0.3 s (0.45-1.3 s when
+ * nearly all free memory had gone back); smaller calls gained nothing more.
  * (See writeSteps in native/strata_native.c.)
  */
-const WRITE_STEP = 256 * 1024;
+export const WRITE_STEP = 256 * 1024;
 const WRITEBACK_STEP = 16 * 1024 * 1024;
 
 export interface OpenOptions {

@@ -5,7 +5,8 @@
 import { CancelledError } from '../errors';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { readScanned } from '../engine/read-scan';
+import { readScanned, readScannedInto } from '../engine/read-scan';
+import { NodeFile } from '../io/node-file';
 import { compressClusterAsync } from '../codec/index';
 import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
@@ -70,6 +71,9 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const scan = !(minSparse === 0 && !q);
     const unitMaps = Array.from({ length: width }, () => (scan ? new Uint8Array(chunk / unit) : null));
     const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
+    // A raw target that reads as zero wherever nothing is written takes each window's data
+    // where the source has it: read, zero scan and write in one request (readScannedInto).
+    const direct = !q && !below && scan && target.zeroInitialized && img.file instanceof NodeFile ? img.file : null;
 
     // Each window yielded gets the next turn number (skipped ranges take none).
     async function* windows(): AsyncGenerator<{ off: number; turn: number; hasData: boolean }> {
@@ -113,6 +117,11 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       if (zeroWindow) {
         buf.fill(0);
         dataUnits?.fill(0);
+      } else if (direct && dataUnits && (await readScannedInto(src, buf, off, unit, dataUnits, direct))) {
+        result.bytesRead += len;
+        for (let i = 0, p = 0; p < len; p += unit, i++) if (dataUnits[i]) result.bytesWritten += Math.min(unit, len - p);
+        progress.add(len);
+        return;
       } else {
         await readScanned(src, buf, off, unit, dataUnits);
         result.bytesRead += len;

@@ -1,5 +1,6 @@
 // The native addon (native/strata_native.c through core/io/native.ts): hole detection, hole
-// punching, zeroing, and OFD locks that interoperate with QEMU's image locking.
+// punching, zeroing, OFD locks that interoperate with QEMU's image locking, and the copy
+// loops' data path (readScan, writeSteps).
 // Without a built addon these tests skip loudly (fail under CI=true), like the qemu oracle.
 import { describe, it, expect } from 'vitest';
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
@@ -447,6 +448,52 @@ describeNative('native addon: readScan (a window of reads plus its zero scan)', 
       expect([...untouched]).toEqual([9, 9, 9]);
     } finally {
       closeSync(fd);
+    }
+  }));
+
+  it('with outFd, writes the runs of units holding data at outOffset + their place, and only those', () => withTempAsync(async (p) => {
+    const src = p('src.bin');
+    const dst = p('dst.bin');
+    const unit = 4096;
+    const bytes = Buffer.alloc(10 * unit + 100); // units: data, zero, data, data, zero x3, data, zero, data, short data
+    for (const u of [0, 2, 3, 7, 9]) bytes.fill(u + 1, u * unit + 7, u * unit + 9);
+    bytes[10 * unit + 50] = 0xee;
+    writeFileSync(src, bytes);
+    writeFileSync(dst, Buffer.alloc(12 * unit, 0xaa)); // zero units of the source must leave these bytes
+    const sfd = openSync(src, 'r');
+    const fd = openSync(dst, 'r+');
+    try {
+      const buf = Buffer.alloc(bytes.length);
+      const bitmap = new Uint8Array(11);
+      await new Promise<void>((resolve, reject) => n().readScan(buf, Float64Array.from([sfd, 0, 0, bytes.length]), unit, bitmap,
+        (err) => (err ? reject(err) : resolve()), fd, 1000, 3000));
+      expect([...bitmap]).toEqual([1, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1]);
+      const want = Buffer.alloc(12 * unit, 0xaa);
+      for (let u = 0; u < 11; u++) {
+        if (!bitmap[u]) continue;
+        const end = Math.min(bytes.length, (u + 1) * unit);
+        bytes.copy(want, 1000 + u * unit, u * unit, end);
+      }
+      expect(readFileSync(dst).subarray(0, want.length).equals(want)).toBe(true);
+    } finally {
+      closeSync(sfd);
+      closeSync(fd);
+    }
+  }));
+
+  it('with outFd, a failed write is reported as pwrite with segment -1; outFd needs a unit', () => withTempAsync(async (p) => {
+    const src = p('src.bin');
+    writeFileSync(src, Buffer.alloc(8192, 1));
+    const sfd = openSync(src, 'r');
+    try {
+      const buf = Buffer.alloc(8192);
+      const err = await new Promise<unknown>((resolve) => n().readScan(buf, Float64Array.from([sfd, 0, 0, 8192]), 4096, new Uint8Array(2),
+        (e) => resolve(e), sfd /* read-only */, 0, 4096));
+      expect(err).toMatchObject({ code: 'EBADF', syscall: 'pwrite', segment: -1 });
+      expect(() => n().readScan(buf, new Float64Array(0), 0, null, () => {}, sfd, 0, 4096)).toThrow(TypeError);
+      expect(() => n().readScan(buf, new Float64Array(0), 4096, new Uint8Array(2), () => {}, sfd, 0, 0)).toThrow(TypeError);
+    } finally {
+      closeSync(sfd);
     }
   }));
 
