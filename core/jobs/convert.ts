@@ -82,9 +82,13 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       while (off < size) {
         let hasData = false;
         if (target.zeroInitialized && !below) {
-          // Jump over long runs that read as zero everywhere without visiting each window.
-          const st = await chainBlockStatus(src, off, size - off);
-          if (st.zero) {
+          // Jump over long runs that read as zero everywhere without visiting each window. The
+          // status of the window alone first: asking to the end of the disk each time would
+          // walk a long data run again for every window of it.
+          const win = Math.min(chunk, size - off);
+          let st = await chainBlockStatus(src, off, win);
+          if (st.zero && st.length === win) {
+            st = await chainBlockStatus(src, off, size - off);
             const skipTo = Math.min(size, Math.floor((off + st.length) / chunk) * chunk);
             if (skipTo > off) { progress.add(skipTo - off); off = skipTo; continue; }
           }
