@@ -142,8 +142,8 @@ if (values.perf) {
   const rep = spawnSync('perf', ['report', '-i', data, '--no-children', '--sort', 'sym', '--stdio', '-g', 'none', '--percent-limit', '0.3'],
     { encoding: 'utf8', maxBuffer: 256 << 20 });
   if (rep.status !== 0) { log(`profile: perf report failed: ${rep.stderr}`); process.exit(1); }
-  // JIT frames are named like "LazyCompile:*name file:///.../strata.mjs:LINE:COL" (1-based).
-  const mapped = rep.stdout.split('\n').filter((l) => /^\s+\d+\.\d+%/.test(l)).slice(0, top).map((l) => l.replace(/file:\/\/\S*?strata\.mjs:(\d+):(\d+)/, (m, line, col) => {
+  // JIT frames are named like "LazyCompile:*name /.../strata.cjs:LINE:COL" (1-based).
+  const mapped = rep.stdout.split('\n').filter((l) => /^\s+\d+\.\d+%/.test(l)).slice(0, top).map((l) => l.replace(/(?:file:\/\/)?\/\S*?strata\.cjs:(\d+):(\d+)/, (m, line, col) => {
     const e = map?.findEntry(Number(line) - 1, Number(col) - 1);
     if (!e || !e.originalSource) return m;
     return `${srcName(e.originalSource.replace(/^file:\/\//, ''))}:${e.originalLine + 1}`;

@@ -25,7 +25,7 @@ const USAGE = `usage: node bench/run.mjs [SCENARIO...] [--reps N] [--warmup N] [
                (default 150)
   --no-check   skip the output comparison
   --build      bundle the current core/ and cli/ sources into bench/out/engine instead of
-               using a copy of dist/strata.mjs
+               using a copy of dist/strata.cjs
   --ref REV    bundle core/ and cli/ as committed at git revision REV (e.g. HEAD: without the
                uncommitted changes in the tree)
   --work DIR   where outputs are written (default bench/out/work); e.g. /dev/shm takes the

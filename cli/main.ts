@@ -75,7 +75,7 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
   }
 }
 
-const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.mjs)?|main\.ts)$/.test(process.argv[1]);
+const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.cjs)?|main\.ts)$/.test(process.argv[1]);
 if (isMain) {
   const ac = new AbortController();
   let interrupts = 0;

@@ -2,7 +2,7 @@
 process.stdout.write([
   'Strata: the desktop app (Electron window and browser mode) is not part of this build yet.',
   'The engine and the command line are: try',
-  '  node bin/strata.mjs --help',
-  '  node bin/strata.mjs info --backing-chain IMAGE.qcow2',
+  '  node bin/strata.cjs --help',
+  '  node bin/strata.cjs info --backing-chain IMAGE.qcow2',
   '',
 ].join('\n'));

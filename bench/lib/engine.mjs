@@ -1,4 +1,4 @@
-// Which strata build the benchmark runs. By default a copy of dist/strata.mjs (built first if
+// Which strata build the benchmark runs. By default a copy of dist/strata.cjs (built first if
 // missing) taken at the start of the run, so a concurrent `npm run build` cannot swap the engine
 // between the runs of one benchmark. `--build` bundles the current sources instead (with the
 // esbuild settings dist/ is built with: scripts/bundle-options.mjs) into bench/out/engine/,
@@ -6,9 +6,10 @@
 // archive into bench/out/ref-src/).
 // The copy lives below the repository, so the bundle still finds node_modules/ (zstd-napi) and
 // native/build/Release/strata_native.node by walking up from its own directory. Beside it
-// (engine/bin/strata.mjs, engine/dist/strata.mjs: the checkout's layout) goes a copy of
-// bin/strata.mjs, and the benchmark runs that launcher as a shell runs the installed `strata`
-// command, so what is measured includes what the launcher does before node starts.
+// (engine/bin/strata.cjs, engine/dist/strata.cjs: the checkout's layout) goes a copy of
+// bin/strata.cjs, and the benchmark runs that launcher as a shell runs the installed `strata`
+// command, so what is measured includes what the launcher does before node starts, and gets
+// its own V8 code cache (dist/strata.cjs.cache) made the way `npm run build` makes it.
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
@@ -53,7 +54,7 @@ async function bundle(entry, engineDir) {
 }
 
 /**
- * Returns { path (the bundle), launcher (the bin/strata.mjs beside it: what to run), source,
+ * Returns { path (the bundle), launcher (the bin/strata.cjs beside it: what to run), source,
  * builtAt, stale, git } for the strata build to run.
  * `ref`: bundle core/ and cli/ as committed at that git revision (extracted with git archive into
  * bench/out/ref-src/), e.g. 'HEAD' to leave out uncommitted work in the tree. The native addon
@@ -64,9 +65,9 @@ export async function prepareEngine(root, outDir, { build, ref, log }) {
   rmSync(join(outDir, 'engine'), { recursive: true, force: true });
   mkdirSync(engineDir, { recursive: true });
   mkdirSync(join(outDir, 'engine', 'bin'));
-  const launcher = join(outDir, 'engine', 'bin', 'strata.mjs');
-  copyFileSync(join(root, 'bin', 'strata.mjs'), launcher);
-  const path = join(engineDir, 'strata.mjs');
+  const launcher = join(outDir, 'engine', 'bin', 'strata.cjs');
+  copyFileSync(join(root, 'bin', 'strata.cjs'), launcher);
+  const path = join(engineDir, 'strata.cjs');
   let source;
   let refCommit = null;
   if (ref) {
@@ -83,9 +84,9 @@ export async function prepareEngine(root, outDir, { build, ref, log }) {
     await bundle(join(root, 'cli/main.ts'), engineDir);
     source = 'sources (bench --build)';
   } else {
-    const dist = join(root, 'dist', 'strata.mjs');
+    const dist = join(root, 'dist', 'strata.cjs');
     if (!existsSync(dist)) {
-      log('bench: dist/strata.mjs is missing; running node scripts/build.mjs');
+      log('bench: dist/strata.cjs is missing; running node scripts/build.mjs');
       const r = spawnSync(process.execPath, ['scripts/build.mjs'], { cwd: root, stdio: 'inherit' });
       if (r.status !== 0 || !existsSync(dist)) throw new Error('build failed; fix it or run `npm run build`');
     }
@@ -96,11 +97,14 @@ export async function prepareEngine(root, outDir, { build, ref, log }) {
       map.sources = map.sources.map((s) => relative(engineDir, resolve(root, 'dist', s)));
       writeFileSync(path + '.map', JSON.stringify(map));
     }
-    source = 'dist/strata.mjs';
+    source = 'dist/strata.cjs';
   }
+  // Its own V8 code cache, as `npm run build` makes one for dist/ (scripts/code-cache.mjs).
+  const { warmCodeCache } = await import('../../scripts/code-cache.mjs');
+  warmCodeCache(launcher, log);
   const builtAt = statSync(path).mtimeMs;
-  const stale = !build && !ref && newestSourceMtime(root) > statSync(join(root, 'dist', 'strata.mjs')).mtimeMs;
-  if (stale) log('bench: note: dist/strata.mjs is older than some core/ or cli/ sources (use --build to bundle the current sources)');
+  const stale = !build && !ref && newestSourceMtime(root) > statSync(join(root, 'dist', 'strata.cjs')).mtimeMs;
+  if (stale) log('bench: note: dist/strata.cjs is older than some core/ or cli/ sources (use --build to bundle the current sources)');
   const dirty = git(root, ['status', '--porcelain', '--', 'core', 'cli']);
   return {
     path,

@@ -1,5 +1,5 @@
 // The strata binary and its human output against qemu-img: exit codes and one-line errors
-// from the real binary (node bin/strata.mjs), human `info` and `map` text character for
+// from the real binary (node bin/strata.cjs), human `info` and `map` text character for
 // character, and `map` of a 1 TiB image with a few scattered writes.
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -66,7 +66,7 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
     });
   });
 
-  describe('the real binary (node bin/strata.mjs)', () => {
+  describe('the real binary (node bin/strata.cjs)', () => {
     beforeAll(() => ensureBuilt());
 
     it('map --output=json through a chain equals qemu-img, exit 0, nothing on stderr', () => {

@@ -1,6 +1,6 @@
 // Hostile images through the strata command: the images of test/core/format/hostile-cases.ts
 // through `info`, `map --output=json`, `convert -O raw` and `compare`, in-process, plus the
-// worst-case sizes through `node bin/strata.mjs` in a child process with a small heap.
+// worst-case sizes through `node bin/strata.cjs` in a child process with a small heap.
 // Errors are one line on stderr (two for usage errors) starting with "strata: ", naming the
 // file and the problem, with a non-zero exit, no stack trace unless STRATA_DEBUG=1, quickly,
 // and no file changes.
@@ -151,7 +151,7 @@ const CHILD_HEAP_MIB = 128;
 const CHILD_RSS_MIB = 320;
 const CHILD_KILL_MS = 15_000;
 
-describeOracle('worst-case sizes through node bin/strata.mjs (child process, 128 MiB heap)', () => {
+describeOracle('worst-case sizes through node bin/strata.cjs (child process, 128 MiB heap)', () => {
   const tmp = tempDir('strata-worst-cli-');
   const preload = join(tmp.dir, 'rss.cjs');
   afterAll(() => tmp.cleanup());
@@ -169,7 +169,7 @@ describeOracle('worst-case sizes through node bin/strata.mjs (child process, 128
       const hashes = b.files.map(sha256);
       const rssFile = join(dir, 'rss');
       const t0 = performance.now();
-      const r = spawnSync(process.execPath, [`--max-old-space-size=${CHILD_HEAP_MIB}`, '--require', preload, join(repoRoot, 'bin', 'strata.mjs'), ...c.command, b.image], {
+      const r = spawnSync(process.execPath, [`--max-old-space-size=${CHILD_HEAP_MIB}`, '--require', preload, join(repoRoot, 'bin', 'strata.cjs'), ...c.command, b.image], {
         encoding: 'utf8', timeout: CHILD_KILL_MS, killSignal: 'SIGKILL', maxBuffer: 64 << 20,
         env: { ...process.env, STRATA_TEST_RSS_FILE: rssFile, STRATA_DEBUG: '' },
       });

@@ -22,7 +22,7 @@ const WRITER_BYTES = [100, 101, 103, 201, 203];
 // ---------------------------------------------------------------------------------------------
 // Running strata
 
-/** `node bin/strata.mjs ARGS` as a real process (with the addon unless `env` turns it off). */
+/** `node bin/strata.cjs ARGS` as a real process (with the addon unless `env` turns it off). */
 function strataBin(args: string[], env: NodeJS.ProcessEnv = {}): { status: number | null; stdout: string; stderr: string } {
   return runBin(args, { env: { STRATA_NO_NATIVE: undefined, ...env } });
 }
@@ -275,7 +275,7 @@ describeOracle('strata on an image held by QEMU', () => {
     });
   });
 
-  describe('the real binary (node bin/strata.mjs)', () => {
+  describe('the real binary (node bin/strata.cjs)', () => {
     let f: Fixture;
     let h: Holder;
     let before: Record<string, string>;
@@ -403,7 +403,7 @@ describeOracle('strata on an image held by QEMU', () => {
       qemuIo(f.top, ['write -P 0x5a 0 256M']);
       const baseSize0 = statSync(f.base).size;
 
-      const c = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), 'commit', f.top], {
+      const c = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.cjs'), 'commit', f.top], {
         cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, STRATA_DEBUG: undefined, STRATA_NO_NATIVE: undefined },
       });
       child = c;

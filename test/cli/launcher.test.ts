@@ -1,19 +1,20 @@
-// bin/strata.mjs is both a sh script (what npm links as `strata`) and the ES module node runs:
-// through sh it drops NODE_EXTRA_CA_CERTS before starting node (the CLI makes no TLS
-// connections and node parses that file at every start); through `node bin/strata.mjs` the
-// same program runs unchanged.
+// bin/strata.cjs is both a sh script (what npm links as `strata`) and the CommonJS script node
+// runs: through sh it drops NODE_EXTRA_CA_CERTS before starting node (the CLI makes no TLS
+// connections and node parses that file at every start); through `node bin/strata.cjs` the
+// same program runs unchanged. It compiles dist/strata.cjs with the V8 code cache the build
+// made (dist/strata.cjs.cache), which V8 takes only with the launcher's own flags.
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, symlinkSync } from 'node:fs';
+import { copyFileSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ensureBuilt, repoRoot } from './run-cli';
 import { tempDir } from '../oracle/qemu';
 
-const bin = join(repoRoot, 'bin', 'strata.mjs');
+const bin = join(repoRoot, 'bin', 'strata.cjs');
 // A file that does not exist: node warns about it on stderr at startup when it reads the variable.
 const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent/strata-test-ca.pem', STRATA_DEBUG: undefined };
 
-describe('bin/strata.mjs', () => {
+describe('bin/strata.cjs', () => {
   beforeAll(() => ensureBuilt());
 
   it('through sh (the npm link), runs the CLI without NODE_EXTRA_CA_CERTS', () => {
@@ -31,6 +32,33 @@ describe('bin/strata.mjs', () => {
       const e = spawnSync(link, ['info', missing], { encoding: 'utf8', env });
       expect(e.status).toBe(1);
       expect(e.stderr).toBe(`strata: ${missing}: cannot open: no such file\n`);
+    } finally {
+      t.cleanup();
+    }
+  });
+
+  it('uses the code cache the build made when started as a command; without the flags, or with a damaged cache, V8 compiles as usual', () => {
+    const t = tempDir('strata-launcher-');
+    try {
+      mkdirSync(t.path('bin'));
+      const link = t.path('bin/strata');
+      symlinkSync(bin, link);
+      const report = { ...env, STRATA_CODE_CACHE: 'report' };
+      const asCommand = spawnSync(link, ['--version'], { encoding: 'utf8', env: report });
+      expect(asCommand.stderr).toBe('strata: code cache used\n');
+      expect(asCommand.stdout).toMatch(/^strata \d+\.\d+\.\d+\n/);
+      const throughNode = spawnSync(process.execPath, [bin, '--version'], { encoding: 'utf8', env: { ...report, NODE_EXTRA_CA_CERTS: undefined } });
+      expect(throughNode.stderr).toBe('strata: code cache rejected\n');
+      expect(throughNode.stdout).toMatch(/^strata \d+\.\d+\.\d+\n/);
+      // A copy of the launcher and bundle with a damaged cache beside them.
+      mkdirSync(t.path('copy/bin'), { recursive: true });
+      mkdirSync(t.path('copy/dist'));
+      copyFileSync(bin, t.path('copy/bin/strata.cjs'));
+      copyFileSync(join(repoRoot, 'dist', 'strata.cjs'), t.path('copy/dist/strata.cjs'));
+      writeFileSync(t.path('copy/dist/strata.cjs.cache'), Buffer.alloc(4096, 0x5a));
+      const damaged = spawnSync(t.path('copy/bin/strata.cjs'), ['info', '--output=json', t.path('missing.qcow2')], { encoding: 'utf8', env: report });
+      expect(damaged.stderr).toBe(`strata: code cache rejected\nstrata: ${t.path('missing.qcow2')}: cannot open: no such file\n`);
+      expect(damaged.status).toBe(1);
     } finally {
       t.cleanup();
     }

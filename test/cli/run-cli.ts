@@ -1,5 +1,5 @@
 // Running the strata CLI from tests: in-process (fast) through cli/main's run(), or as the
-// real binary (node bin/strata.mjs) for exit codes and stderr; plus the per-image oracle
+// real binary (node bin/strata.cjs) for exit codes and stderr; plus the per-image oracle
 // suite that checks the CLI's read path against qemu-img on QEMU-built images.
 import { spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, statSync, writeSync } from 'node:fs';
@@ -34,9 +34,9 @@ export async function strataOk(...argv: string[]): Promise<string> {
   return r.out;
 }
 
-/** Runs the built binary: node bin/strata.mjs ARGS. */
+/** Runs the built binary: node bin/strata.cjs ARGS. */
 export function strataBin(args: string[], opts: { env?: NodeJS.ProcessEnv } = {}): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), ...args], {
+  const r = spawnSync(process.execPath, [join(repoRoot, 'bin', 'strata.cjs'), ...args], {
     encoding: 'utf8', cwd: repoRoot, env: { ...process.env, STRATA_DEBUG: undefined, ...opts.env }, maxBuffer: 256 << 20,
   });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
@@ -52,9 +52,9 @@ function newestMtime(dir: string): number {
   return t;
 }
 
-/** Builds dist/strata.mjs (scripts/build.mjs) when it is missing or older than cli/ or core/. */
+/** Builds dist/strata.cjs (scripts/build.mjs) when it is missing or older than cli/ or core/. */
 export function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.mjs');
+  const dist = join(repoRoot, 'dist', 'strata.cjs');
   const stale = !existsSync(dist) ||
     statSync(dist).mtimeMs < Math.max(newestMtime(join(repoRoot, 'cli')), newestMtime(join(repoRoot, 'core')));
   if (!stale) return;

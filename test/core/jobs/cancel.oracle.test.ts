@@ -1,5 +1,5 @@
 // Cancelling block jobs: convert and mirror stop midway through their AbortSignal (aborted from
-// the progress callback at ~30%) and through SIGINT to the real CLI (node bin/strata.mjs). The
+// the progress callback at ~30%) and through SIGINT to the real CLI (node bin/strata.cjs). The
 // job stops promptly, the CLI exits non-zero with one error line, the source is untouched, a
 // target the job created is removed and an existing target (-n) stays, still a valid image.
 import { spawn } from 'node:child_process';
@@ -61,13 +61,13 @@ function expectNoCorruption(file: string): void {
 interface Interrupted { code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string; exitMsAfterSignal: number; startedMs: number }
 
 /**
- * Spawns `node bin/strata.mjs ARGS`, waits until the job visibly runs (`started()` turns true,
+ * Spawns `node bin/strata.cjs ARGS`, waits until the job visibly runs (`started()` turns true,
  * polled every 20 ms: the target appeared or grew) and then `delayMs` more, sends SIGINT and
  * waits for the exit. Fails when the process ended before the signal could be sent.
  */
 async function interrupt(args: string[], started: () => boolean, delayMs = 20): Promise<Interrupted> {
   const t0 = Date.now();
-  const child = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), ...args], {
+  const child = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.cjs'), ...args], {
     cwd: repoRoot, env: { ...process.env, STRATA_DEBUG: undefined }, stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';

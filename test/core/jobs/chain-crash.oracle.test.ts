@@ -18,11 +18,11 @@ const BUDGET_MS = 80_000;
 
 interface Outcome { code: number | null; signal: NodeJS.Signals | null; ms: number; stderr: string }
 
-/** Runs `node bin/strata.mjs ARGS` in `cwd`, SIGKILLing it after `killAfterMs` unless it ended. */
+/** Runs `node bin/strata.cjs ARGS` in `cwd`, SIGKILLing it after `killAfterMs` unless it ended. */
 function runStrata(args: string[], cwd: string, killAfterMs?: number): Promise<Outcome> {
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
-    const child = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.mjs'), ...args], {
+    const child = spawn(process.execPath, [join(repoRoot, 'bin', 'strata.cjs'), ...args], {
       cwd, stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, STRATA_DEBUG: '1' },
     });
     let stderr = '';
