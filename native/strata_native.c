@@ -409,6 +409,52 @@ static napi_value StartWriteback(napi_env env, napi_callback_info info) {
 #endif
 }
 
+/* ---- thread-pool requests ---------------------------------------------------------- */
+
+/*
+ * What readScan and writeSteps have in common: an async work item run on libuv's pool, the
+ * JS callback to call when it is done, and the JS buffers it works on, kept alive until then.
+ * A request struct starts with this, so the pointer to one is a pointer to the other.
+ */
+typedef struct {
+  napi_async_work work;
+  napi_ref callback;
+  napi_ref keep[2];
+} pool_request;
+
+static void request_release(napi_env env, pool_request *r) {
+  if (r->callback) napi_delete_reference(env, r->callback);
+  for (size_t i = 0; i < 2; i++)
+    if (r->keep[i]) napi_delete_reference(env, r->keep[i]);
+  if (r->work) napi_delete_async_work(env, r->work);
+}
+
+/* Queues r (keep1 may be NULL); on failure throws, releases what was made and returns false. */
+static bool request_queue(napi_env env, pool_request *r, const char *name, napi_async_execute_callback execute,
+                          napi_async_complete_callback complete, napi_value callback, napi_value keep0, napi_value keep1) {
+  napi_value js_name;
+  if (napi_create_reference(env, callback, 1, &r->callback) != napi_ok ||
+      napi_create_reference(env, keep0, 1, &r->keep[0]) != napi_ok ||
+      (keep1 && napi_create_reference(env, keep1, 1, &r->keep[1]) != napi_ok) ||
+      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &js_name) != napi_ok ||
+      napi_create_async_work(env, NULL, js_name, execute, complete, r, &r->work) != napi_ok ||
+      napi_queue_async_work(env, r->work) != napi_ok) {
+    throw_napi_failure(env, name);
+    request_release(env, r);
+    return false;
+  }
+  return true;
+}
+
+/* Calls the request's callback with err (NULL: with null), then releases the request. */
+static void request_finish(napi_env env, pool_request *r, napi_value err) {
+  napi_value cb, global;
+  if (!err) napi_get_null(env, &err);
+  if (napi_get_reference_value(env, r->callback, &cb) == napi_ok && napi_get_global(env, &global) == napi_ok)
+    napi_call_function(env, global, cb, 1, &err, NULL);
+  request_release(env, r);
+}
+
 /* ---- readScan ----------------------------------------------------------------------- */
 
 /*
@@ -433,8 +479,7 @@ typedef struct {
 } scan_segment;
 
 typedef struct {
-  napi_async_work work;
-  napi_ref callback, buf_ref, bitmap_ref;
+  pool_request req; /* first: keeps buf and bitmap */
   uint8_t *buf;
   size_t buf_len;
   uint8_t *bitmap;
@@ -521,31 +566,21 @@ static void scan_execute(napi_env env, void *data) {
   }
 }
 
-static void scan_free(napi_env env, scan_job *j) {
-  if (j->callback) napi_delete_reference(env, j->callback);
-  if (j->buf_ref) napi_delete_reference(env, j->buf_ref);
-  if (j->bitmap_ref) napi_delete_reference(env, j->bitmap_ref);
-  if (j->work) napi_delete_async_work(env, j->work);
-  free(j->segs);
-  free(j);
-}
-
 static void scan_complete(napi_env env, napi_status status, void *data) {
   scan_job *j = data;
-  napi_value cb, global, arg = NULL, v;
+  napi_value err = NULL, v;
   if (status == napi_cancelled) {
     j->err = ECANCELED;
     j->failed = 0;
   }
   if (j->err) {
-    arg = errno_error(env, j->err, j->failed < 0 ? "pwrite" : "pread");
-    if (arg && napi_create_double(env, (double)j->failed, &v) == napi_ok)
-      napi_set_named_property(env, arg, "segment", v);
+    err = errno_error(env, j->err, j->failed < 0 ? "pwrite" : "pread");
+    if (err && napi_create_double(env, (double)j->failed, &v) == napi_ok)
+      napi_set_named_property(env, err, "segment", v);
   }
-  if (!arg) napi_get_null(env, &arg);
-  if (napi_get_reference_value(env, j->callback, &cb) == napi_ok && napi_get_global(env, &global) == napi_ok)
-    napi_call_function(env, global, cb, 1, &arg, NULL);
-  scan_free(env, j);
+  request_finish(env, &j->req, err);
+  free(j->segs);
+  free(j);
 }
 
 /* A Uint8Array argument's bytes (any view: Buffer, subarray). */
@@ -656,15 +691,9 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
   j->out_offset = out_offset;
   j->out_step = (size_t)out_step;
 
-  napi_value name;
-  if (napi_create_reference(env, argv[4], 1, &j->callback) != napi_ok ||
-      napi_create_reference(env, argv[0], 1, &j->buf_ref) != napi_ok ||
-      (bitmap && napi_create_reference(env, argv[3], 1, &j->bitmap_ref) != napi_ok) ||
-      napi_create_string_utf8(env, "strata.readScan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, scan_execute, scan_complete, j, &j->work) != napi_ok ||
-      napi_queue_async_work(env, j->work) != napi_ok) {
-    throw_napi_failure(env, "readScan: queueing the request");
-    scan_free(env, j);
+  if (!request_queue(env, &j->req, "strata.readScan", scan_execute, scan_complete, argv[4], argv[0], bitmap ? argv[3] : NULL)) {
+    free(j->segs);
+    free(j);
     return NULL;
   }
   napi_value undef;
@@ -689,8 +718,7 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
  * the folios small at the cost of a few thousand more syscalls per GiB.
  */
 typedef struct {
-  napi_async_work work;
-  napi_ref callback, buf_ref;
+  pool_request req; /* first: keeps buf */
   int fd;
   const uint8_t *buf;
   size_t len;
@@ -704,22 +732,11 @@ static void write_execute(napi_env env, void *data) {
   j->err = pwrite_all(j->fd, j->buf, j->len, j->offset, j->step);
 }
 
-static void write_free(napi_env env, write_job *j) {
-  if (j->callback) napi_delete_reference(env, j->callback);
-  if (j->buf_ref) napi_delete_reference(env, j->buf_ref);
-  if (j->work) napi_delete_async_work(env, j->work);
-  free(j);
-}
-
 static void write_complete(napi_env env, napi_status status, void *data) {
   write_job *j = data;
-  napi_value cb, global, arg = NULL;
   if (status == napi_cancelled) j->err = ECANCELED;
-  if (j->err) arg = errno_error(env, j->err, "pwrite");
-  if (!arg) napi_get_null(env, &arg);
-  if (napi_get_reference_value(env, j->callback, &cb) == napi_ok && napi_get_global(env, &global) == napi_ok)
-    napi_call_function(env, global, cb, 1, &arg, NULL);
-  write_free(env, j);
+  request_finish(env, &j->req, j->err ? errno_error(env, j->err, "pwrite") : NULL);
+  free(j);
 }
 
 static napi_value WriteSteps(napi_env env, napi_callback_info info) {
@@ -756,14 +773,8 @@ static napi_value WriteSteps(napi_env env, napi_callback_info info) {
     return NULL;
   }
   *j = (write_job){.fd = fd, .buf = buf, .len = len, .offset = offset, .step = (size_t)step};
-  napi_value name;
-  if (napi_create_reference(env, argv[4], 1, &j->callback) != napi_ok ||
-      napi_create_reference(env, argv[1], 1, &j->buf_ref) != napi_ok ||
-      napi_create_string_utf8(env, "strata.writeSteps", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, write_execute, write_complete, j, &j->work) != napi_ok ||
-      napi_queue_async_work(env, j->work) != napi_ok) {
-    throw_napi_failure(env, "writeSteps: queueing the request");
-    write_free(env, j);
+  if (!request_queue(env, &j->req, "strata.writeSteps", write_execute, write_complete, argv[4], argv[1], NULL)) {
+    free(j);
     return NULL;
   }
   napi_value undef;
