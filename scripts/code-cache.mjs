@@ -12,8 +12,9 @@ import { join } from 'node:path';
 
 /** Runs `launcher` (bin/strata.cjs beside the bundle) on a sample image, writing the cache. */
 export function warmCodeCache(launcher, log = (m) => process.stderr.write(m + '\n')) {
-  const dir = mkdtempSync(join(tmpdir(), 'strata-code-cache-'));
+  let dir;
   try {
+    dir = mkdtempSync(join(tmpdir(), 'strata-code-cache-'));
     // 8 MiB: random-ish data, text, zeros and holes, so the copy paths all run.
     const raw = join(dir, 'sample.raw');
     const buf = Buffer.alloc(8 << 20);
@@ -41,7 +42,10 @@ export function warmCodeCache(launcher, log = (m) => process.stderr.write(m + '\
       }
     }
     return true;
+  } catch (err) {
+    log(`strata: code cache not made (${err instanceof Error ? err.message : String(err)}); starts are a little slower`);
+    return false;
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    if (dir) rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -371,10 +371,9 @@ export class Qcow2Image implements DiskImage {
           case 'zero': out.push({ at, length: r.length, file: null, offset: 0 }); break;
           case 'unallocated': {
             // As readBacking: the backing chain, zeros past its end or without one.
-            const b = this.backing;
-            const n = b ? Math.max(0, Math.min(r.length, b.virtualSize - r.offset)) : 0;
+            const n = this.backingPart(r.offset, r.length);
             if (n > 0) {
-              const below = b!.readPlan ? await b!.readPlan(r.offset, n) : null;
+              const below = this.backing!.readPlan ? await this.backing!.readPlan(r.offset, n) : null;
               if (!below) return null;
               for (const seg of below) out.push({ ...seg, at: seg.at + at });
             }
@@ -392,10 +391,15 @@ export class Qcow2Image implements DiskImage {
 
   /** Reads what lies below this layer: the backing chain, zeros past its end or without one. */
   protected async readBacking(buf: Uint8Array, offset: number): Promise<void> {
-    const b = this.backing;
-    const n = b ? Math.max(0, Math.min(buf.length, b.virtualSize - offset)) : 0;
-    if (n > 0) await b!.read(buf.subarray(0, n), offset);
+    const n = this.backingPart(offset, buf.length);
+    if (n > 0) await this.backing!.read(buf.subarray(0, n), offset);
     if (n < buf.length) buf.fill(0, n);
+  }
+
+  /** How much of [offset, offset+length) the backing file covers (none without one). */
+  private backingPart(offset: number, length: number): number {
+    const b = this.backing;
+    return b ? Math.max(0, Math.min(length, b.virtualSize - offset)) : 0;
   }
 
   /** Decompresses the cluster behind a compressed run (cached for the next partial read). */

@@ -5,7 +5,7 @@
 // instead of one per read, and no scan on the JavaScript thread. Otherwise img.read and
 // isZero here, with the same result.
 import { ioError } from '../errors';
-import { native, type ReadScanError } from '../io/native';
+import { native, type NativeApi, type ReadScanError } from '../io/native';
 import { NodeFile, WRITE_STEP } from '../io/node-file';
 import type { DiskImage, ReadSegment } from './image';
 import { isZero } from './zero';
@@ -16,12 +16,10 @@ import { isZero } from './zero';
  * zeros (needs unit > 0 and ceil(buf.length / unit) entries).
  */
 export async function readScanned(img: DiskImage, buf: Uint8Array, offset: number, unit: number, dataUnits: Uint8Array | null): Promise<void> {
-  const n = native();
-  const plan = n && img.readPlan ? await img.readPlan(offset, buf.length) : null;
-  const segments = plan ? nativeSegments(plan) : null;
-  if (n && plan && segments) {
+  const w = await nativeWindow(img, offset, buf.length);
+  if (w) {
     await new Promise<void>((resolve, reject) => {
-      n.readScan(buf, segments, dataUnits ? unit : 0, dataUnits, (err) => (err ? reject(readError(err, plan)) : resolve()));
+      w.n.readScan(buf, w.segments, dataUnits ? unit : 0, dataUnits, (err) => (err ? reject(readError(err, w.plan)) : resolve()));
     });
     return;
   }
@@ -39,18 +37,24 @@ export async function readScanned(img: DiskImage, buf: Uint8Array, offset: numbe
  * else may write the same range of `out` meanwhile.
  */
 export async function readScannedInto(img: DiskImage, buf: Uint8Array, offset: number, unit: number, dataUnits: Uint8Array, out: NodeFile): Promise<boolean> {
-  const n = native();
-  const plan = n && img.readPlan && out.fd >= 0 ? await img.readPlan(offset, buf.length) : null;
-  const segments = plan ? nativeSegments(plan) : null;
-  if (!n || !plan || !segments) return false;
+  const w = out.fd >= 0 ? await nativeWindow(img, offset, buf.length) : null;
+  if (!w) return false;
   await new Promise<void>((resolve, reject) => {
-    n.readScan(buf, segments, unit, dataUnits, (err) => {
+    w.n.readScan(buf, w.segments, unit, dataUnits, (err) => {
       if (!err) resolve();
       else if (err.segment < 0) reject(ioError(err, out.path, `write of guest data at offset ${offset} failed`));
-      else reject(readError(err, plan));
+      else reject(readError(err, w.plan));
     }, out.fd, offset, WRITE_STEP);
   });
   return true;
+}
+
+/** The window's reads as the addon takes them, when it is there and they are plain file reads. */
+async function nativeWindow(img: DiskImage, offset: number, length: number): Promise<{ n: NativeApi; plan: ReadSegment[]; segments: Float64Array } | null> {
+  const n = native();
+  const plan = n && img.readPlan ? await img.readPlan(offset, length) : null;
+  const segments = plan ? nativeSegments(plan) : null;
+  return n && plan && segments ? { n, plan, segments } : null;
 }
 
 /** The plan as readScan's [fd, bufOffset, fileOffset, length] quadruples; null unless every file is an open NodeFile. */
