@@ -14,15 +14,24 @@ const bin = join(repoRoot, 'bin', 'strata.cjs');
 // A file that does not exist: node warns about it on stderr at startup when it reads the variable.
 const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent/strata-test-ca.pem', STRATA_DEBUG: undefined };
 
+/** Runs fn with a temporary folder holding bin/strata, a link to the launcher as npm makes it. */
+function withLink(fn: (link: string, t: ReturnType<typeof tempDir>) => void): void {
+  const t = tempDir('strata-launcher-');
+  try {
+    mkdirSync(t.path('bin'));
+    const link = t.path('bin/strata');
+    symlinkSync(bin, link);
+    fn(link, t);
+  } finally {
+    t.cleanup();
+  }
+}
+
 describe('bin/strata.cjs', () => {
   beforeAll(() => ensureBuilt());
 
   it('through sh (the npm link), runs the CLI without NODE_EXTRA_CA_CERTS', () => {
-    const t = tempDir('strata-launcher-');
-    try {
-      mkdirSync(t.path('bin'));
-      const link = t.path('bin/strata');
-      symlinkSync(bin, link);
+    withLink((link, t) => {
       const r = spawnSync(link, ['--version'], { encoding: 'utf8', env });
       expect(r.status).toBe(0);
       expect(r.stdout).toMatch(/^strata \d+\.\d+\.\d+\n/);
@@ -32,17 +41,11 @@ describe('bin/strata.cjs', () => {
       const e = spawnSync(link, ['info', missing], { encoding: 'utf8', env });
       expect(e.status).toBe(1);
       expect(e.stderr).toBe(`strata: ${missing}: cannot open: no such file\n`);
-    } finally {
-      t.cleanup();
-    }
+    });
   });
 
   it('uses the code cache the build made when started as a command; without the flags, or with a damaged cache, V8 compiles as usual', () => {
-    const t = tempDir('strata-launcher-');
-    try {
-      mkdirSync(t.path('bin'));
-      const link = t.path('bin/strata');
-      symlinkSync(bin, link);
+    withLink((link, t) => {
       const report = { ...env, STRATA_CODE_CACHE: 'report' };
       const asCommand = spawnSync(link, ['--version'], { encoding: 'utf8', env: report });
       expect(asCommand.stderr).toBe('strata: code cache used\n');
@@ -59,9 +62,7 @@ describe('bin/strata.cjs', () => {
       const damaged = spawnSync(t.path('copy/bin/strata.cjs'), ['info', '--output=json', t.path('missing.qcow2')], { encoding: 'utf8', env: report });
       expect(damaged.stderr).toBe(`strata: code cache rejected\nstrata: ${t.path('missing.qcow2')}: cannot open: no such file\n`);
       expect(damaged.status).toBe(1);
-    } finally {
-      t.cleanup();
-    }
+    });
   });
 
   it('through node, is the same program (node itself reads the variable first)', () => {
