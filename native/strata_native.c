@@ -519,6 +519,24 @@ static int pwrite_all(int fd, const uint8_t *buf, size_t len, off_t off, size_t 
   return 0;
 }
 
+/* Reads len bytes at off into buf (bytes past the end of the file read as zero); 0 or the errno. */
+static int pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pread(fd, buf + done, len - done, off + (off_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) { /* end of file */
+      memset(buf + done, 0, len - done);
+      break;
+    }
+    done += (size_t)n;
+  }
+  return 0;
+}
+
 static void scan_execute(napi_env env, void *data) {
   scan_job *j = data;
   for (size_t s = 0; s < j->nsegs; s++) {
@@ -528,20 +546,11 @@ static void scan_execute(napi_env env, void *data) {
       memset(dst, 0, g->length);
       continue;
     }
-    size_t done = 0;
-    while (done < g->length) {
-      ssize_t n = pread(g->fd, dst + done, g->length - done, g->offset + (off_t)done);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        j->err = errno;
-        j->failed = s;
-        return;
-      }
-      if (n == 0) { /* end of file: the rest reads as zero */
-        memset(dst + done, 0, g->length - done);
-        break;
-      }
-      done += (size_t)n;
+    int e = pread_full(g->fd, dst, g->length, g->offset);
+    if (e) {
+      j->err = e;
+      j->failed = (long)s;
+      return;
     }
   }
   if (j->unit == 0) return;
@@ -599,6 +608,30 @@ static bool get_bytes(napi_env env, napi_value v, const char *fn, const char *na
   return true;
 }
 
+static bool get_callback(napi_env env, napi_value v, const char *fn) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_function) {
+    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "callback", "a function");
+    return false;
+  }
+  return true;
+}
+
+/* Where a write of len bytes goes: argv[i] its offset, argv[i + 1] the pwrite step. */
+static bool get_write_at(napi_env env, napi_value *argv, size_t argc, size_t i, const char *fn,
+                         const char *name, size_t len, off_t *offset, int64_t *step) {
+  if (!get_offset(env, argv, argc, i, fn, name, offset) ||
+      !get_integer(env, argv, argc, i + 1, fn, "step", 1, 1073741824.0, "an integer between 1 and 2^30", step))
+    return false;
+  if ((double)*offset + (double)len > MAX_SAFE_INTEGER) {
+    char expected[96];
+    snprintf(expected, sizeof expected, "such that %s + buf.length <= 2^53 - 1", name);
+    throw_type(env, "ERR_OUT_OF_RANGE", fn, name, expected);
+    return false;
+  }
+  return true;
+}
+
 static napi_value ReadScan(napi_env env, napi_callback_info info) {
   const char *fn = "readScan";
   size_t argc = 8;
@@ -631,11 +664,7 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
       return NULL;
     }
   }
-  napi_valuetype t;
-  if (napi_typeof(env, argv[4], &t) != napi_ok || t != napi_function) {
-    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "callback", "a function");
-    return NULL;
-  }
+  if (!get_callback(env, argv[4], fn)) return NULL;
 
   /* optional: outFd, outOffset, step */
   int64_t out_fd = -1, out_step = 0;
@@ -647,13 +676,7 @@ static napi_value ReadScan(napi_env env, napi_callback_info info) {
         throw_type(env, "ERR_OUT_OF_RANGE", fn, "unit", "> 0 when writing out");
         return NULL;
       }
-      if (!get_offset(env, argv, argc, 6, fn, "outOffset", &out_offset) ||
-          !get_integer(env, argv, argc, 7, fn, "step", 1, 1073741824.0, "an integer between 1 and 2^30", &out_step))
-        return NULL;
-      if ((double)out_offset + (double)buf_len > MAX_SAFE_INTEGER) {
-        throw_type(env, "ERR_OUT_OF_RANGE", fn, "outOffset", "such that outOffset + buf.length <= 2^53 - 1");
-        return NULL;
-      }
+      if (!get_write_at(env, argv, argc, 6, fn, "outOffset", buf_len, &out_offset, &out_step)) return NULL;
     }
   }
 
@@ -755,18 +778,9 @@ static napi_value WriteSteps(napi_env env, napi_callback_info info) {
     return NULL;
   }
   if (!get_bytes(env, argv[1], fn, "buf", &buf, &len) ||
-      !get_offset(env, argv, argc, 2, fn, "offset", &offset) ||
-      !get_integer(env, argv, argc, 3, fn, "step", 1, 1073741824.0, "an integer between 1 and 2^30", &step))
+      !get_write_at(env, argv, argc, 2, fn, "offset", len, &offset, &step) ||
+      !get_callback(env, argv[4], fn))
     return NULL;
-  if ((double)offset + (double)len > MAX_SAFE_INTEGER) {
-    throw_type(env, "ERR_OUT_OF_RANGE", fn, "offset", "such that offset + buf.length <= 2^53 - 1");
-    return NULL;
-  }
-  napi_valuetype t;
-  if (napi_typeof(env, argv[4], &t) != napi_ok || t != napi_function) {
-    throw_type(env, "ERR_INVALID_ARG_TYPE", fn, "callback", "a function");
-    return NULL;
-  }
   write_job *j = calloc(1, sizeof *j);
   if (!j) {
     throw_errno(env, ENOMEM, fn);

@@ -4,8 +4,6 @@
 // CommonJS, not an ES module: bin/strata.cjs compiles it with node:vm against a V8 code cache
 // (scripts/code-cache.mjs), which only scripts can use, and a script needs none of the ES
 // module loader's work for each node: builtin (~15 ms of a 60 ms `strata info` together).
-export const BUNDLE_NAME = 'strata.cjs';
-
 export function cliBundleOptions(entry, outdir) {
   return {
     entryPoints: { strata: entry },

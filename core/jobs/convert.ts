@@ -143,6 +143,11 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       type Piece = { start: number; end: number; kind: 'zero' | 'data' };
       const pieces: Piece[] = [];
       const add = (start: number, end: number, kind: Piece['kind']) => {
+        if (compress && kind === 'data') {
+          // Compressed clusters are written one by one.
+          for (let p = start; p < end; p += unit) pieces.push({ start: p, end: Math.min(end, p + unit), kind });
+          return;
+        }
         const last = pieces[pieces.length - 1];
         if (last && last.kind === kind && last.end === start) last.end = end;
         else pieces.push({ start, end, kind });
@@ -158,14 +163,10 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
           for (let k = i; k < j; k++) {
             const p = k * unit;
             const e = Math.min(len, p + unit);
-            if (buf.compare(base, p, e, p, e) === 0) continue;
-            if (compress && !zero) pieces.push({ start: p, end: e, kind: 'data' });
-            else add(p, e, zero ? 'zero' : 'data');
+            if (buf.compare(base, p, e, p, e) !== 0) add(p, e, zero ? 'zero' : 'data');
           }
         } else if (!zero) {
-          // Compressed clusters are written one by one (so are they with -B above).
-          if (compress) for (let k = i; k < j; k++) pieces.push({ start: k * unit, end: Math.min(len, (k + 1) * unit), kind: 'data' });
-          else add(i * unit, Math.min(len, j * unit), 'data');
+          add(i * unit, Math.min(len, j * unit), 'data');
         } else if (!target.zeroInitialized) {
           add(i * unit, Math.min(len, j * unit), 'zero');
         }
