@@ -1,11 +1,10 @@
 // The strata binary and its human output against qemu-img: exit codes and one-line errors
 // from the real binary (node bin/strata.cjs), human `info` and `map` text character for
 // character, and `map` of a 1 TiB image with a few scattered writes.
-import { copyFileSync, mkdirSync } from 'node:fs';
-import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { describeOracle, qemuImg, qemuImgRun, tempDir } from '../oracle/qemu';
-import { MATRIX, buildHugeImage, writePatternFiles, type BuildContext, type ImageCase } from '../oracle/images';
+import { copyFileSync } from 'node:fs';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { describeOracle, qemuImg, qemuImgRun } from '../oracle/qemu';
+import { MATRIX, buildHugeImage, imageWorkspace, type ImageCase } from '../oracle/images';
 import { ensureBuilt, flipByte, strata, strataBin, strataOk, syncFiles } from './run-cli';
 
 function byName(name: string): ImageCase {
@@ -19,23 +18,16 @@ function byName(name: string): ImageCase {
 const STACK_LINE = /^\s+at .+/m;
 
 describeOracle('strata CLI text and binary against qemu-img', () => {
-  let tmp: ReturnType<typeof tempDir>;
-  let ctxFor: (sub: string) => BuildContext;
+  const workspace = imageWorkspace('strata-cli-text-');
   const built: Record<string, string> = {};
 
   beforeAll(() => {
-    tmp = tempDir('strata-cli-text-');
-    const pattern = writePatternFiles(tmp.path);
-    ctxFor = (sub) => {
-      mkdirSync(tmp.path(sub), { recursive: true });
-      return { path: (n) => join(tmp.path(sub), n), pattern };
-    };
     for (const name of ['chain3-raw-base', 'chain-short-backing', 'snap-c64k', 'snap-c512-rc64', 'chain-short-qcow2-mid', 'c64k-plain', 'c4k', 'bitmaps', 'lazy-dirty-c4k']) {
-      built[name] = byName(name).build(ctxFor(name)).file;
-      syncFiles(tmp.path(name));
+      const ctx = workspace.context(name);
+      built[name] = byName(name).build(ctx).file;
+      syncFiles(ctx.dir);
     }
   });
-  afterAll(() => tmp?.cleanup());
 
   describe('human output equals qemu-img text', () => {
     for (const name of ['chain3-raw-base', 'chain-short-backing', 'snap-c64k', 'c64k-plain', 'bitmaps', 'lazy-dirty-c4k']) {
@@ -77,11 +69,11 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
 
     it('compare: exit 0 identical, exit 1 with the first differing sector', () => {
       const img = built['c64k-plain']!;
-      const ref = tmp.path('c64k-plain.raw');
+      const ref = workspace.path('c64k-plain.raw');
       qemuImg('convert', '-O', 'raw', img, ref);
       const same = strataBin(['compare', img, ref]);
       expect(same).toStrictEqual({ status: 0, stdout: 'Images are identical.\n', stderr: '' });
-      const mutated = tmp.path('c64k-plain-mutated.raw');
+      const mutated = workspace.path('c64k-plain-mutated.raw');
       copyFileSync(ref, mutated);
       flipByte(mutated, 6 * 1024 * 1024 + 4321);
       const diff = strataBin(['compare', img, mutated]);
@@ -89,11 +81,11 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
     });
 
     it('errors are one line on stderr without a stack trace, with qemu-img\'s exit codes', () => {
-      const missing = tmp.path('does-not-exist.qcow2');
+      const missing = workspace.path('does-not-exist.qcow2');
       const cases: { args: string[]; status: number }[] = [
         { args: ['info', missing], status: 1 },
         { args: ['map', '--output=json', missing], status: 1 },
-        { args: ['convert', '-O', 'raw', missing, tmp.path('out.raw')], status: 1 },
+        { args: ['convert', '-O', 'raw', missing, workspace.path('out.raw')], status: 1 },
         { args: ['compare', missing, built['c4k']!], status: 2 },
         { args: ['info', '--output=yaml', built['c4k']!], status: 2 },
       ];
@@ -106,7 +98,7 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
         if (c.status !== 2) expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
       }
       // A missing backing file names the file and who wants it, still on one line.
-      const orphan = tmp.path('orphan.qcow2');
+      const orphan = workspace.path('orphan.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.raw', '-F', 'raw', orphan, '1M');
       const r = strataBin(['map', '--output=json', orphan]);
       expect(r.status).toBe(1);
@@ -119,8 +111,9 @@ describeOracle('strata CLI text and binary against qemu-img', () => {
   describe('a 1 TiB image with a few scattered writes', () => {
     let huge: string;
     beforeAll(() => {
-      huge = buildHugeImage(ctxFor('huge')).file;
-      syncFiles(tmp.path('huge'));
+      const ctx = workspace.context('huge');
+      huge = buildHugeImage(ctx).file;
+      syncFiles(ctx.dir);
     });
 
     it('map --output=json equals qemu-img map', async () => {

@@ -2,14 +2,14 @@
 // real binary (node bin/strata.cjs) for exit codes and stderr; plus the per-image oracle
 // suite that checks the CLI's read path against qemu-img on QEMU-built images.
 import { spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, createReadStream, existsSync, fsyncSync, openSync, readdirSync, readSync, statSync, writeSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../cli/main';
-import { qemuImg, qemuImgRun, tempDir } from '../oracle/qemu';
-import { writePatternFiles, type BuiltImage, type ImageCase } from '../oracle/images';
+import { qemuImg, qemuImgRun } from '../oracle/qemu';
+import { imageWorkspace, type BuiltImage, type ImageCase } from '../oracle/images';
 
 export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
@@ -135,14 +135,7 @@ export function flipByte(file: string, offset: number): void {
  */
 export function describeImageMatrix(title: string, cases: ImageCase[]): void {
   describe(title, () => {
-    // Made in beforeAll, not at collection: a run filtered with -t leaves no empty folders.
-    let tmp: ReturnType<typeof tempDir>;
-    let pattern: ReturnType<typeof writePatternFiles>;
-    beforeAll(() => {
-      tmp = tempDir('strata-oracle-');
-      pattern = writePatternFiles(tmp.path);
-    });
-    afterAll(() => tmp?.cleanup());
+    const workspace = imageWorkspace('strata-oracle-');
 
     for (const c of cases) {
       describe(c.name, () => {
@@ -158,9 +151,9 @@ export function describeImageMatrix(title: string, cases: ImageCase[]): void {
           return refFile;
         };
         beforeAll(() => {
-          dir = tmp.path(c.name);
-          mkdirSync(dir, { recursive: true });
-          img = c.build({ path: (n) => join(dir, n), pattern });
+          const ctx = workspace.context(c.name);
+          dir = ctx.dir;
+          img = c.build(ctx);
           syncFiles(dir);
         });
 

@@ -9,8 +9,10 @@
 // internal snapshots, backing chains (raw bases, shorter backing files), unaligned writes,
 // write -z (with and without unmap), discard, and compressed clusters overwritten later.
 import { spawnSync } from 'node:child_process';
-import { closeSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
-import { qemuImg, qemuIo } from './qemu';
+import { closeSync, mkdirSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
+import { qemuImg, qemuIo, tempDir } from './qemu';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -72,6 +74,34 @@ export function writePatternFiles(path: (name: string) => string): (i: 0 | 1 | 2
     return name;
   });
   return (i) => names[i]!;
+}
+
+/**
+ * For the describe block it is called in: a temporary folder holding the pattern files, made
+ * in beforeAll (so a run filtered with -t leaves no empty folders) and removed in afterAll.
+ * context(sub) makes the subfolder `sub` and gives the BuildContext that builds into it;
+ * path(name) names a file in the folder itself.
+ */
+export function imageWorkspace(prefix: string): { context(sub: string): BuildContext & { dir: string }; path(name: string): string } {
+  let tmp: ReturnType<typeof tempDir> | undefined;
+  let pattern: ReturnType<typeof writePatternFiles> | undefined;
+  beforeAll(() => {
+    tmp = tempDir(prefix);
+    pattern = writePatternFiles(tmp.path);
+  });
+  afterAll(() => tmp?.cleanup());
+  return {
+    context(sub) {
+      if (!tmp || !pattern) throw new Error('imageWorkspace: context() before its beforeAll ran');
+      const dir = tmp.path(sub);
+      mkdirSync(dir, { recursive: true });
+      return { dir, path: (n) => join(dir, n), pattern };
+    },
+    path(name) {
+      if (!tmp) throw new Error('imageWorkspace: path() before its beforeAll ran');
+      return tmp.path(name);
+    },
+  };
 }
 
 // ---------------------------------------------------------------------------------------

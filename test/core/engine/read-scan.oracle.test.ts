@@ -3,11 +3,9 @@
 // bytes img.read gives and the zero map isZero gives, on chains QEMU built (raw bases shorter
 // than their overlays, extended L2 subclusters, preallocated metadata, compressed clusters,
 // which take the plain path), for windows at any offset and length, also past the end.
-import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
-import { describeOracle, tempDir } from '../../oracle/qemu';
-import { MATRIX, writePatternFiles, type ImageCase } from '../../oracle/images';
+import { describe, it, expect } from 'vitest';
+import { describeOracle } from '../../oracle/qemu';
+import { MATRIX, imageWorkspace, type ImageCase } from '../../oracle/images';
 import { rng } from '../jobs/helpers';
 import { openImage, closeChain } from '../../../core/chain/open';
 import { readScanned } from '../../../core/engine/read-scan';
@@ -42,20 +40,12 @@ describeOracle('readScanned: a window read as img.read and isZero give it', () =
     it('needs the native addon', () => { throw new Error(`native addon unavailable under CI=true: ${nativeStatus().reason}`); });
     return;
   }
-  let tmp: ReturnType<typeof tempDir>;
-  let pattern: ReturnType<typeof writePatternFiles>;
-  beforeAll(() => {
-    tmp = tempDir('strata-read-scan-');
-    pattern = writePatternFiles(tmp.path);
-  });
-  afterAll(() => tmp?.cleanup());
+  const workspace = imageWorkspace('strata-read-scan-');
 
   for (const c of CASES) {
     describe(c.name, () => {
       it('gives the same bytes and zero map for aligned, unaligned and past-the-end windows', async () => {
-        const dir = tmp.path(c.name);
-        mkdirSync(dir, { recursive: true });
-        const built = c.build({ path: (n) => join(dir, n), pattern });
+        const built = c.build(workspace.context(c.name));
         const img = await openImage(built.file, { lock: 'none' });
         try {
           const size = img.virtualSize;
