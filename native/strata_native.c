@@ -13,6 +13,8 @@
  *                                                  thread; cb(err) when done
  *   writeSteps(fd, buf, offset, step, cb)          pwrites of buf in `step`-byte pieces, on a
  *                                                  thread-pool thread; cb(err) when done
+ *   adviseHugePages(buf)                           madvise MADV_HUGEPAGE on buf's huge-page-
+ *                                                  aligned interior; its offset in buf, or -1
  *
  * Plain C over N-API (node_api.h) so one binary loads in every Node and Electron with the
  * same N-API version. All functions but readScan and writeSteps are synchronous: each is a
@@ -44,6 +46,7 @@
 
 #ifdef __linux__
 #include <linux/falloc.h>
+#include <sys/mman.h>
 #endif
 
 #define MAX_SAFE_INTEGER 9007199254740991.0
@@ -796,6 +799,63 @@ static napi_value WriteSteps(napi_env env, napi_callback_info info) {
   return undef;
 }
 
+/* ---- memory ------------------------------------------------------------------------- */
+
+/*
+ * The size of a transparent huge page (the PMD size), or 0 where there are none: read once
+ * from sysfs. Linux only; "never" in .../transparent_hugepage/enabled also gives 0.
+ */
+static size_t huge_page_size(void) {
+  static size_t cached = (size_t)-1;
+  if (cached != (size_t)-1) return cached;
+  cached = 0;
+#ifdef __linux__
+  char mode[128] = {0};
+  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+  if (f) {
+    if (!fgets(mode, sizeof mode, f)) mode[0] = 0;
+    fclose(f);
+  }
+  if (!mode[0] || strstr(mode, "[never]")) return cached;
+  unsigned long long n = 0;
+  f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+  if (f) {
+    if (fscanf(f, "%llu", &n) != 1) n = 0;
+    fclose(f);
+  }
+  /* A power of two above the base page, or nothing. */
+  long page = sysconf(_SC_PAGESIZE);
+  if (n > (unsigned long long)page && (n & (n - 1)) == 0) cached = (size_t)n;
+#endif
+  return cached;
+}
+
+/*
+ * adviseHugePages(buf): asks for transparent huge pages (MADV_HUGEPAGE) on the part of buf
+ * that starts and ends on a huge-page boundary, and returns where that part starts (its
+ * offset in buf), or -1 when there is no such part or the system has no huge pages for it.
+ * Pages not yet touched are then faulted in 2 MiB at a time: a 32 MiB copy buffer costs 16
+ * page faults instead of 8192. Only a hint: the contents and the buffer's use are unchanged.
+ */
+static napi_value AdviseHugePages(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  uint8_t *data;
+  size_t len;
+  if (!get_bytes(env, argc > 0 ? argv[0] : NULL, "adviseHugePages", "buf", &data, &len)) return NULL;
+  double result = -1;
+#ifdef __linux__
+  size_t huge = huge_page_size();
+  if (huge && len >= huge) {
+    uintptr_t start = ((uintptr_t)data + huge - 1) & ~(uintptr_t)(huge - 1);
+    uintptr_t end = ((uintptr_t)data + len) & ~(uintptr_t)(huge - 1);
+    if (end > start && madvise((void *)start, end - start, MADV_HUGEPAGE) == 0) result = (double)(start - (uintptr_t)data);
+  }
+#endif
+  return make_number(env, result);
+}
+
 /* ---- module ------------------------------------------------------------------------- */
 
 static napi_value Init(napi_env env, napi_value exports) {
@@ -803,7 +863,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     {"seekData", SeekData},     {"seekHole", SeekHole},   {"ofdSetLock", OfdSetLock},
     {"ofdGetLock", OfdGetLock}, {"punchHole", PunchHole}, {"zeroRange", ZeroRange},
     {"startWriteback", StartWriteback}, {"readScan", ReadScan},
-    {"writeSteps", WriteSteps},
+    {"writeSteps", WriteSteps}, {"adviseHugePages", AdviseHugePages},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn; /* named, so stack traces say seekData rather than <anonymous> */

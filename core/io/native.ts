@@ -1,8 +1,8 @@
 // The optional native addon (native/strata_native.c): the file syscalls Node lacks — QEMU-
 // compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching — and the copy
 // loops' data path (a window's reads plus its zero scan, a large write in steps, each as one
-// thread-pool request). It is built by `npm install` (scripts/build-native.mjs) when a
-// compiler is there; without it Strata still works, minus those features (the copy loops fall
+// thread-pool request) and huge pages for their buffers. It is built by `npm install`
+// (scripts/build-native.mjs) when a compiler is there; without it Strata still works, minus those features (the copy loops fall
 // back to Node's fs), and nativeStatus() says why so the CLI/UI can tell the user.
 // Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
 // No electron import: this runs under Node, in Electron's main/utility processes, and from
@@ -89,6 +89,12 @@ export interface NativeApi {
    * request. Bad arguments throw a TypeError at once.
    */
   writeSteps(fd: number, buf: Uint8Array, offset: number, step: number, callback: (err: NodeJS.ErrnoException | null) => void): void;
+  /**
+   * madvise(MADV_HUGEPAGE) on the part of buf that starts and ends on a transparent-huge-page
+   * boundary; returns that part's offset in buf, or -1 when there is none or the system has
+   * no huge pages (not Linux, THP "never"). A hint: buf's contents and use do not change.
+   */
+  adviseHugePages(buf: Uint8Array): number;
 }
 
 export interface NativeStatus {
@@ -102,7 +108,7 @@ export interface NativeStatus {
 /** Where the addon lives relative to the repository (or package) root. */
 export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
 
-const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan', 'writeSteps'] as const satisfies readonly (keyof NativeApi)[];
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan', 'writeSteps', 'adviseHugePages'] as const satisfies readonly (keyof NativeApi)[];
 
 let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
 

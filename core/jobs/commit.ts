@@ -11,6 +11,7 @@ import { isZero } from '../engine/zero';
 import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } from '../chain/open';
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { NodeFile } from '../io/node-file';
+import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
 import { qcow2PreallocSize } from './measure';
@@ -113,7 +114,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     progress.setPhase('copying into base');
     const chunk = opts.chunkSize ?? 2 << 20;
     const width = opts.parallel ?? 4;
-    const buffers = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    const buffers = ioBuffers(width, chunk);
     let bytesCopied = 0;
     async function* tasks(): AsyncGenerator<{ offset: number; length: number; zero: boolean; skip: boolean }> {
       let pos = 0;

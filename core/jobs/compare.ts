@@ -2,6 +2,7 @@
 import type { DiskImage } from '../engine/image';
 import { chainBlockStatus } from '../chain/block-status';
 import { isZero } from '../engine/zero';
+import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
 export type CompareResult =
@@ -32,8 +33,7 @@ export async function compare(ctx: JobContext, a: DiskImage, b: DiskImage, opts:
   const common = Math.min(a.virtualSize, b.virtualSize);
   const progress = new ProgressReporter(ctx, Math.max(a.virtualSize, b.virtualSize));
   progress.setPhase('comparing');
-  const bufA = Buffer.allocUnsafe(CHUNK);
-  const bufB = Buffer.allocUnsafe(CHUNK);
+  const [bufA, bufB] = ioBuffers(2, CHUNK) as [Buffer, Buffer];
   let pos = 0;
   while (pos < common) {
     throwIfCancelled(ctx);

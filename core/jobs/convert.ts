@@ -7,6 +7,7 @@ import type { DiskImage } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { readScanned, readScannedInto } from '../engine/read-scan';
 import { NodeFile } from '../io/node-file';
+import { ioBuffers } from '../io/buffers';
 import { compressClusterAsync } from '../codec/index';
 import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, type JobContext } from './job';
@@ -66,11 +67,11 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const below = img.backing;
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
-    const srcBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    const srcBufs = ioBuffers(width, chunk);
     // Which units of a window hold data (1) or only zeros (0); none with -S 0 to a raw target.
     const scan = !(minSparse === 0 && !q);
     const unitMaps = Array.from({ length: width }, () => (scan ? new Uint8Array(chunk / unit) : null));
-    const baseBufs = below ? Array.from({ length: width }, () => Buffer.allocUnsafe(chunk)) : [];
+    const baseBufs = below ? ioBuffers(width, chunk) : [];
     // A raw target that reads as zero wherever nothing is written takes each window's data
     // where the source has it: read, zero scan and write in one request (readScannedInto).
     const direct = !q && !below && scan && target.zeroInitialized && img.file instanceof NodeFile ? img.file : null;

@@ -6,6 +6,7 @@ import { CancelledError } from '../errors';
 import type { DiskImage, WritableImage } from '../engine/image';
 import { zeroRuns } from '../engine/zero';
 import { chainBlockStatus, walkChain } from '../chain/block-status';
+import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 
@@ -57,8 +58,8 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
     for await (const st of walkChain(target, 0, size)) if (st.zero) zeros.set(st.start, st.length, true);
   }
   progress.setPhase('mirroring', size);
-  const srcBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
-  const dstBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+  const srcBufs = ioBuffers(width, chunk);
+  const dstBufs = ioBuffers(width, chunk);
 
   type Task = { offset: number; length: number; image: DiskImage | null; zero: boolean };
   async function* tasks(): AsyncGenerator<Task> {

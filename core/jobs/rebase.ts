@@ -9,6 +9,7 @@ import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { openImage, openImageFile, closeChain, combineBackingPath, probeFormat, chainOf } from '../chain/open';
 import { NodeFile } from '../io/node-file';
+import { ioBuffers } from '../io/buffers';
 import { isZero } from '../engine/zero';
 import { Qcow2Image } from '../engine/qcow2';
 import { runPool } from './pool';
@@ -107,8 +108,8 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
     };
     const between = next && chainOf(top).includes(next) ? layersAbove() : null;
     const width = 8;
-    const oldBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
-    const newBufs = Array.from({ length: width }, () => Buffer.allocUnsafe(chunk));
+    const oldBufs = ioBuffers(width, chunk);
+    const newBufs = ioBuffers(width, chunk);
     // Pieces to compare, produced in order and processed several at a time (they are disjoint,
     // so their writes into the overlay never touch the same clusters).
     async function* pieces(): AsyncGenerator<[number, number]> {

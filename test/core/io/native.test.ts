@@ -1,6 +1,6 @@
 // The native addon (native/strata_native.c through core/io/native.ts): hole detection, hole
 // punching, zeroing, OFD locks that interoperate with QEMU's image locking, and the copy
-// loops' data path (readScan, writeSteps).
+// loops' data path (readScan, writeSteps, huge pages for their buffers).
 // Without a built addon these tests skip loudly (fail under CI=true), like the qemu oracle.
 import { describe, it, expect } from 'vitest';
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
@@ -10,6 +10,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { transformSync } from 'esbuild';
 import { isUnsupported, native, nativeStatus, type NativeApi } from '../../../core/io/native';
 import { NodeFile } from '../../../core/io/node-file';
+import { ioBuffers } from '../../../core/io/buffers';
 import { describeOracle, qemuImg, tempDir } from '../../oracle/qemu';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
@@ -566,6 +567,37 @@ describeNative('native addon: writeSteps (a large write in pieces, on the thread
       ['no callback', () => (n().writeSteps as (...a: unknown[]) => void)(1, buf, 0, 1024)],
     ];
     for (const [what, call] of bad) expect(call, what).toThrow(TypeError);
+  });
+});
+
+describeNative('native addon: adviseHugePages and the jobs\' copy buffers', () => {
+  it('advises the huge-page-aligned interior of a large buffer and says where it starts; -1 when there is none', () => {
+    const buf = Buffer.allocUnsafeSlow(6 * MiB);
+    const at = n().adviseHugePages(buf);
+    const thp = (() => { try { return readFileSync('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8'); } catch { return '[never]'; } })();
+    if (thp.includes('[never]')) {
+      expect(at).toBe(-1);
+    } else {
+      expect(at).toBeGreaterThanOrEqual(0);
+      expect(at).toBeLessThan(2 * MiB);
+      // The kernel took the advice: some mapping of ours now carries the "hg" (MADV_HUGEPAGE) flag.
+      const smaps = readFileSync('/proc/self/smaps', 'utf8');
+      expect(smaps).toMatch(/^VmFlags:.* hg\b/m);
+    }
+    expect(n().adviseHugePages(Buffer.alloc(4096))).toBe(-1);
+    expect(() => n().adviseHugePages('x' as unknown as Uint8Array)).toThrow(TypeError);
+  });
+
+  it('ioBuffers gives `count` separate buffers of `size` bytes, large or small', () => {
+    for (const [count, size] of [[8, 4 * MiB], [3, 64 * KiB]] as const) {
+      const bufs = ioBuffers(count, size);
+      expect(bufs.length).toBe(count);
+      bufs.forEach((b, i) => { expect(b.length).toBe(size); b.fill(i + 1); });
+      bufs.forEach((b, i) => {
+        expect(b[0]).toBe(i + 1);
+        expect(b[size - 1]).toBe(i + 1);
+      });
+    }
   });
 });
 
