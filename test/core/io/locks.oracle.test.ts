@@ -13,7 +13,7 @@ import { lockImage, READ_LOCK, WRITE_LOCK } from '../../../core/io/locks';
 import { native, nativeStatus } from '../../../core/io/native';
 import { NodeFile } from '../../../core/io/node-file';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
-import { fdsOn, lockBytes, startHolder, type Holder } from '../../oracle/holders';
+import { fdsOn, lockBytes, poll, startHolder, type Holder } from '../../oracle/holders';
 
 const MiB = 1 << 20;
 /** What qemu-io (read-write) holds on its image: uses read, write, resize; shares neither write nor resize. */
@@ -179,8 +179,9 @@ describeNative('image locks against QEMU', () => {
     it('Strata locks the same bytes as qemu-io -r for a read-only open', async () => {
       const c = fresh();
       const h = await startHolder('qemu-io', c.top, c.sock, { readOnly: true });
+      // startHolder waits for the top's locks; QEMU may take the backing file's a moment later.
+      const qBase = await poll(() => { const b = lockBytes(h.pid, c.base); return b.length > 0 && b; }, 15_000, 'qemu-io to lock the backing file');
       const qTop = lockBytes(h.pid, c.top);
-      const qBase = lockBytes(h.pid, c.base);
       await h.stop();
       keep(await openImage(c.top));
       expect({ top: lockBytes(process.pid, c.top), base: lockBytes(process.pid, c.base) }).toEqual({ top: qTop, base: qBase });
