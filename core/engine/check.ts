@@ -26,6 +26,7 @@ import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHead
 import { encodeReftableEntry, getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
 import { decodeBitmapDirectory } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
+import { BufferArena, zeroedBuffer } from '../io/buffers';
 
 /** qemu-img check -r: `leaks` fixes leaked clusters only, `all` fixes corruptions too. */
 export type RepairMode = 'leaks' | 'all';
@@ -75,13 +76,19 @@ const FIX_ERRORS = 2;
 /** Past-EOF references this close to the end of the file are remembered, so the new refcount structure is not placed where they point. */
 const PAST_EOF_WINDOW = 1 << 16;
 
+/** L2 tables the refcount pass keeps for the COPIED-flag pass, in bytes. */
+const L2_KEEP_MAX = 64 * 1024 * 1024;
+
 type RefArray = Uint8Array | Uint16Array | Uint32Array | Float64Array;
 
 function newRefArray(order: number, n: number): RefArray {
-  if (order <= 3) return new Uint8Array(n);
-  if (order === 4) return new Uint16Array(n);
-  if (order === 5) return new Uint32Array(n);
-  return new Float64Array(n);
+  // Zeroed memory on huge pages: a large image's array is megabytes, faulted in 2 MiB at a time.
+  const bytes = order <= 3 ? 1 : order === 4 ? 2 : order === 5 ? 4 : 8;
+  const b = zeroedBuffer(n * bytes);
+  if (bytes === 1) return new Uint8Array(b.buffer, b.byteOffset, n);
+  if (bytes === 2) return new Uint16Array(b.buffer, b.byteOffset, n);
+  if (bytes === 4) return new Uint32Array(b.buffer, b.byteOffset, n);
+  return new Float64Array(b.buffer, b.byteOffset, n);
 }
 
 /** Big-endian u32 at `o` (index arithmetic: cheaper than Buffer#readUInt32BE in hot loops). */
@@ -143,11 +150,14 @@ function emptyCounts(): CheckCounts {
 }
 
 /** Reads [offset, offset+len) zero-filled past the end of the file (as QEMU's reads are). */
-async function readAt(file: BlockFile, fileSize: number, offset: number, len: number): Promise<Buffer> {
-  const buf = Buffer.alloc(len);
+async function readAt(file: BlockFile, fileSize: number, offset: number, len: number, into?: Buffer): Promise<Buffer> {
+  const buf = into ?? Buffer.alloc(len);
+  let n = 0;
   if (len > 0 && offset < fileSize && offset <= Number.MAX_SAFE_INTEGER) {
-    await file.read(buf.subarray(0, Math.min(len, fileSize - offset)), offset);
+    n = Math.min(len, fileSize - offset);
+    await file.read(buf.subarray(0, n), offset);
   }
+  if (into) into.fill(0, n);
   return buf;
 }
 
@@ -166,27 +176,34 @@ class TableReader {
   private lastEnd = -1;
   constructor(private readonly file: BlockFile, private readonly fileSize: number) {}
 
-  async read(offset: number, len: number): Promise<Buffer> {
-    if (len * 4 > TableReader.WINDOW || offset >= this.fileSize) return readAt(this.file, this.fileSize, offset, len);
+  /** The bytes at [offset, offset+len), in `into` (len bytes) when given, else in a new buffer. */
+  async read(offset: number, len: number, into?: Buffer): Promise<Buffer> {
+    if (len * 4 > TableReader.WINDOW || offset >= this.fileSize) return readAt(this.file, this.fileSize, offset, len, into);
     const sequential = offset === this.lastEnd;
     this.lastEnd = offset + len;
     if (this.start >= 0 && offset >= this.start && offset + len <= this.start + this.buf.length) {
       this.served++;
-      return Buffer.from(this.buf.subarray(offset - this.start, offset - this.start + len));
+      return copyOut(this.buf.subarray(offset - this.start, offset - this.start + len), into);
     }
     // Tables far apart (metadata-preallocated images): reading ahead only copies data.
     if (this.start >= 0 && this.served <= 1) this.readAhead = sequential;
     else if (sequential) this.readAhead = true;
-    if (!this.readAhead) return readAt(this.file, this.fileSize, offset, len);
+    if (!this.readAhead) return readAt(this.file, this.fileSize, offset, len, into);
     // Start and contents change together, after the read: concurrent reads stay consistent.
     const buf = await readAt(this.file, this.fileSize, offset, Math.min(TableReader.WINDOW, Math.max(len, this.fileSize - offset)));
     this.start = offset;
     this.buf = buf;
     this.served = 1;
-    return Buffer.from(buf.subarray(0, len));
+    return copyOut(buf.subarray(0, len), into);
   }
 
   invalidate(): void { this.start = -1; }
+}
+
+function copyOut(bytes: Buffer, into?: Buffer): Buffer {
+  if (!into) return Buffer.from(bytes);
+  bytes.copy(into);
+  return into;
 }
 
 /** The header cluster, decoded with the format decoders; dirty and corrupt images are accepted. */
@@ -414,6 +431,7 @@ class Checker {
   /** L2 tables read by the refcount pass, kept (up to 64 MiB) for the COPIED-flag pass. */
   private readonly l2Tables = new Map<number, Buffer>();
   private l2TableBytes = 0;
+  private readonly l2Arena = new BufferArena();
 
   /** L2 reads started ahead of their turn (read-only checks), by offset. */
   private readonly prefetched = new Map<number, Promise<Buffer>>();
@@ -435,11 +453,11 @@ class Checker {
       this.prefetched.delete(offset);
       return pending;
     }
-    const t = await this.reader.read(offset, this.cs);
-    if (this.l2TableBytes + t.length <= 64 * 1024 * 1024) {
-      this.l2Tables.set(offset, t);
-      this.l2TableBytes += t.length;
-    }
+    // Tables that will be kept go to the arena (huge pages: 32 MiB of tables, 16 page faults).
+    const keep = this.l2TableBytes + this.cs <= L2_KEEP_MAX;
+    if (keep) this.l2TableBytes += this.cs;
+    const t = await this.reader.read(offset, this.cs, keep ? this.l2Arena.take(this.cs) : undefined);
+    if (keep) this.l2Tables.set(offset, t);
     return t;
   }
 

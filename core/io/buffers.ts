@@ -19,3 +19,31 @@ export function ioBuffers(count: number, size: number): Buffer[] {
   const start = at >= 0 && at <= ALIGN_SLACK ? at : 0;
   return Array.from({ length: count }, (_, i) => region.subarray(start + i * size, start + (i + 1) * size));
 }
+
+/** `bytes` zero bytes, on huge pages where possible (large zeroed arrays: refcount tables). */
+export function zeroedBuffer(bytes: number): Buffer {
+  return ioBuffers(1, bytes)[0]!.fill(0);
+}
+
+/**
+ * Buffers of up to a quarter chunk carved from huge-page chunks of `chunkSize` bytes, for
+ * many small buffers kept together (a checker's L2 tables): a chunk is freed only when
+ * every buffer taken from it is, so callers bound what they take.
+ */
+export class BufferArena {
+  private chunk: Buffer | null = null;
+  private used = 0;
+  constructor(private readonly chunkSize = 8 << 20) {}
+
+  /** `len` bytes, uninitialised. */
+  take(len: number): Buffer {
+    if (len > this.chunkSize / 4) return Buffer.allocUnsafe(len);
+    if (!this.chunk || this.used + len > this.chunk.length) {
+      this.chunk = ioBuffers(1, this.chunkSize)[0]!;
+      this.used = 0;
+    }
+    const b = this.chunk.subarray(this.used, this.used + len);
+    this.used += len;
+    return b;
+  }
+}

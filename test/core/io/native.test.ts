@@ -10,7 +10,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { transformSync } from 'esbuild';
 import { isUnsupported, native, nativeStatus, type NativeApi } from '../../../core/io/native';
 import { NodeFile } from '../../../core/io/node-file';
-import { ioBuffers } from '../../../core/io/buffers';
+import { BufferArena, ioBuffers, zeroedBuffer } from '../../../core/io/buffers';
 import { describeOracle, qemuImg, tempDir } from '../../oracle/qemu';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
@@ -598,6 +598,21 @@ describeNative('native addon: adviseHugePages and the jobs\' copy buffers', () =
         expect(b[size - 1]).toBe(i + 1);
       });
     }
+  });
+
+  it('zeroedBuffer is all zeros; BufferArena hands out separate slices, large requests on their own', () => {
+    const z = zeroedBuffer(3 * MiB + 5);
+    expect(z.length).toBe(3 * MiB + 5);
+    expect(z.equals(Buffer.alloc(3 * MiB + 5))).toBe(true);
+    const arena = new BufferArena(MiB);
+    const small = Array.from({ length: 40 }, (_, i) => arena.take(64 * KiB).fill(i + 1)); // 2.5 chunks' worth
+    const big = arena.take(MiB).fill(0xee);
+    small.forEach((b, i) => {
+      expect(b.length).toBe(64 * KiB);
+      expect(b.every((v) => v === i + 1)).toBe(true);
+    });
+    expect(big.length).toBe(MiB);
+    expect(big.every((v) => v === 0xee)).toBe(true);
   });
 });
 
