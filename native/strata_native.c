@@ -806,28 +806,30 @@ static napi_value WriteSteps(napi_env env, napi_callback_info info) {
  * from sysfs. Linux only; "never" in .../transparent_hugepage/enabled also gives 0.
  */
 static size_t huge_page_size(void) {
-  static size_t cached = (size_t)-1;
+  static size_t cached = (size_t)-1; /* computed once; a race only computes it twice */
   if (cached != (size_t)-1) return cached;
-  cached = 0;
-#ifdef __linux__
+  size_t size = 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   char mode[128] = {0};
   FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
   if (f) {
     if (!fgets(mode, sizeof mode, f)) mode[0] = 0;
     fclose(f);
   }
-  if (!mode[0] || strstr(mode, "[never]")) return cached;
   unsigned long long n = 0;
-  f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
-  if (f) {
-    if (fscanf(f, "%llu", &n) != 1) n = 0;
-    fclose(f);
+  if (mode[0] && !strstr(mode, "[never]")) {
+    f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+    if (f) {
+      if (fscanf(f, "%llu", &n) != 1) n = 0;
+      fclose(f);
+    }
   }
   /* A power of two above the base page, or nothing. */
   long page = sysconf(_SC_PAGESIZE);
-  if (n > (unsigned long long)page && (n & (n - 1)) == 0) cached = (size_t)n;
+  if (page > 0 && n > (unsigned long long)page && (n & (n - 1)) == 0) size = (size_t)n;
 #endif
-  return cached;
+  cached = size;
+  return size;
 }
 
 /*
@@ -845,7 +847,7 @@ static napi_value AdviseHugePages(napi_env env, napi_callback_info info) {
   size_t len;
   if (!get_bytes(env, argc > 0 ? argv[0] : NULL, "adviseHugePages", "buf", &data, &len)) return NULL;
   double result = -1;
-#ifdef __linux__
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   size_t huge = huge_page_size();
   if (huge && len >= huge) {
     uintptr_t start = ((uintptr_t)data + huge - 1) & ~(uintptr_t)(huge - 1);

@@ -2,8 +2,9 @@
 // compatible OFD image locks, SEEK_DATA/SEEK_HOLE and fallocate hole punching — and the copy
 // loops' data path (a window's reads plus its zero scan, a large write in steps, each as one
 // thread-pool request) and huge pages for their buffers. It is built by `npm install`
-// (scripts/build-native.mjs) when a compiler is there; without it Strata still works, minus those features (the copy loops fall
-// back to Node's fs), and nativeStatus() says why so the CLI/UI can tell the user.
+// (scripts/build-native.mjs) when a compiler is there; without it Strata still works, minus
+// those features (the copy loops fall back to Node's fs, on ordinary pages), and
+// nativeStatus() says why so the CLI/UI can tell the user.
 // Loaded lazily, once. STRATA_NO_NATIVE=1 turns it off (for tests of the fallback paths).
 // No electron import: this runs under Node, in Electron's main/utility processes, and from
 // the esbuild bundle in dist/.
