@@ -82,13 +82,10 @@ const L2_KEEP_MAX = 64 * 1024 * 1024;
 type RefArray = Uint8Array | Uint16Array | Uint32Array | Float64Array;
 
 function newRefArray(order: number, n: number): RefArray {
+  const Ctor = order <= 3 ? Uint8Array : order === 4 ? Uint16Array : order === 5 ? Uint32Array : Float64Array;
   // Zeroed memory on huge pages: a large image's array is megabytes, faulted in 2 MiB at a time.
-  const bytes = order <= 3 ? 1 : order === 4 ? 2 : order === 5 ? 4 : 8;
-  const b = zeroedBuffer(n * bytes);
-  if (bytes === 1) return new Uint8Array(b.buffer, b.byteOffset, n);
-  if (bytes === 2) return new Uint16Array(b.buffer, b.byteOffset, n);
-  if (bytes === 4) return new Uint32Array(b.buffer, b.byteOffset, n);
-  return new Float64Array(b.buffer, b.byteOffset, n);
+  const b = zeroedBuffer(n * Ctor.BYTES_PER_ELEMENT);
+  return new Ctor(b.buffer as ArrayBuffer, b.byteOffset, n);
 }
 
 /** Big-endian u32 at `o` (index arithmetic: cheaper than Buffer#readUInt32BE in hot loops). */

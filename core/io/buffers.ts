@@ -13,7 +13,8 @@ const ALIGN_SLACK = 2 << 20;
 export function ioBuffers(count: number, size: number): Buffer[] {
   const n = native();
   if (!n || count * size < ALIGN_SLACK) return Array.from({ length: count }, () => Buffer.allocUnsafe(size));
-  // Not from Node's pool, and untouched: the advice applies when the reads first fault it in.
+  // Not from Node's pool; a region this large is normally a fresh mapping, so the advice
+  // applies when the reads first fault it in.
   const region = Buffer.allocUnsafeSlow(count * size + ALIGN_SLACK);
   const at = n.adviseHugePages(region);
   const start = at >= 0 && at <= ALIGN_SLACK ? at : 0;
