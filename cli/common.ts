@@ -8,10 +8,13 @@ export interface CommandIO {
   isTTY: boolean;
 }
 
+// process.stdout and process.stderr are made on first use, and making one loads node's
+// streams (and node:net for a pipe): a command that prints nothing, like convert without -p,
+// does not pay for them. Hence the getter.
 export const stdio: CommandIO = {
   out: (s) => { process.stdout.write(s); },
   err: (s) => { process.stderr.write(s); },
-  isTTY: !!process.stdout.isTTY,
+  get isTTY() { return !!process.stdout.isTTY; },
 };
 
 export type Options = NonNullable<ParseArgsConfig['options']>;

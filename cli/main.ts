@@ -86,14 +86,26 @@ if (isMain) {
     setTimeout(() => process.exit(130), 3000).unref();
   };
   // A reader that went away (`strata map IMG | head`) is not an error worth a stack trace.
-  for (const stream of [process.stdout, process.stderr]) {
-    stream.on('error', (err: NodeJS.ErrnoException) => { if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0); throw err; });
-  }
+  // The handler goes on a stream before its first write, not here: touching process.stdout
+  // creates it, which a command that prints nothing need not pay for (see stdio).
+  const guarded = new Set<NodeJS.WriteStream>();
+  const guard = (stream: NodeJS.WriteStream): NodeJS.WriteStream => {
+    if (!guarded.has(stream)) {
+      guarded.add(stream);
+      stream.on('error', (err: NodeJS.ErrnoException) => { if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0); throw err; });
+    }
+    return stream;
+  };
+  const io: CommandIO = {
+    out: (s) => { guard(process.stdout).write(s); },
+    err: (s) => { guard(process.stderr).write(s); },
+    get isTTY() { return stdio.isTTY; },
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  run(process.argv.slice(2), stdio, ac.signal).then((code) => {
+  run(process.argv.slice(2), io, ac.signal).then((code) => {
     process.exitCode = code;
   }, (err) => {
-    process.exitCode = reportError(err, stdio);
+    process.exitCode = reportError(err, io);
   });
 }

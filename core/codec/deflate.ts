@@ -6,13 +6,14 @@
 // rounded up to 512-byte sectors, so the stream is followed by padding or by the start of
 // the next compressed cluster; node:zlib's raw inflate stops at the end of the deflate
 // stream and ignores what follows.
-import * as zlib from 'node:zlib';
+import type { ZlibOptions } from 'node:zlib';
+import { zlib } from './builtins';
 import { CorruptImageError } from '../errors';
 
 /** QEMU uses a 4 KiB window both ways; a larger one would produce data QEMU cannot read. */
 export const DEFLATE_WINDOW_BITS = 12;
 const DEFLATE_MEM_LEVEL = 9;
-const MIN_CHUNK = 64; // zlib.constants.Z_MIN_CHUNK
+const MIN_CHUNK = 64; // zlib().constants.Z_MIN_CHUNK
 
 /**
  * Output bounded to one cluster: chunkSize = cluster + 1 makes node:zlib decode into a
@@ -21,21 +22,21 @@ const MIN_CHUNK = 64; // zlib.constants.Z_MIN_CHUNK
  * Z_SYNC_FLUSH: a truncated stream returns what it decoded instead of throwing, so we can
  * say how much was missing.
  */
-function inflateOptions(outLength: number, slack = 0): zlib.ZlibOptions {
+function inflateOptions(outLength: number, slack = 0): ZlibOptions {
   return {
     windowBits: DEFLATE_WINDOW_BITS,
-    finishFlush: zlib.constants.Z_SYNC_FLUSH,
+    finishFlush: zlib().constants.Z_SYNC_FLUSH,
     chunkSize: Math.max(MIN_CHUNK, outLength + 1 + slack),
     maxOutputLength: outLength + slack,
   };
 }
 
-function deflateOptions(inputLength: number): zlib.ZlibOptions {
+function deflateOptions(inputLength: number): ZlibOptions {
   return {
     windowBits: DEFLATE_WINDOW_BITS,
     memLevel: DEFLATE_MEM_LEVEL,
-    level: zlib.constants.Z_DEFAULT_COMPRESSION,
-    strategy: zlib.constants.Z_DEFAULT_STRATEGY,
+    level: zlib().constants.Z_DEFAULT_COMPRESSION,
+    strategy: zlib().constants.Z_DEFAULT_STRATEGY,
     // One output buffer of the input's size; more than input - 1 bytes means "not
     // smaller", and node:zlib stops right there with ERR_BUFFER_TOO_LARGE.
     chunkSize: Math.max(MIN_CHUNK, inputLength),
@@ -77,7 +78,7 @@ function inflateOverlong(input: Uint8Array, out: Uint8Array, where: string | und
   const opts = inflateOptions(out.length, slack);
   const probe = (len: number): Buffer | undefined => {
     try {
-      return zlib.inflateRawSync(input.subarray(0, len), opts);
+      return zlib().inflateRawSync(input.subarray(0, len), opts);
     } catch {
       return undefined;
     }
@@ -102,7 +103,7 @@ function inflateOverlong(input: Uint8Array, out: Uint8Array, where: string | und
 export function inflateCluster(input: Uint8Array, out: Uint8Array, where?: string): void {
   let decoded: Buffer;
   try {
-    decoded = zlib.inflateRawSync(input, inflateOptions(out.length));
+    decoded = zlib().inflateRawSync(input, inflateOptions(out.length));
   } catch (err) {
     inflateOverlong(input, out, where, err);
     return;
@@ -112,7 +113,7 @@ export function inflateCluster(input: Uint8Array, out: Uint8Array, where?: strin
 
 export function inflateClusterAsync(input: Uint8Array, out: Uint8Array, where?: string): Promise<void> {
   return new Promise((resolve, reject) => {
-    zlib.inflateRaw(input, inflateOptions(out.length), (err, decoded) => {
+    zlib().inflateRaw(input, inflateOptions(out.length), (err, decoded) => {
       try {
         if (err) inflateOverlong(input, out, where, err);
         else finish(decoded, out, where);
@@ -135,7 +136,7 @@ function compressed(result: Buffer, inputLength: number): Uint8Array | null {
 export function deflateCluster(input: Uint8Array): Uint8Array | null {
   if (input.length < 2) return null;
   try {
-    return compressed(zlib.deflateRawSync(input, deflateOptions(input.length)), input.length);
+    return compressed(zlib().deflateRawSync(input, deflateOptions(input.length)), input.length);
   } catch (err) {
     if (isTooLarge(err)) return null;
     throw err;
@@ -146,7 +147,7 @@ export function deflateCluster(input: Uint8Array): Uint8Array | null {
 export function deflateClusterAsync(input: Uint8Array): Promise<Uint8Array | null> {
   if (input.length < 2) return Promise.resolve(null);
   return new Promise((resolve, reject) => {
-    zlib.deflateRaw(input, deflateOptions(input.length), (err, result) => {
+    zlib().deflateRaw(input, deflateOptions(input.length), (err, result) => {
       if (err) {
         if (isTooLarge(err)) resolve(null);
         else reject(err);

@@ -9,10 +9,9 @@
 // frame at a time, straight into its place in the output cluster.
 //
 // Backends, in order: node:zlib's zstd (Node >= 22.15, so newer Electron), zstd-napi.
-import * as zlib from 'node:zlib';
 import { createRequire } from 'node:module';
-import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { os, workerThreads, zlib } from './builtins';
 import { CorruptImageError, UnsupportedFeatureError } from '../errors';
 
 // ---------------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ function isTooLarge(err: unknown): boolean {
 
 /** node:zlib's zstd, Node >= 22.15 (and Electron builds on it). */
 function nodeBackend(): Backend | undefined {
-  const z = zlib as unknown as Partial<NodeZstd>;
+  const z = zlib() as unknown as Partial<NodeZstd>;
   if (typeof z.zstdDecompressSync !== 'function' || typeof z.zstdCompressSync !== 'function'
     || typeof z.zstdCompress !== 'function' || typeof z.zstdDecompress !== 'function') return undefined;
   const nz = z as NodeZstd;
@@ -338,7 +337,7 @@ export class CompressPool {
   private spawn(): PoolWorker | undefined {
     let worker: Worker;
     try {
-      worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { bindingPath: this.bindingPath } });
+      worker = new (workerThreads().Worker)(WORKER_SOURCE, { eval: true, workerData: { bindingPath: this.bindingPath } });
     } catch {
       this.disabled = true;
       return undefined;
@@ -411,7 +410,7 @@ function napiBackend(): Backend | undefined {
     decodeFrameAsync: async (frame, dst) => decodeFrame(frame, dst),
     compress,
     compressAsync: (input) => {
-      pool ??= new CompressPool(bindingPath, compress, Math.max(1, availableParallelism()));
+      pool ??= new CompressPool(bindingPath, compress, Math.max(1, os().availableParallelism()));
       return pool.run(input);
     },
     terminate: () => pool?.terminate() ?? Promise.resolve(),

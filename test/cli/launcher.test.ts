@@ -65,6 +65,33 @@ describe('bin/strata.cjs', () => {
     });
   });
 
+  it('starts only the node modules a command uses: a plain convert loads no compression, workers or streams; -c does', () => {
+    const t = tempDir('strata-startup-');
+    try {
+      const raw = t.path('in.raw');
+      const data = Buffer.alloc(1 << 20);
+      data.write('compressible text '.repeat(20000));
+      writeFileSync(raw, data);
+      // Prints node's list of loaded built-in modules at exit, on fd 3.
+      const preload = t.path('modules.cjs');
+      writeFileSync(preload, "process.on('exit', () => require('node:fs').writeSync(3, JSON.stringify(process.moduleLoadList)));\n");
+      const loaded = (args: string[]): string[] => {
+        const r = spawnSync(process.execPath, ['--require', preload, bin, ...args], { encoding: 'utf8', env: { ...env, NODE_EXTRA_CA_CERTS: undefined }, stdio: ['ignore', 'pipe', 'pipe', 'pipe'] });
+        expect(r.stderr).toBe('');
+        expect(r.status).toBe(0);
+        return JSON.parse(r.output[3] as string) as string[];
+      };
+      const heavy = ['NativeModule zlib', 'NativeModule worker_threads', 'NativeModule stream', 'NativeModule net'];
+      const plain = loaded(['convert', '-O', 'qcow2', raw, t.path('plain.qcow2')]);
+      expect(plain).toContain('NativeModule fs'); // the list is the real one
+      for (const m of heavy) expect(plain, m).not.toContain(m);
+      const compressed = loaded(['convert', '-c', '-O', 'qcow2', raw, t.path('c.qcow2')]);
+      expect(compressed).toContain('NativeModule zlib');
+    } finally {
+      t.cleanup();
+    }
+  });
+
   it('through node, is the same program (node itself reads the variable first)', () => {
     const r = spawnSync(process.execPath, [bin, '--version'], { encoding: 'utf8', env });
     expect(r.status).toBe(0);
