@@ -34,7 +34,7 @@ export interface ReadScanError extends Error {
 }
 
 /**
- * All functions but readScan and writeSteps are synchronous single syscalls. Offsets and
+ * All functions but readScan and writeQueued are synchronous single syscalls. Offsets and
  * lengths must be integers in [0, 2^53 - 1] and fd an integer >= 0, otherwise they throw a
  * TypeError. System failures throw an Error with Node's usual `code` ('EBADF', 'EOPNOTSUPP',
  * ...), `errno` and `syscall`.
@@ -80,16 +80,18 @@ export interface NativeApi {
    * at once. The segments are copied, so the Float64Array may be reused right away.
    * With outFd >= 0 (and unit > 0) the same thread then writes each run of units holding data
    * to outFd at outOffset + its place in buf, in pwrites of at most `step` bytes (as
-   * writeSteps); a failed write reports syscall 'pwrite' and segment -1.
+   * writeQueued); a failed write reports syscall 'pwrite' and segment -1.
    */
   readScan(buf: Uint8Array, segments: Float64Array, unit: number, bitmap: Uint8Array | null, callback: (err: ReadScanError | null) => void,
     outFd?: number, outOffset?: number, step?: number): void;
   /**
-   * On a libuv thread-pool thread: writes all of buf at `offset` with pwrite calls of at most
+   * On the addon's writer thread: writes all of buf at `offset` with pwrite calls of at most
    * `step` bytes, then callback(null | error) on the JS thread; until then buf belongs to the
-   * request. Bad arguments throw a TypeError at once.
+   * request. Writes run one at a time, in the order they were queued (across all files), and
+   * keep the event loop alive until their callbacks have run. Bad arguments throw a TypeError
+   * at once.
    */
-  writeSteps(fd: number, buf: Uint8Array, offset: number, step: number, callback: (err: NodeJS.ErrnoException | null) => void): void;
+  writeQueued(fd: number, buf: Uint8Array, offset: number, step: number, callback: (err: NodeJS.ErrnoException | null) => void): void;
   /**
    * madvise(MADV_HUGEPAGE) on the part of buf that starts and ends on a transparent-huge-page
    * boundary; returns that part's offset in buf, or -1 when there is none or the system has
@@ -109,7 +111,7 @@ export interface NativeStatus {
 /** Where the addon lives relative to the repository (or package) root. */
 export const NATIVE_ADDON_RELATIVE_PATH = join('native', 'build', 'Release', 'strata_native.node');
 
-const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan', 'writeSteps', 'adviseHugePages'] as const satisfies readonly (keyof NativeApi)[];
+const FUNCTIONS = ['seekData', 'seekHole', 'ofdSetLock', 'ofdGetLock', 'punchHole', 'zeroRange', 'startWriteback', 'readScan', 'writeQueued', 'adviseHugePages'] as const satisfies readonly (keyof NativeApi)[];
 
 let loaded: { api: NativeApi | null; status: NativeStatus } | undefined;
 

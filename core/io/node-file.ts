@@ -2,7 +2,7 @@ import { open, stat, type FileHandle } from 'node:fs/promises';
 import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
 import { IoError, ioError } from '../errors';
-import { native } from './native';
+import { native, type NativeApi } from './native';
 
 // The callback API costs the main thread less per request than FileHandle's promises.
 function readAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
@@ -28,7 +28,7 @@ const SYNC_IO_MAX = 256 * 1024;
  * costs a host fault. On a 2-vCPU VM, 1 GiB written in aligned 512 KiB-2 MiB calls took
  * 1.3-3.4 s once the host had the memory back, in 256 KiB calls 0.2-0.3 s (0.45-1.3 s when
  * nearly all free memory had gone back); smaller calls gained nothing more.
- * (See writeSteps in native/strata_native.c.)
+ * (See writeQueued in native/strata_native.c.)
  */
 export const WRITE_STEP = 256 * 1024;
 const WRITEBACK_STEP = 16 * 1024 * 1024;
@@ -108,8 +108,11 @@ export class NodeFile implements BlockFile {
   }
 
   /**
-   * Writes go to the file one at a time: concurrent buffered writers to one file only take
-   * turns on its inode lock (spinning on it, on a small machine, costs more than the write).
+   * Writes go to the file one at a time, in order: concurrent buffered writers to one file only
+   * take turns on its inode lock (spinning on it, on a small machine, costs more than the
+   * write). A small write with nothing ahead of it is done at once; the others go to the
+   * native addon's writer thread (writeQueued), which starts each as soon as the one before
+   * it ends, or without the addon to a promise chain over libuv's pool.
    */
   private writeTail: Promise<void> = Promise.resolve();
   private writesQueued = 0;
@@ -124,7 +127,10 @@ export class NodeFile implements BlockFile {
       }
     }
     this.writesQueued++;
-    const p = this.writeTail.then(() => (buf.length <= SYNC_IO_MAX ? this.writeNowSync(buf, offset) : this.writeNowAsync(buf, offset)));
+    const n = native();
+    const p = n
+      ? this.writeNative(n, buf, offset)
+      : this.writeTail.then(() => (buf.length <= SYNC_IO_MAX ? this.writeNowSync(buf, offset) : this.writeNowAsync(buf, offset)));
     const dequeue = () => { this.writesQueued--; };
     this.writeTail = p.then(dequeue, dequeue);
     return p;
@@ -156,17 +162,29 @@ export class NodeFile implements BlockFile {
     this.noteWritten(done);
   }
 
+  private writeNative(n: NativeApi, buf: Uint8Array, offset: number): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const done = (err: unknown) => {
+        if (err) {
+          reject(ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`));
+          return;
+        }
+        this.noteWritten(buf.length);
+        resolve();
+      };
+      try {
+        n.writeQueued(this.fh.fd, buf, offset, WRITE_STEP, done);
+      } catch (err) {
+        done(err);
+      }
+    });
+  }
+
+  /** Without the addon: pwrites of WRITE_STEP bytes on libuv's pool. */
   private async writeNowAsync(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     try {
-      const n = native();
-      if (n) {
-        // One pool request for the whole buffer, its pwrites in WRITE_STEP pieces.
-        await new Promise<void>((resolve, reject) => n.writeSteps(this.fh.fd, buf, offset, WRITE_STEP, (err) => (err ? reject(err) : resolve())));
-        done = buf.length;
-      } else {
-        while (done < buf.length) done += await writeAsync(this.fh.fd, buf, done, Math.min(WRITE_STEP, buf.length - done), offset + done);
-      }
+      while (done < buf.length) done += await writeAsync(this.fh.fd, buf, done, Math.min(WRITE_STEP, buf.length - done), offset + done);
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
@@ -185,6 +203,9 @@ export class NodeFile implements BlockFile {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Writes still queued (a job that failed or was cancelled need not wait for its own) are
+    // let finish first: the descriptor must not be closed, or reused for another file, under them.
+    await this.writeTail;
     await this.fh.close();
   }
 

@@ -1,10 +1,10 @@
 // The native addon (native/strata_native.c through core/io/native.ts): hole detection, hole
 // punching, zeroing, OFD locks that interoperate with QEMU's image locking, and the copy
-// loops' data path (readScan, writeSteps, huge pages for their buffers).
+// loops' data path (readScan, writeQueued, huge pages for their buffers).
 // Without a built addon these tests skip loudly (fail under CI=true), like the qemu oracle.
 import { describe, it, expect } from 'vitest';
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { transformSync } from 'esbuild';
@@ -525,9 +525,9 @@ describeNative('native addon: readScan (a window of reads plus its zero scan)', 
   });
 });
 
-describeNative('native addon: writeSteps (a large write in pieces, on the thread pool)', () => {
+describeNative('native addon: writeQueued (writes in pieces, in order, on the writer thread)', () => {
   const write = (fd: number, buf: Uint8Array, offset: number, step: number) =>
-    new Promise<void>((resolve, reject) => n().writeSteps(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
+    new Promise<void>((resolve, reject) => n().writeQueued(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
 
   it('writes the whole buffer at the offset, whatever the step, leaving the bytes around it alone', () => withTempAsync(async (p) => {
     const f = p('w.bin');
@@ -560,14 +560,113 @@ describeNative('native addon: writeSteps (a large write in pieces, on the thread
     const cb = () => { throw new Error('must not be called'); };
     const buf = Buffer.alloc(16);
     const bad: [string, () => void][] = [
-      ['step 0', () => n().writeSteps(1, buf, 0, 0, cb)],
-      ['negative offset', () => n().writeSteps(1, buf, -1, 1024, cb)],
-      ['fd -1', () => n().writeSteps(-1, buf, 0, 1024, cb)],
-      ['buffer not a Uint8Array', () => n().writeSteps(1, 'abc' as unknown as Uint8Array, 0, 1024, cb)],
-      ['no callback', () => (n().writeSteps as (...a: unknown[]) => void)(1, buf, 0, 1024)],
+      ['step 0', () => n().writeQueued(1, buf, 0, 0, cb)],
+      ['negative offset', () => n().writeQueued(1, buf, -1, 1024, cb)],
+      ['fd -1', () => n().writeQueued(-1, buf, 0, 1024, cb)],
+      ['buffer not a Uint8Array', () => n().writeQueued(1, 'abc' as unknown as Uint8Array, 0, 1024, cb)],
+      ['no callback', () => (n().writeQueued as (...a: unknown[]) => void)(1, buf, 0, 1024)],
     ];
     for (const [what, call] of bad) expect(call, what).toThrow(TypeError);
   });
+});
+
+describeNative('native addon: writeQueued keeps order, the event loop and environments right', () => {
+  const write = (fd: number, buf: Uint8Array, offset: number, step: number) =>
+    new Promise<void>((resolve, reject) => n().writeQueued(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
+
+  it('runs writes in the order they were queued and calls back in that order', () => withTempAsync(async (p) => {
+    const f = p('order.bin');
+    const fd = openSync(f, 'w+');
+    const calls: number[] = [];
+    try {
+      // 24 writes over 3 overlapping slots, none awaited before the next is queued: the file
+      // ends with the last write of each slot, and the callbacks come in queue order.
+      await Promise.all(Array.from({ length: 24 }, (_, i) => new Promise<void>((resolve, reject) =>
+        n().writeQueued(fd, Buffer.alloc(MiB, i + 1), (i % 3) * (MiB / 2), 64 * KiB, (err) => {
+          calls.push(i);
+          if (err) reject(err); else resolve();
+        }))));
+    } finally {
+      closeSync(fd);
+    }
+    expect(calls).toEqual(Array.from({ length: 24 }, (_, i) => i));
+    const got = readFileSync(f);
+    expect(got.length).toBe(2 * MiB);
+    expect(got.subarray(0, MiB / 2).equals(Buffer.alloc(MiB / 2, 22))).toBe(true);
+    expect(got.subarray(MiB / 2, MiB).equals(Buffer.alloc(MiB / 2, 23))).toBe(true);
+    expect(got.subarray(MiB, 2 * MiB).equals(Buffer.alloc(MiB, 24))).toBe(true);
+  }));
+
+  it('keeps a process alive until its writes are called back, and not after', () => withTempAsync(async (p) => {
+    const f = p('alive.bin');
+    const script = `const n = require(${JSON.stringify(addonPath)}); const fd = require('node:fs').openSync(${JSON.stringify(f)}, 'w');
+      let left = 8;
+      for (let i = 0; i < 8; i++) n.writeQueued(fd, Buffer.alloc(4 << 20, 7), i * (4 << 20), 1 << 18, (err) => { if (err) throw err; if (--left === 0) console.log('all called back'); });`;
+    const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.error).toBeUndefined(); // a loop kept alive for ever would time out here
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe('all called back');
+    expect(r.status).toBe(0);
+    expect(readFileSync(f).equals(Buffer.alloc(32 * MiB, 7))).toBe(true);
+  }));
+
+  it('stops a worker\'s writer when the worker is terminated with writes still queued', () => withTempAsync(async (p) => {
+    const { Worker } = await import('node:worker_threads');
+    const f = p('worker.bin');
+    const src = `const n = require(${JSON.stringify(addonPath)}); const fd = require('node:fs').openSync(${JSON.stringify(f)}, 'w');
+      for (let i = 0; i < 64; i++) n.writeQueued(fd, Buffer.alloc(4 << 20, 1), i * (4 << 20), 1 << 18, () => {});
+      require('node:worker_threads').parentPort.postMessage('queued');`;
+    const w = new Worker(src, { eval: true });
+    await new Promise((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
+    await w.terminate();
+    // This environment's own writer is separate and still works.
+    const g = p('after.bin');
+    const fd = openSync(g, 'w');
+    try {
+      await write(fd, Buffer.alloc(MiB, 3), 0, 64 * KiB);
+    } finally {
+      closeSync(fd);
+    }
+    expect(readFileSync(g).equals(Buffer.alloc(MiB, 3))).toBe(true);
+  }));
+
+  it('runs the writer thread as SCHED_BATCH on Linux, so its wakeups do not preempt the JS thread', async () => {
+    if (process.platform !== 'linux') return;
+    await withTempAsync(async (p) => {
+      const fd = openSync(p('batch.bin'), 'w');
+      try {
+        await write(fd, Buffer.alloc(4096, 1), 0, 4096);
+      } finally {
+        closeSync(fd);
+      }
+    });
+    // field 41 of /proc/<pid>/task/<tid>/stat is the scheduling policy; SCHED_BATCH is 3
+    const policies = readdirSync('/proc/self/task').map((tid) => {
+      try {
+        const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+        return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[38]);
+      } catch { return -1; }
+    });
+    expect(policies).toContain(3);
+    const { isMainThread } = await import('node:worker_threads');
+    if (isMainThread) {
+      const self = readFileSync('/proc/self/stat', 'utf8');
+      expect(Number(self.slice(self.lastIndexOf(')') + 2).split(' ')[38])).not.toBe(3); // not the JS thread
+    }
+  });
+});
+
+describeNative('NodeFile with the addon', () => {
+  it('closes only after the writes still queued have finished', () => withTempAsync(async (p) => {
+    const f = p('close.bin');
+    const file = await NodeFile.open(f, { create: 'new' });
+    const writes = Array.from({ length: 16 }, (_, i) => file.write(Buffer.alloc(2 * MiB, i + 1), i * 2 * MiB));
+    await file.close(); // not awaiting the writes first
+    await Promise.all(writes);
+    const got = readFileSync(f);
+    expect(got.length).toBe(32 * MiB);
+    for (let i = 0; i < 16; i++) expect(got[i * 2 * MiB], `slot ${i}`).toBe(i + 1);
+  }));
 });
 
 describeNative('native addon: adviseHugePages and the jobs\' copy buffers', () => {
