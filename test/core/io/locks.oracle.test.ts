@@ -165,8 +165,9 @@ describeNative('image locks against QEMU', () => {
     it('Strata locks the same bytes as qemu-io for a writable open, on the image and on its backing file', async () => {
       const c = fresh();
       const h = await startHolder('qemu-io', c.top, c.sock);
+      // startHolder waits for the top's locks; QEMU may take the backing file's a moment later.
+      const qBase = await poll(() => { const b = lockBytes(h.pid, c.base); return b.length > 0 && b; }, 15_000, 'qemu-io to lock the backing file');
       const qTop = lockBytes(h.pid, c.top);
-      const qBase = lockBytes(h.pid, c.base);
       await h.stop();
       expect(qTop).toEqual(QEMU_WRITER_BYTES);
       keep(await openImage(c.top, { writable: true }));
