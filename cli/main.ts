@@ -101,11 +101,17 @@ if (isMain) {
     err: (s) => { guard(process.stderr).write(s); },
     get isTTY() { return stdio.isTTY; },
   };
+  // Once the command has finished, the process ends at once instead of letting node tear its
+  // environment down (heap, threads, handles): ~15 ms and ~50 ms of CPU after a 2 GiB convert.
+  // Every file is closed by then; only output may still be queued, where a pipe is
+  // asynchronous (macOS), so that is let drain first.
+  const exit = (code: number) => {
+    process.exitCode = code;
+    const draining = [...guarded].filter((s) => s.writableLength > 0).map((s) => new Promise((resolve) => s.once('drain', resolve)));
+    if (draining.length === 0) process.exit(code);
+    void Promise.all(draining).then(() => process.exit(code));
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  run(process.argv.slice(2), io, ac.signal).then((code) => {
-    process.exitCode = code;
-  }, (err) => {
-    process.exitCode = reportError(err, io);
-  });
+  run(process.argv.slice(2), io, ac.signal).then(exit, (err) => exit(reportError(err, io)));
 }
