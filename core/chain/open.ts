@@ -1,6 +1,6 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { realpath } from 'node:fs/promises';
+import { realpath } from '../io/fs-async';
 import { FormatError, NotFoundError, UsageError, printable } from '../errors';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';

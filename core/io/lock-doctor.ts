@@ -1,6 +1,6 @@
 // Who holds an image: scans /proc for open file descriptions of the same inode that carry
 // locks (fdinfo "lock:" lines) and names the process, its program and the VM it runs.
-import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+import { readdir, readFile, readlink, stat } from './fs-async';
 
 export interface LockHolder {
   pid: number;

@@ -2,7 +2,7 @@
 // at 100+i ("I use permission i") and 200+i ("I do not share permission i"), with a conflict
 // test on the other side's bytes. Without the native addon we cannot lock, but on Linux we can
 // still see QEMU's locks in /proc/locks and refuse to write an image in use.
-import { readFile, stat } from 'node:fs/promises';
+import { readFile, stat } from './fs-async';
 import { InUseError } from '../errors';
 import { native } from './native';
 import { describeHolders, findLockHolders, parseLockLines } from './lock-doctor';

@@ -1,8 +1,8 @@
-import { open, stat, type FileHandle } from 'node:fs/promises';
 import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
 import { IoError, ioError } from '../errors';
 import { native, type NativeApi } from './native';
+import { close, fdatasync, fstat, ftruncate, open, stat } from './fs-async';
 
 // The callback API costs the main thread less per request than FileHandle's promises.
 function readAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
@@ -50,15 +50,15 @@ export class NodeFile implements BlockFile {
   /** The last extent SEEK_DATA/SEEK_HOLE found (read-only files: nothing changes it). */
   private lastExtent: { start: number; end: number; data: boolean } | null = null;
   private knownSize = -1;
-  private constructor(readonly path: string, readonly writable: boolean, private readonly fh: FileHandle) {}
+  private constructor(readonly path: string, readonly writable: boolean, readonly fd: number) {}
 
   static async open(path: string, opts: OpenOptions = {}): Promise<NodeFile> {
     const writable = !!opts.writable || !!opts.create;
     let flags = writable ? constants.O_RDWR : constants.O_RDONLY;
     if (opts.create) flags |= constants.O_CREAT | (opts.create === 'new' ? constants.O_EXCL : constants.O_TRUNC);
-    let fh: FileHandle;
+    let fd: number;
     try {
-      fh = await open(path, flags, 0o644);
+      fd = await open(path, flags, 0o644);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException)?.code;
       if (writable && (code === 'EACCES' || code === 'EPERM' || code === 'EROFS')) {
@@ -68,21 +68,19 @@ export class NodeFile implements BlockFile {
       throw ioError(err, path, opts.create ? 'cannot create' : 'cannot open');
     }
     try {
-      const st = await fh.stat();
+      const st = await fstat(fd);
       if (st.isDirectory()) throw ioError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), path, 'cannot open');
     } catch (err) {
-      await fh.close();
+      await close(fd).catch(() => {});
       throw ioError(err, path, 'cannot open');
     }
-    const f = new NodeFile(path, writable, fh);
+    const f = new NodeFile(path, writable, fd);
     f.unsafe = !!opts.unsafe;
     return f;
   }
 
-  get fd(): number { return this.fh.fd; }
-
   async size(): Promise<number> {
-    try { return (await this.fh.stat()).size; } catch (err) { throw ioError(err, this.path, 'stat failed'); }
+    try { return (await fstat(this.fd)).size; } catch (err) { throw ioError(err, this.path, 'stat failed'); }
   }
 
   async allocatedSize(): Promise<number> {
@@ -95,8 +93,8 @@ export class NodeFile implements BlockFile {
       const direct = buf.length <= SYNC_IO_MAX;
       while (done < buf.length) {
         const n = direct
-          ? readSync(this.fh.fd, buf, done, buf.length - done, offset + done)
-          : await readAsync(this.fh.fd, buf, done, buf.length - done, offset + done);
+          ? readSync(this.fd, buf, done, buf.length - done, offset + done)
+          : await readAsync(this.fd, buf, done, buf.length - done, offset + done);
         if (n === 0) break;
         done += n;
       }
@@ -149,13 +147,13 @@ export class NodeFile implements BlockFile {
     this.unstarted += n;
     if (this.unstarted < WRITEBACK_STEP || this.closed) return;
     this.unstarted = 0;
-    try { native()?.startWriteback(this.fh.fd, 0, 0); } catch { /* the flush reports real errors */ }
+    try { native()?.startWriteback(this.fd, 0, 0); } catch { /* the flush reports real errors */ }
   }
 
   private writeNowSync(buf: Uint8Array, offset: number): void {
     let done = 0;
     try {
-      while (done < buf.length) done += writeSync(this.fh.fd, buf, done, buf.length - done, offset + done);
+      while (done < buf.length) done += writeSync(this.fd, buf, done, buf.length - done, offset + done);
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
@@ -173,7 +171,7 @@ export class NodeFile implements BlockFile {
         resolve();
       };
       try {
-        n.writeQueued(this.fh.fd, buf, offset, WRITE_STEP, done);
+        n.writeQueued(this.fd, buf, offset, WRITE_STEP, done);
       } catch (err) {
         done(err);
       }
@@ -184,7 +182,7 @@ export class NodeFile implements BlockFile {
   private async writeNowAsync(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     try {
-      while (done < buf.length) done += await writeAsync(this.fh.fd, buf, done, Math.min(WRITE_STEP, buf.length - done), offset + done);
+      while (done < buf.length) done += await writeAsync(this.fd, buf, done, Math.min(WRITE_STEP, buf.length - done), offset + done);
     } catch (err) {
       throw ioError(err, this.path, `write of ${buf.length} bytes at offset ${offset} failed`);
     }
@@ -192,12 +190,12 @@ export class NodeFile implements BlockFile {
   }
 
   async truncate(size: number): Promise<void> {
-    try { await this.fh.truncate(size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
+    try { await ftruncate(this.fd, size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
   }
 
   async flush(): Promise<void> {
     if (this.unsafe) return;
-    try { await this.fh.datasync(); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
+    try { await fdatasync(this.fd); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
   }
 
   async close(): Promise<void> {
@@ -206,7 +204,7 @@ export class NodeFile implements BlockFile {
     // Writes still queued (a job that failed or was cancelled need not wait for its own) are
     // let finish first: the descriptor must not be closed, or reused for another file, under them.
     await this.writeTail;
-    await this.fh.close();
+    await close(this.fd);
   }
 
   async extents(offset: number, length: number): Promise<HostExtent[]> {

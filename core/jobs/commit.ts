@@ -1,7 +1,7 @@
 // commit: copy what an overlay (and the layers between it and BASE) allocate into BASE, then
 // empty the overlay in one metadata-sized step (or keep it with -d). The chain reads the same
 // at every instant: base only changes where layers above it hide the change.
-import { readdir, realpath } from 'node:fs/promises';
+import { readdir, realpath } from '../io/fs-async';
 import { join, dirname } from 'node:path';
 import { UsageError } from '../errors';
 import { isWritable, type DiskImage, type WritableImage } from '../engine/image';

@@ -15,7 +15,7 @@ import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
 import { measure, qcow2PreallocSize } from './measure';
 import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
-import { stat } from 'node:fs/promises';
+import { stat } from '../io/fs-async';
 
 export interface ConvertOptions extends TargetSpec {
   /** -c: store data clusters compressed (qcow2 targets). */

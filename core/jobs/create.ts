@@ -1,7 +1,7 @@
 // create: a new qcow2 or raw image, laid out byte for byte as qemu-img create 7.2 lays it
 // out (see core/format/layout.ts for how). Options use qemu-img's names and checks; all of
 // them are validated, and the backing file opened, before the target file is touched.
-import { realpath, unlink } from 'node:fs/promises';
+import { realpath, unlink } from '../io/fs-async';
 import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';

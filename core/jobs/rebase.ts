@@ -2,7 +2,7 @@
 // Safe mode compares old and new backing content only where the overlay allocates nothing
 // and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
 // needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
-import { realpath } from 'node:fs/promises';
+import { realpath } from '../io/fs-async';
 import { FormatError, UsageError } from '../errors';
 import { encodeHeader } from '../format/header';
 import type { DiskImage, ImageFormat } from '../engine/image';

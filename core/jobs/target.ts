@@ -1,6 +1,6 @@
 // Targets of convert and mirror: created fresh (through `create`, so they are laid out as
 // qemu-img would) or opened existing; removed again when a job that created one fails.
-import { unlink } from 'node:fs/promises';
+import { unlink } from '../io/fs-async';
 import { UsageError } from '../errors';
 import { isWritable, type WritableImage } from '../engine/image';
 import { openImage, closeChain } from '../chain/open';
