@@ -5,7 +5,7 @@ import { CorruptImageError } from '../errors';
 import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
-import { decodeReftableEntry, getRefcount, refcountBlockEntries } from '../format/refcount';
+import { countNonZeroRefcounts, decodeReftableEntry, refcountBlockEntries } from '../format/refcount';
 import { decompressCluster, type CompressionType } from '../codec/index';
 import type { BlockFile } from '../io/block-file';
 import type { DiskImage, LayerStatus, ReadSegment } from './image';
@@ -473,9 +473,7 @@ export class Qcow2Image implements DiskImage {
         const { blockOffset } = decodeReftableEntry(reftable, ri);
         if (!blockOffset) continue;
         await this.file.read(block, blockOffset);
-        for (let i = 0; i < perBlock && ri * perBlock + i < endCluster && count < threshold; i++) {
-          if (getRefcount(block, i, h.refcountOrder) !== 0) count++;
-        }
+        count += countNonZeroRefcounts(block, h.refcountOrder, Math.min(perBlock, endCluster - ri * perBlock));
       }
       return count >= threshold;
     })();

@@ -34,6 +34,29 @@ export function getRefcount(block: Buffer, index: number, order: number): number
   }
 }
 
+/**
+ * How many of entries [0, n) of a refcount block are not zero: the same as counting
+ * getRefcount(block, i, order) !== 0, without decoding each entry (an entry is zero when all
+ * its bits are). For scans over every cluster of a file, such as QEMU's preallocation check.
+ */
+export function countNonZeroRefcounts(block: Uint8Array, order: number, n: number): number {
+  let count = 0;
+  if (order < 3) {
+    const bits = 1 << order;
+    const perByte = 8 / bits;
+    const mask = (1 << bits) - 1;
+    for (let i = 0; i < n; i++) if ((block[(i / perByte) | 0]! >>> ((i % perByte) * bits)) & mask) count++;
+    return count;
+  }
+  const bytes = 1 << (order - 3);
+  for (let i = 0, p = 0; i < n; i++) {
+    let any = 0;
+    for (const end = p + bytes; p < end; p++) any |= block[p]!;
+    if (any !== 0) count++;
+  }
+  return count;
+}
+
 export function setRefcount(block: Buffer, index: number, order: number, value: number): void {
   const max = maxRefcount(order);
   if (value < 0 || value > max) throw new RangeError(`refcount ${value} does not fit in ${1 << order} bits`);

@@ -4,7 +4,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { CorruptImageError } from '../../../core/errors';
 import {
-  decodeReftableEntry, encodeReftableEntry, getRefcount, maxRefcount, refcountBlockEntries, setRefcount,
+  countNonZeroRefcounts, decodeReftableEntry, encodeReftableEntry, getRefcount, maxRefcount, refcountBlockEntries, setRefcount,
 } from '../../../core/format/refcount';
 
 const ORDERS = [0, 1, 2, 3, 4, 5, 6];
@@ -15,6 +15,26 @@ describe('refcount block entries', () => {
     expect(refcountBlockEntries(16, 4)).toBe(32768); // 64 KiB clusters, 16-bit refcounts
     expect(refcountBlockEntries(9, 0)).toBe(4096);
     expect(refcountBlockEntries(21, 6)).toBe(262144);
+  });
+
+  it('countNonZeroRefcounts counts what getRefcount reads as non-zero, every width, any prefix', () => {
+    const arb = fc.record({
+      order: fc.constantFrom(...ORDERS),
+      bytes: fc.uint8Array({ minLength: 64, maxLength: 64 }).map((b) => b.map((x) => (x % 3 === 0 ? x : 0))), // mostly zeros
+      cut: fc.double({ min: 0, max: 1, noNaN: true }),
+    });
+    fc.assert(fc.property(arb, ({ order, bytes, cut }) => {
+      const block = Buffer.from(bytes);
+      const entries = (8 * block.length) / 2 ** order;
+      const n = Math.floor(cut * entries);
+      let expected = 0;
+      for (let i = 0; i < n; i++) if (getRefcount(block, i, order) !== 0) expected++;
+      expect(countNonZeroRefcounts(block, order, n)).toBe(expected);
+    }), { numRuns: 500 });
+    // one set bit in the last entry's top byte, the first entry's lowest bit
+    expect(countNonZeroRefcounts(Buffer.from([0, 0, 0, 0x80]), 4, 2)).toBe(1);
+    expect(countNonZeroRefcounts(Buffer.from([0x01, 0, 0, 0]), 0, 1)).toBe(1);
+    expect(countNonZeroRefcounts(Buffer.from([0x02, 0, 0, 0]), 0, 1)).toBe(0);
   });
 
   it('set then get, every width, without touching the neighbours', () => {
