@@ -115,7 +115,7 @@ if (isMain) {
     process.exitCode = code;
     const draining = [...guarded].filter((s) => s.writableLength > 0).map((s) => new Promise((resolve) => s.once('drain', resolve)));
     if (draining.length === 0) process.exit(code);
-    void Promise.all(draining).then(() => process.exit(code));
+    else void Promise.all(draining).then(() => process.exit(code));
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);

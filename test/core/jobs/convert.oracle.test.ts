@@ -125,7 +125,7 @@ describeOracle('convert against qemu-img', () => {
     }
   }
 
-  // The data path above runs through the native addon (readScan, writeSteps) where it is
+  // The data path above runs through the native addon (readScan, writeQueued) where it is
   // built; the plain Node path must give the same files.
   for (const v of [variants[0]!, variants[4]!]) {
     it(`without the native addon (STRATA_NO_NATIVE=1): qcow2 source -> ${v.name} as with it`, () => {
