@@ -884,6 +884,7 @@ static bool write_queue_start(napi_env env, write_queue *q) {
   }
   if (napi_add_env_cleanup_hook(env, write_queue_stop, q) != napi_ok) {
     write_queue_stop(q);
+    q->stopping = false; /* a later call may start it again */
     return false;
   }
   q->started = true;
