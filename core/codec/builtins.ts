@@ -6,13 +6,11 @@
 import { createRequire } from 'node:module';
 import type * as Zlib from 'node:zlib';
 import type * as WorkerThreads from 'node:worker_threads';
-import type * as Os from 'node:os';
 
 const load = createRequire(import.meta.url);
 
 let zlibModule: typeof Zlib | undefined;
 let workerThreadsModule: typeof WorkerThreads | undefined;
-let osModule: typeof Os | undefined;
 
 export function zlib(): typeof Zlib {
   return (zlibModule ??= load('node:zlib') as typeof Zlib);
@@ -20,8 +18,4 @@ export function zlib(): typeof Zlib {
 
 export function workerThreads(): typeof WorkerThreads {
   return (workerThreadsModule ??= load('node:worker_threads') as typeof WorkerThreads);
-}
-
-export function os(): typeof Os {
-  return (osModule ??= load('node:os') as typeof Os);
 }

@@ -13,7 +13,7 @@ import { CorruptImageError } from '../errors';
 /** QEMU uses a 4 KiB window both ways; a larger one would produce data QEMU cannot read. */
 export const DEFLATE_WINDOW_BITS = 12;
 const DEFLATE_MEM_LEVEL = 9;
-const MIN_CHUNK = 64; // zlib().constants.Z_MIN_CHUNK
+const MIN_CHUNK = 64; // node:zlib's constants.Z_MIN_CHUNK
 
 /**
  * Output bounded to one cluster: chunkSize = cluster + 1 makes node:zlib decode into a
@@ -32,11 +32,12 @@ function inflateOptions(outLength: number, slack = 0): ZlibOptions {
 }
 
 function deflateOptions(inputLength: number): ZlibOptions {
+  const { constants } = zlib();
   return {
     windowBits: DEFLATE_WINDOW_BITS,
     memLevel: DEFLATE_MEM_LEVEL,
-    level: zlib().constants.Z_DEFAULT_COMPRESSION,
-    strategy: zlib().constants.Z_DEFAULT_STRATEGY,
+    level: constants.Z_DEFAULT_COMPRESSION,
+    strategy: constants.Z_DEFAULT_STRATEGY,
     // One output buffer of the input's size; more than input - 1 bytes means "not
     // smaller", and node:zlib stops right there with ERR_BUFFER_TOO_LARGE.
     chunkSize: Math.max(MIN_CHUNK, inputLength),

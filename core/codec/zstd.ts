@@ -10,8 +10,9 @@
 //
 // Backends, in order: node:zlib's zstd (Node >= 22.15, so newer Electron), zstd-napi.
 import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
 import type { Worker } from 'node:worker_threads';
-import { os, workerThreads, zlib } from './builtins';
+import { workerThreads, zlib } from './builtins';
 import { CorruptImageError, UnsupportedFeatureError } from '../errors';
 
 // ---------------------------------------------------------------------------------------
@@ -410,7 +411,7 @@ function napiBackend(): Backend | undefined {
     decodeFrameAsync: async (frame, dst) => decodeFrame(frame, dst),
     compress,
     compressAsync: (input) => {
-      pool ??= new CompressPool(bindingPath, compress, Math.max(1, os().availableParallelism()));
+      pool ??= new CompressPool(bindingPath, compress, Math.max(1, availableParallelism()));
       return pool.run(input);
     },
     terminate: () => pool?.terminate() ?? Promise.resolve(),

@@ -525,10 +525,12 @@ describeNative('native addon: readScan (a window of reads plus its zero scan)', 
   });
 });
 
-describeNative('native addon: writeQueued (writes in pieces, in order, on the writer thread)', () => {
-  const write = (fd: number, buf: Uint8Array, offset: number, step: number) =>
-    new Promise<void>((resolve, reject) => n().writeQueued(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
+/** One writeQueued write, as a promise. */
+function writeQueued(fd: number, buf: Uint8Array, offset: number, step: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => n().writeQueued(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
+}
 
+describeNative('native addon: writeQueued (writes in pieces, in order, on the writer thread)', () => {
   it('writes the whole buffer at the offset, whatever the step, leaving the bytes around it alone', () => withTempAsync(async (p) => {
     const f = p('w.bin');
     writeFileSync(f, Buffer.alloc(2 * MiB, 0x11));
@@ -536,8 +538,8 @@ describeNative('native addon: writeQueued (writes in pieces, in order, on the wr
     for (let i = 0; i < data.length; i++) data[i] = (i * 13 + 5) & 0xff;
     const fd = openSync(f, 'r+');
     try {
-      await write(fd, data, 5000, 64 * KiB);
-      await write(fd, data.subarray(0, 1000), 2 * MiB - 10, 7); // a step that divides nothing, past EOF
+      await writeQueued(fd, data, 5000, 64 * KiB);
+      await writeQueued(fd, data.subarray(0, 1000), 2 * MiB - 10, 7); // a step that divides nothing, past EOF
     } finally {
       closeSync(fd);
     }
@@ -552,7 +554,7 @@ describeNative('native addon: writeQueued (writes in pieces, in order, on the wr
   it('reports a failed write as a system error, and bad arguments at once with a TypeError', async () => {
     const fd = openSync(fileURLToPath(import.meta.url), 'r'); // open for reading only
     try {
-      const err = await write(fd, Buffer.alloc(4096), 0, 1024).then(() => null, (e: unknown) => e);
+      const err = await writeQueued(fd, Buffer.alloc(4096), 0, 1024).then(() => null, (e: unknown) => e);
       expect(err).toMatchObject({ code: 'EBADF', syscall: 'pwrite' });
     } finally {
       closeSync(fd);
@@ -571,9 +573,6 @@ describeNative('native addon: writeQueued (writes in pieces, in order, on the wr
 });
 
 describeNative('native addon: writeQueued keeps order, the event loop and environments right', () => {
-  const write = (fd: number, buf: Uint8Array, offset: number, step: number) =>
-    new Promise<void>((resolve, reject) => n().writeQueued(fd, buf, offset, step, (err) => (err ? reject(err) : resolve())));
-
   it('runs writes in the order they were queued and calls back in that order', () => withTempAsync(async (p) => {
     const f = p('order.bin');
     const fd = openSync(f, 'w+');
@@ -623,7 +622,7 @@ describeNative('native addon: writeQueued keeps order, the event loop and enviro
     const g = p('after.bin');
     const fd = openSync(g, 'w');
     try {
-      await write(fd, Buffer.alloc(MiB, 3), 0, 64 * KiB);
+      await writeQueued(fd, Buffer.alloc(MiB, 3), 0, 64 * KiB);
     } finally {
       closeSync(fd);
     }
@@ -635,7 +634,7 @@ describeNative('native addon: writeQueued keeps order, the event loop and enviro
     await withTempAsync(async (p) => {
       const fd = openSync(p('batch.bin'), 'w');
       try {
-        await write(fd, Buffer.alloc(4096, 1), 0, 4096);
+        await writeQueued(fd, Buffer.alloc(4096, 1), 0, 4096);
       } finally {
         closeSync(fd);
       }
