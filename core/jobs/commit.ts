@@ -68,6 +68,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
   const keep = opts.keep || opts.base !== undefined;
   const top = await openImage(path, { writable: !keep });
   let base: WritableImage | null = null;
+  let dependents: Promise<string[]> | null = null;
   try {
     const chain = chainOf(top);
     if (chain.length < 2) throw new UsageError(`${path}: image has no backing file to commit into`);
@@ -108,8 +109,9 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       needed = await commitSpaceNeeded(ctx, above, base, size);
       ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
     }
-    // Only reads other files' headers (it never fails): it runs while the data is copied.
-    const dependents = dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
+    // Only reads other files' headers (it never fails): it runs while the data is copied,
+    // and is waited for on every way out, so no file of it stays open after the job.
+    dependents = dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('copying into base');
     const chunk = opts.chunkSize ?? 2 << 20;
@@ -159,6 +161,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     progress.done();
     return { base: oldBase.filename, bytesCopied, emptied, otherDependents: await dependents };
   } finally {
+    await dependents;
     await closeChain(top);
     await closeChain(base);
   }

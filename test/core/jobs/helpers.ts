@@ -2,7 +2,9 @@
 // through qemu-img (hash of the raw conversion), allocation on disk, and qemu-img check.
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { closeSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
 import { expect } from 'vitest';
 import { strata, type CliResult } from '../../cli/run-cli';
 import { qemuCheck, qemuImg, qemuImgRun } from '../../oracle/qemu';
@@ -46,12 +48,26 @@ export function fileHash(path: string, from = 0): string {
   return h.digest('hex');
 }
 
+let scratch: string | null = null;
+/**
+ * A folder of this test process for verification output, on the machine's temporary file
+ * system: never beside the image, which may sit on a file system a test has filled on purpose.
+ */
+function scratchDir(): string {
+  if (!scratch) {
+    scratch = mkdtempSync(join(tmpdir(), 'strata-verify-'));
+    const dir = scratch;
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+  }
+  return scratch;
+}
+
 /**
  * Guest content as qemu-img reads it: SHA-256 of `qemu-img convert -O raw`. `snapshot` reads an
  * internal snapshot; `alone` reads the image without its backing chain.
  */
 export function guestHash(file: string, opts: { snapshot?: string; alone?: boolean } = {}): string {
-  const out = `${file}.guest-${process.pid}-${Math.random().toString(36).slice(2)}.raw`;
+  const out = join(scratchDir(), `${basename(file)}.guest-${Math.random().toString(36).slice(2)}.raw`);
   const src = opts.alone
     ? `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: file }, backing: null })}`
     : file;
