@@ -230,7 +230,9 @@ export async function planCompact(ctx: JobContext, path: string, opts: CompactOp
     checkSpace(plan);
     if (e.after >= before) plan.warnings.push(`${abs(path)} is already compact: the copy will not be smaller`);
     if (opts.compress) plan.warnings.push('-c: the data is compressed, so the image ends up smaller than the size after given here');
-    plan.warnings.push('data that reads as zero is dropped too, so the image may end up smaller than the size after given here');
+    plan.warnings.push(top.backing
+      ? 'data that reads as zero, or the same as in the backing file, is dropped too, so the image may end up smaller than the size after given here'
+      : 'data that reads as zero is dropped too, so the image may end up smaller than the size after given here');
     if (!native()?.listXattrs) plan.warnings.push('the native addon is not loaded: extended attributes of the image are not kept');
     await probeAll(plan, [[path, 'write'], ...chainLinks(top.backing).map((l): [string, 'read'] => [l.filename, 'read'])]);
     await permissionProblems(plan, [], [dirname(abs(path))]);
@@ -370,31 +372,54 @@ async function createLike(src: Qcow2Image, tmp: string): Promise<void> {
   }
 }
 
-/** Copies what `src` itself allocates into the fresh `out`; returns the data bytes written. */
+/**
+ * Copies what `src` itself allocates into the fresh `out`, leaving out what `out` would read
+ * the same without it: zeros without a backing file, and over one what the backing chain
+ * already holds. Returns the data bytes written.
+ */
 async function copyLayer(ctx: JobContext, src: Qcow2Image, out: Qcow2Writable, opts: CompactOptions): Promise<number> {
   const g = src.geometry;
   const cs = g.clusterSize;
   const unit = g.extendedL2 ? g.subclusterSize : cs;
-  const hasBacking = src.backingFile !== null;
+  const below = src.backing;
   const size = src.virtualSize;
   const chunk = Math.max(cs, Math.floor((opts.chunkSize ?? 4 << 20) / cs) * cs);
   const buf = Buffer.allocUnsafe(chunk);
+  const belowBuf = below ? Buffer.allocUnsafe(chunk) : null;
   const blobs = await compressedBlobs(src);
   const progress = new ProgressReporter(ctx, size);
   progress.setPhase('compacting');
   let written = 0;
-  // Zeros only need saying where a backing file would show through.
-  const zero = async (off: number, len: number) => { if (hasBacking) await out.writeZeroes(off, len); };
+  /** What the backing chain shows at [off, off+n), zeros past its end (null without one). */
+  const readBelow = async (off: number, n: number): Promise<Buffer | null> => {
+    if (!below) return null;
+    const b = belowBuf!.subarray(0, n);
+    const inside = Math.max(0, Math.min(n, below.virtualSize - off));
+    if (inside) await below.read(b.subarray(0, inside), off);
+    b.fill(0, inside);
+    return b;
+  };
   for (let pos = 0; pos < size; pos += chunk) {
     throwIfCancelled(ctx);
     const len = Math.min(chunk, size - pos);
     for (const r of await src.runs(pos, len)) {
       switch (r.state) {
         case 'unallocated': break;
-        case 'zero': await zero(r.offset, r.length); break;
+        case 'zero': {
+          const data = buf.subarray(0, r.length).fill(0);
+          written += await writeUnits(out, data, await readBelow(r.offset, r.length), r.offset, unit, cs, false);
+          break;
+        }
         case 'compressed': {
           const c = r.compressed!;
           if (r.offset !== c.clusterStart) throw new CorruptImageError(`compressed cluster at guest offset ${c.clusterStart} read in part`, src.filename);
+          const b = await readBelow(r.offset, r.length);
+          if (b) {
+            const data = buf.subarray(0, r.length);
+            await src.read(data, r.offset);
+            if (data.equals(b)) break;
+          }
+          // Copied as stored: no recompression, and the same bytes a second time round.
           const end = blobs.get(c.hostOffset)!;
           const blob = Buffer.allocUnsafe(end - c.hostOffset);
           await src.file.read(blob, c.hostOffset);
@@ -405,7 +430,7 @@ async function copyLayer(ctx: JobContext, src: Qcow2Image, out: Qcow2Writable, o
         case 'data': {
           const data = buf.subarray(0, r.length);
           await src.file.read(data, r.hostOffset!);
-          written += await copyData(out, data, r.offset, unit, cs, !!opts.compress, zero);
+          written += await writeUnits(out, data, await readBelow(r.offset, r.length), r.offset, unit, cs, !!opts.compress);
           break;
         }
         default: { const never: never = r.state; throw new Error(String(never)); }
@@ -418,35 +443,44 @@ async function copyLayer(ctx: JobContext, src: Qcow2Image, out: Qcow2Writable, o
   return written;
 }
 
-/** Writes the units of `data` (at guest `off`) that hold something; -c compresses whole clusters. */
-async function copyData(out: Qcow2Writable, data: Buffer, off: number, unit: number, cs: number, compress: boolean, zero: (o: number, l: number) => Promise<void>): Promise<number> {
+/**
+ * Writes `data` (guest offset `off`) unit by unit: nothing where `out` reads the same without
+ * it (zeros without a backing file; what `below` holds), a zero flag for zeros over a backing
+ * file that holds something else, data elsewhere (-c: whole clusters compressed).
+ */
+async function writeUnits(out: Qcow2Writable, data: Buffer, below: Buffer | null, off: number, unit: number, cs: number, compress: boolean): Promise<number> {
+  type Kind = 'skip' | 'zero' | 'data';
+  const kindAt = (a: number, b: number): Kind => {
+    const zero = isZero(data, a, b);
+    if (below) return data.compare(below, a, b, a, b) === 0 ? 'skip' : zero ? 'zero' : 'data';
+    return zero ? 'skip' : 'data';
+  };
   let written = 0;
-  const end = off + data.length;
-  for (let p = off; p < end;) {
-    const q = Math.min(end, (Math.floor(p / unit) + 1) * unit);
-    const piece = data.subarray(p - off, q - off);
-    if (isZero(piece)) { await zero(p, q - p); p = q; continue; }
-    // A run of units with data, written in one request.
-    let r = q;
-    while (r < end) {
-      const next = Math.min(end, r + unit);
-      if (isZero(data.subarray(r - off, next - off))) break;
-      r = next;
+  for (let p = 0; p < data.length;) {
+    const q0 = Math.min(data.length, (Math.floor((off + p) / unit) + 1) * unit - off);
+    const kind = kindAt(p, q0);
+    let q = q0;
+    while (q < data.length) {
+      const next = Math.min(data.length, q + unit);
+      if (kindAt(q, next) !== kind) break;
+      q = next;
     }
-    if (compress) {
-      for (let c = p; c < r;) {
-        const cEnd = Math.min(r, (Math.floor(c / cs) + 1) * cs);
-        const whole = c % cs === 0 && (cEnd - c === cs || cEnd === out.virtualSize);
-        const part = data.subarray(c - off, cEnd - off);
+    if (kind === 'zero') {
+      await out.writeZeroes(off + p, q - p);
+    } else if (kind === 'data' && compress) {
+      for (let c = p; c < q;) {
+        const cEnd = Math.min(q, (Math.floor((off + c) / cs) + 1) * cs - off);
+        const part = data.subarray(c, cEnd);
+        const whole = (off + c) % cs === 0 && (cEnd - c === cs || off + cEnd === out.virtualSize);
         const packed = whole ? await compressClusterAsync(out.compressionType, part.length === cs ? part : Buffer.concat([part, Buffer.alloc(cs - part.length)])) : null;
-        if (packed) { await out.writeCompressedCluster(packed, c); written += packed.length; } else { await out.write(part, c); written += part.length; }
+        if (packed) { await out.writeCompressedCluster(packed, off + c); written += packed.length; } else { await out.write(part, off + c); written += part.length; }
         c = cEnd;
       }
-    } else {
-      await out.write(data.subarray(p - off, r - off), p);
-      written += r - p;
+    } else if (kind === 'data') {
+      await out.write(data.subarray(p, q), off + p);
+      written += q - p;
     }
-    p = r;
+    p = q;
   }
   return written;
 }

@@ -252,6 +252,7 @@ export async function merge(ctx: JobContext, path: string, opts: MergeOptions = 
   if (!l.committed) {
     const r = await commit(ctx, path, { keep: true, force: opts.force });
     bytesWritten = r.dataBytesWritten;
+    ctx.log?.(`committed ${path} into ${backing}`);
     throwIfCancelled(ctx);
     const st = await stat(path);
     // 2. The journal: from here on, B holds what L shows.
@@ -260,6 +261,7 @@ export async function merge(ctx: JobContext, path: string, opts: MergeOptions = 
       layerIno: st.ino, layerSize: st.size, layerMtimeMs: st.mtimeMs,
       children: l.children.map((c) => ({ path: c.path, backingName: c.backingName })),
     });
+    ctx.log?.(`journal written: ${mergeJournalPath(path)}`);
   } else {
     const j = l.journal!;
     // Children found now that the earlier run did not know of are recorded before they change.
@@ -279,11 +281,14 @@ export async function merge(ctx: JobContext, path: string, opts: MergeOptions = 
     } finally {
       await img.close();
     }
+    ctx.log?.(`rebased ${c.path} onto ${backing}`);
   }
   throwIfCancelled(ctx);
   // 4. L, then the journal (a rerun that finds only the journal just removes it).
   unlinkSync(path);
   syncDir(dirname(abs(path)));
+  ctx.log?.(`deleted ${path}`);
+  throwIfCancelled(ctx);
   unlinkSync(mergeJournalPath(path));
   syncDir(dirname(abs(path)));
   return { backing, children: l.children.map((c) => c.path), bytesWritten, plan };
