@@ -16,7 +16,6 @@
 //
 // Images with internal snapshots are refused: a copy of the active layer would lose them.
 import { basename, dirname, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { fchmod, fchown, fstat, fsync, fsyncSync, openSync, closeSync, rename as renameCb } from 'node:fs';
 import { promisify } from 'node:util';
 import { CancelledError, CorruptImageError, StrataError, UsageError } from '../errors';
@@ -197,7 +196,8 @@ export async function planCompact(ctx: JobContext, path: string, opts: CompactOp
     const leftovers = await compactLeftovers(path);
     for (const l of leftovers) {
       // A temporary file someone holds is a compaction running now, not a leftover.
-      if (await probeLock(l, 'write')) plan.blocked.push({ filename: path, reason: 'being compacted by another process right now', holder: (await probeLock(l, 'write'))!.holder });
+      const live = await probeLock(l, 'write');
+      if (live) plan.blocked.push({ filename: abs(path), reason: `being compacted right now (${l}): ${live.reason}`, holder: live.holder });
       else plan.removes.push(l);
     }
     if (top instanceof RawImage) {
@@ -294,7 +294,8 @@ async function removeLeftover(p: string): Promise<void> {
 
 /** Writes the copy, checks it, gives it the original's metadata and renames it over the original. */
 async function rewrite(ctx: JobContext, src: Qcow2Image, path: string, opts: CompactOptions, plan: JobPlan): Promise<number> {
-  const tmp = compactTempPrefix(path) + randomBytes(6).toString('hex');
+  // 48 random bits: node:crypto would load node's streams into every command's start.
+  const tmp = compactTempPrefix(path) + Math.floor(Math.random() * 2 ** 48).toString(16).padStart(12, '0');
   const st0 = await stat(path);
   let out: Qcow2Writable | null = null;
   let held: NodeFile | null = null;

@@ -38,6 +38,8 @@ export async function findOverlays(image: string, opts: { folders?: string[]; ex
     let names: string[] = [];
     try { names = await readdir(folder); } catch { continue; }
     for (const name of names.sort()) {
+      // A compaction's temporary copy (live, or left by a killed run) is no overlay of anyone.
+      if (name.startsWith('.') && name.includes('.strata-compact-')) continue;
       const path = join(folder, name);
       const o = await readOverlayHeader(path);
       if (!o) continue;

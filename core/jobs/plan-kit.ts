@@ -151,13 +151,11 @@ export async function probeLock(path: string, mode: ProbeMode): Promise<{ reason
     return null;
   } catch (err) {
     if (!(err instanceof InUseError)) return null;
-    const holders = await findLockHolders(path);
-    const h = holders[0];
-    const who = h ? `PID ${h.pid} (${h.program}${h.vmName ? `, VM '${h.vmName}'` : ''})` : 'another process';
-    return {
-      reason: `in use by ${who}: the job needs to ${mode === 'write' ? 'write' : 'read'} it`,
-      holder: h ? { pid: h.pid, program: h.program, vm: h.vmName } : null,
-    };
+    const h = (await findLockHolders(path))[0];
+    // lockImage's own words ("in use: Failed to get "write" lock; PID 123 (qemu-io) holds it"),
+    // so a refusal reads as it always has.
+    const m = /image is (in use: .*?)\. Stop the VM/.exec(err.message);
+    return { reason: m ? m[1]! : 'in use by another process', holder: h ? { pid: h.pid, program: h.program, vm: h.vmName } : null };
   } finally {
     await f.close();
   }
@@ -246,10 +244,7 @@ export async function permissionProblems(plan: JobPlan, paths: string[], folders
  */
 export function enforcePlan(plan: JobPlan, force = false): void {
   const b = plan.blocked[0];
-  if (b) {
-    const more = plan.blocked.length > 1 ? ` (and ${plan.blocked.length - 1} more image${plan.blocked.length > 2 ? 's' : ''})` : '';
-    throw new InUseError(`image is ${b.reason}${more}. Stop the VM or process first`, b.filename);
-  }
+  if (b) throw new InUseError(`image is ${b.reason}. Stop the VM or process first (read-only commands work with -U)`, b.filename);
   const p = plan.problems[0];
   if (p) {
     const code = p.startsWith('not enough space') ? 'ENOSPC' : p.includes('read-only') ? 'EROFS' : 'EACCES';
