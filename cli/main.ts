@@ -16,6 +16,7 @@ import { commitCommand } from './commit';
 import { resizeCommand } from './resize';
 import { mirrorCommand } from './mirror';
 import { measureCommand } from './measure';
+import { treeCommand } from './tree';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -33,6 +34,7 @@ Commands (options follow qemu-img):
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
+  tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
 `;
@@ -53,6 +55,7 @@ const COMMANDS: Record<string, Command> = {
   resize: resizeCommand,
   mirror: mirrorCommand,
   measure: measureCommand,
+  tree: treeCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
