@@ -76,7 +76,7 @@ export class Library {
       const s = statOrError(t);
       if (!('st' in s)) continue;
       if (s.st.isDirectory()) n = await this.walk(t, this.depthOf(t), new Set(), n, false);
-      else this.addFile(t, candidateKind(basename(t)), false);
+      else this.addFile(t, null, candidateKind(basename(t)), false);
     }
     await this.followBackingFiles();
     await this.refreshHolders();
@@ -130,15 +130,17 @@ export class Library {
     }
     if (!s.st.isDirectory()) {
       // A file given by name is taken even without a known extension.
-      if (s.st.isFile() || s.st.isBlockDevice()) this.addFile(path, isRoot ? 'qcow2-or-raw' : candidateKind(basename(path)), false);
+      if (s.st.isFile() || s.st.isBlockDevice()) this.addFile(path, null, isRoot ? 'qcow2-or-raw' : candidateKind(basename(path)), false);
       return n;
     }
     const id = `${s.st.dev}:${s.st.ino}`;
     if (seen.has(id) || depth > MAX_DEPTH) return n;
     seen.add(id);
     let entries: Dirent[];
+    let realDir: string;
     try {
       entries = readdirSync(path, { withFileTypes: true });
+      realDir = realpathSync.native(path);
     } catch (err) {
       this.warnings.push(`${path}: cannot list folder: ${(err as NodeJS.ErrnoException).code === 'EACCES' ? 'permission denied' : (err as Error).message}`);
       seen.delete(id);
@@ -148,11 +150,16 @@ export class Library {
     for (const e of entries) {
       if (++n % YIELD_EVERY === 0) await turn();
       const p = join(path, e.name);
-      if (e.isDirectory() || (e.isSymbolicLink() && isDirTarget(p))) {
+      if (e.isDirectory()) {
         n = await this.walk(p, depth + 1, seen, n, false);
-      } else if (e.isFile() || e.isSymbolicLink()) {
-        if (OWN_TEMP.test(e.name)) continue;
-        this.addFile(p, candidateKind(e.name), false);
+      } else if (e.isFile()) {
+        // A plain entry of a folder whose real path is known: no realpath call of its own.
+        if (!OWN_TEMP.test(e.name)) this.addFile(p, join(realDir, e.name), candidateKind(e.name), false);
+      } else if (e.isSymbolicLink()) {
+        const t = statOrError(p);
+        if (!('st' in t)) continue; // dangling: not an image
+        if (t.st.isDirectory()) n = await this.walk(p, depth + 1, seen, n, false);
+        else if (t.st.isFile() && !OWN_TEMP.test(e.name)) this.addFile(p, null, candidateKind(e.name), false);
       }
       // FIFOs, sockets and devices found in a folder are not images: never opened.
     }
@@ -160,14 +167,11 @@ export class Library {
     return n;
   }
 
-  private addFile(path: string, kind: Candidate, external: boolean): ImageRecord | null {
-    const s = statOrError(path);
-    if (!('st' in s)) {
-      // A dangling symlink in a folder is not an image.
-      return null;
+  private addFile(path: string, realPath: string | null, kind: Candidate, external: boolean): ImageRecord | null {
+    let real = realPath;
+    if (real === null) {
+      try { real = realpathSync.native(path); } catch { return null; }
     }
-    let real: string;
-    try { real = realpathSync(path); } catch { real = path; }
     const have = this.records.get(real);
     if (have) {
       // Found again under another name (a symlink): the first name stays. A file first seen
@@ -175,7 +179,7 @@ export class Library {
       if (have.external && !external) have.external = false;
       return have;
     }
-    const rec = readRecord(path, real, s.st, kind, external);
+    const rec = readRecord(path, real, kind, external);
     if (rec) {
       this.records.set(real, rec);
       this.snapshotCache = null;
@@ -189,24 +193,26 @@ export class Library {
    */
   private async followBackingFiles(): Promise<void> {
     const queue = [...this.records.values()];
+    // Most backing names name a file the walk found under that very name: no syscall for them.
+    const byPath = new Set<string>();
+    for (const r of this.records.values()) byPath.add(r.path);
     let n = 0;
     while (queue.length) {
       const rec = queue.pop()!;
-      if (!rec.backingName || rec.error) continue;
+      if (!rec.backingName || rec.error || isProtocolName(rec.backingName)) continue;
       if (++n % YIELD_EVERY === 0) await turn();
       const target = combineBackingPath(rec.path, rec.backingName);
-      if (isProtocolName(rec.backingName)) continue;
-      const s = statOrError(target);
-      if (!('st' in s)) continue;
+      if (byPath.has(target)) continue;
       let real: string;
-      try { real = realpathSync(target); } catch { continue; }
+      try { real = realpathSync.native(target); } catch { continue; }
       if (this.records.has(real)) continue;
       // Outside the folders, or inside but skipped by the walk (a raw file without a raw
       // extension): an image after all, since another one names it.
       const inside = this.roots.some((r) => target === r || target.startsWith(r + '/'));
-      const added = this.addFile(target, 'backing', !inside);
+      const added = this.addFile(target, real, 'backing', !inside);
       if (added) {
         this.viaBacking.add(added.realPath);
+        byPath.add(added.path);
         queue.push(added);
       }
     }
@@ -214,7 +220,3 @@ export class Library {
   }
 }
 
-function isDirTarget(p: string): boolean {
-  const s = statOrError(p);
-  return 'st' in s && s.st.isDirectory();
-}

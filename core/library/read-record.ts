@@ -3,7 +3,7 @@
 import { closeSync, constants, fstatSync, openSync, readSync, statSync, type Stats } from 'node:fs';
 import { extname } from 'node:path';
 import * as C from '../format/constants';
-import { decodeHeader, isQcow2Magic } from '../format/header';
+import { decodeHeader, isQcow2Magic, type ParsedHeader } from '../format/header';
 import { StrataError, printable } from '../errors';
 import type { ImageRecord } from './types';
 
@@ -12,7 +12,7 @@ export const RAW_EXTENSIONS = new Set(['.img', '.raw']);
 /** Extensions that say "qcow2": such a file without the magic is a damaged image, not a stranger. */
 const QCOW2_EXTENSIONS = new Set(['.qcow2', '.qcow', '.qcow2c']);
 
-/** Enough for the fixed header, its extensions and the backing name in all but odd images. */
+/** The scratch buffer for header reads: a whole header cluster up to the default 64 KiB. */
 const FIRST_READ = 64 * 1024;
 
 export type Candidate = 'qcow2-or-raw' | 'qcow2-only' | 'backing';
@@ -50,38 +50,51 @@ function errnoMessage(err: unknown): string {
   }
 }
 
-/**
- * Reads the record of the file at `path` (already known to exist), or null when it is not an
- * image of the kind asked for (a file without the qcow2 magic and no raw extension).
- * `st` is the file's stat (symlinks followed). Never throws for a bad file: the problem is
- * recorded instead.
- */
-export function readRecord(path: string, realPath: string, st: Stats, kind: Candidate, external = false): ImageRecord | null {
-  const rec = baseRecord(path, realPath, st, external);
-  const ext = extname(path).toLowerCase();
-  if (!st.isFile() && !st.isBlockDevice()) {
-    if (kind !== 'backing') return null;
-    rec.error = { code: 'unreadable', message: 'not a regular file or block device' };
-    return rec;
+/** One scratch buffer for every header read: a scan of thousands of files makes no garbage. */
+const scratch = Buffer.alloc(FIRST_READ);
+
+function readAt(fd: number, buf: Buffer, length: number): number {
+  let got = 0;
+  while (got < length) {
+    const n = readSync(fd, buf, got, length - got, got);
+    if (n === 0) break;
+    got += n;
   }
+  return got;
+}
+
+/**
+ * Reads the record of the file at `path`, or null when it is not an image of the kind asked
+ * for (a file without the qcow2 magic and no raw extension, or not a regular file). Files are
+ * opened non-blocking and checked before anything is read, so a FIFO or device never hangs
+ * the scan. Never throws for a bad file: the problem is recorded instead.
+ */
+export function readRecord(path: string, realPath: string, kind: Candidate, external = false): ImageRecord | null {
+  const ext = extname(path).toLowerCase();
   let fd: number;
   try {
-    // O_NONBLOCK: should the file have been swapped for a FIFO since the stat, open returns at once.
     fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOCTTY);
   } catch (err) {
+    const s = statOrError(path);
+    if (!('st' in s)) return null;
+    if (!s.st.isFile() && kind !== 'backing') return null;
+    const rec = baseRecord(path, realPath, s.st, external);
     rec.error = { code: 'unreadable', message: `cannot open: ${errnoMessage(err)}` };
     return rec;
   }
   try {
-    const now = fstatSync(fd);
-    if (!now.isFile() && !now.isBlockDevice()) {
+    const st = fstatSync(fd);
+    const rec = baseRecord(path, realPath, st, external);
+    if (!st.isFile() && !st.isBlockDevice()) {
       if (kind !== 'backing') return null;
       rec.error = { code: 'unreadable', message: 'not a regular file or block device' };
       return rec;
     }
-    const size = now.isBlockDevice() ? Number.MAX_SAFE_INTEGER : now.size;
-    let head = Buffer.allocUnsafe(Math.min(FIRST_READ, Math.max(0, size)));
-    let got = head.length ? readSync(fd, head, 0, head.length, 0) : 0;
+    const size = st.isBlockDevice() ? Number.MAX_SAFE_INTEGER : st.size;
+    // The fixed header, its extensions and the backing name fit in the first 4 KiB of nearly
+    // every image; the whole header cluster is read only when they do not.
+    let head = scratch;
+    let got = readAt(fd, head, Math.min(4096, size));
     if (!isQcow2Magic(head.subarray(0, got))) {
       if (kind === 'qcow2-only' && !QCOW2_EXTENSIONS.has(ext)) return null;
       if (QCOW2_EXTENSIONS.has(ext) && kind !== 'backing') {
@@ -93,37 +106,45 @@ export function readRecord(path: string, realPath: string, st: Stats, kind: Cand
       return rec;
     }
     rec.format = 'qcow2';
-    // The header is the first cluster: read it whole when the extensions or the backing name
-    // may lie past what was read.
     const clusterBits = got >= 24 ? head.readUInt32BE(20) : 0;
-    if (clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS && 2 ** clusterBits > got && got === FIRST_READ) {
-      head = Buffer.allocUnsafe(2 ** clusterBits);
-      got = readSync(fd, head, 0, head.length, 0);
-    }
+    const clusterSize = clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS ? 2 ** clusterBits : 0;
+    let p: ParsedHeader;
     try {
-      const p = decodeHeader(head.subarray(0, got), path);
-      const h = p.header;
-      rec.virtualSize = h.size;
-      rec.clusterSize = 2 ** h.clusterBits;
-      rec.compat = h.version === 2 ? '0.10' : '1.1';
-      rec.extendedL2 = (h.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n;
-      rec.compressionType = h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib';
-      rec.refcountBits = 2 ** h.refcountOrder;
-      rec.lazyRefcounts = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
-      rec.snapshots = h.nbSnapshots;
-      // Bitmaps count only while their autoclear bit says the directory is valid (as QEMU).
-      rec.bitmaps = p.bitmaps && (h.autoclearFeatures & C.AUTOCLEAR_BITMAPS) ? p.bitmaps.nbBitmaps : 0;
-      rec.dirty = (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n;
-      rec.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
-      rec.backingName = p.backingFile;
-      rec.backingFormat = p.backingFormat;
-      if (p.backingFile && h.l1Size * 8 <= MAX_L1_PEEK && h.l1TableOffset + h.l1Size * 8 <= size) rec.hasData = l1HasEntries(fd, h.l1TableOffset, h.l1Size);
+      try {
+        p = decodeHeader(head.subarray(0, Math.min(got, clusterSize || got)), path);
+      } catch (err) {
+        if (got < 4096 || clusterSize <= got) throw err;
+        // Cut short by the 4 KiB read: decode the whole header cluster.
+        head = clusterSize <= scratch.length ? scratch : Buffer.allocUnsafe(clusterSize);
+        got = readAt(fd, head, Math.min(clusterSize, size));
+        p = decodeHeader(head.subarray(0, got), path);
+      }
     } catch (err) {
       const msg = err instanceof StrataError ? err.message.replace(`${path}: `, '') : String(err);
       rec.error = { code: 'damaged', message: printable(msg) };
+      return rec;
     }
+    const h = p.header;
+    rec.virtualSize = h.size;
+    rec.clusterSize = 2 ** h.clusterBits;
+    rec.compat = h.version === 2 ? '0.10' : '1.1';
+    rec.extendedL2 = (h.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n;
+    rec.compressionType = h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib';
+    rec.refcountBits = 2 ** h.refcountOrder;
+    rec.lazyRefcounts = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+    rec.snapshots = h.nbSnapshots;
+    // Bitmaps count only while their autoclear bit says the directory is valid (as QEMU).
+    rec.bitmaps = p.bitmaps && (h.autoclearFeatures & C.AUTOCLEAR_BITMAPS) ? p.bitmaps.nbBitmaps : 0;
+    rec.dirty = (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n;
+    rec.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
+    rec.backingName = p.backingFile;
+    rec.backingFormat = p.backingFormat;
+    if (p.backingFile && h.l1Size * 8 <= MAX_L1_PEEK && h.l1TableOffset + h.l1Size * 8 <= size) rec.hasData = l1HasEntries(fd, h.l1TableOffset, h.l1Size);
     return rec;
   } catch (err) {
+    const s = statOrError(path);
+    if (!('st' in s)) return null;
+    const rec = baseRecord(path, realPath, s.st, external);
     rec.error = { code: 'unreadable', message: `cannot read: ${errnoMessage(err)}` };
     return rec;
   } finally {
@@ -135,7 +156,8 @@ export function readRecord(path: string, realPath: string, st: Stats, kind: Cand
 const MAX_L1_PEEK = 1 << 20;
 
 function l1HasEntries(fd: number, offset: number, entries: number): boolean {
-  const b = Buffer.alloc(entries * 8);
+  const b = entries * 8 <= scratch.length ? scratch.subarray(0, entries * 8) : Buffer.alloc(entries * 8);
+  b.fill(0);
   readSync(fd, b, 0, b.length, offset);
   for (let i = 0; i < b.length; i += 4) if (b.readUInt32BE(i) !== 0) return true;
   return false;
