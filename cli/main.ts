@@ -23,7 +23,7 @@ const HELP = `usage: strata COMMAND [options] ...
 Commands (options follow qemu-img):
   create [-q] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] FILE [SIZE]   (-o help lists OPTIONS)
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
-  map [--output=human|json] [-f FMT] FILE
+  map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] A B
   convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
