@@ -17,6 +17,9 @@ import { resizeCommand } from './resize';
 import { mirrorCommand } from './mirror';
 import { measureCommand } from './measure';
 import { treeCommand } from './tree';
+import { compactCommand } from './compact';
+import { emptyCommand } from './empty';
+import { mergeCommand } from './merge';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -26,15 +29,27 @@ Commands (options follow qemu-img):
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] A B
-  convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
+  empty [-p] IMAGE               empty an overlay whose data is already in its backing file (verified first)
+  merge [-p] [--folder DIR ...] IMAGE   remove IMAGE from its chain: commit it into its backing file,
+                                 point its children (in its folder and each DIR) there, delete it
   resize [--shrink] FILE [+|-]SIZE
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
+
+Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,
+snapshot -c/-a/-d, check -r) also takes:
+  --dry-run [--output=human|json]   print the plan (what is written, created, removed; the chains
+                                    afterwards; bytes; space; affected and blocked images; warnings;
+                                    the command) and write nothing; exit 0 if the job would run, 1 if not
+  --force                           run even when other images would read different data (a commit
+                                    into a base other overlays share, a merge, a snapshot apply...)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
 `;
@@ -56,6 +71,9 @@ const COMMANDS: Record<string, Command> = {
   mirror: mirrorCommand,
   measure: measureCommand,
   tree: treeCommand,
+  compact: compactCommand,
+  empty: emptyCommand,
+  merge: mergeCommand,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
