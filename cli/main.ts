@@ -42,6 +42,7 @@ Commands (options follow qemu-img):
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
+  serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
 
 Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,
 snapshot -c/-a/-d, check -r) also takes:
@@ -55,6 +56,11 @@ Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack 
 `;
 
 type Command = (args: string[], io: CommandIO, signal: AbortSignal) => Promise<number>;
+
+// Loaded on first use: the app's server and the job process bring the protocol and ws, which
+// the disk commands never need at start.
+const serveCommand: Command = (args, io, signal) => import('./serve').then((m) => m.serveCommand(args, io, signal));
+const jobProcess: Command = () => import('../main/job-process/runner').then((m) => m.forkedJobMain()).then(() => 0);
 
 const COMMANDS: Record<string, Command> = {
   info: infoCommand,
@@ -74,6 +80,9 @@ const COMMANDS: Record<string, Command> = {
   compact: compactCommand,
   empty: emptyCommand,
   merge: mergeCommand,
+  serve: serveCommand,
+  // Internal: a job process of the app (started by strata serve or the desktop app).
+  '__job-process': jobProcess,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */

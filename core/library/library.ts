@@ -83,9 +83,12 @@ export class Library {
     return this.snapshot();
   }
 
-  /** Re-reads who holds which image (QEMU's lock bytes); the records stay as they are. */
+  /**
+   * Re-reads who holds which image (QEMU's lock bytes); the records stay as they are, and the
+   * graph is rebuilt only when a holder changed.
+   */
   async refreshHolders(): Promise<LibrarySnapshot> {
-    this.holders = new Map();
+    const holders = new Map<string, Holder>();
     if (this.opts.holders !== false) {
       const locked = await qemuLockedFiles();
       if (locked) {
@@ -98,12 +101,17 @@ export class Library {
           const named = await findHoldersOf(new Set(keys.keys()));
           for (const [k, rec] of keys) {
             const h = named.get(k)?.[0];
-            this.holders.set(rec.realPath, h ? { pid: h.pid, program: h.program, vm: h.vmName } : { pid: 0, program: 'another process', vm: null });
+            holders.set(rec.realPath, h ? { pid: h.pid, program: h.program, vm: h.vmName } : { pid: 0, program: 'another process', vm: null });
           }
         }
       }
     }
-    this.snapshotCache = null;
+    const same = holders.size === this.holders.size &&
+      [...holders].every(([k, h]) => { const o = this.holders.get(k); return o && o.pid === h.pid && o.program === h.program && o.vm === h.vm; });
+    if (!same) {
+      this.holders = holders;
+      this.snapshotCache = null;
+    }
     return this.snapshot();
   }
 

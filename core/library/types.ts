@@ -2,22 +2,11 @@
 // (from its header and its inode), and the graph built from them (who backs whom).
 
 /** Stable problem codes (the CLI's JSON and the app show them). */
-export type ProblemCode =
-  | 'backing-missing'
-  | 'backing-loop'
-  | 'backing-unreadable'
-  | 'backing-format-unspecified'
-  | 'backing-changed'
-  | 'damaged'
-  | 'dirty'
-  | 'corrupt'
-  | 'in-use'
-  | 'unreadable';
-
-export const PROBLEM_CODES: readonly ProblemCode[] = [
+export const PROBLEM_CODES = [
   'backing-missing', 'backing-loop', 'backing-unreadable', 'backing-format-unspecified', 'backing-changed',
   'damaged', 'dirty', 'corrupt', 'in-use', 'unreadable',
-];
+] as const;
+export type ProblemCode = (typeof PROBLEM_CODES)[number];
 
 export interface Problem {
   code: ProblemCode;
