@@ -7,7 +7,7 @@
 //     name: 'convert-raw',                 // what `node bench/run.mjs NAME` selects
 //     description: '...',
 //     cacheKey: 'v1-...',                  // change it when setup() changes
-//     goals?: { ratio?: 1.2, strataRssMiB?: 200 },
+//     goals?: { ratio?: 1.2, strataRssMiB?: 200, strataS?: 1 },  // strataS: strata median, seconds
 //     async setup(dir, { log }),           // build inputs in dir; only runs when not cached
 //     inputs?(dir) => (string | { path, warm(path) })[],  // read into the page cache before each
 //                                          // run (whole file, or only what warm() reads)
@@ -184,6 +184,7 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
   const verdict = {
     ratio: goals.ratio == null || summary.ratioMedian == null ? null : summary.ratioMedian <= goals.ratio,
     strataRssMiB: goals.strataRssMiB == null || summary.strataPeakRssMiB == null ? null : summary.strataPeakRssMiB < goals.strataRssMiB,
+    strataS: goals.strataS == null || summary.strataMedianS == null ? null : summary.strataMedianS <= goals.strataS,
   };
   return {
     scenario: scenario.name,
