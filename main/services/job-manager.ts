@@ -136,8 +136,11 @@ export class JobManager {
   async start(spec: JobSpecMessage, force = false): Promise<JobRecord> {
     if (this.stopping) throw new UsageError('Strata is shutting down: no new jobs');
     const plan = await this.plan(spec);
-    // The same refusals as the job's own (runJob): in use, no space or permission, force.
-    enforcePlan(plan, force);
+    // The same refusals as the job's own (runJob): in use, no space or permission, force. An
+    // image one of our own running jobs holds is not in use by someone else: the queue orders
+    // the two jobs, and this one's plan is made again when it runs.
+    const ours = new Set([...this.running.values()].map((r) => r.handle.pid));
+    enforcePlan({ ...plan, blocked: plan.blocked.filter((b) => !(b.holder && ours.has(b.holder.pid))) }, force);
     const { reads, writes } = this.touchSets(spec, plan);
     const record: JobRecord = {
       id: `job-${Date.now().toString(36)}-${(++this.seq).toString(36)}`,
