@@ -1,6 +1,6 @@
 // compact: rewrite an image in place with only its live data.
 //
-// qcow2: the image is rewritten into a temporary file beside it (.NAME.strata-compact-XXXXXX)
+// qcow2: the image is rewritten into a temporary file beside it (.NAME.strata-compact-XXXXXXXXXXXX)
 // with the same format options (cluster size, extended L2, compression type, compat, refcount
 // width, lazy refcounts), the same backing name and format exactly as recorded, and its
 // persistent bitmaps. Only what this layer allocates is copied: data that reads as zero becomes
@@ -41,6 +41,7 @@ import { createImage } from './create';
 import {
   abs, addSpace, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, probeLock, type JobPlan,
 } from './plan-kit';
+import { realOrSelf } from './overlays';
 
 const renameP = promisify(renameCb);
 const fchmodP = promisify(fchmod);
@@ -193,7 +194,9 @@ export async function planCompact(ctx: JobContext, path: string, opts: CompactOp
     const before = (await stat(path)).blocks * 512;
     const plan = newPlan('compact', `Compact ${basename(path)}`, command);
     plan.chainsAfter.push(chainLinks(top));
-    const leftovers = await compactLeftovers(path);
+    // A symbolic link is followed: the file it names is the one rewritten and replaced.
+    const real = await realOrSelf(path);
+    const leftovers = await compactLeftovers(real);
     for (const l of leftovers) {
       // A temporary file someone holds is a compaction running now, not a leftover.
       const live = await probeLock(l, 'write');
@@ -225,7 +228,7 @@ export async function planCompact(ctx: JobContext, path: string, opts: CompactOp
     plan.bytesToRead = e.read;
     plan.bytesToCopy = e.copy;
     plan.title = `Compact ${basename(path)} (${sizeText(before)} now, about ${sizeText(e.after)} after)`;
-    plan.renames.push({ from: `${compactTempPrefix(path)}XXXXXXXXXXXX`, to: abs(path) });
+    plan.renames.push({ from: `${compactTempPrefix(real)}XXXXXXXXXXXX`, to: real });
     addSpace(plan, path, e.after, `the compacted copy of ${abs(path)}`);
     checkSpace(plan);
     if (e.after >= before) plan.warnings.push(`${abs(path)} is already compact: the copy will not be smaller`);
@@ -235,8 +238,8 @@ export async function planCompact(ctx: JobContext, path: string, opts: CompactOp
       : 'data that reads as zero is dropped too, so the image may end up smaller than the size after given here');
     if (!native()?.listXattrs) plan.warnings.push('the native addon is not loaded: extended attributes of the image are not kept');
     await probeAll(plan, [[path, 'write'], ...chainLinks(top.backing).map((l): [string, 'read'] => [l.filename, 'read'])]);
-    await permissionProblems(plan, [], [dirname(abs(path))]);
-    await ownerProblems(plan, path);
+    await permissionProblems(plan, [], [dirname(real)]);
+    await ownerProblems(plan, real);
     return plan;
   } finally {
     await closeChain(top);
@@ -278,7 +281,7 @@ export async function compact(ctx: JobContext, path: string, opts: CompactOption
     }
     const why = obstacle(top as Qcow2Image);
     if (why) throw new UsageError(`${path}: cannot compact: ${why}`);
-    const bytes = await rewrite(ctx, top as Qcow2Image, path, opts, plan);
+    const bytes = await rewrite(ctx, top as Qcow2Image, await realOrSelf(path), opts, plan);
     return { before, after: (await stat(path)).blocks * 512, bytesWritten: bytes, plan };
   } finally {
     lock?.release();

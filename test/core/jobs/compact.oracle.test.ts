@@ -7,7 +7,7 @@
 // random moments, the original is intact or fully compacted, and the next run leaves no
 // temporary file behind.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, cpSync, existsSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, cpSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statSync, symlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
@@ -190,6 +190,19 @@ describeOracle('compact', () => {
     expect({ mode: st.mode & 0o7777, uid: st.uid, gid: st.gid }).toEqual({ mode: 0o640, uid: 1234, gid: 2345 });
     const fd2 = openSync(f, 'r');
     try { expect(n.getXattr(fd2, 'user.strata.test').toString()).toBe('kept'); } finally { closeSync(fd2); }
+  });
+
+  it('through a symbolic link: the file it names is compacted, the link stays a link', async () => {
+    mkdirSync(t.path('linked'));
+    const f = t.path('linked/real.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '16M');
+    qemuIo(f, ['write -P 0x93 0 16M', 'write -z 0 12M']);
+    symlinkSync('linked/real.qcow2', t.path('link.qcow2'));
+    const before = allocatedBytes(f);
+    await compactChecked(t.path('link.qcow2'));
+    expect(lstatSync(t.path('link.qcow2')).isSymbolicLink()).toBe(true);
+    expect(allocatedBytes(f)).toBeLessThan(before / 2);
+    expect(leftovers(t.path('linked'))).toEqual([]);
   });
 
   it('internal snapshots: refused with a clear message, the image untouched', async () => {
