@@ -4,6 +4,7 @@
 // data, and what each file grows by, within a cluster per image. Then: a commit into a base
 // another overlay shares lists that overlay as affected and is refused without --force; an
 // image a QEMU process holds is listed as blocked with its holder, and the run is refused.
+import { spawnSync } from 'node:child_process';
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
@@ -234,6 +235,8 @@ describeOracle('plans: a dry run writes nothing, and the run does what it says',
     const p = (n: string) => join(dir, n);
     chain3(p);
     qemuImg('create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', p('other.qcow2'));
+    // The folder scan reads regular files only: a FIFO there (opening it would block) is skipped.
+    expect(spawnSync('mkfifo', [p('pipe.qcow2')]).status).toBe(0);
     const before = snapshot(dir);
     const dry = await strata('commit', '--dry-run', '--output=json', p('top.qcow2'));
     expect(dry.code).toBe(1); // the run would be refused
