@@ -105,9 +105,12 @@ export function ChainForest({ filter }: { filter: Filter }) {
       )}
       <div role="tree" aria-label="Images and their backing chains" className="relative" style={{ height: stacked.height + 16, width: stacked.width + 48 }}>
         {headers.map((h) => (
-          <h2 key={h.section} className="absolute left-6 flex items-center gap-2 text-xs font-semibold uppercase tracking-wide text-slate-500 dark:text-slate-400" style={{ top: h.top + 12 }}>
-            {SECTION_TITLES[h.section]} <span className="font-normal normal-case">({h.count})</span>
-          </h2>
+          <div key={h.section} className="absolute left-6 flex items-baseline gap-3" style={{ top: h.top + 10 }}>
+            <h2 className="text-xs font-semibold uppercase tracking-wide text-slate-500 dark:text-slate-400">
+              {SECTION_TITLES[h.section]} <span className="font-normal normal-case">({h.count})</span>
+            </h2>
+            {h.section === 'chains' && <span className="text-xs text-slate-500 dark:text-slate-400">Each base is on the left; the lines lead to the overlays that read through it.</span>}
+          </div>
         ))}
         {visible.map((g) => (
           <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={onKey}
@@ -167,7 +170,7 @@ function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu 
       onKeyDown={onKeyDown}
       onClick={() => select(img.realPath)}
       onContextMenu={onContextMenu}
-      className={`absolute flex cursor-pointer flex-col justify-between overflow-hidden rounded-lg border bg-white px-3 py-2 shadow-sm transition-colors dark:bg-slate-900
+      className={`absolute flex cursor-pointer flex-col gap-1 overflow-hidden rounded-lg border bg-white px-3 py-2 shadow-sm transition-colors dark:bg-slate-900
         ${selected ? 'border-teal-600 ring-2 ring-teal-600/40 dark:border-teal-400' : serious ? 'border-red-300 dark:border-red-800' : 'border-slate-200 hover:border-slate-400 dark:border-slate-700 dark:hover:border-slate-500'}
         ${node.matches ? '' : 'opacity-45'}`}
       style={{ left: node.x, top: node.y, width: CARD_W, height: CARD_H }}
