@@ -90,7 +90,7 @@ async function run({ values, positionals }) {
     setups[scenario.name] = { dir, setupS };
     const work = join(values.work ? resolve(values.work) : join(outDir, 'work'), scenario.name);
     mkdirSync(work, { recursive: true });
-    const pairs = typeof scenario.pairs === 'function' ? scenario.pairs(dir, work) : scenario.pairs;
+    const pairs = typeof scenario.pairs === 'function' ? scenario.pairs(dir, work, { engine }) : scenario.pairs;
     const mine = [];
     for (const pair of pairs) {
       log(`${scenario.name} / ${pair.label}`);

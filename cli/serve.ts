@@ -44,7 +44,7 @@ export async function serveCommand(args: string[], io: CommandIO, signal: AbortS
   const log = (line: string) => io.err(`strata serve: ${line}\n`);
   const dist = distDir();
   const services = await AppServices.create({
-    dataDir: defaultDataDir(), mode: 'browser', host: new ForkJobHost(join(dist, 'strata.cjs')),
+    dataDir: defaultDataDir(), mode: 'browser', host: new ForkJobHost(join(dist, '..', 'bin', 'strata.cjs')),
     folders: (values.folder as string[] | undefined) ?? [], demo: !!values.demo, log,
   });
   const server = await startServer({ services, root: join(dist, 'renderer'), port, log });

@@ -46,7 +46,7 @@ export function App() {
         {loadError && <div role="alert" className="bg-red-100 px-4 py-2 text-sm text-red-900 dark:bg-red-950 dark:text-red-100">{loadError}</div>}
         <div className="flex min-h-0 flex-1">
           <div className="min-w-0 flex-1">
-            {!library && !loadError && <div className="flex h-full items-center justify-center gap-2 text-sm text-slate-500"><Spinner /> Scanning your folders…</div>}
+            {!library && !loadError && <div className="flex h-full items-center justify-center gap-2 text-sm text-slate-500 dark:text-slate-400"><Spinner /> Scanning your folders…</div>}
             {library && (empty ? <EmptyLibrary /> : <ChainForest filter={filter} />)}
           </div>
           <DetailsPanel />

@@ -112,7 +112,7 @@ export async function findHoldersOf(keys: Set<string>, exceptPid = process.pid):
     if (!bytes.size) return;
     let args: string[] = [];
     try { args = (await readFile(`/proc/${p}/cmdline`, 'utf8')).split('\0').filter(Boolean); } catch { /* gone */ }
-    let program = args[0]?.split('/').pop() ?? '';
+    let program = programName(args);
     if (!program) { try { program = (await readFile(`/proc/${p}/comm`, 'utf8')).trim(); } catch { program = '?'; } }
     const vmName = vmNameFromArgs(args);
     for (const [key, set] of bytes) {
@@ -123,6 +123,16 @@ export async function findHoldersOf(keys: Set<string>, exceptPid = process.pid):
   }));
   for (const list of result.values()) list.sort((a, b) => a.pid - b.pid);
   return result;
+}
+
+/** A process's program for people: node running Strata is Strata (a command or one of the app's jobs). */
+export function programName(args: string[]): string {
+  const first = args[0]?.split('/').pop() ?? '';
+  if (/^node(js)?$/.test(first) || first === 'electron') {
+    if (args.includes('__job-process') || args.some((a) => a.includes('job-process.cjs'))) return 'Strata job';
+    if (args.some((a) => /(?:^|\/)strata(?:\.cjs)?$/.test(a))) return 'strata';
+  }
+  return first;
 }
 
 /** Processes (other than `exceptPid`) holding locks on the file at `path`. Linux only; [] elsewhere. */

@@ -1,4 +1,5 @@
-// Messages between the main process and a job process (one job per process).
+// Messages between the main process and a job process. A process runs at most one job or one
+// heavy read and then exits; before it, it may plan that job (the plan shown and enforced).
 import { z } from 'zod';
 import { ErrorInfoSchema, JobPlanSchema, JobResultSchema, JobSpecSchema, ProgressSchema, ReadTaskSchema } from './jobs';
 
@@ -8,6 +9,8 @@ export const ToJobSchema = z.discriminatedUnion('type', [
   z.strictObject({ type: z.literal('read'), task: ReadTaskSchema }),
   z.strictObject({ type: z.literal('plan'), spec: JobSpecSchema }),
   z.strictObject({ type: z.literal('cancel') }),
+  /** The process is not needed after all (a plan that was only previewed). */
+  z.strictObject({ type: z.literal('exit') }),
 ]);
 export type ToJob = z.infer<typeof ToJobSchema>;
 

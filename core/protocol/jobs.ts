@@ -101,6 +101,8 @@ export const JobRecordSchema = z.object({
   startedAt: z.number().nullable(),
   endedAt: z.number().nullable(),
   progress: ProgressSchema.nullable(),
+  /** The job process while it runs (for people who look at `ps`). */
+  pid: z.number().int().nullable(),
   bytesWritten: z.number().nullable(),
   summary: z.string().nullable(),
   error: ErrorInfoSchema.nullable(),

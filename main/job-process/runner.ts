@@ -21,29 +21,37 @@ function errorOf(err: unknown): FromJob {
   return { type: 'error', error: { kind: 'internal', message: (err as Error)?.message ?? String(err) } };
 }
 
-/** Serves one request arriving on `port`; resolves when it is done (the caller then exits). */
+/**
+ * Serves requests arriving on `port` until it has run one job or one read (or is told to exit,
+ * or cancelled before it started one): plans may come first, a job's own plan among them.
+ * Resolves when it is done; the caller then exits.
+ */
 export function serveJob(port: JobPort): Promise<void> {
   const ac = new AbortController();
   return new Promise<void>((resolve) => {
-    let started = false;
+    let busy: Promise<void> = Promise.resolve();
+    let done = false;
+    const finish = () => { done = true; resolve(); };
     port.onMessage((raw) => {
+      if (done) return;
       const parsed = ToJobSchema.safeParse(raw);
       if (!parsed.success) {
         port.post({ type: 'error', error: { kind: 'protocol', message: `malformed message for the job process: ${describeIssues(parsed.error)}` } });
-        if (!started) resolve();
         return;
       }
       const msg = parsed.data;
       if (msg.type === 'cancel') { ac.abort(); return; }
-      if (started) return;
-      started = true;
-      void handle(msg, port, ac.signal).then((reply) => port.post(reply), (err) => port.post(errorOf(err))).finally(resolve);
+      if (msg.type === 'exit') { void busy.then(finish); return; }
+      // One at a time, in order; a run or a read is the last thing this process does.
+      const last = msg.type === 'run' || msg.type === 'read';
+      busy = busy.then(() => handle(msg, port, ac.signal).then((reply) => port.post(reply), (err) => port.post(errorOf(err)))).then(() => { if (last) finish(); });
     });
+    ac.signal.addEventListener('abort', () => { void busy.then(() => { if (!done) finish(); }); });
     port.post({ type: 'ready' });
   });
 }
 
-async function handle(msg: Exclude<ToJob, { type: 'cancel' }>, port: JobPort, signal: AbortSignal): Promise<FromJob> {
+async function handle(msg: Exclude<ToJob, { type: 'cancel' } | { type: 'exit' }>, port: JobPort, signal: AbortSignal): Promise<FromJob> {
   switch (msg.type) {
     case 'plan':
       return { type: 'plan', plan: await planJob(msg.spec as JobSpec) };

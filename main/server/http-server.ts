@@ -10,6 +10,7 @@ import type { AddressInfo } from 'node:net';
 import { extname, join, resolve, sep } from 'node:path';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { MAX_REQUEST_BYTES } from '../../core/protocol/rpc';
+import { NotFoundError } from '../../core/errors';
 import type { AppServices } from '../services/app-services';
 import { createDispatcher } from '../services/rpc';
 
@@ -74,8 +75,8 @@ function sameToken(a: string | null, b: string): boolean {
 export async function startServer(opts: ServeOptions): Promise<RunningServer> {
   const log = opts.log ?? (() => {});
   const token = opts.token ?? randomBytes(24).toString('base64url');
+  if (!existsSync(join(opts.root, 'index.html'))) throw new NotFoundError('the app\'s pages are not built here; run `npm run build`', resolve(opts.root));
   const root = realpathSync(resolve(opts.root));
-  if (!existsSync(join(root, 'index.html'))) throw new Error(`${root}: the renderer is not built (run npm run build)`);
   const dispatch = createDispatcher(opts.services, log);
   let port = 0;
   const hosts = () => new Set([`127.0.0.1:${port}`, `localhost:${port}`]);

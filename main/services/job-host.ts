@@ -2,6 +2,8 @@
 // the window or the server. Two hosts implement this: child_process.fork (browser mode, the
 // CLI, tests) here, and Electron's utilityProcess in main/electron/.
 import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { FromJobSchema, type FromJob, type ToJob } from '../../core/protocol/job-process';
 import { describeIssues } from '../../core/protocol/rpc';
 
@@ -44,16 +46,30 @@ export function parseFromJob(raw: unknown): FromJob {
   return { type: 'error', error: { kind: 'protocol', message: `malformed message from the job process: ${describeIssues(r.error)}` } };
 }
 
-/** Jobs in `node <entry> __job-process`: the strata command bundle, with an IPC channel. */
+/**
+ * How bin/strata.cjs starts node (the flags on its `exec node ... "$0"` line): job processes
+ * start the same way, so the V8 code cache made for those flags is used and the copy loops
+ * run with the tier-up budget they were measured with.
+ */
+export function launcherFlags(launcher: string): string[] {
+  const m = /^":" \/\/;.*exec node (.*?)"\$0" "\$@"$/m.exec(readFileSync(launcher, 'utf8'));
+  return m ? m[1]!.trim().split(/\s+/).filter(Boolean) : [];
+}
+
+/** Jobs in `node <entry> __job-process`: the strata command (its launcher), with an IPC channel. */
 export class ForkJobHost implements JobHost {
-  constructor(private readonly entry: string, private readonly execArgv: string[] = []) {}
+  private readonly execArgv: string[];
+  constructor(private readonly entry: string, execArgv?: string[]) {
+    this.execArgv = execArgv ?? (entry.endsWith(join('bin', 'strata.cjs')) ? launcherFlags(entry) : []);
+  }
 
   spawn(): JobHandle {
     const child: ChildProcess = fork(this.entry, ['__job-process'], {
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
       serialization: 'json',
       execArgv: this.execArgv,
-      env: { ...process.env, STRATA_JOB_PROCESS: '1' },
+      // As the launcher does: Strata makes no TLS connections, and node would parse that file.
+      env: { ...process.env, NODE_EXTRA_CA_CERTS: undefined, STRATA_JOB_PROCESS: '1' },
     });
     let stderr = '';
     child.stderr?.on('data', (d: Buffer) => { if (stderr.length < 8192) stderr += d.toString(); });

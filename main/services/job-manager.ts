@@ -28,11 +28,16 @@ export interface JobManagerOptions {
   log?: (line: string) => void;
   /** Called with the paths a finished job changed (the library rescans them). */
   touched?: (paths: string[]) => void;
+  /**
+   * Keep one job process started and idle, so that a plan or a job does not wait for node to
+   * start (default true).
+   */
+  warmSpare?: boolean;
 }
 
 interface Running {
   record: JobRecord;
-  handle: JobHandle;
+  proc: JobProcess;
   reads: Set<string>;
   writes: Set<string>;
   lastProgressAt: number;
@@ -43,6 +48,8 @@ interface Running {
 
 interface Queued {
   record: JobRecord;
+  /** The process that planned it, waiting to run it. */
+  proc: JobProcess;
   force: boolean;
   reads: Set<string>;
   writes: Set<string>;
@@ -53,6 +60,37 @@ type Listener = { job?: (r: JobRecord) => void; progress?: (id: string, p: Progr
 /** An error from a job process, as a typed error again. */
 function toError(e: ErrorInfo): Error {
   return new StrataError(e.kind as StrataError['kind'], e.message);
+}
+
+/**
+ * One job process as the manager talks to it: it is ready once it says so, and its messages
+ * go to whoever is listening now (the plan, then the run).
+ */
+class JobProcess {
+  readonly ready: Promise<void>;
+  private listener: ((m: FromJob) => void) | null = null;
+  constructor(readonly handle: JobHandle) {
+    let ready!: () => void;
+    this.ready = new Promise<void>((r) => { ready = r; });
+    handle.onMessage((m) => { if (m.type === 'ready') ready(); else this.listener?.(m); });
+  }
+  listen(fn: (m: FromJob) => void): void { this.listener = fn; }
+  send(msg: ToJob): void { void this.ready.then(() => this.handle.send(msg)); }
+
+  /** Sends `msg` and resolves with the first answer `pick` takes; an error or an exit rejects. */
+  ask<T>(msg: ToJob, pick: (m: FromJob) => T | undefined): Promise<T> {
+    return new Promise<T>((resolveAnswer, reject) => {
+      let settled = false;
+      this.listen((m) => {
+        if (settled) return;
+        if (m.type === 'error') { settled = true; reject(toError(m.error)); return; }
+        const v = pick(m);
+        if (v !== undefined) { settled = true; resolveAnswer(v); }
+      });
+      void this.handle.exited.then((e) => { if (!settled) { settled = true; reject(new StrataError('io', describeExit(e))); } });
+      this.send(msg);
+    });
+  }
 }
 
 /** The paths named in a job description: the images it works on. */
@@ -73,11 +111,34 @@ export class JobManager {
   private seq = 0;
   private concurrency: number;
   private stopping = false;
+  private spare: JobProcess | null = null;
 
   constructor(private readonly host: JobHost, private readonly opts: JobManagerOptions) {
     this.concurrency = opts.concurrency;
     this.historyFile = join(opts.dataDir, 'history.json');
     this.loadHistory();
+    this.refillSpare();
+  }
+
+  /** A ready (or starting) job process: the spare, replaced at once by a new one. */
+  private take(): JobProcess {
+    const p = this.spare ?? new JobProcess(this.host.spawn());
+    this.spare = null;
+    this.refillSpare();
+    return p;
+  }
+
+  /** Resolves once the spare job process is ready (an app that has been open a moment). */
+  async warm(): Promise<void> {
+    this.refillSpare();
+    await this.spare?.ready;
+  }
+
+  private refillSpare(): void {
+    if (this.stopping || this.opts.warmSpare === false || this.spare) return;
+    const p = new JobProcess(this.host.spawn());
+    this.spare = p;
+    void p.handle.exited.then(() => { if (this.spare === p) this.spare = null; });
   }
 
   setConcurrency(n: number): void {
@@ -102,31 +163,34 @@ export class JobManager {
   }
 
   /** The plan of a job, computed in a job process (it may read a lot of block status). */
-  plan(spec: JobSpecMessage): Promise<JobPlanMessage> {
-    return this.ask({ type: 'plan', spec }, (m) => (m.type === 'plan' ? m.plan : undefined));
+  async plan(spec: JobSpecMessage): Promise<JobPlanMessage> {
+    const p = this.take();
+    try {
+      return this.ownHolders(await p.ask({ type: 'plan', spec }, (m) => (m.type === 'plan' ? m.plan : undefined)));
+    } finally {
+      p.send({ type: 'exit' });
+    }
+  }
+
+  /**
+   * An image held by one of our own running jobs does not block a plan: the new job waits for
+   * that one (the queue sees to it), and plans again before it writes.
+   */
+  private ownHolders(plan: JobPlanMessage): JobPlanMessage {
+    const ours = new Map([...this.running.values()].filter((r) => r.record.pid).map((r) => [r.record.pid!, r.record]));
+    const waitsFor = new Set<string>();
+    const blocked = plan.blocked.filter((b) => {
+      const job = b.holder ? ours.get(b.holder.pid) : undefined;
+      if (job) waitsFor.add(job.title);
+      return !job;
+    });
+    if (blocked.length === plan.blocked.length) return plan;
+    return { ...plan, blocked, warnings: [...plan.warnings, ...[...waitsFor].map((t) => `it will wait for "${t}", which is running on the same images, and start when that ends`)] };
   }
 
   /** A heavy read (map summary, check without repair) in a job process. */
   read(task: ReadTask): Promise<unknown> {
-    return this.ask({ type: 'read', task }, (m) => (m.type === 'read-result' ? m.result : undefined));
-  }
-
-  /** Runs one request in a fresh job process and returns its one answer. */
-  private ask<T>(msg: ToJob, pick: (m: FromJob) => T | undefined): Promise<T> {
-    const handle = this.host.spawn();
-    return new Promise<T>((resolveAnswer, reject) => {
-      let settled = false;
-      handle.onMessage((m) => {
-        if (settled) return;
-        if (m.type === 'ready') { handle.send(msg); return; }
-        if (m.type === 'error') { settled = true; reject(toError(m.error)); return; }
-        const v = pick(m);
-        if (v !== undefined) { settled = true; resolveAnswer(v); }
-      });
-      void handle.exited.then((e) => {
-        if (!settled) { settled = true; reject(new StrataError('io', describeExit(e))); }
-      });
-    });
+    return this.take().ask({ type: 'read', task }, (m) => (m.type === 'read-result' ? m.result : undefined));
   }
 
   /**
@@ -135,20 +199,26 @@ export class JobManager {
    */
   async start(spec: JobSpecMessage, force = false): Promise<JobRecord> {
     if (this.stopping) throw new UsageError('Strata is shutting down: no new jobs');
-    const plan = await this.plan(spec);
-    // The same refusals as the job's own (runJob): in use, no space or permission, force. An
-    // image one of our own running jobs holds is not in use by someone else: the queue orders
-    // the two jobs, and this one's plan is made again when it runs.
-    const ours = new Set([...this.running.values()].map((r) => r.handle.pid));
-    enforcePlan({ ...plan, blocked: plan.blocked.filter((b) => !(b.holder && ours.has(b.holder.pid))) }, force);
+    // The process that plans the job is the one that will run it (runJob plans again there,
+    // warm, right before it writes: what it follows is what is true then).
+    const proc = this.take();
+    let plan: JobPlanMessage;
+    try {
+      plan = this.ownHolders(await proc.ask({ type: 'plan', spec }, (m) => (m.type === 'plan' ? m.plan : undefined)));
+      // The same refusals as the job's own (runJob): in use, no space or permission, force.
+      enforcePlan(plan, force);
+    } catch (err) {
+      proc.send({ type: 'exit' });
+      throw err;
+    }
     const { reads, writes } = this.touchSets(spec, plan);
     const record: JobRecord = {
       id: `job-${Date.now().toString(36)}-${(++this.seq).toString(36)}`,
       spec, title: plan.title, images: [...new Set([...writes, ...reads])].sort(),
       state: 'queued', waitingFor: null, queuedAt: Date.now(), startedAt: null, endedAt: null,
-      progress: null, bytesWritten: null, summary: null, error: null,
+      progress: null, pid: null, bytesWritten: null, summary: null, error: null,
     };
-    this.queue.push({ record, force, reads, writes });
+    this.queue.push({ record, proc, force, reads, writes });
     this.changed(record);
     this.pump();
     return structuredClone(record);
@@ -158,6 +228,7 @@ export class JobManager {
     const qi = this.queue.findIndex((q) => q.record.id === id);
     if (qi >= 0) {
       const [q] = this.queue.splice(qi, 1);
+      q!.proc.send({ type: 'exit' });
       this.finish(q!.record, 'cancelled', null);
       this.pump();
       return structuredClone(q!.record);
@@ -170,10 +241,10 @@ export class JobManager {
     }
     if (r.record.state === 'running') {
       r.record.state = 'cancelling';
-      r.handle.send({ type: 'cancel' });
+      r.proc.send({ type: 'cancel' });
       // A job that does not reach its consistent state in time is ended by force; the engine's
       // crash-safe order then leaves its images consistent all the same.
-      r.killTimer = setTimeout(() => r.handle.kill(), CANCEL_GRACE_MS);
+      r.killTimer = setTimeout(() => r.proc.handle.kill(), CANCEL_GRACE_MS);
       r.killTimer.unref();
       this.changed(r.record);
     }
@@ -183,10 +254,11 @@ export class JobManager {
   /** Cancels everything and waits until every running job has reached its consistent state. */
   async shutdown(): Promise<void> {
     this.stopping = true;
-    for (const q of this.queue.splice(0)) this.finish(q.record, 'cancelled', null);
+    this.spare?.send({ type: 'exit' });
+    for (const q of this.queue.splice(0)) { q.proc.send({ type: 'exit' }); this.finish(q.record, 'cancelled', null); }
     const waits = [...this.running.values()].map((r) => {
       this.cancel(r.record.id);
-      return r.handle.exited;
+      return r.proc.handle.exited;
     });
     await Promise.all(waits);
   }
@@ -231,24 +303,25 @@ export class JobManager {
     record.state = 'running';
     record.waitingFor = null;
     record.startedAt = Date.now();
-    const handle = this.host.spawn();
-    const r: Running = { record, handle, reads: q.reads, writes: q.writes, lastProgressAt: 0, pendingProgress: null, progressTimer: null, killTimer: null };
+    const proc = q.proc;
+    record.pid = proc.handle.pid ?? null;
+    const r: Running = { record, proc, reads: q.reads, writes: q.writes, lastProgressAt: 0, pendingProgress: null, progressTimer: null, killTimer: null };
     this.running.set(record.id, r);
     this.saveHistory();
     this.changed(record);
     let outcome: { state: 'succeeded' | 'failed' | 'cancelled'; error: ErrorInfo | null; summary: string | null; bytes: number | null } | null = null;
-    handle.onMessage((m) => {
+    proc.listen((m) => {
       switch (m.type) {
-        case 'ready': handle.send({ type: 'run', id: record.id, spec: record.spec, force: q.force }); return;
         case 'progress': this.progress(r, m.progress); return;
         case 'log': this.opts.log?.(`${record.id}: ${m.line}`); return;
         case 'result': outcome = { state: 'succeeded', error: null, summary: m.result.summary, bytes: m.result.bytesWritten }; return;
         case 'error': outcome = { state: m.error.kind === 'cancelled' ? 'cancelled' : 'failed', error: m.error.kind === 'cancelled' ? null : m.error, summary: null, bytes: null }; return;
-        case 'plan': case 'read-result': return;
+        case 'ready': case 'plan': case 'read-result': return;
         default: { const never: never = m; return never; }
       }
     });
-    void handle.exited.then((exit) => {
+    proc.send({ type: 'run', id: record.id, spec: record.spec, force: q.force });
+    void proc.handle.exited.then((exit) => {
       this.running.delete(record.id);
       if (r.progressTimer) clearTimeout(r.progressTimer);
       if (r.killTimer) clearTimeout(r.killTimer);
@@ -279,6 +352,7 @@ export class JobManager {
 
   private finish(record: JobRecord, state: 'succeeded' | 'failed' | 'cancelled', error: ErrorInfo | null): void {
     record.state = state;
+    record.pid = null;
     record.error = error;
     record.waitingFor = null;
     record.endedAt = Date.now();
@@ -300,6 +374,7 @@ export class JobManager {
       if (!parsed.success) throw new Error('not a job history');
       for (const r of parsed.data.slice(0, HISTORY_LIMIT)) {
         // A job saved as running belonged to an app that stopped without finishing it.
+        r.pid = null;
         if (r.state === 'running' || r.state === 'queued' || r.state === 'cancelling') {
           r.state = 'failed';
           r.error = { kind: 'interrupted', message: 'Strata stopped while this job was running; its images are consistent (crash-safe order), run it again to finish' };

@@ -38,13 +38,15 @@ export interface State {
   settings: Settings | null;
   library: LibrarySnapshot | null;
   jobs: JobRecord[];
+  /** Progress of running jobs, apart from their records: an update re-renders only its own job. */
+  progress: Record<string, ProgressMessage>;
   samples: Record<string, Sample[]>;
   selected: string | null;
   toasts: Toast[];
   loadError: string | null;
 }
 
-const initial: State = { dialog: null, jobsOpen: false, connection: 'connecting', app: null, settings: null, library: null, jobs: [], samples: {}, selected: null, toasts: [], loadError: null };
+const initial: State = { dialog: null, jobsOpen: false, connection: 'connecting', app: null, settings: null, library: null, jobs: [], progress: {}, samples: {}, selected: null, toasts: [], loadError: null };
 
 let state: State = initial;
 const listeners = new Set<() => void>();
@@ -106,8 +108,7 @@ function announce(r: JobRecord): void {
 function addSample(id: string, p: ProgressMessage): void {
   set((s) => {
     const list = [...(s.samples[id] ?? []), { t: p.elapsedMs, bytes: p.bytesDone }].slice(-600);
-    const jobs = s.jobs.map((j) => (j.id === id ? { ...j, progress: p } : j));
-    return { samples: { ...s.samples, [id]: list }, jobs };
+    return { samples: { ...s.samples, [id]: list }, progress: { ...s.progress, [id]: p } };
   });
 }
 

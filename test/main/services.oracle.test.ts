@@ -63,7 +63,7 @@ describeOracle('app services (fork job host)', () => {
     qemuImg('convert', '-f', 'raw', '-O', 'qcow2', join(t.dir, 'rand.bin'), join(pool, 'big.qcow2'));
     rmSync(join(t.dir, 'rand.bin'));
     services = await AppServices.create({
-      dataDir: data, mode: 'browser', host: new ForkJobHost(join(repoRoot, 'dist', 'strata.cjs')), folders: [pool],
+      dataDir: data, mode: 'browser', host: new ForkJobHost(join(repoRoot, 'bin', 'strata.cjs')), folders: [pool],
       libraryOptions: { debounceMs: 50, holdersEveryMs: 250 },
     });
     services.on((event, d) => events.push({ event, data: d, at: Date.now() }));
@@ -109,12 +109,10 @@ describeOracle('app services (fork job host)', () => {
 
   it('SIGKILL of the job process fails that job with the reason; the service keeps answering', async () => {
     const rec = (await ask('jobs.start', { spec: { op: 'convert', source: join(pool, 'big.qcow2'), target: join(t.dir, 'killed.qcow2'), targetFormat: 'qcow2', compress: true } })) as JobRecord;
-    await until('the job to run', () => jobEvents(rec.id).some((r) => r.state === 'running'));
-    const pid = await until('its process', () => {
-      const r = spawnSync('pgrep', ['-f', '__job-process'], { encoding: 'utf8' });
-      return r.stdout.trim().split('\n').filter(Boolean).map(Number)[0];
-    });
-    process.kill(pid, 'SIGKILL');
+    const running = await until('the job to run', () => jobEvents(rec.id).find((r) => r.state === 'running'));
+    expect(running.pid).toBeGreaterThan(0);
+    expect(spawnSync('ps', ['-o', 'args=', '-p', String(running.pid)], { encoding: 'utf8' }).stdout).toContain('__job-process');
+    process.kill(running.pid!, 'SIGKILL');
     const end = await finished(rec.id);
     expect(end.state).toBe('failed');
     expect(end.error?.message).toContain('killed (SIGKILL)');
@@ -168,7 +166,7 @@ describeOracle('app services (fork job host)', () => {
   it('the history survives a restart', async () => {
     const before = ((await ask('jobs.list')) as JobRecord[]).filter((j) => !['running', 'queued'].includes(j.state));
     expect(before.length).toBeGreaterThanOrEqual(3);
-    const again = await AppServices.create({ dataDir: data, mode: 'browser', host: new ForkJobHost(join(repoRoot, 'dist', 'strata.cjs')), folders: [pool], libraryOptions: { holdersEveryMs: 0 } });
+    const again = await AppServices.create({ dataDir: data, mode: 'browser', host: new ForkJobHost(join(repoRoot, 'bin', 'strata.cjs')), folders: [pool], libraryOptions: { holdersEveryMs: 0 } });
     try {
       const after = (await createDispatcher(again)(JSON.stringify({ type: 'request', id: 1, method: 'jobs.list', params: {} }), 60));
       expect(after.ok && (after.result as JobRecord[]).map((j) => [j.id, j.state, j.error?.message ?? null])).toEqual(before.map((j) => [j.id, j.state, j.error?.message ?? null]));

@@ -93,7 +93,7 @@ export function DetailsPanel() {
         </div>
       </header>
 
-      <div className="min-h-0 flex-1 overflow-y-auto px-5 py-4 text-sm">
+      <div className="min-h-0 flex-1 overflow-y-auto px-5 py-4 text-sm" tabIndex={0} role="group" aria-label="Details">
         {tab === 'overview' && (
           <div role="tabpanel" id="panel-overview" aria-labelledby="tab-overview" className="space-y-6">
             {img.problems.filter((p) => p.code !== 'in-use').length > 0 && (
@@ -117,7 +117,7 @@ export function DetailsPanel() {
               {error && <p role="alert" className="text-red-700 dark:text-red-400">{error}</p>}
               <dl className="grid grid-cols-[9rem_1fr] gap-x-3 gap-y-1">
                 <Row label="Format">{img.format ?? 'unreadable'}{img.compat ? ` (compat ${img.compat}${img.compat === '0.10' ? ', the old qcow2 version 2' : ''})` : ''}</Row>
-                <Row label="Virtual size">{size(img.virtualSize)} <span className="text-slate-500">({img.virtualSize.toLocaleString('en')} bytes)</span></Row>
+                <Row label="Virtual size">{size(img.virtualSize)} <span className="text-slate-500 dark:text-slate-400">({img.virtualSize.toLocaleString('en')} bytes)</span></Row>
                 <Row label="On disk">{size(img.actualSize)}</Row>
                 {img.clusterSize && <Row label="Cluster size">{size(img.clusterSize)}{img.extendedL2 ? ', with subclusters (extended L2)' : ''}</Row>}
                 {img.compressionType && <Row label="Compression">{img.compressionType} (for compressed clusters)</Row>}
@@ -129,7 +129,7 @@ export function DetailsPanel() {
                 {img.birthtimeMs && <Row label="Created">{dateTime(img.birthtimeMs)}</Row>}
                 {img.backingName && <Row label="Backing file">
                   <span className="font-mono text-xs">{img.backingName}</span>
-                  <span className="block text-xs text-slate-500">{img.backingRelative ? `relative to this folder: ${img.backingPath}` : 'absolute path'}; format {img.backingFormat ?? 'not recorded (QEMU guesses it)'}</span>
+                  <span className="block text-xs text-slate-500 dark:text-slate-400">{img.backingRelative ? `relative to this folder: ${img.backingPath}` : 'absolute path'}; format {img.backingFormat ?? 'not recorded (QEMU guesses it)'}</span>
                 </Row>}
               </dl>
             </section>
@@ -138,12 +138,12 @@ export function DetailsPanel() {
               <h3 id="chain-h" className="mb-2 font-semibold">Backing chain</h3>
               {!img.backingName ? <p className="text-slate-600 dark:text-slate-300">This image has no backing file: it holds all of its data.</p> : (
                 <ol className="space-y-1" aria-label="From this image down to its base">
-                  <li className="flex items-center gap-2"><Icon name="disk" className="h-4 w-4 text-teal-700" /> <span className="font-medium">{baseName(img.path)}</span> <span className="text-slate-500">(this image)</span></li>
+                  <li className="flex items-center gap-2"><Icon name="disk" className="h-4 w-4 text-teal-700" /> <span className="font-medium">{baseName(img.path)}</span> <span className="text-slate-500 dark:text-slate-400">(this image)</span></li>
                   {chain.map((c, i) => (
                     <li key={c.realPath} className="flex items-center gap-2" style={{ paddingLeft: (i + 1) * 12 }}>
                       <Icon name="chevron" className="h-3 w-3 rotate-90 text-slate-400" />
                       <button type="button" className="truncate text-teal-800 underline-offset-2 hover:underline dark:text-teal-300" onClick={() => select(c.realPath)} title={c.path}>{baseName(c.path)}</button>
-                      <span className="text-xs text-slate-500">{i === chain.length - 1 && !c.backingName ? 'base' : ''}</span>
+                      <span className="text-xs text-slate-500 dark:text-slate-400">{i === chain.length - 1 && !c.backingName ? 'base' : ''}</span>
                     </li>
                   ))}
                   {details?.chainError && <li role="alert" className="text-red-700 dark:text-red-400">{details.chainError}</li>}
@@ -159,7 +159,7 @@ export function DetailsPanel() {
                   <ul className="space-y-0.5">
                     {dependents.map((d) => (
                       <li key={d.realPath}><button type="button" className="text-teal-800 underline-offset-2 hover:underline dark:text-teal-300" onClick={() => select(d.realPath)} title={d.path}>{baseName(d.path)}</button>
-                        {d.backing === img.realPath ? '' : <span className="text-xs text-slate-500"> (through another overlay)</span>}</li>
+                        {d.backing === img.realPath ? '' : <span className="text-xs text-slate-500 dark:text-slate-400"> (through another overlay)</span>}</li>
                     ))}
                   </ul>
                 </>

@@ -8,6 +8,8 @@ import { client, errorText, setJobs, setJobsOpen, toast, useStore, type Sample }
 import { dateTime, duration, percent, rate, size } from '../../lib/format';
 import type { JobRecord } from '../../../core/protocol/jobs';
 
+const NO_SAMPLES: Sample[] = [];
+
 /** Bytes per second over the last few seconds of samples. */
 export function currentRate(samples: Sample[]): number | null {
   if (samples.length < 2) return null;
@@ -61,8 +63,8 @@ function stateBadge(j: JobRecord) {
 }
 
 function RunningJob({ job }: { job: JobRecord }) {
-  const samples = useStore((s) => s.samples[job.id]) ?? [];
-  const p = job.progress;
+  const samples = useStore((s) => s.samples[job.id]) ?? NO_SAMPLES;
+  const p = useStore((s) => s.progress[job.id]) ?? job.progress;
   const r = currentRate(samples);
   const left = p && r && r > 0 ? ((p.bytesTotal - p.bytesDone) / r) * 1000 : null;
   const cancel = async () => {
@@ -78,11 +80,11 @@ function RunningJob({ job }: { job: JobRecord }) {
         </div>
         <div className="mt-2"><ProgressBar value={p && p.bytesTotal ? p.bytesDone / p.bytesTotal : 0} label={`Progress of ${job.title}`} /></div>
         <dl className="mt-2 grid grid-cols-5 gap-2 text-xs tabular-nums text-slate-600 dark:text-slate-300">
-          <div><dt className="text-slate-500">Phase</dt><dd className="truncate" data-testid="job-phase">{p?.phase || 'starting'}</dd></div>
-          <div><dt className="text-slate-500">Done</dt><dd data-testid="job-percent">{p ? percent(p.bytesDone, p.bytesTotal) : '0%'}</dd></div>
-          <div><dt className="text-slate-500">Bytes</dt><dd>{p ? `${size(p.bytesDone)} / ${size(p.bytesTotal)}` : '–'}</dd></div>
-          <div><dt className="text-slate-500">Speed</dt><dd>{r !== null ? rate(r) : '–'}</dd></div>
-          <div><dt className="text-slate-500">Time left</dt><dd>{left !== null ? duration(left) : '–'}</dd></div>
+          <div><dt className="text-slate-500 dark:text-slate-400">Phase</dt><dd className="truncate" data-testid="job-phase">{p?.phase || 'starting'}</dd></div>
+          <div><dt className="text-slate-500 dark:text-slate-400">Done</dt><dd data-testid="job-percent">{p ? percent(p.bytesDone, p.bytesTotal) : '0%'}</dd></div>
+          <div><dt className="text-slate-500 dark:text-slate-400">Bytes</dt><dd>{p ? `${size(p.bytesDone)} / ${size(p.bytesTotal)}` : '–'}</dd></div>
+          <div><dt className="text-slate-500 dark:text-slate-400">Speed</dt><dd>{r !== null ? rate(r) : '–'}</dd></div>
+          <div><dt className="text-slate-500 dark:text-slate-400">Time left</dt><dd>{left !== null ? duration(left) : '–'}</dd></div>
         </dl>
       </div>
       <ThroughputChart samples={samples} />
@@ -98,7 +100,7 @@ function QueuedJob({ job }: { job: JobRecord }) {
     <li className="flex items-center gap-2 rounded-lg border border-dashed border-slate-300 p-3 text-sm dark:border-slate-600">
       {stateBadge(job)}
       <span className="min-w-0 flex-1 truncate font-medium">{job.title}</span>
-      <span className="text-xs text-slate-500">{job.waitingFor}</span>
+      <span className="text-xs text-slate-500 dark:text-slate-400">{job.waitingFor}</span>
       <Button small onClick={cancel}>Cancel</Button>
     </li>
   );
@@ -113,7 +115,7 @@ function FinishedJob({ job }: { job: JobRecord }) {
         {job.summary && <p className="text-xs text-slate-600 dark:text-slate-300">{job.summary}</p>}
         {job.error && <p className="text-xs text-red-700 dark:text-red-400" data-testid="job-error">{job.error.message}</p>}
       </div>
-      <div className="text-right text-xs tabular-nums text-slate-500">
+      <div className="text-right text-xs tabular-nums text-slate-500 dark:text-slate-400">
         {job.endedAt && <div>{dateTime(job.endedAt)}</div>}
         {job.startedAt && job.endedAt && <div>{duration(job.endedAt - job.startedAt)}{job.bytesWritten ? `, ${size(job.bytesWritten)} written` : ''}</div>}
       </div>
@@ -138,13 +140,14 @@ export function JobMonitor() {
           <Button small variant="ghost" onClick={() => setJobsOpen(false)} aria-label="Close the job monitor"><Icon name="x" /></Button>
         </div>
       </header>
-      <div className="min-h-0 flex-1 overflow-y-auto px-5 pb-4">
-        {jobs.length === 0 && <p className="text-sm text-slate-500">No jobs yet. Every writing action runs here, in its own process, with its progress.</p>}
+      {/* Focusable, so that a keyboard can scroll the history too. */}
+      <div className="min-h-0 flex-1 overflow-y-auto px-5 pb-4" tabIndex={0} role="group" aria-label="Job list">
+        {jobs.length === 0 && <p className="text-sm text-slate-500 dark:text-slate-400">No jobs yet. Every writing action runs here, in its own process, with its progress.</p>}
         {running.length > 0 && <ul aria-label="Running" className="space-y-2">{running.map((j) => <RunningJob key={j.id} job={j} />)}</ul>}
         {queued.length > 0 && <ul aria-label="Queued" className="mt-2 space-y-2">{queued.map((j) => <QueuedJob key={j.id} job={j} />)}</ul>}
         {done.length > 0 && (
           <>
-            <h3 className="mt-4 text-xs font-semibold uppercase tracking-wide text-slate-500">History</h3>
+            <h3 className="mt-4 text-xs font-semibold uppercase tracking-wide text-slate-500 dark:text-slate-400">History</h3>
             <ul aria-label="Finished jobs" className="divide-y divide-slate-200 dark:divide-slate-800">{done.map((j) => <FinishedJob key={j.id} job={j} />)}</ul>
           </>
         )}

@@ -69,7 +69,7 @@ export function ActionMenu({ image, x, y, onClose }: { image: LibraryImage; x: n
       {actions.map((a) => (
         <div key={a.op} role="menuitem" tabIndex={-1} aria-disabled={!!a.disabled} title={a.disabled ?? undefined}
           onClick={() => run(a)} onKeyDown={(e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); run(a); } }}
-          className={`px-3 py-1.5 outline-none ${a.disabled ? 'cursor-not-allowed text-slate-400 dark:text-slate-500' : 'cursor-pointer hover:bg-slate-100 focus:bg-slate-100 dark:hover:bg-slate-800 dark:focus:bg-slate-800'}`}>
+          className={`px-3 py-1.5 outline-none ${a.disabled ? 'cursor-not-allowed text-slate-400 dark:text-slate-500 dark:text-slate-400' : 'cursor-pointer hover:bg-slate-100 focus:bg-slate-100 dark:hover:bg-slate-800 dark:focus:bg-slate-800'}`}>
           {a.label}
           {a.disabled && <span className="ml-2 text-xs">({a.disabled})</span>}
         </div>

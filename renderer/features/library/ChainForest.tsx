@@ -17,11 +17,12 @@ export function ChainForest({ filter }: { filter: Filter }) {
   const library = useStore((s) => s.library);
   const selected = useStore((s) => s.selected);
   const scroller = useRef<HTMLDivElement>(null);
-  const [view, setView] = useState({ top: 0, height: 800 });
+  const [view, setView] = useState({ top: 0, height: 800, width: 1000 });
   const [focus, setFocus] = useState<string | null>(null);
   const [menu, setMenu] = useState<{ image: LibraryImage; x: number; y: number } | null>(null);
 
-  const stacked = useMemo(() => stackGroups(library ? layoutGroups(library, filter) : []), [library, filter]);
+  const laid = useMemo(() => (library ? layoutGroups(library, filter) : []), [library, filter]);
+  const stacked = useMemo(() => stackGroups(laid, view.width), [laid, view.width]);
   const order = useMemo(() => readingOrder(stacked.groups), [stacked]);
   const index = useMemo(() => new Map(order.map((n, i) => [n.image.realPath, i])), [order]);
   const nodeOf = useMemo(() => new Map(order.map((n) => [n.image.realPath, n])), [order]);
@@ -33,7 +34,7 @@ export function ChainForest({ filter }: { filter: Filter }) {
 
   useLayoutEffect(() => {
     const el = scroller.current!;
-    const update = () => setView({ top: el.scrollTop, height: el.clientHeight });
+    const update = () => setView({ top: el.scrollTop, height: el.clientHeight, width: el.clientWidth });
     update();
     const ro = new ResizeObserver(update);
     ro.observe(el);
@@ -52,7 +53,7 @@ export function ChainForest({ filter }: { filter: Filter }) {
     const top = g.top + n.y;
     if (top < el.scrollTop) el.scrollTop = top - 8;
     else if (top + CARD_H > el.scrollTop + el.clientHeight) el.scrollTop = top + CARD_H - el.clientHeight + 8;
-    const left = n.x;
+    const left = g.left + n.x;
     if (left < el.scrollLeft) el.scrollLeft = left - 8;
     else if (left + CARD_W > el.scrollLeft + el.clientWidth) el.scrollLeft = left + CARD_W - el.clientWidth + 8;
   };
@@ -103,16 +104,21 @@ export function ChainForest({ filter }: { filter: Filter }) {
       {library && stacked.groups.length === 0 && (
         <p className="p-8 text-sm text-slate-500 dark:text-slate-400">{library.images.length ? 'No image matches the filter.' : 'No images found in these folders yet.'}</p>
       )}
-      <div role="tree" aria-label="Images and their backing chains" className="relative" style={{ height: stacked.height + 16, width: stacked.width + 48 }}>
+      <div className="relative" style={{ height: stacked.height + 16, width: stacked.width + 48 }}>
         {headers.map((h) => (
-          <h2 key={h.section} className="absolute left-6 flex items-center gap-2 text-xs font-semibold uppercase tracking-wide text-slate-500 dark:text-slate-400" style={{ top: h.top + 12 }}>
-            {SECTION_TITLES[h.section]} <span className="font-normal normal-case">({h.count})</span>
-          </h2>
+          <div key={h.section} className="absolute left-6 flex items-baseline gap-3" style={{ top: h.top + 10 }}>
+            <h2 className="text-xs font-semibold uppercase tracking-wide text-slate-500 dark:text-slate-400">
+              {SECTION_TITLES[h.section]} <span className="font-normal normal-case">({h.count})</span>
+            </h2>
+            {h.section === 'chains' && <span className="text-xs text-slate-500 dark:text-slate-400">Each base is on the left; the lines lead to the overlays that read through it.</span>}
+          </div>
         ))}
-        {visible.map((g) => (
-          <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={onKey}
-            onMenu={(image, e) => { e.preventDefault(); setMenu({ image, x: e.clientX, y: e.clientY }); }} />
-        ))}
+        <div role="tree" aria-label="Images and their backing chains" className="absolute inset-0">
+          {visible.map((g) => (
+            <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={onKey}
+              onMenu={(image, e) => { e.preventDefault(); setMenu({ image, x: e.clientX, y: e.clientY }); }} />
+          ))}
+        </div>
       </div>
       {menu && <ActionMenu image={menu.image} x={menu.x} y={menu.y} onClose={() => setMenu(null)} />}
     </div>
@@ -123,9 +129,8 @@ function GroupView({ group, selected, tabStop, onFocusNode, onKey, onMenu }: {
   group: Group; selected: string | null; tabStop: string | null;
   onFocusNode: (k: string) => void; onKey: (e: KeyboardEvent, n: LaidNode) => void; onMenu: (img: LibraryImage, e: MouseEvent) => void;
 }) {
-  const left = 24;
   return (
-    <div className="absolute" style={{ top: group.top, left, width: group.width, height: group.height }} role="group" aria-label={`chain of ${baseName(group.nodes[0]!.image.path)}`}>
+    <div className="absolute" style={{ top: group.top, left: 24 + group.left, width: group.width, height: group.height }} role="group" aria-label={`chain of ${baseName(group.nodes[0]!.image.path)}`}>
       <svg className="pointer-events-none absolute inset-0 overflow-visible" width={group.width} height={group.height} aria-hidden="true">
         {group.edges.map(({ from, to }) => {
           const x1 = from.x + CARD_W;
@@ -158,16 +163,17 @@ function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu 
       role="treeitem"
       aria-level={node.depth + 1}
       aria-selected={selected}
-      aria-label={`${name}, ${img.format ?? 'unreadable'}${img.format ? `, ${size(img.virtualSize)}` : ''}${img.children.length ? `, ${img.children.length} overlay${img.children.length > 1 ? 's' : ''}` : ''}${badges.length ? `; ${badges.map((b) => b.label).join(', ')}` : ''}`}
+
       tabIndex={tabbable ? 0 : -1}
       data-key={img.realPath}
       data-testid="image-node"
       data-name={name}
+      data-parent={node.parent ? baseName(node.parent) : ''}
       onFocus={onFocus}
       onKeyDown={onKeyDown}
       onClick={() => select(img.realPath)}
       onContextMenu={onContextMenu}
-      className={`absolute flex cursor-pointer flex-col justify-between overflow-hidden rounded-lg border bg-white px-3 py-2 shadow-sm transition-colors dark:bg-slate-900
+      className={`absolute flex cursor-pointer flex-col gap-1 overflow-hidden rounded-lg border bg-white px-3 py-2.5 shadow-sm transition-colors dark:bg-slate-900
         ${selected ? 'border-teal-600 ring-2 ring-teal-600/40 dark:border-teal-400' : serious ? 'border-red-300 dark:border-red-800' : 'border-slate-200 hover:border-slate-400 dark:border-slate-700 dark:hover:border-slate-500'}
         ${node.matches ? '' : 'opacity-45'}`}
       style={{ left: node.x, top: node.y, width: CARD_W, height: CARD_H }}
@@ -181,7 +187,11 @@ function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu 
       <div className="truncate text-xs tabular-nums text-slate-600 dark:text-slate-300">
         {img.format ? <>{size(img.virtualSize)} virtual · {size(img.actualSize)} on disk</> : img.error?.message ?? 'not readable'}
       </div>
-      <div className="flex min-w-0 gap-1 overflow-hidden">
+      {/* Read with the name (the badges are drawn for the eye, and said here in words). */}
+      <span className="sr-only" data-testid="node-summary">
+        {img.format ?? 'unreadable'}{img.format ? `, ${size(img.virtualSize)}` : ''}{img.children.length ? `, used by ${img.children.length} overlay${img.children.length > 1 ? 's' : ''}` : ''}{badges.length ? `; ${badges.map((b) => b.label).join(', ')}` : ''}
+      </span>
+      <div className="flex min-w-0 gap-1 overflow-hidden" aria-hidden="true">
         {badges.slice(0, 4).map((b) => (
           b.problem
             ? <button key={b.key} type="button" tabIndex={-1} title={`${b.title} — click for the fix`} onClick={(e) => { e.stopPropagation(); openDialog({ kind: 'fix', image: img.realPath, problem: b.problem! }); }}>

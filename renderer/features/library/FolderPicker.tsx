@@ -54,7 +54,7 @@ export function FolderPicker({ start, mode, onPick, value, onValue }: {
           <ul aria-label={`Contents of ${listing.path}`} className="divide-y divide-slate-100 text-sm dark:divide-slate-800">
             {listing.parent && (
               <li><button type="button" onClick={() => void open(listing.parent!)} className="flex w-full items-center gap-2 px-3 py-1.5 text-left hover:bg-slate-50 dark:hover:bg-slate-800">
-                <Icon name="up" className="h-4 w-4 text-slate-500" /> ..</button></li>
+                <Icon name="up" className="h-4 w-4 text-slate-500 dark:text-slate-400" /> ..</button></li>
             )}
             {listing.entries.filter((e) => e.kind === 'dir' || (mode === 'file' && e.kind === 'file')).map((e) => (
               <li key={e.path}>
@@ -62,13 +62,13 @@ export function FolderPicker({ start, mode, onPick, value, onValue }: {
                   onClick={() => { if (e.kind === 'dir') void open(e.path); else onValue(e.path); }}
                   onDoubleClick={() => { if (e.kind === 'file') onPick?.(e.path); }}
                   className={`flex w-full items-center gap-2 px-3 py-1.5 text-left hover:bg-slate-50 dark:hover:bg-slate-800 ${value === e.path ? 'bg-teal-50 dark:bg-teal-950' : ''}`}>
-                  <Icon name={e.kind === 'dir' ? 'folder' : e.image ? 'disk' : 'file'} className={`h-4 w-4 ${e.image ? 'text-teal-700 dark:text-teal-400' : 'text-slate-500'}`} />
+                  <Icon name={e.kind === 'dir' ? 'folder' : e.image ? 'disk' : 'file'} className={`h-4 w-4 ${e.image ? 'text-teal-700 dark:text-teal-400' : 'text-slate-500 dark:text-slate-400'}`} />
                   <span className="min-w-0 flex-1 truncate">{e.name}</span>
-                  {e.kind === 'file' && <span className="text-xs tabular-nums text-slate-500">{size(e.size)}</span>}
+                  {e.kind === 'file' && <span className="text-xs tabular-nums text-slate-500 dark:text-slate-400">{size(e.size)}</span>}
                 </button>
               </li>
             ))}
-            {listing.entries.length === 0 && <li className="px-3 py-2 text-slate-500">Empty folder</li>}
+            {listing.entries.length === 0 && <li className="px-3 py-2 text-slate-500 dark:text-slate-400">Empty folder</li>}
           </ul>
         )}
       </div>

@@ -11,10 +11,9 @@ import { PROBLEM_CODES } from '../../../core/library/types';
 export function Sidebar({ filter, onFilter }: { filter: Filter; onFilter: (f: Filter) => void }) {
   const settings = useStore((s) => s.settings);
   const library = useStore((s) => s.library);
-  const jobs = useStore((s) => s.jobs);
+  const active = useStore((s) => s.jobs.filter((j) => j.state === 'running' || j.state === 'queued' || j.state === 'cancelling').length);
   const jobsOpen = useStore((s) => s.jobsOpen);
   const [busy, setBusy] = useState(false);
-  const active = jobs.filter((j) => j.state === 'running' || j.state === 'queued' || j.state === 'cancelling').length;
   const s = library?.summary;
 
   const rescan = async () => {
@@ -49,7 +48,7 @@ export function Sidebar({ filter, onFilter }: { filter: Filter; onFilter: (f: Fi
         <ul className="mt-1 space-y-0.5">
           {settings?.folders.map((f) => (
             <li key={f} className="group flex items-center gap-2 rounded-md px-1 py-1 text-sm hover:bg-slate-200/60 dark:hover:bg-slate-800">
-              <Icon name="folder" className="h-4 w-4 text-slate-500" />
+              <Icon name="folder" className="h-4 w-4 text-slate-500 dark:text-slate-400" />
               <span className="min-w-0 flex-1 truncate" title={f}>{baseName(f) || f}</span>
               <button type="button" onClick={() => remove(f)} aria-label={`Stop watching ${f}`} title="Remove from the library (no file is deleted)"
                 className="rounded p-0.5 text-slate-400 opacity-0 hover:text-red-600 focus:opacity-100 group-hover:opacity-100">
@@ -57,7 +56,7 @@ export function Sidebar({ filter, onFilter }: { filter: Filter; onFilter: (f: Fi
               </button>
             </li>
           ))}
-          {settings && settings.folders.length === 0 && <li className="px-1 py-1 text-sm text-slate-500">No folders yet.</li>}
+          {settings && settings.folders.length === 0 && <li className="px-1 py-1 text-sm text-slate-500 dark:text-slate-400">No folders yet.</li>}
         </ul>
       </section>
 

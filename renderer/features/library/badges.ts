@@ -45,8 +45,8 @@ export function badgesFor(img: LibraryImage): BadgeInfo[] {
   if (img.bitmaps) out.push({ key: 'bitmaps', label: `${img.bitmaps} bitmap${img.bitmaps > 1 ? 's' : ''}`, tone: 'neutral', title: 'persistent dirty bitmaps (incremental backups)' });
   if (img.backingName) {
     out.push(img.backingRelative
-      ? { key: 'relative', label: 'relative backing path', tone: 'neutral', title: `Backing file recorded as '${img.backingName}', relative to this image's folder: the pair can move together` }
-      : { key: 'absolute', label: 'absolute backing path', tone: 'neutral', title: `Backing file recorded as '${img.backingName}': moving the backing file breaks this image` });
+      ? { key: 'relative', label: 'relative path', tone: 'neutral', title: `Backing file recorded as '${img.backingName}', relative to this image's folder: the pair can move together` }
+      : { key: 'absolute', label: 'absolute path', tone: 'neutral', title: `Backing file recorded as '${img.backingName}': moving the backing file breaks this image` });
   }
   if (img.external) out.push({ key: 'external', label: 'outside your folders', tone: 'neutral', title: 'Not in the folders you added: shown because an image there uses it as its backing file' });
   return out;

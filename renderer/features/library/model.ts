@@ -5,8 +5,8 @@ import { hierarchy, tree, type HierarchyPointNode } from 'd3-hierarchy';
 import type { LibraryImage } from '../../lib/store';
 import type { LibrarySnapshot } from '../../../core/library/types';
 
-export const ROW_H = 84;
-export const CARD_H = 72;
+export const ROW_H = 92;
+export const CARD_H = 80;
 export const CARD_W = 312;
 export const COL_W = 360;
 export const GROUP_GAP = 28;
@@ -36,8 +36,9 @@ export interface Group {
   edges: { from: LaidNode; to: LaidNode }[];
   width: number;
   height: number;
-  /** Set by stackGroups: where the group starts in the scrolling column. */
+  /** Set by stackGroups: where the group is in the scrolling area. */
   top: number;
+  left: number;
 }
 
 export interface Filter {
@@ -81,7 +82,7 @@ export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
     const edges = all.filter((n) => n.parent).map((n) => ({ from: laid.get(n.parent!)!, to: laid.get(n)! }));
     const maxDepth = Math.max(...nodes.map((n) => n.depth));
     const height = Math.max(...nodes.map((n) => n.y)) + CARD_H;
-    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height, top: 0 });
+    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height, top: 0, left: 0 });
   }
   groups.sort((a, b) => SECTION_ORDER.indexOf(a.section) - SECTION_ORDER.indexOf(b.section));
   return groups;
@@ -95,21 +96,35 @@ export interface Stacked {
   width: number;
 }
 
-/** Places groups one below the other, with a header where a section starts. */
-export function stackGroups(groups: Group[]): Stacked {
+/**
+ * Places groups one below the other, with a header where a section starts. Standalone images
+ * (groups of one) are set side by side, as many as fit in `width`.
+ */
+export function stackGroups(groups: Group[], width = 0): Stacked {
   let top = 0;
   let section: Section | null = null;
   const headers: Stacked['headers'] = [];
+  const perRow = Math.max(1, Math.floor((width - 48 + (COL_W - CARD_W)) / COL_W));
+  let col = 0;
   for (const g of groups) {
     if (g.section !== section) {
+      if (col > 0) { top += ROW_H + GROUP_GAP - (ROW_H - CARD_H); col = 0; }
       section = g.section;
       headers.push({ section, top, count: groups.filter((x) => x.section === section).length });
       top += SECTION_H;
     }
+    if (g.section === 'standalone') {
+      g.top = top;
+      g.left = col * COL_W;
+      if (++col === perRow) { col = 0; top += g.height + GROUP_GAP; }
+      continue;
+    }
     g.top = top;
+    g.left = 0;
     top += g.height + GROUP_GAP;
   }
-  return { groups, headers, height: top, width: Math.max(CARD_W, ...groups.map((g) => g.width)) };
+  if (col > 0) top += CARD_H + GROUP_GAP;
+  return { groups, headers, height: top, width: Math.max(CARD_W, ...groups.map((g) => g.left + g.width)) };
 }
 
 /** The nodes in reading order (group by group, each tree top to bottom): keyboard navigation. */

@@ -60,7 +60,7 @@ export function FixDialog({ imagePath, problem }: { imagePath: string; problem: 
           {fixes.map((f, i) => (
             <label key={i} className={`flex cursor-pointer gap-2 rounded-lg border p-2.5 text-sm ${chosen === i ? 'border-teal-600 bg-teal-50 dark:border-teal-500 dark:bg-teal-950/50' : 'border-slate-200 dark:border-slate-700'}`}>
               <input type="radio" name="fix" checked={chosen === i} onChange={() => setChosen(i)} className="mt-0.5" />
-              <span><span className="font-medium">{f.description}</span><code className="mt-0.5 block text-xs break-all text-slate-500">{commandLine(f.command)}</code></span>
+              <span><span className="font-medium">{f.description}</span><code className="mt-0.5 block text-xs break-all text-slate-500 dark:text-slate-400">{commandLine(f.command)}</code></span>
             </label>
           ))}
         </fieldset>

@@ -25,7 +25,7 @@ export function ChainDrawing({ chain, writes, creates }: { chain: JobPlanMessage
           {i > 0 && <span aria-hidden="true" className="text-slate-400">→</span>}
           <span title={l.filename} className={`inline-flex items-center gap-1.5 rounded-md border px-2 py-1 text-xs ${creates.has(l.filename) ? 'border-emerald-400 bg-emerald-50 dark:border-emerald-700 dark:bg-emerald-950' : writes.has(l.filename) ? 'border-amber-400 bg-amber-50 dark:border-amber-700 dark:bg-amber-950' : 'border-slate-300 dark:border-slate-600'}`}>
             <Icon name="disk" className="h-3.5 w-3.5" /> {baseName(l.filename)}
-            <span className="text-slate-500">{l.format}, {size(l.virtualSize)}</span>
+            <span className="text-slate-500 dark:text-slate-400">{l.format}, {size(l.virtualSize)}</span>
             {creates.has(l.filename) ? <span className="sr-only">(new)</span> : writes.has(l.filename) ? <span className="sr-only">(changed)</span> : null}
           </span>
         </li>
@@ -102,7 +102,7 @@ export function PlanPreview({ plan, confirmed, onConfirm }: { plan: JobPlanMessa
           {plan.creates.map((w) => <li key={`c${w}`}><Badge tone="ok">created</Badge> <span className="font-mono text-xs">{w}</span></li>)}
           {plan.renames.map((r) => <li key={`r${r.from}`}><Badge tone="info">renamed</Badge> <span className="font-mono text-xs">{r.from} → {r.to}</span></li>)}
           {plan.removes.map((w) => <li key={`d${w}`}><Badge tone="danger">deleted</Badge> <span className="font-mono text-xs">{w}</span></li>)}
-          {!plan.writes.length && !plan.creates.length && !plan.renames.length && !plan.removes.length && <li className="text-slate-500">No file is changed.</li>}
+          {!plan.writes.length && !plan.creates.length && !plan.renames.length && !plan.removes.length && <li className="text-slate-500 dark:text-slate-400">No file is changed.</li>}
         </ul>
       </section>
 
