@@ -144,7 +144,8 @@ export async function permissionProblems(plan: JobPlan, paths: string[], folders
 
 /**
  * The run's gate: refuses, with one line, when an image is in use (InUseError), when something
- * makes the job impossible (IoError for space, UsageError otherwise), or when it needs force.
+ * makes the job impossible (IoError: space, permissions, a read-only file system), or when it
+ * needs force that was not given (UsageError naming --force).
  */
 export function enforcePlan(plan: JobPlan, force = false): void {
   const b = plan.blocked[0];

@@ -21,7 +21,7 @@ import { planSnapshot } from './snapshot';
 import { planResize } from './resize';
 import { planCheck } from './check';
 import { planCreate, resolveCreate, parseCreateOptions, recordToOptions, type CreateOptions } from './create';
-import { probeAll, type JobPlan, type JobSpec, type SpecOf } from './plan-kit';
+import { bytesText, probeAll, type JobPlan, type JobSpec, type SpecOf } from './plan-kit';
 
 export type { JobSpec, JobPlan, JobResult, PlanHolder, PlanChainLink, PlanSpace, JobOp, SpecOf } from './plan-kit';
 
@@ -160,9 +160,7 @@ export function planToJson(plan: JobPlan): Record<string, unknown> {
   return toKebab(plan) as Record<string, unknown>;
 }
 
-function size(n: number): string {
-  return n < 1024 ? `${n} bytes` : `${sizeToStr(n)} (${n} bytes)`;
-}
+const size = bytesText;
 
 /** The plan as --dry-run prints it for people. */
 export function planToText(plan: JobPlan): string {

@@ -437,8 +437,9 @@ describeOracle('strata on an image held by QEMU', () => {
         expect(rBase.status).not.toBe(0);
         expect(rBase.stderr).toContain('Failed to get shared "write" lock');
 
-        // A second strata writer, in this (another) process, is refused and names the job's process.
-        const strataHolder = { pid, program: 'node' };
+        // A second strata writer, in this (another) process, is refused and names the job's
+        // process (node running Strata is named as Strata).
+        const strataHolder = { pid, program: 'strata' };
         expectRefusal(await strata('io', '-c', 'write 0 4k', f.top), f.top, strataHolder);
         expectRefusal(await strata('io', '-c', 'write 0 4k', f.base), f.base, strataHolder);
         expectRefusal(await strata('commit', f.top), f.top, strataHolder);
