@@ -10,6 +10,7 @@ import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { interposeWritable } from '../io/interpose';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -69,8 +70,9 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
         throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
-    if (format === 'raw') return await RawImage.open(filename, file);
-    return opts.writable ? await Qcow2Writable.openWritable(filename, file) : await Qcow2Image.open(filename, file);
+    const f = await interposeWritable(file);
+    if (format === 'raw') return await RawImage.open(filename, f);
+    return opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
   } catch (err) {
     await file.close();
     throw err;
