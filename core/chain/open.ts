@@ -121,10 +121,25 @@ function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
   throw new FormatError(`backing file format '${printable(f)}' is not supported (qcow2 and raw are)`, img.filename);
 }
 
+/**
+ * Closes every image of the chain. When an image opened for writing fails to close (its last
+ * metadata could not be written, or the descriptor would not close), this throws that error
+ * once all are closed: its last writes may be missing. Not for a qcow2 image that was already
+ * in the failed state: its error reached the caller from the call that failed, which is the
+ * one to report. Read-only images close on a best-effort basis.
+ */
 export async function closeChain(top: DiskImage | null): Promise<void> {
+  let failed = false;
+  let first: unknown;
   for (let img = top; img; img = img.backing) {
-    try { await img.close(); } catch { /* closing is best effort */ }
+    const reported = img instanceof Qcow2Writable && img.failure !== null;
+    try {
+      await img.close();
+    } catch (err) {
+      if (img.file.writable && !reported && !failed) { failed = true; first = err; }
+    }
   }
+  if (failed) throw first;
 }
 
 /** The chain as a list, top first. */

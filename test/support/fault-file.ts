@@ -33,9 +33,23 @@ export class FaultInjector {
   bytes = 0;
   /** The failures injected, in order (op and where). */
   readonly injected: string[] = [];
+  /** Every operation seen, in order (writes, flushes, truncates), to pick an N by what it does. */
+  readonly trace: { op: 'write' | 'flush' | 'truncate'; path: string; offset: number; length: number }[] = [];
   private dead = false;
 
-  constructor(readonly plan: FaultPlan | null = null) {}
+  /** The plan may be set or changed while files are in use (after a setup phase, say). */
+  constructor(public plan: FaultPlan | null = null) {}
+
+  /** 1-based index of the first traced write matching `pred` (to fail exactly that one). */
+  writeIndex(pred: (path: string, offset: number, length: number) => boolean, from = 1): number {
+    let n = 0;
+    for (const t of this.trace) {
+      if (t.op !== 'write') continue;
+      n++;
+      if (n >= from && pred(t.path, t.offset, t.length)) return n;
+    }
+    return -1;
+  }
 
   wrap(file: BlockFile): BlockFile { return new FaultFile(file, this); }
 
@@ -51,6 +65,7 @@ export class FaultInjector {
   /** @internal */
   beforeWrite(file: BlockFile, buf: Uint8Array, offset: number): number {
     const n = ++this.writes;
+    this.trace.push({ op: 'write', path: file.path, offset, length: buf.length });
     const what = `write of ${buf.length} bytes at offset ${offset} failed`;
     const p = this.plan;
     if (!p) return buf.length;
@@ -63,12 +78,14 @@ export class FaultInjector {
   /** @internal */
   beforeFlush(file: BlockFile): void {
     const n = ++this.flushes;
+    this.trace.push({ op: 'flush', path: file.path, offset: 0, length: 0 });
     if (!this.plan) return;
     if (this.dead || this.plan.flush === n) this.fail(file, 'fsync', 'flush failed');
   }
 
   /** @internal */
   beforeTruncate(file: BlockFile, size: number): void {
+    this.trace.push({ op: 'truncate', path: file.path, offset: size, length: 0 });
     if (this.plan && this.dead) this.fail(file, 'ftruncate', `cannot resize to ${size} bytes`);
   }
 }
