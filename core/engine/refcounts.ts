@@ -356,6 +356,29 @@ export class Refcounts {
     for (const off of offs) this.dirtyBlocks.delete(off);
   }
 
+  /** Copies the refcounts of clusters [0, n), as they are in memory, into `out` (for a complete new structure). */
+  async countsInto(out: { [i: number]: number; length: number }, n: number): Promise<void> {
+    for (let ri = 0; ri * this.perBlock < n; ri++) {
+      const off = this.blockOffset(ri);
+      if (!off) continue;
+      const b = await this.loadBlock(off);
+      const end = Math.min(n, (ri + 1) * this.perBlock);
+      for (let c = ri * this.perBlock; c < end; c++) out[c] = getRefcount(b, c - ri * this.perBlock, this.host.refcountOrder);
+    }
+  }
+
+  /** The clusters of the refcount structure itself: the table and every block it lists. */
+  structureClusters(): number[] {
+    const cs = this.clusterSize;
+    const out: number[] = [];
+    for (let c = 0; c < Math.ceil(this.reftable.length / cs); c++) out.push(this.reftableOffset / cs + c);
+    for (let ri = 0; ri < this.reftableEntries; ri++) {
+      const off = this.blockOffset(ri);
+      if (off) out.push(off / cs);
+    }
+    return out;
+  }
+
   get hasDirty(): boolean { return this.dirtyBlocks.size > 0 || this.reftableDirty.size > 0; }
 
   /** Writes dirty refcount blocks, then (after a flush, so blocks precede pointers) table entries. */

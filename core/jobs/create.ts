@@ -412,7 +412,9 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
         else items.push({ offset: off, data });
       }
       await writeAll(out, items);
-      // The header last: until it is there, the file is not a qcow2 image.
+      // The header last, and only once the rest is durable: until it is there, the file is
+      // not a qcow2 image, and a header that landed before its tables would be a broken one.
+      await out.flush();
       if (header) await out.write(header, 0);
       if ((await out.size()) !== end) await out.truncate(end);
       progress.done();
