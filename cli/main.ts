@@ -2,6 +2,7 @@
 import { availableParallelism } from 'node:os';
 import { CancelledError } from '../core/errors';
 import { nativeStatus } from '../core/io/native';
+import { allowUnlockedWrites } from '../core/io/locks';
 import { reportError, stdio, type CommandIO } from './common';
 import { infoCommand } from './info';
 import { mapCommand } from './map';
@@ -35,6 +36,11 @@ Commands (options follow qemu-img):
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
+
+Without the native addon (npm rebuild builds it; node-gyp needs python3, make and g++) Strata
+cannot hold QEMU's image locks, and commands that write refuse to run. With any command:
+  --force-unlocked   write anyway, without locks. UNSAFE: a VM started on the image while
+                     Strata writes it would write it too, and corrupt it.
 `;
 
 type Command = (args: string[], io: CommandIO, signal: AbortSignal) => Promise<number>;
@@ -59,20 +65,25 @@ const COMMANDS: Record<string, Command> = {
 const ERROR_EXIT: Record<string, number> = { compare: 2 };
 
 export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
-  const [cmd, ...rest] = argv;
+  // Before or after the command name, like a global option.
+  const forced = argv.includes('--force-unlocked');
+  const [cmd, ...rest] = argv.filter((a) => a !== '--force-unlocked');
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { io.out(HELP); return cmd ? 0 : 2; }
   if (cmd === '--version' || cmd === '-V') {
     const n = nativeStatus();
-    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching, native copy path)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks are not taken (images in use are still detected from /proc/locks), holes are not detected or punched, copies take the slower plain Node path`}\n`);
+    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching, native copy path)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks cannot be held, so commands that write refuse to run without --force-unlocked (reads still detect images in use from /proc/locks), holes are not detected or punched, copies take the slower plain Node path`}\n`);
     return 0;
   }
   const command = COMMANDS[cmd];
   if (!command) { io.err(`strata: unknown command '${cmd}'\n${HELP}`); return 2; }
+  allowUnlockedWrites(forced);
   try {
     return await command(rest, io, signal);
   } catch (err) {
     if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
     return reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+  } finally {
+    allowUnlockedWrites(false);
   }
 }
 
