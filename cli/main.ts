@@ -87,6 +87,24 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
   }
 }
 
+/**
+ * SIGINT and SIGTERM: the first cancels the job through its signal and lets it get to a
+ * consistent state (its own cleanup, its last flush, the dirty bit cleared); nothing cuts
+ * that short but a second signal, which ends the process at once.
+ */
+export function signalHandler(ac: AbortController, exitNow: (code: number) => void): (signal: NodeJS.Signals) => void {
+  let received = 0;
+  return (signal) => {
+    if (++received > 1) { exitNow(signal === 'SIGTERM' ? 143 : 130); return; }
+    ac.abort(signal);
+  };
+}
+
+/** The exit status after an interrupt: 128 + the signal's number, as a shell reports it. */
+export function interruptStatus(signal: AbortSignal): number {
+  return signal.reason === 'SIGTERM' ? 143 : 130;
+}
+
 const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.cjs)?|main\.ts)$/.test(process.argv[1]);
 if (isMain) {
   // libuv's thread pool reads the copy windows (readScan). Its default of 4 threads is more
@@ -95,13 +113,7 @@ if (isMain) {
   // starts, which is at the first asynchronous file call; a value the user set is kept.
   process.env.UV_THREADPOOL_SIZE ??= String(Math.min(4, Math.max(2, availableParallelism())));
   const ac = new AbortController();
-  let interrupts = 0;
-  const onSignal = () => {
-    if (++interrupts > 1) process.exit(130);
-    ac.abort();
-    // Jobs stop within a fraction of a second; anything that does not (a long open) is ended.
-    setTimeout(() => process.exit(130), 3000).unref();
-  };
+  const onSignal = signalHandler(ac, (code) => process.exit(code));
   // A reader that went away (`strata map IMG | head`) is not an error worth a stack trace.
   // The handler goes on a stream before its first write, not here: touching process.stdout
   // creates it, which a command that prints nothing need not pay for (see stdio).
@@ -130,5 +142,7 @@ if (isMain) {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  run(process.argv.slice(2), io, ac.signal).then(exit, (err) => exit(reportError(err, io)));
+  // Interrupted: the job has stopped cleanly by now; say so in the exit status (128 + signal).
+  const status = (code: number) => (ac.signal.aborted ? interruptStatus(ac.signal) : code);
+  run(process.argv.slice(2), io, ac.signal).then((code) => exit(status(code)), (err) => exit(status(reportError(err, io))));
 }
