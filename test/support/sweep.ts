@@ -208,23 +208,60 @@ export class Sweep {
       const inj = new FaultInjector(plan);
       const o = await this.runWith(dir, (f) => inj.wrap(f));
       const hit = inj.injected.length > 0;
-      const where = `${JSON.stringify(plan)} -> exit ${o.code}`;
-      const problems: Violation[] = [];
-      if (hit && o.code === 0) problems.push(`${where}: succeeded after ${inj.injected[0]}`);
-      if (o.code !== 0) {
-        const lines = o.err.trimEnd().split('\n').filter((l) => !this.c.reportLines?.test(l));
-        const cause = plan.code === 'EIO' ? /i\/o error/i : /no space left/i;
-        if (lines.length !== 1 || !lines[0]!.startsWith('strata: ')) problems.push(`${where}: stderr is not one line: ${JSON.stringify(o.err)}`);
-        if (!cause.test(o.err)) problems.push(`${where}: the error does not say ${plan.code}: ${JSON.stringify(o.err)}`);
-        if (!o.err.includes(dir)) problems.push(`${where}: the error names no file: ${JSON.stringify(o.err)}`);
-        if (!hit) problems.push(`${where}: failed without a fault: ${JSON.stringify(o.err)}`);
-        for (const t of this.c.createdTargets ?? []) if (existsSync(join(dir, t))) problems.push(`${where}: ${t} was left behind`);
-      }
-      for (const p of await this.judge(dir, { finished: o.code === 0, succeeded: o.code === 0 })) problems.push(`${where}: ${p}`);
+      const problems = await this.outcome(dir, dir, o, hit, plan.code, `${JSON.stringify(plan)} -> exit ${o.code}`, inj.injected[0]);
       return { problems, hit, outcome: o };
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  }
+
+  /**
+   * Runs the command on a fresh copy through another path to the same folder (`through`: a
+   * FUSE mount that fails a write), after `arm()`; `met()` then says whether the fault was met.
+   */
+  async faultThrough(through: (dir: string) => string, arm: () => void, met: () => boolean, code: FaultPlan['code'], label: string): Promise<{ problems: Violation[]; hit: boolean; outcome: Outcome }> {
+    const dir = this.copy();
+    try {
+      arm();
+      const o = await strataIn(this.c.argv(through(dir)));
+      const hit = met();
+      // Below the engine a failed request can come back as a short write, which is retried
+      // (and succeeds when the failure was transient): success is then right, if everything
+      // is in place, as judge() requires of any success.
+      const problems = await this.outcome(dir, through(dir), o, hit, code, `${label} -> exit ${o.code}`, label, true);
+      return { problems, hit, outcome: o };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** Runs the command cleanly through `through` (it must succeed, as after the clean run). */
+  async cleanThrough(through: (dir: string) => string): Promise<Violation[]> {
+    const dir = this.copy();
+    try {
+      const o = await strataIn(this.c.argv(through(dir)));
+      if (o.code !== 0) return [`clean run through ${through(dir)} failed (${o.code}): ${o.err}`];
+      return await this.judge(dir, { finished: true, succeeded: true });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** The rules for a run that may have met a fault (the files in `dir`, named `shown` to the command). */
+  private async outcome(dir: string, shown: string, o: Outcome, hit: boolean, code: FaultPlan['code'], where: string, first?: string, retried = false): Promise<Violation[]> {
+    const problems: Violation[] = [];
+    if (hit && o.code === 0 && !retried) problems.push(`${where}: succeeded after ${first}`);
+    if (o.code !== 0) {
+      const lines = o.err.trimEnd().split('\n').filter((l) => !this.c.reportLines?.test(l));
+      const cause = code === 'EIO' ? /i\/o error|input\/output error/i : /no space left/i;
+      if (lines.length !== 1 || !lines[0]!.startsWith('strata: ')) problems.push(`${where}: stderr is not one line: ${JSON.stringify(o.err)}`);
+      if (!cause.test(o.err)) problems.push(`${where}: the error does not say ${code}: ${JSON.stringify(o.err)}`);
+      if (!o.err.includes(shown)) problems.push(`${where}: the error names no file: ${JSON.stringify(o.err)}`);
+      if (!hit) problems.push(`${where}: failed without a fault: ${JSON.stringify(o.err)}`);
+      for (const t of this.c.createdTargets ?? []) if (existsSync(join(dir, t))) problems.push(`${where}: ${t} was left behind`);
+    }
+    for (const p of await this.judge(dir, { finished: o.code === 0, succeeded: o.code === 0 })) problems.push(`${where}: ${p}`);
+    return problems;
   }
 
   /**

@@ -9,7 +9,7 @@ import type { SweepCase } from '../../support/sweep';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-function create(dir: string, name: string, size: string, opts = 'cluster_size=4k', backing?: string): string {
+export function create(dir: string, name: string, size: string, opts = 'cluster_size=4k', backing?: string): string {
   const p = join(dir, name);
   const args = ['create', '-q', '-f', 'qcow2', '-o', opts];
   if (backing) args.push('-b', backing, '-F', 'qcow2');
@@ -19,7 +19,7 @@ function create(dir: string, name: string, size: string, opts = 'cluster_size=4k
 }
 
 /** base <- mid <- top, with data in every layer (4 KiB clusters, 2 MiB). */
-function chain(dir: string): void {
+export function chain(dir: string): void {
   const base = create(dir, 'base.qcow2', '2M');
   qemuIo(base, ['write -P 0x11 0 1M', 'write -P 0x12 1536k 256k']);
   const mid = create(dir, 'mid.qcow2', '2M', 'cluster_size=4k', 'base.qcow2');
