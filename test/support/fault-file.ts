@@ -37,6 +37,11 @@ export class FaultInjector {
   readonly trace: { op: 'write' | 'flush' | 'truncate'; path: string; offset: number; length: number }[] = [];
   private dead = false;
 
+  /** Failures the wrapped files themselves reported (a real full disk, say), in order. */
+  readonly real: string[] = [];
+  /** Called before each write with its number (1-based): to fill the disk at a chosen point. */
+  beforeEachWrite: ((n: number) => void) | null = null;
+
   /** The plan may be set or changed while files are in use (after a setup phase, say). */
   constructor(public plan: FaultPlan | null = null) {}
 
@@ -65,6 +70,7 @@ export class FaultInjector {
   /** @internal */
   beforeWrite(file: BlockFile, buf: Uint8Array, offset: number): number {
     const n = ++this.writes;
+    this.beforeEachWrite?.(n);
     this.trace.push({ op: 'write', path: file.path, offset, length: buf.length });
     const what = `write of ${buf.length} bytes at offset ${offset} failed`;
     const p = this.plan;
@@ -104,11 +110,21 @@ class FaultFile implements BlockFile {
   size(): Promise<number> { return this.inner.size(); }
   read(buf: Uint8Array, offset: number): Promise<number> { return this.inner.read(buf, offset); }
 
+  /** Runs an operation of the real file, noting its failures. */
+  private async real<T>(op: Promise<T>): Promise<T> {
+    try {
+      return await op;
+    } catch (err) {
+      this.inj.real.push(String((err as Error)?.message ?? err));
+      throw err;
+    }
+  }
+
   async write(buf: Uint8Array, offset: number): Promise<void> {
     const allowed = this.inj.beforeWrite(this, buf, offset);
     if (allowed === buf.length) {
       this.inj.bytes += buf.length;
-      return this.inner.write(buf, offset);
+      return this.real(this.inner.write(buf, offset));
     }
     // Over the budget: what fits lands, then the disk is full.
     if (allowed > 0) await this.inner.write(buf.subarray(0, allowed), offset);
@@ -118,12 +134,12 @@ class FaultFile implements BlockFile {
 
   async truncate(size: number): Promise<void> {
     this.inj.beforeTruncate(this, size);
-    return this.inner.truncate(size);
+    return this.real(this.inner.truncate(size));
   }
 
   async flush(): Promise<void> {
     this.inj.beforeFlush(this);
-    return this.inner.flush();
+    return this.real(this.inner.flush());
   }
 
   close(): Promise<void> { return this.inner.close(); }

@@ -235,6 +235,22 @@ export class Sweep {
     }
   }
 
+  /**
+   * Runs the command with `inj` under its files (a plain injector whose beforeEachWrite fills
+   * the disk, say): a failure the files report counts as the fault met.
+   */
+  async withInjector(inj: FaultInjector, code: FaultPlan['code'], label: string): Promise<{ problems: Violation[]; hit: boolean; outcome: Outcome }> {
+    const dir = this.copy();
+    try {
+      const o = await this.runWith(dir, (f) => inj.wrap(f));
+      const hit = inj.injected.length > 0 || inj.real.length > 0;
+      const problems = await this.outcome(dir, dir, o, hit, code, `${label} -> exit ${o.code}`, inj.real[0] ?? inj.injected[0]);
+      return { problems, hit, outcome: o };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
   /** Runs the command cleanly through `through` (it must succeed, as after the clean run). */
   async cleanThrough(through: (dir: string) => string): Promise<Violation[]> {
     const dir = this.copy();
