@@ -11,7 +11,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { native } from '../../core/io/native';
-import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
+import { qemuImg, qemuImgRun, qemuIo, tempDir, describeOracleText } from '../oracle/qemu';
 import { lockBytes, poll, startHolder, type Holder } from '../oracle/holders';
 import { ensureBuilt, strata, strataBin as runBin } from './run-cli';
 
@@ -110,7 +110,7 @@ function expectRefusal(r: { code: number | null; err: string }, file: string, ho
 
 // ---------------------------------------------------------------------------------------------
 
-describeOracle('strata on an image held by QEMU', () => {
+describeOracleText('strata on an image held by QEMU', () => {
   const tmp = tempDir('strata-inuse-');
   beforeAll(() => ensureBuilt());
   afterAll(() => tmp.cleanup());

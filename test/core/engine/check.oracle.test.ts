@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { strata } from '../../cli/run-cli';
 import { rng } from '../jobs/helpers';
-import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
+import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir, describeOracleText } from '../../oracle/qemu';
 import { decodeHeader, hasExtendedL2 } from '../../../core/format/header';
 import { getRefcount, refcountBlockEntries, setRefcount } from '../../../core/format/refcount';
 import { cFixed2 } from '../../../cli/check';
@@ -155,7 +155,7 @@ async function expectSameRepair(damaged: string, mode: 'leaks' | 'all', expectAf
   return s;
 }
 
-describeOracle('strata check: clean images, same result as qemu-img check', () => {
+describeOracleText('strata check: clean images, same result as qemu-img check', () => {
   beforeAll(() => { dir = tempDir('strata-check-'); });
   afterAll(() => dir.cleanup());
 
@@ -252,7 +252,7 @@ describeOracle('strata check: clean images, same result as qemu-img check', () =
   });
 });
 
-describeOracle('strata check: damaged images, same findings and repairs as qemu-img', () => {
+describeOracleText('strata check: damaged images, same findings and repairs as qemu-img', () => {
   beforeAll(() => { dir = tempDir('strata-check-dmg-'); });
   afterAll(() => dir.cleanup());
 
