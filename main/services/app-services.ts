@@ -75,7 +75,8 @@ export class AppServices {
       if (!s.sessionFolders) s.settings.update({ folders: s.folders, onboarded: true });
       await s.library.setFolders(s.folders);
     } else {
-      await s.library.start();
+      // The first scan runs while the server starts and the page loads; library.get waits for it.
+      void s.library.start();
     }
     return s;
   }
@@ -123,7 +124,7 @@ export class AppServices {
         home: homedir(),
         suggestedFolders: suggestedFolders(),
       }),
-      'library.get': () => this.library.snapshot(),
+      'library.get': () => this.library.ready(),
       'library.rescan': () => this.library.rescanAll(),
       'library.addFolder': async ({ path }) => {
         const dir = resolve(path);

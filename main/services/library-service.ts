@@ -2,7 +2,7 @@
 // (inotify through fs.watch, debounced, rescanning only what changed) so that an image made,
 // removed or rebased by another tool shows up within a second; who holds what is refreshed
 // every few seconds. Plain Node: tests run it without Electron.
-import { watch, type FSWatcher } from 'node:fs';
+import { readdirSync, realpathSync, statSync, watch, type Dirent, type FSWatcher } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Library } from '../../core/library/library';
 import type { LibrarySnapshot } from '../../core/library/types';
@@ -17,7 +17,8 @@ export interface LibraryServiceOptions {
 
 export class LibraryService {
   private library: Library;
-  private watchers: FSWatcher[] = [];
+  /** One inotify watch per folder (by real path): events name the entries that changed. */
+  private watchers = new Map<string, FSWatcher>();
   private pending = new Set<string>();
   private timer: NodeJS.Timeout | null = null;
   private holdersTimer: NodeJS.Timeout | null = null;
@@ -30,18 +31,30 @@ export class LibraryService {
   constructor(private folders: string[], private readonly opts: LibraryServiceOptions = {}) {
     this.library = new Library(folders);
     this.debounceMs = opts.debounceMs ?? 150;
-  }
-
-  /** Scans the folders and starts watching them. */
-  async start(): Promise<LibrarySnapshot> {
-    const snap = await this.serial(() => this.library.scan());
-    this.holdersKey = holdersKey(snap);
-    this.watchAll();
-    const every = this.opts.holdersEveryMs ?? 2000;
+    const every = opts.holdersEveryMs ?? 2000;
     if (every > 0) {
       this.holdersTimer = setInterval(() => { void this.refreshHolders(); }, every);
       this.holdersTimer.unref();
     }
+  }
+
+  private first: Promise<LibrarySnapshot> | null = null;
+
+  /** The library once the first scan has finished. */
+  ready(): Promise<LibrarySnapshot> {
+    return this.first ?? this.start();
+  }
+
+  /** Scans the folders and starts watching them. */
+  start(): Promise<LibrarySnapshot> {
+    this.first ??= this.startNow();
+    return this.first;
+  }
+
+  private async startNow(): Promise<LibrarySnapshot> {
+    const snap = await this.serial(() => this.library.scan());
+    this.holdersKey = holdersKey(snap);
+    this.watchAll();
     this.emit(snap);
     return snap;
   }
@@ -52,10 +65,12 @@ export class LibraryService {
   async setFolders(folders: string[]): Promise<LibrarySnapshot> {
     this.folders = folders;
     this.unwatchAll();
-    const snap = await this.serial(async () => {
+    const scanned = this.serial(async () => {
       this.library = new Library(folders);
       return this.library.scan();
     });
+    this.first ??= scanned;
+    const snap = await scanned;
     this.watchAll();
     this.emit(snap);
     return snap;
@@ -101,28 +116,48 @@ export class LibraryService {
   }
 
   private watchAll(): void {
-    for (const folder of this.folders) {
-      try {
-        const w = watch(folder, { recursive: true }, (_event, name) => {
-          this.pending.add(name ? join(folder, name.toString()) : folder);
-          this.schedule(this.debounceMs);
-        });
-        w.on('error', (err) => {
-          // The folder went away, or inotify ran out of watches: rescan it whole later.
-          this.opts.log?.(`watching ${folder} stopped: ${err.message}`);
-          this.pending.add(folder);
-          this.schedule(this.debounceMs);
-        });
-        this.watchers.push(w);
-      } catch (err) {
-        this.opts.log?.(`cannot watch ${folder}: ${(err as Error).message}`);
-      }
+    for (const folder of this.folders) this.watchDir(folder, 0);
+  }
+
+  /**
+   * Watches `dir` and the folders below it, each with a plain (non-recursive) fs.watch: one
+   * inotify watch per folder. (Node's recursive mode on Linux watches every file on its own,
+   * 2,000 watchers and 100 ms for a folder of 2,000 images.)
+   */
+  private watchDir(dir: string, depth: number): void {
+    if (this.closed || depth > 16) return;
+    let real: string;
+    try { real = realpathSync.native(dir); } catch { return; }
+    if (this.watchers.has(real)) return;
+    let w: FSWatcher;
+    try {
+      w = watch(dir, (_event, name) => this.changed(name ? join(dir, name.toString()) : dir, depth));
+    } catch (err) {
+      this.opts.log?.(`cannot watch ${dir}: ${(err as Error).message}`);
+      return;
     }
+    w.on('error', () => {
+      // The folder went away (or inotify ran out of watches): rescan where it was.
+      w.close();
+      this.watchers.delete(real);
+      this.changed(dir, depth);
+    });
+    this.watchers.set(real, w);
+    let entries: Dirent[] = [];
+    try { entries = readdirSync(dir, { withFileTypes: true }); } catch { /* unreadable: its rescan says so */ }
+    for (const e of entries) if (e.isDirectory()) this.watchDir(join(dir, e.name), depth + 1);
+  }
+
+  /** Something changed at `path` (in a watched folder): rescan it soon; watch it if it is a new folder. */
+  private changed(path: string, depth: number): void {
+    this.pending.add(path);
+    try { if (statSync(path).isDirectory()) this.watchDir(path, depth + 1); } catch { /* removed */ }
+    this.schedule(this.debounceMs);
   }
 
   private unwatchAll(): void {
-    for (const w of this.watchers) w.close();
-    this.watchers = [];
+    for (const w of this.watchers.values()) w.close();
+    this.watchers.clear();
   }
 
   private schedule(ms: number): void {

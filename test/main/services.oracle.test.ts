@@ -92,6 +92,15 @@ describeOracle('app services (fork job host)', () => {
     rmSync(join(pool, 'c.qcow2'));
     await until('c.qcow2 to go', () => latest() && !has('c.qcow2'), 1000);
     expect(Date.now() - t0).toBeLessThan(1000);
+    // A new folder is watched too (one inotify watch per folder).
+    mkdirSync(join(pool, 'later'));
+    await new Promise((r) => setTimeout(r, 200));
+    t0 = Date.now();
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', '../base.qcow2', '-F', 'qcow2', join(pool, 'later', 'd.qcow2'));
+    await until('later/d.qcow2 to appear', () => has('later/d.qcow2'), 1000);
+    expect(Date.now() - t0).toBeLessThan(1000);
+    rmSync(join(pool, 'later'), { recursive: true });
+    await until('later/d.qcow2 to go', () => latest() && !has('later/d.qcow2'), 1000);
     expect(shape(latest()!)).toEqual(shape(await new Library([pool]).scan()));
   });
 
