@@ -98,6 +98,15 @@ export interface NativeApi {
    * no huge pages (not Linux, THP "never"). A hint: buf's contents and use do not change.
    */
   adviseHugePages(buf: Uint8Array): number;
+  /**
+   * flistxattr / fgetxattr / fsetxattr: a file's extended attributes (those this process may
+   * see), one value, and setting one. Optional: an addon built before they existed lacks them.
+   * getXattr throws code 'ENODATA' for a missing name; listXattrs gives [] where the file
+   * system has none.
+   */
+  listXattrs?(fd: number): string[];
+  getXattr?(fd: number, name: string): Buffer;
+  setXattr?(fd: number, name: string, value: Uint8Array): void;
 }
 
 export interface NativeStatus {
