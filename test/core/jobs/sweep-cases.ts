@@ -128,6 +128,34 @@ export const CASES: SweepCase[] = [
     views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }, { file: 'top.qcow2', snapshots: true, alone: true, rule: 'unchanged' }],
   },
   {
+    name: 'compact (rewritten beside itself, then renamed over)',
+    build: (d) => { chain(d); },
+    buildKey: 'chain',
+    argv: (d) => ['compact', join(d, 'top.qcow2')],
+    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }],
+  },
+  {
+    name: 'empty (an overlay whose data its backing file already has)',
+    build: (d) => {
+      const base = create(d, 'base.qcow2', '2M');
+      qemuIo(base, ['write -P 0x71 0 512k', 'write -P 0x72 1M 256k']);
+      const top = create(d, 'top.qcow2', '2M', 'cluster_size=4k', 'base.qcow2');
+      qemuIo(top, ['write -P 0x71 64k 128k', 'write -P 0x72 1M 64k']);
+    },
+    argv: (d) => ['empty', join(d, 'top.qcow2')],
+    images: ['top.qcow2', 'base.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
+  },
+  {
+    name: 'merge of the middle layer (committed down, its child repointed, deleted)',
+    build: (d) => { chain(d); },
+    buildKey: 'chain',
+    argv: (d) => ['merge', join(d, 'mid.qcow2')],
+    images: ['top.qcow2', 'base.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }],
+  },
+  {
     name: 'rebase -b base.qcow2 (safe)',
     build: (d) => { chain(d); },
     buildKey: 'chain',
