@@ -19,7 +19,7 @@ const CONFIGS = [
 ];
 
 /** Cut points checked per configuration (random, over the whole run). */
-const CUTS = 80;
+const CUTS = 50;
 
 describeOracle('crash safety of the write path (reordered, torn writes between flushes)', () => {
   for (const cfg of CONFIGS) {
