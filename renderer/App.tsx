@@ -1,13 +1,14 @@
 // The window: folders and filters on the left, the chains in the middle, the selected image's
 // details on the right, the job monitor below, dialogs and notifications above.
-import { useEffect, useState } from 'react';
+import { lazy, Suspense, useEffect, useState } from 'react';
 import { Sidebar } from './features/library/Sidebar';
 import { ChainForest } from './features/library/ChainForest';
 import { AddFolderDialog, EmptyLibrary } from './features/library/AddFolder';
 import { DetailsPanel } from './features/details/DetailsPanel';
-import { JobMonitor } from './features/jobs/JobMonitor';
-import { Wizard } from './features/wizards/Wizard';
-import { FixDialog } from './features/wizards/FixDialog';
+// Loaded when first opened: the first screen (the chains) needs none of them.
+const JobMonitor = lazy(() => import('./features/jobs/JobMonitor').then((m) => ({ default: m.JobMonitor })));
+const Wizard = lazy(() => import('./features/wizards/Wizard').then((m) => ({ default: m.Wizard })));
+const FixDialog = lazy(() => import('./features/wizards/FixDialog').then((m) => ({ default: m.FixDialog })));
 import { Toasts } from './components/toasts';
 import { Spinner } from './components/ui';
 import { useStore } from './lib/store';
@@ -51,10 +52,12 @@ export function App() {
           </div>
           <DetailsPanel />
         </div>
-        {jobsOpen && <JobMonitor />}
+        {jobsOpen && <Suspense fallback={<div className="h-80 shrink-0 border-t border-slate-200 dark:border-slate-800" />}><JobMonitor /></Suspense>}
       </main>
-      {dialog?.kind === 'wizard' && <Wizard key={`${dialog.op}:${dialog.image}:${dialog.snapshot ?? ''}`} op={dialog.op} imagePath={dialog.image} snapshot={dialog.snapshot} />}
-      {dialog?.kind === 'fix' && <FixDialog imagePath={dialog.image} problem={dialog.problem} />}
+      <Suspense fallback={null}>
+        {dialog?.kind === 'wizard' && <Wizard key={`${dialog.op}:${dialog.image}:${dialog.snapshot ?? ''}`} op={dialog.op} imagePath={dialog.image} snapshot={dialog.snapshot} />}
+        {dialog?.kind === 'fix' && <FixDialog imagePath={dialog.image} problem={dialog.problem} />}
+      </Suspense>
       {dialog?.kind === 'add-folder' && <AddFolderDialog />}
       <Toasts />
     </div>

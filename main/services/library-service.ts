@@ -52,9 +52,10 @@ export class LibraryService {
   }
 
   private async startNow(): Promise<LibrarySnapshot> {
+    // Watch first: a change while the scan runs is then rescanned after it, not lost.
+    this.watchAll();
     const snap = await this.serial(() => this.library.scan());
     this.holdersKey = holdersKey(snap);
-    this.watchAll();
     this.emit(snap);
     return snap;
   }
@@ -65,13 +66,13 @@ export class LibraryService {
   async setFolders(folders: string[]): Promise<LibrarySnapshot> {
     this.folders = folders;
     this.unwatchAll();
+    this.watchAll();
     const scanned = this.serial(async () => {
       this.library = new Library(folders);
       return this.library.scan();
     });
     this.first ??= scanned;
     const snap = await scanned;
-    this.watchAll();
     this.emit(snap);
     return snap;
   }

@@ -3,6 +3,7 @@
 // in words. Every number has a fixed width, so nothing moves while progress updates.
 import { useEffect, useLayoutEffect, useRef } from 'react';
 import uPlot from 'uplot';
+import 'uplot/dist/uPlot.min.css';
 import { Badge, Button, Icon, ProgressBar } from '../../components/ui';
 import { client, errorText, setJobs, setJobsOpen, toast, useStore, type Sample } from '../../lib/store';
 import { dateTime, duration, percent, rate, size } from '../../lib/format';

@@ -93,7 +93,7 @@ export function Sidebar({ filter, onFilter }: { filter: Filter; onFilter: (f: Fi
       )}
 
       <div className="mt-auto space-y-1 border-t border-slate-200 p-3 dark:border-slate-800">
-        <Button variant={jobsOpen ? 'primary' : 'ghost'} className="w-full justify-between" onClick={() => setJobsOpen(!jobsOpen)} aria-expanded={jobsOpen} aria-controls="job-monitor">
+        <Button variant={jobsOpen ? 'primary' : 'ghost'} className="w-full justify-between" onClick={() => setJobsOpen(!jobsOpen)} aria-expanded={jobsOpen} aria-controls={jobsOpen ? 'job-monitor' : undefined}>
           <span className="flex items-center gap-2"><Icon name="jobs" /> Jobs</span>
           <span className="tabular-nums">{active ? `${active} active` : ''}</span>
         </Button>
