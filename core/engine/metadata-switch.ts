@@ -9,8 +9,10 @@
 // (l1_size through snapshots_offset share the first sector) switches the image to all of them
 // at once. Before it the image is as it was; after it, as it should be; the clusters only the
 // old metadata used are then free.
+import type { Qcow2Image } from './qcow2';
 import type { Qcow2Writable } from './qcow2-write';
 import { Refcounts } from './refcounts';
+import type { StructureLayout } from './refcount-structure';
 import { encodeStructure, newRefArray, placeStructure, type RefArray } from './refcount-structure';
 import { maxRefcount } from '../format/refcount';
 import { CorruptImageError } from '../errors';
@@ -32,7 +34,7 @@ export class MetadataSwitch {
   private readonly cs: number;
   private readonly max: number;
 
-  private constructor(private readonly img: Qcow2Writable, counts: RefArray, n: number) {
+  private constructor(private readonly img: Qcow2Image, private readonly refcounts: Refcounts, counts: RefArray, n: number) {
     this.cs = img.geometry.clusterSize;
     this.counts = counts;
     this.len = n;
@@ -41,13 +43,27 @@ export class MetadataSwitch {
     for (let c = 0; c < n; c++) if (!counts[c]) this.wasFree[c] = 1;
   }
 
-  /** Starts from the image's refcounts (call under its metadata mutex, with nothing dirty). */
-  static async begin(img: Qcow2Writable): Promise<MetadataSwitch> {
+  /**
+   * Starts from the image's refcounts (for a writable image: under its metadata mutex, with
+   * nothing dirty). A switch that is only measured (see end) may start from any image.
+   */
+  static async begin(img: Qcow2Image, refcounts: Refcounts): Promise<MetadataSwitch> {
     const cs = img.geometry.clusterSize;
-    const n = Math.max(img.refcounts.allocEnd, Math.ceil((await img.file.size()) / cs));
+    const n = Math.max(refcounts.allocEnd, Math.ceil((await img.file.size()) / cs));
     const counts = newRefArray(img.header.refcountOrder, n + 64);
-    await img.refcounts.countsInto(counts, n);
-    return new MetadataSwitch(img, counts, n);
+    await refcounts.countsInto(counts, n);
+    return new MetadataSwitch(img, refcounts, counts, n);
+  }
+
+  /** Refcounts as the image has them on disk, for a switch that is only measured. */
+  static async refcountsOf(img: Qcow2Image): Promise<Refcounts> {
+    const h = img.header;
+    const table = Buffer.alloc(h.refcountTableClusters * img.geometry.clusterSize);
+    await img.file.read(table, h.refcountTableOffset);
+    return new Refcounts({
+      file: img.file, filename: img.filename, clusterBits: h.clusterBits, refcountOrder: h.refcountOrder,
+      switchReftable: () => Promise.reject(new Error('read-only refcounts')),
+    }, table, h.refcountTableOffset, await img.file.size());
   }
 
   /** The refcount `cluster` will have after the switch (as changed so far). */
@@ -106,18 +122,36 @@ export class MetadataSwitch {
     this.counts[c] = v;
   }
 
+  private placed: StructureLayout | null = null;
+
+  /** Where the new refcount structure goes (placed once everything else is). */
+  private place(): StructureLayout {
+    if (this.placed) return this.placed;
+    const img = this.img;
+    const g = { clusterBits: img.header.clusterBits, refcountOrder: img.header.refcountOrder };
+    // The old structure is replaced: its clusters are free after the switch, not before.
+    for (const c of this.refcounts.structureClusters()) this.ref(c * this.cs, this.cs, -1);
+    const n = this.len;
+    const free = (c: number) => c > 0 && this.takeable(c);
+    this.placed = placeStructure(this.counts, n, g, free, Math.min(n, this.wasFree.length), n);
+    return this.placed;
+  }
+
+  /** One past the last cluster in use once the switch is done: how far the file grows. */
+  get end(): number {
+    const lay = this.place();
+    return Math.max(this.len, lay.start + lay.clusters);
+  }
+
   /**
    * Writes the new tables and a new refcount structure, flushes, switches the header to them
    * in one write, flushes, and adopts the new refcount structure. The caller adopts the rest.
    */
-  async commit(h: SwitchHeader): Promise<void> {
-    const img = this.img;
+  async commit(img: Qcow2Writable, h: SwitchHeader): Promise<void> {
+    if (img !== this.img) throw new Error('a metadata switch commits to the image it began on');
     const g = { clusterBits: img.header.clusterBits, refcountOrder: img.header.refcountOrder };
-    // The old structure is replaced: its clusters are free after the switch, not before.
-    for (const c of img.refcounts.structureClusters()) this.ref(c * this.cs, this.cs, -1);
+    const lay = this.place();
     const n = this.len;
-    const free = (c: number) => c > 0 && this.takeable(c);
-    const lay = placeStructure(this.counts, n, g, free, Math.min(n, this.wasFree.length), n);
     const enc = encodeStructure(this.counts, n, lay, g);
     await Promise.all([
       ...this.writes.map((w) => img.file.write(w.data, w.offset)),
@@ -141,8 +175,7 @@ export class MetadataSwitch {
     head.refcountTableClusters = lay.tableClusters;
     head.nbSnapshots = h.nbSnapshots;
     head.snapshotsOffset = h.snapshotsOffset;
-    const end = Math.max(n, lay.start + lay.clusters);
-    img.refcounts = new Refcounts(img.refcounts.hostInfo, Buffer.from(enc.table), enc.tableOffset, end * this.cs);
+    img.refcounts = new Refcounts(img.refcounts.hostInfo, Buffer.from(enc.table), enc.tableOffset, this.end * this.cs);
     img.noteAlloc();
   }
 }

@@ -6,7 +6,9 @@ import { NotFoundError, UsageError } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
-import { MetadataSwitch } from './metadata-switch';
+import { MetadataSwitch, type SwitchHeader } from './metadata-switch';
+import type { Qcow2Image } from './qcow2';
+import type { Refcounts } from './refcounts';
 
 function refRange(e: L2Entry, cs: number): { offset: number; length: number } | null {
   switch (e.kind) {
@@ -69,7 +71,7 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
 }
 
 /** The header fields a snapshot table takes, for a metadata switch. */
-function snapshotTableFor(img: Qcow2Writable, sw: MetadataSwitch, entries: SnapshotEntry[]): { offset: number; size: number } {
+function snapshotTableFor(img: Qcow2Image, sw: MetadataSwitch, entries: SnapshotEntry[]): { offset: number; size: number } {
   const cs = img.geometry.clusterSize;
   const table = encodeSnapshotTable(entries);
   if (table.length > C.MAX_SNAPSHOTS_SIZE) throw new UsageError(`${img.filename}: snapshot table would be too large`);
@@ -78,7 +80,7 @@ function snapshotTableFor(img: Qcow2Writable, sw: MetadataSwitch, entries: Snaps
 }
 
 /** An L2 table with the COPIED flag of each allocated data entry set as `copied` says. */
-function withFlags(img: Qcow2Writable, table: Buffer, copied: (host: number) => boolean): Buffer | null {
+function withFlags(img: Qcow2Image, table: Buffer, copied: (host: number) => boolean): Buffer | null {
   const g = img.geometry;
   let out: Buffer | null = null;
   for (let j = 0; j < g.l2Entries; j++) {
@@ -92,133 +94,174 @@ function withFlags(img: Qcow2Writable, table: Buffer, copied: (host: number) => 
   return out;
 }
 
-export function findSnapshot(img: Qcow2Writable, idOrName: string): SnapshotEntry {
+export function findSnapshot(img: Qcow2Image, idOrName: string): SnapshotEntry {
   const s = img.snapshots.find((x) => x.id === idOrName) ?? img.snapshots.find((x) => x.name === idOrName);
   if (!s) throw new NotFoundError(`no snapshot with ID or name '${idOrName}'`, img.filename);
   return s;
 }
 
-/**
- * Creates an internal snapshot in one metadata switch (see metadata-switch.ts): the active L1
- * becomes the snapshot's (copied, its COPIED flags cleared: its tables are now shared), the
- * active L1 points to copies of the L2 tables whose data entries lose COPIED (their clusters
- * are now shared), every cluster they reach counts one more, and the snapshot table gains the
- * entry. QEMU writes the same changes in place, in steps.
- */
-export async function createSnapshot(img: Qcow2Writable, name: string, now = Date.now()): Promise<SnapshotEntry> {
+/** A snapshot create or delete, laid out in a metadata switch and not yet written. */
+interface Prepared {
+  sw: MetadataSwitch;
+  header: SwitchHeader;
+  l1: Buffer;
+  entries: SnapshotEntry[];
+  tableSize: number;
+  /** New L2 tables by offset (for the cache). */
+  copies: Map<number, Buffer>;
+}
+
+function checkCreate(img: Qcow2Image, name: string): void {
   if (!name) throw new UsageError('a snapshot needs a name');
   if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
   if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
   if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+}
+
+/**
+ * A snapshot create, as one metadata switch (see metadata-switch.ts): the active L1 becomes
+ * the snapshot's (copied, its COPIED flags cleared: its tables are now shared), the active L1
+ * points to copies of the L2 tables whose data entries lose COPIED (their clusters are now
+ * shared), every cluster they reach counts one more, and the snapshot table gains the entry.
+ * QEMU writes the same changes in place, in steps.
+ */
+async function prepareCreate(img: Qcow2Image, refcounts: Refcounts, entry: SnapshotEntry): Promise<Prepared> {
   const g = img.geometry;
   const cs = g.clusterSize;
+  const sw = await MetadataSwitch.begin(img, refcounts);
+  const l1 = img.l1;
+  const l1Bytes = l1.length;
+  const snL1 = Buffer.from(l1);
+  const newL1 = Buffer.alloc(l1Bytes);
+  const copies = new Map<number, Buffer>();
+  for (let i = 0; i < l1Bytes / 8; i++) {
+    const { l2Offset } = decodeL1Entry(l1, i);
+    if (!l2Offset) continue;
+    encodeL1Entry(snL1, i, l2Offset, false);
+    const table = await img.l2Table(l2Offset);
+    for (let j = 0; j < g.l2Entries; j++) {
+      const r = refRange(decodeL2Entry(table, j, g), cs);
+      if (r) sw.ref(r.offset, r.length, 1);
+    }
+    const copy = withFlags(img, table, () => false) ?? Buffer.from(table);
+    const at = sw.alloc(copy);
+    copies.set(at, copy);
+    encodeL1Entry(newL1, i, at, true);
+  }
+  // The old active L1 is replaced by the two copies; its L2 tables keep their one reference
+  // (the snapshot's L1 now).
+  const snL1Offset = l1Bytes ? sw.alloc(snL1) : 0;
+  const newL1Offset = l1Bytes ? sw.alloc(newL1) : 0;
+  if (l1Bytes) sw.ref(img.header.l1TableOffset, Math.ceil(l1Bytes / cs) * cs, -1);
+  entry.l1TableOffset = snL1Offset;
+  entry.l1Size = l1Bytes / 8;
+  const entries = [...img.snapshots, entry];
+  const t = snapshotTableFor(img, sw, entries);
+  return { sw, header: { l1Offset: newL1Offset, l1Size: l1Bytes / 8, snapshotsOffset: t.offset, nbSnapshots: entries.length }, l1: newL1, entries, tableSize: t.size, copies };
+}
+
+/**
+ * A snapshot delete, as one metadata switch: everything its L1 reaches counts one less, and
+ * the active tables whose COPIED flags that changes are replaced by copies with the flags
+ * right (a new active L1 when any of its own flags or pointers change).
+ */
+async function prepareDelete(img: Qcow2Image, refcounts: Refcounts, sn: SnapshotEntry): Promise<Prepared> {
+  const g = img.geometry;
+  const cs = g.clusterSize;
+  const sw = await MetadataSwitch.begin(img, refcounts);
+  const snL1 = Buffer.alloc(sn.l1Size * 8);
+  if (snL1.length) await img.file.read(snL1, sn.l1TableOffset);
+  for (let i = 0; i < sn.l1Size; i++) {
+    const { l2Offset } = decodeL1Entry(snL1, i);
+    if (!l2Offset) continue;
+    const table = await img.l2Table(l2Offset);
+    for (let j = 0; j < g.l2Entries; j++) {
+      const r = refRange(decodeL2Entry(table, j, g), cs);
+      if (r) sw.ref(r.offset, r.length, -1);
+    }
+    sw.ref(l2Offset, cs, -1);
+  }
+  if (snL1.length) sw.ref(sn.l1TableOffset, Math.ceil(snL1.length / cs) * cs, -1);
+  const l1 = img.l1;
+  const newL1 = Buffer.from(l1);
+  let l1Changed = false;
+  const copies = new Map<number, Buffer>();
+  for (let i = 0; i < l1.length / 8; i++) {
+    const e = decodeL1Entry(l1, i);
+    if (!e.l2Offset) continue;
+    const table = await img.l2Table(e.l2Offset);
+    let at = e.l2Offset;
+    const fixed = withFlags(img, table, (host) => sw.get(host / cs) === 1);
+    if (fixed) {
+      // The active L1 lets go of the table for its copy; the data keeps its count.
+      at = sw.alloc(fixed);
+      copies.set(at, fixed);
+      sw.ref(e.l2Offset, cs, -1);
+    }
+    const copied = sw.get(at / cs) === 1;
+    if (at !== e.l2Offset || copied !== e.copied) {
+      encodeL1Entry(newL1, i, at, copied);
+      l1Changed = true;
+    }
+  }
+  let l1Offset = img.header.l1TableOffset;
+  if (l1Changed) {
+    l1Offset = sw.alloc(newL1);
+    sw.ref(img.header.l1TableOffset, Math.ceil(l1.length / cs) * cs, -1);
+  }
+  const entries = img.snapshots.filter((s) => s !== sn);
+  const t = snapshotTableFor(img, sw, entries);
+  return { sw, header: { l1Offset, l1Size: l1.length / 8, snapshotsOffset: t.offset, nbSnapshots: entries.length }, l1: newL1, entries, tableSize: t.size, copies };
+}
+
+/** Writes a prepared switch and adopts it. */
+async function commitPrepared(img: Qcow2Writable, p: Prepared): Promise<void> {
+  await p.sw.commit(img, p.header);
+  img.l1 = p.l1;
+  img.snapshots = p.entries;
+  img.snapshotTableSize = p.tableSize;
+  for (const [off, table] of p.copies) img.l2Cache.set(off, table);
+}
+
+function newEntry(img: Qcow2Image, name: string, now: number): SnapshotEntry {
+  const maxId = img.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0);
+  return {
+    l1TableOffset: 0, l1Size: 0, id: String(maxId + 1), name,
+    dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1_000_000,
+    vmClockNsec: 0n, vmStateSize: 0, diskSize: img.virtualSize, icount: 0n, extraData: Buffer.alloc(0),
+  };
+}
+
+export async function createSnapshot(img: Qcow2Writable, name: string, now = Date.now()): Promise<SnapshotEntry> {
+  checkCreate(img, name);
   await img.flush();
-  let entry!: SnapshotEntry;
+  const entry = newEntry(img, name, now);
   await img.mutex.run(async () => {
     await img.beforeChange();
-    const sw = await MetadataSwitch.begin(img);
-    const l1 = img.l1;
-    const l1Bytes = l1.length;
-    const snL1 = Buffer.from(l1);
-    const newL1 = Buffer.alloc(l1Bytes);
-    const copies = new Map<number, Buffer>();
-    for (let i = 0; i < l1Bytes / 8; i++) {
-      const { l2Offset } = decodeL1Entry(l1, i);
-      if (!l2Offset) continue;
-      encodeL1Entry(snL1, i, l2Offset, false);
-      const table = await img.l2Table(l2Offset);
-      for (let j = 0; j < g.l2Entries; j++) {
-        const r = refRange(decodeL2Entry(table, j, g), cs);
-        if (r) sw.ref(r.offset, r.length, 1);
-      }
-      const copy = withFlags(img, table, () => false) ?? Buffer.from(table);
-      const at = sw.alloc(copy);
-      copies.set(at, copy);
-      encodeL1Entry(newL1, i, at, true);
-    }
-    // The old active L1 is replaced by the two copies; its L2 tables keep their one reference
-    // (the snapshot's L1 now).
-    const snL1Offset = l1Bytes ? sw.alloc(snL1) : 0;
-    const newL1Offset = l1Bytes ? sw.alloc(newL1) : 0;
-    if (l1Bytes) sw.ref(img.header.l1TableOffset, Math.ceil(l1Bytes / cs) * cs, -1);
-    const maxId = img.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0);
-    entry = {
-      l1TableOffset: snL1Offset, l1Size: l1Bytes / 8, id: String(maxId + 1), name,
-      dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1_000_000,
-      vmClockNsec: 0n, vmStateSize: 0, diskSize: img.virtualSize, icount: 0n, extraData: Buffer.alloc(0),
-    };
-    const entries = [...img.snapshots, entry];
-    const t = snapshotTableFor(img, sw, entries);
-    await sw.commit({ l1Offset: newL1Offset, l1Size: l1Bytes / 8, snapshotsOffset: t.offset, nbSnapshots: entries.length });
-    img.l1 = newL1;
-    img.snapshots = entries;
-    img.snapshotTableSize = t.size;
-    for (const [off, table] of copies) img.l2Cache.set(off, table);
+    await commitPrepared(img, await prepareCreate(img, img.refcounts, entry));
   });
   return entry;
 }
 
-/**
- * Deletes an internal snapshot in one metadata switch: everything its L1 reaches counts one
- * less, and the active tables whose COPIED flags that changes are replaced by copies with the
- * flags right (a new active L1 when any of its own flags or pointers change).
- */
 export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Promise<void> {
   const sn = findSnapshot(img, idOrName);
-  const g = img.geometry;
-  const cs = g.clusterSize;
   await img.flush();
   await img.mutex.run(async () => {
     await img.beforeChange();
-    const sw = await MetadataSwitch.begin(img);
-    const snL1 = Buffer.alloc(sn.l1Size * 8);
-    if (snL1.length) await img.file.read(snL1, sn.l1TableOffset);
-    for (let i = 0; i < sn.l1Size; i++) {
-      const { l2Offset } = decodeL1Entry(snL1, i);
-      if (!l2Offset) continue;
-      const table = await img.l2Table(l2Offset);
-      for (let j = 0; j < g.l2Entries; j++) {
-        const r = refRange(decodeL2Entry(table, j, g), cs);
-        if (r) sw.ref(r.offset, r.length, -1);
-      }
-      sw.ref(l2Offset, cs, -1);
-    }
-    if (snL1.length) sw.ref(sn.l1TableOffset, Math.ceil(snL1.length / cs) * cs, -1);
-    const l1 = img.l1;
-    const newL1 = Buffer.from(l1);
-    let l1Changed = false;
-    const copies = new Map<number, Buffer>();
-    for (let i = 0; i < l1.length / 8; i++) {
-      const e = decodeL1Entry(l1, i);
-      if (!e.l2Offset) continue;
-      const table = await img.l2Table(e.l2Offset);
-      let at = e.l2Offset;
-      const fixed = withFlags(img, table, (host) => sw.get(host / cs) === 1);
-      if (fixed) {
-        // The active L1 lets go of the table for its copy; the data keeps its count.
-        at = sw.alloc(fixed);
-        copies.set(at, fixed);
-        sw.ref(e.l2Offset, cs, -1);
-      }
-      const copied = sw.get(at / cs) === 1;
-      if (at !== e.l2Offset || copied !== e.copied) {
-        encodeL1Entry(newL1, i, at, copied);
-        l1Changed = true;
-      }
-    }
-    let l1Offset = img.header.l1TableOffset;
-    if (l1Changed) {
-      l1Offset = sw.alloc(newL1);
-      sw.ref(img.header.l1TableOffset, Math.ceil(l1.length / cs) * cs, -1);
-    }
-    const entries = img.snapshots.filter((s) => s !== sn);
-    const t = snapshotTableFor(img, sw, entries);
-    await sw.commit({ l1Offset, l1Size: l1.length / 8, snapshotsOffset: t.offset, nbSnapshots: entries.length });
-    img.l1 = newL1;
-    img.snapshots = entries;
-    img.snapshotTableSize = t.size;
-    for (const [off, table] of copies) img.l2Cache.set(off, table);
+    await commitPrepared(img, await prepareDelete(img, img.refcounts, sn));
   });
+}
+
+/**
+ * Bytes the file of `img` (opened only to read) grows by when the snapshot is created or
+ * deleted: the switch laid out as the run will lay it out, and not written. For plans.
+ */
+export async function snapshotGrowth(img: Qcow2Image, action: 'create' | 'delete', name: string): Promise<number> {
+  const refcounts = await MetadataSwitch.refcountsOf(img);
+  const p = action === 'create'
+    ? await prepareCreate(img, refcounts, (checkCreate(img, name), newEntry(img, name, Date.now())))
+    : await prepareDelete(img, refcounts, findSnapshot(img, name));
+  return Math.max(0, p.sw.end * img.geometry.clusterSize - (await img.file.size()));
 }
 
 /**
