@@ -1025,6 +1025,47 @@ static napi_value AdviseHugePages(napi_env env, napi_callback_info info) {
   return make_number(env, result);
 }
 
+/* ---- l2RunEnd --------------------------------------------------------------------- */
+
+/*
+ * l2RunEnd(table, index, end, clusterSize): standard (8-byte, big-endian) L2 entries of `table`
+ * from `index` on; returns the first index in (index, end) whose entry is not its predecessor's
+ * host offset plus one cluster with the same top byte (flags and reserved bits), or `end`.
+ * Such a run decodes like its first entry, cluster after cluster. A metadata-preallocated
+ * 1 TiB image has 16 million entries: in JavaScript this loop took ~100 ns an entry.
+ */
+static napi_value L2RunEnd(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  uint8_t *data;
+  size_t len;
+  int64_t index, end, cs;
+  const double entries_max = 1 << 20, cs_max = 1 << 21;
+  if (!get_bytes(env, argc > 0 ? argv[0] : NULL, "l2RunEnd", "table", &data, &len) ||
+      !get_integer(env, argv, argc, 1, "l2RunEnd", "index", 0, entries_max, "an entry index", &index) ||
+      !get_integer(env, argv, argc, 2, "l2RunEnd", "end", 1, entries_max, "an entry index", &end) ||
+      !get_integer(env, argv, argc, 3, "l2RunEnd", "clusterSize", 512, cs_max, "a cluster size", &cs))
+    return NULL;
+  if (end <= index || (uint64_t)end > len / 8) {
+    throw_type(env, "ERR_OUT_OF_RANGE", "l2RunEnd", "end", "an index past `index`, within the table");
+    return NULL;
+  }
+  const uint64_t mask = 0x00ffffffffffffffULL;
+  const uint8_t *p = data + (size_t)index * 8;
+  uint8_t top = p[0];
+  uint64_t prev = 0;
+  for (int i = 0; i < 8; i++) prev = (prev << 8) | p[i];
+  int64_t k = index + 1;
+  for (p += 8; k < end; k++, p += 8) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    if (p[0] != top || (v & mask) != (prev & mask) + (uint64_t)cs) break;
+    prev = v;
+  }
+  return make_number(env, (double)k);
+}
+
 /* ---- extended attributes ------------------------------------------------------------ */
 
 /* A string argument, copied into a malloc'd NUL-terminated buffer (free it). */
@@ -1181,7 +1222,7 @@ static napi_value Init(napi_env env, napi_value exports) {
     {"seekData", SeekData},     {"seekHole", SeekHole},   {"ofdSetLock", OfdSetLock},
     {"ofdGetLock", OfdGetLock}, {"punchHole", PunchHole}, {"zeroRange", ZeroRange},
     {"startWriteback", StartWriteback}, {"readScan", ReadScan},
-    {"adviseHugePages", AdviseHugePages},
+    {"adviseHugePages", AdviseHugePages}, {"l2RunEnd", L2RunEnd},
     {"listXattrs", ListXattrs},   {"getXattr", GetXattr},   {"setXattr", SetXattr},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
