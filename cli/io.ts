@@ -1,7 +1,7 @@
 // strata io: guest I/O for tests and scripts, with qemu-io's command spelling.
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { isWritable, type DiskImage } from '../core/engine/image';
-import { UsageError } from '../core/errors';
+import { CancelledError, UsageError } from '../core/errors';
 import { sizeToStr } from '../core/chain/size-str';
 import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
 
@@ -71,7 +71,7 @@ function takeCommands(args: string[]): { texts: string[]; rest: string[] } {
 /** Up to this many non-overlapping writes are in flight at once (results print in order). */
 const IN_FLIGHT = 8;
 
-export async function ioCommand(args: string[], io: CommandIO): Promise<number> {
+export async function ioCommand(args: string[], io: CommandIO, signal?: AbortSignal): Promise<number> {
   const { texts, rest } = takeCommands(args);
   const { values, positionals } = parse(rest, {
     format: { type: 'string', short: 'f' },
@@ -151,6 +151,8 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
   };
   try {
     for (const c of cmds) {
+      // Interrupted: no new command; what is in flight finishes and the image is closed cleanly.
+      if (signal?.aborted) throw new CancelledError('io cancelled');
       const start = c.offset;
       const end = c.offset + c.length;
       const concurrent = c.op === 'write' || c.op === 'discard';

@@ -10,6 +10,7 @@ import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { interposeWritable } from '../io/interpose';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -69,8 +70,9 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
         throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
-    if (format === 'raw') return await RawImage.open(filename, file);
-    return opts.writable ? await Qcow2Writable.openWritable(filename, file) : await Qcow2Image.open(filename, file);
+    const f = await interposeWritable(file);
+    if (format === 'raw') return await RawImage.open(filename, f);
+    return opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
   } catch (err) {
     await file.close();
     throw err;
@@ -119,10 +121,25 @@ function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
   throw new FormatError(`backing file format '${printable(f)}' is not supported (qcow2 and raw are)`, img.filename);
 }
 
+/**
+ * Closes every image of the chain. When an image opened for writing fails to close (its last
+ * metadata could not be written, or the descriptor would not close), this throws that error
+ * once all are closed: its last writes may be missing. Not for a qcow2 image that was already
+ * in the failed state: its error reached the caller from the call that failed, which is the
+ * one to report. Read-only images close on a best-effort basis.
+ */
 export async function closeChain(top: DiskImage | null): Promise<void> {
+  let failed = false;
+  let first: unknown;
   for (let img = top; img; img = img.backing) {
-    try { await img.close(); } catch { /* closing is best effort */ }
+    const reported = img instanceof Qcow2Writable && img.failure !== null;
+    try {
+      await img.close();
+    } catch (err) {
+      if (img.file.writable && !reported && !failed) { failed = true; first = err; }
+    }
   }
+  if (failed) throw first;
 }
 
 /** The chain as a list, top first. */

@@ -6,11 +6,24 @@
 // entry points to them; new L2 tables before L1 entries point to them; freed clusters lose
 // their references on disk before their refcounts drop. A crash at any instant leaves at
 // worst leaked clusters.
+//
+// Failures: the first write, flush or truncate of the image file that fails puts the image in
+// a failed state, and from then on nothing more is written to it. Every later write, flush or
+// truncate through `file` throws that first error without reaching the file; metadata still in
+// memory stays dirty and is never written; close() closes the file and throws the error
+// instead of flushing and clearing the dirty bit. The file is left as the ordering above had
+// it when the failure came: consistent, at worst with leaked clusters, everything flushed
+// before intact. Retrying instead would not be sound: after a failed fdatasync Linux may have
+// dropped the pages it could not write and report the next one clean (QEMU's file driver
+// treats its page cache as inconsistent from then on, for the same reason), and a metadata
+// write that failed half-way leaves no telling what the disk holds. Jobs report the error
+// (it names the file and the cause) and stop; closeChain() reports a failure that only
+// close() met.
 import * as C from '../format/constants';
 import { CorruptImageError, UsageError } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, decodeL2Bitmap, encodeL2Entry, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { compressClusterAsync } from '../codec/index';
-import type { BlockFile } from '../io/block-file';
+import type { BlockFile, HostExtent } from '../io/block-file';
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2';
 import { Refcounts } from './refcounts';
 import { Mutex, RangeLock } from './mutex';
@@ -40,6 +53,40 @@ interface Segment {
   length: number;
 }
 
+/**
+ * The image file as the engine writes it: the first write, flush or truncate that fails is
+ * kept, and every later one throws it without touching the file (the failed state, above).
+ */
+class GuardedFile implements BlockFile {
+  failure: unknown = null;
+  readonly extents?: (offset: number, length: number) => Promise<HostExtent[]>;
+  readonly allocatedSize?: () => Promise<number>;
+
+  constructor(private readonly inner: BlockFile) {
+    if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
+    if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
+  }
+
+  get path(): string { return this.inner.path; }
+  get writable(): boolean { return this.inner.writable; }
+  size(): Promise<number> { return this.inner.size(); }
+  read(buf: Uint8Array, offset: number): Promise<number> { return this.inner.read(buf, offset); }
+  write(buf: Uint8Array, offset: number): Promise<void> { return this.guard(() => this.inner.write(buf, offset)); }
+  truncate(size: number): Promise<void> { return this.guard(() => this.inner.truncate(size)); }
+  flush(): Promise<void> { return this.guard(() => this.inner.flush()); }
+  close(): Promise<void> { return this.inner.close(); }
+
+  private guard(op: () => Promise<void>): Promise<void> {
+    if (this.failure !== null) return Promise.reject(this.failure);
+    let p: Promise<void>;
+    try { p = op(); } catch (err) { p = Promise.reject(err); }
+    return p.catch((err: unknown) => {
+      this.failure ??= err;
+      throw err;
+    });
+  }
+}
+
 export class Qcow2Writable extends Qcow2Image {
   refcounts!: Refcounts;
   /** @internal Serialises metadata changes (engine modules only). */
@@ -56,7 +103,7 @@ export class Qcow2Writable extends Qcow2Image {
 
   static async openWritable(filename: string, file: BlockFile, opts: Qcow2OpenOptions & { allowCorrupt?: boolean } = {}): Promise<Qcow2Writable> {
     if (!file.writable) throw new UsageError(`${filename}: opened read-only`);
-    const img = await Qcow2Writable.open(filename, file, opts);
+    const img = await Qcow2Writable.open(filename, new GuardedFile(file), opts);
     const h = img.header;
     if ((h.incompatibleFeatures & C.INCOMPAT_CORRUPT) && !opts.allowCorrupt) {
       throw new CorruptImageError('image is marked corrupt and cannot be written; run `strata check -r all` on it first', filename);
@@ -66,15 +113,19 @@ export class Qcow2Writable extends Qcow2Image {
     }
     const cs = img.geometry.clusterSize;
     const reftable = Buffer.alloc(h.refcountTableClusters * cs);
-    await file.read(reftable, h.refcountTableOffset);
+    await img.file.read(reftable, h.refcountTableOffset);
     img.refcounts = new Refcounts({
-      file, filename, clusterBits: h.clusterBits, refcountOrder: h.refcountOrder,
+      // The guarded file: refcount writes put the image in the failed state like any other.
+      file: img.file, filename, clusterBits: h.clusterBits, refcountOrder: h.refcountOrder,
       switchReftable: (offset, clusters) => img.switchReftable(offset, clusters),
-    }, reftable, h.refcountTableOffset, await file.size());
+    }, reftable, h.refcountTableOffset, await img.file.size());
     return img;
   }
 
   private get cs(): number { return this.geometry.clusterSize; }
+
+  /** The error that put the image in the failed state (see the top of this file), or null. */
+  get failure(): unknown { return (this.file as GuardedFile).failure; }
 
   /** QEMU's bs->backing: the image has a backing file (whether or not it is opened). */
   private get hasBacking(): boolean { return this.backing !== null || this.parsed.backingFile !== null; }
@@ -82,6 +133,8 @@ export class Qcow2Writable extends Qcow2Image {
   /** Before the first change: clear autoclear bits we do not maintain, set the dirty bit with lazy refcounts. */
   /** @internal */
   async beforeChange(): Promise<void> {
+    // Failed: a change made now could never be written, so none is accepted.
+    if (this.failure !== null) throw this.failure;
     if (this.corrupt) throw new CorruptImageError('image has been marked corrupt; no further writes', this.filename);
     const h = this.header;
     if (!this.headerAdjusted) {
@@ -591,8 +644,8 @@ export class Qcow2Writable extends Qcow2Image {
       if (this.l1Dirty.size) {
         await this.file.flush();
         const idx = [...this.l1Dirty];
-        this.l1Dirty.clear();
         await Promise.all(idx.map((i) => this.file.write(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8)));
+        for (const i of idx) this.l1Dirty.delete(i);
       }
       await this.file.flush();
       // 3. Only now that nothing on disk references them, drop freed clusters' refcounts.
@@ -606,9 +659,23 @@ export class Qcow2Writable extends Qcow2Image {
     });
   }
 
-  override async close(): Promise<void> {
+  /**
+   * Writes back what is dirty, clears the dirty bit and closes the file. In the failed state
+   * (or when that write-back fails) it only closes the file, and throws the failure: the image
+   * on disk lacks what was not written. Closing again returns the first close's outcome (a
+   * chain and a job may both close an image; the second must not write through a descriptor
+   * that is closed, or reused by another file by then).
+   */
+  override close(): Promise<void> {
+    this.closing ??= this.closeOnce();
+    return this.closing;
+  }
+
+  private closing: Promise<void> | null = null;
+
+  private async closeOnce(): Promise<void> {
     try {
-      if (!this.corrupt) {
+      if (!this.corrupt && this.failure === null) {
         await this.flush();
         if (this.markedDirty) {
           this.header.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
@@ -619,6 +686,6 @@ export class Qcow2Writable extends Qcow2Image {
     } finally {
       await super.close();
     }
+    if (this.failure !== null) throw this.failure;
   }
 }
-

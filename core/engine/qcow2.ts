@@ -1,7 +1,7 @@
 // The qcow2 driver's read side: open and validate, map guest ranges to runs, read through
 // the chain, report block status the way QEMU does.
 import * as C from '../format/constants';
-import { CorruptImageError } from '../errors';
+import { CorruptImageError, printable } from '../errors';
 import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
@@ -171,7 +171,7 @@ export class Qcow2Image implements DiskImage {
       }, filename);
       snapshots = t.entries;
       snapshotTableSize = t.tableSize;
-      for (const s of snapshots) within(`L1 table of snapshot '${s.name}'`, s.l1TableOffset, s.l1Size * 8);
+      for (const s of snapshots) within(`L1 table of snapshot '${printable(s.name)}'`, s.l1TableOffset, s.l1Size * 8);
     }
     return new this(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
   }

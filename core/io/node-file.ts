@@ -88,6 +88,7 @@ export class NodeFile implements BlockFile {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<number> {
+    if (this.closed) throw this.closedError('read');
     let done = 0;
     try {
       const direct = buf.length <= SYNC_IO_MAX;
@@ -116,6 +117,7 @@ export class NodeFile implements BlockFile {
   private writesQueued = 0;
 
   write(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.closed) return Promise.reject(this.closedError('write'));
     if (this.writesQueued === 0 && buf.length <= SYNC_IO_MAX) {
       try {
         this.writeNowSync(buf, offset);
@@ -190,12 +192,19 @@ export class NodeFile implements BlockFile {
   }
 
   async truncate(size: number): Promise<void> {
+    if (this.closed) throw this.closedError('truncate');
     try { await ftruncate(this.fd, size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
   }
 
   async flush(): Promise<void> {
+    if (this.closed) throw this.closedError('flush');
     if (this.unsafe) return;
     try { await fdatasync(this.fd); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
+  }
+
+  /** Use after close: the descriptor may already belong to another file, so it is never touched. */
+  private closedError(what: string): IoError {
+    return new IoError(`${what} after the file was closed`, this.path, 'EBADF');
   }
 
   async close(): Promise<void> {
@@ -204,7 +213,7 @@ export class NodeFile implements BlockFile {
     // Writes still queued (a job that failed or was cancelled need not wait for its own) are
     // let finish first: the descriptor must not be closed, or reused for another file, under them.
     await this.writeTail;
-    await close(this.fd);
+    try { await close(this.fd); } catch (err) { throw ioError(err, this.path, 'close failed'); }
   }
 
   async extents(offset: number, length: number): Promise<HostExtent[]> {

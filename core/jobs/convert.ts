@@ -217,13 +217,14 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     }
     if (ctx.signal?.aborted) throw new CancelledError();
     await img.flush();
+    // Closing writes the last metadata: a target that cannot be closed is incomplete.
+    await img.close();
     progress.done();
   } catch (err) {
     await abandonTarget(target, targetPath);
     if (ctx.signal?.aborted) throw new CancelledError(target.created ? 'convert cancelled; the partial target was removed' : 'convert cancelled');
     throw explainNoSpace(err, targetPath, needed);
   }
-  await img.close();
   await closeBelow(img.backing);
   return result;
 }

@@ -7,6 +7,8 @@ import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
 import { NodeFile } from '../io/node-file';
+import type { BlockFile } from '../io/block-file';
+import { interposeWritable } from '../io/interpose';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
 import { closeChain, combineBackingPath, openImage } from '../chain/open';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
@@ -391,7 +393,7 @@ async function openTarget(path: string): Promise<{ file: NodeFile; created: bool
  * Writes clusters (offset-sorted), merging runs of adjacent ones into requests of up to
  * 8 MiB, `parallel` requests at a time.
  */
-async function writeAll(file: NodeFile, items: Array<{ offset: number; data: Buffer }>, parallel = 8): Promise<void> {
+async function writeAll(file: BlockFile, items: Array<{ offset: number; data: Buffer }>, parallel = 8): Promise<void> {
   const merged: Array<{ offset: number; data: Buffer }> = [];
   const MAX = 8 * 1024 * 1024;
   for (let i = 0; i < items.length;) {
@@ -447,13 +449,15 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
   const { file, created } = await openTarget(r.path);
   let releaseLock = () => {};
   let emptied = created;
+  let out: BlockFile = file;
   try {
     const lock = await lockImage(file.fd, r.path, CREATE_LOCK);
     releaseLock = lock.release;
-    await file.truncate(0);
+    out = await interposeWritable(file);
+    await out.truncate(0);
     emptied = true;
     if (!spec || !alloc) {
-      await file.truncate(r.size);
+      await out.truncate(r.size);
     } else {
       const cs = alloc.cs;
       const progress = new ProgressReporter(ctx, spec.preallocation === 'metadata' ? spec.size : 0);
@@ -467,7 +471,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
           if (done.length * cs >= 8 * 1024 * 1024) {
             throwIfCancelled(ctx);
             const items = done.splice(0).sort((a, b) => a - b).map((off) => ({ offset: off, data: alloc.clusters.get(off / cs)! }));
-            await writeAll(file, items);
+            await writeAll(out, items);
             for (const it of items) alloc.clusters.delete(it.offset / cs);
           }
           progress.add(guestOffset - last);
@@ -486,20 +490,22 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
         if (idx === 0) header = data;
         else items.push({ offset: off, data });
       }
-      await writeAll(file, items);
-      // The header last: until it is there, the file is not a qcow2 image.
-      if (header) await file.write(header, 0);
-      if ((await file.size()) !== end) await file.truncate(end);
+      await writeAll(out, items);
+      // The header last, and only once the rest is durable: until it is there, the file is
+      // not a qcow2 image, and a header that landed before its tables would be a broken one.
+      await out.flush();
+      if (header) await out.write(header, 0);
+      if ((await out.size()) !== end) await out.truncate(end);
       progress.done();
     }
-    await file.flush();
+    await out.flush();
   } catch (err) {
     releaseLock();
-    await file.close();
+    await out.close();
     if (emptied) { try { await unlink(r.path); } catch { /* best effort */ } }
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
   releaseLock();
-  await file.close();
+  await out.close();
 }

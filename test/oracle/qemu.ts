@@ -35,6 +35,31 @@ export function describeOracle(name: string, fn: () => void): void {
   describe.skip(name, fn);
 }
 
+/** The qemu-img version found ("7.2.22"), or null without one. */
+export const qemuVersion: string | null = (() => {
+  const r = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' });
+  return r.status === 0 ? (/version (\d+\.\d+\.\d+)/.exec(r.stdout)?.[1] ?? null) : null;
+})();
+
+/** The series whose exact output (messages, human text, JSON field order) the tests expect. */
+export const QEMU_TEXT_SERIES = '7.2';
+
+/**
+ * describeOracle for tests that compare qemu-img's exact output: their first test checks that
+ * the qemu-img found is 7.2.x, and says plainly when it is not (the others may then fail on
+ * wording alone).
+ */
+export function describeOracleText(name: string, fn: () => void): void {
+  describeOracle(name, () => {
+    it(`qemu-img is ${QEMU_TEXT_SERIES}.x, whose exact output these tests compare`, () => {
+      if (!qemuVersion?.startsWith(`${QEMU_TEXT_SERIES}.`)) {
+        throw new Error(`these tests compare qemu-img ${QEMU_TEXT_SERIES}'s exact output, but qemu-img ${qemuVersion ?? '(version unknown)'} is installed: differences below may be wording only`);
+      }
+    });
+    fn();
+  });
+}
+
 export function qemuImg(...args: string[]): string {
   return execFileSync('qemu-img', args, { encoding: 'utf8', maxBuffer: 256 << 20 });
 }

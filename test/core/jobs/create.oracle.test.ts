@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, expect as globalExpect, it, type ExpectStatic } from 'vitest';
 import { strata } from '../../cli/run-cli';
 import { parseCreateOptions } from '../../../core/jobs/create';
-import { describeOracle, qemuCheck, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
+import { qemuCheck, qemuImg, qemuImgRun, qemuIo, tempDir, describeOracleText } from '../../oracle/qemu';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
@@ -102,7 +102,7 @@ const preallocCases: Case[] = [
   { name: 'preallocation=metadata 64M with qcow2 backing (extended_l2)', o: 'preallocation=metadata,extended_l2=on', size: 64 * MiB, extra: ['-b', 'base.qcow2', '-F', 'qcow2'] },
 ];
 
-describeOracle('strata create (oracle: qemu-img create 7.2)', () => {
+describeOracleText('strata create (oracle: qemu-img create 7.2)', () => {
   const t = tempDir('strata-create-');
   const report: string[] = [];
   const sub = (name: string) => join(t.dir, name);
