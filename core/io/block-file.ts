@@ -32,4 +32,10 @@ export interface BlockFile {
   extents?(offset: number, length: number): Promise<HostExtent[]>;
   /** Allocated bytes on disk (st_blocks * 512), for `actual-size`. */
   allocatedSize?(): Promise<number>;
+  /**
+   * Gives [offset, offset+length) back to the file system (a punched hole: reads as zero
+   * afterwards, size unchanged), as QEMU passes discards down. Best effort: where the file
+   * system cannot, nothing happens.
+   */
+  discard?(offset: number, length: number): Promise<void>;
 }

@@ -39,6 +39,11 @@ export class MemoryFile implements BlockFile {
     if (offset + buf.length > this.len) this.len = offset + buf.length;
   }
 
+  async discard(offset: number, length: number): Promise<void> {
+    const end = Math.min(this.len, offset + length);
+    if (end > offset) this.data.fill(0, offset, end);
+  }
+
   async truncate(size: number): Promise<void> {
     this.ensure(size);
     if (size < this.len) this.data.fill(0, size, this.len);

@@ -1,7 +1,7 @@
 import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
 import { IoError, ioError } from '../errors';
-import { native, type NativeApi } from './native';
+import { isUnsupported, native, type NativeApi } from './native';
 import { close, fdatasync, fstat, ftruncate, open, stat } from './fs-async';
 
 // The callback API costs the main thread less per request than FileHandle's promises.
@@ -191,6 +191,16 @@ export class NodeFile implements BlockFile {
 
   async truncate(size: number): Promise<void> {
     try { await ftruncate(this.fd, size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const n = native();
+    if (!n || length <= 0) return;
+    // Writes still queued may cover the range: they land first, then the hole.
+    await this.writeTail;
+    try { n.punchHole(this.fd, offset, length); } catch (err) {
+      if (!isUnsupported(err)) throw ioError(err, this.path, `discard of ${length} bytes at offset ${offset} failed`);
+    }
   }
 
   async flush(): Promise<void> {

@@ -95,7 +95,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     const above = chain.slice(0, baseIndex);
     const size = top.virtualSize;
     if (base.virtualSize < size) {
-      if (base instanceof Qcow2Writable) await base.grow(size);
+      if (base instanceof Qcow2Writable) await base.growZeroed(size);
       else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
     }
     // The exact figure needs a walk over every layer; skip it when even a base filled to its

@@ -1,6 +1,6 @@
 // resize: grow or (with shrink allowed) shrink the virtual size, as qemu-img resize.
 import { UsageError } from '../errors';
-import { openImageFile, closeChain } from '../chain/open';
+import { openImage, closeChain } from '../chain/open';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { RawImage } from '../engine/raw';
 import type { ImageFormat } from '../engine/image';
@@ -14,7 +14,9 @@ export interface ResizeOptions {
 }
 
 export async function resize(path: string, opts: ResizeOptions): Promise<{ from: number; to: number }> {
-  const img = await openImageFile(path, { format: opts.format, writable: true });
+  // With its backing chain: whether a longer backing file would show through the grown area
+  // decides how it is zeroed (as qemu-img, which opens the chain too).
+  const img = await openImage(path, { format: opts.format, writable: true });
   try {
     const from = img.virtualSize;
     const to = opts.relative ? from + opts.size : opts.size;
@@ -24,7 +26,7 @@ export async function resize(path: string, opts: ResizeOptions): Promise<{ from:
     }
     if (img instanceof Qcow2Writable) {
       if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
-      if (to > from) await img.grow(to);
+      if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);
