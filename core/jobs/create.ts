@@ -7,7 +7,7 @@ import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, 
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
 import { NodeFile } from '../io/node-file';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
-import { closeChain, combineBackingPath, openImage } from '../chain/open';
+import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
 export type CreateFormat = 'qcow2' | 'raw';
@@ -223,7 +223,17 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     if (backingFile === '') fail(path, 'the backing file name is empty');
     if (backingFile === path) fail(path, 'the backing file is the image being created (give a different -b)');
     if (Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) fail(path, `the backing file name is too long (${Buffer.byteLength(backingFile)} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
-    if (backingFormat === null) fail(path, `backing format must be specified with -F (qcow2 or raw) for backing file '${backingFile}'`);
+    if (backingFormat === null) {
+      // qemu-img 7.2 never records a probed format; like it, name what the file looks like.
+      let hint = '';
+      if (!opts.unsafe) {
+        try {
+          const f = await NodeFile.open(combineBackingPath(path, backingFile));
+          try { hint = `\nDetected format of ${await probeFormat(f)}.`; } finally { await f.close(); }
+        } catch { /* the missing file is reported with -F given */ }
+      }
+      fail(path, `Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`);
+    }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
     const full = combineBackingPath(path, backingFile);
     const real = async (p: string) => { try { return await realpath(p); } catch { return null; } };
