@@ -237,7 +237,8 @@ function decodeExtension(p: ParsedHeader, type: number, data: Buffer, file?: str
       }
       break;
     case C.EXT_BITMAPS:
-      if (data.length < 24) throw new CorruptImageError(`bitmaps extension is too short (${data.length} bytes)`, file);
+      // QEMU refuses a wrong length whether or not the bitmaps are in use.
+      if (data.length !== 24) throw new CorruptImageError(`bitmaps extension: invalid extension length ${data.length} (24 expected)`, file);
       p.bitmaps = {
         nbBitmaps: data.readUInt32BE(0),
         bitmapDirectorySize: readU64(data, 8, 'bitmap_directory_size', file),
