@@ -1,4 +1,4 @@
-import { openImage, closeChain, parseFormat } from '../core/chain/open';
+import { openImage, closeChain, parseFormat, assertNotInChain } from '../core/chain/open';
 import { mirror } from '../core/jobs/mirror';
 import { openTarget, abandonTarget, type Target } from '../core/jobs/target';
 import type { DiskImage } from '../core/engine/image';
@@ -37,6 +37,7 @@ export async function mirrorCommand(args: string[], io: CommandIO, signal: Abort
       create.backingFile ??= src.backingFile;
       create.backingFormat ??= src.backingFormat ?? src.backing?.format;
     }
+    await assertNotInChain(dstName, src, 'mirror');
     const spec = { format: outFmt, create, existing: !!values.n };
     const needed = values.n ? undefined : await spaceNeeded({ signal }, src, dstName, spec);
     target = await openTarget(dstName, src.virtualSize, spec);

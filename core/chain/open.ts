@@ -1,7 +1,7 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { realpath } from '../io/fs-async';
-import { FormatError, NotFoundError, UsageError, printable } from '../errors';
+import { FormatError, NotFoundError, SameFileError, UsageError, printable } from '../errors';
+import { identityOf, sameFile, type FileIdentity } from '../io/identity';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
@@ -28,6 +28,8 @@ export interface OpenImageOptions {
   lock?: LockPolicy;
   /** Open the backing chain too (default true). */
   backing?: boolean;
+  /** Images (by file) the chain must not reach: reaching one is a loop (rebase onto a chain holding the overlay). */
+  avoid?: DiskImage[];
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -82,7 +84,7 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe });
   if (opts.backing === false) return top;
   try {
-    await openBackingChain(top, opts.lock);
+    await openBackingChain(top, opts.lock, opts.avoid);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -90,22 +92,23 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'): Promise<void> {
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = []): Promise<void> {
+  // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
-  const real = async (p: string) => { try { return await realpath(p); } catch { return p; } };
-  seen.set(await real(top.filename), top.filename);
+  const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
+  for (const img of [top, ...avoid]) seen.set(key((await img.file.identity?.()) ?? null, img.filename), img.filename);
   let img = top;
   let depth = 0;
   while (img.backingFile) {
     if (++depth > MAX_CHAIN_DEPTH) throw new FormatError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, top.filename);
     const name = combineBackingPath(img.filename, img.backingFile);
     const fmt = parseBackingFormat(img);
-    const key = await real(name);
-    const prev = seen.get(key);
+    const k = key(await identityOf(name), name);
+    const prev = seen.get(k);
     if (prev !== undefined) {
       throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename);
     }
-    seen.set(key, name);
+    seen.set(k, name);
     const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });
     img.backing = next;
     img = next;
@@ -122,6 +125,21 @@ function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
 export async function closeChain(top: DiskImage | null): Promise<void> {
   for (let img = top; img; img = img.backing) {
     try { await img.close(); } catch { /* closing is best effort */ }
+  }
+}
+
+/**
+ * Refuses (SameFileError, nothing written) when `target` names a file that is an image of the
+ * chain below `top`, by any name: a symlink, a hard link, another spelling of the path.
+ */
+export async function assertNotInChain(target: string, top: DiskImage | null, job: string): Promise<void> {
+  const id = await identityOf(target);
+  if (!id) return;
+  for (const img of top ? chainOf(top) : []) {
+    if (sameFile(id, (await img.file.identity?.()) ?? null)) {
+      const what = img === top ? 'the source image' : 'in the source\'s backing chain';
+      throw new SameFileError(`${job}: the target '${printable(target)}' is ${what} ('${printable(img.filename)}', the same file); nothing was written`, target);
+    }
   }
 }
 

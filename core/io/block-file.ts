@@ -1,5 +1,6 @@
 // The one interface the engine does I/O through. Implementations: node-file.ts (positional
 // I/O on a file, many requests in flight) and memory-file.ts (tests, crash simulation).
+import type { FileIdentity } from './identity';
 
 /** A run of the underlying file as the host file system reports it (SEEK_DATA/SEEK_HOLE). */
 export interface HostExtent {
@@ -38,4 +39,6 @@ export interface BlockFile {
    * system cannot, nothing happens.
    */
   discard?(offset: number, length: number): Promise<void>;
+  /** The file's device and inode (see identity.ts), where there is a file behind it. */
+  identity?(): Promise<FileIdentity>;
 }

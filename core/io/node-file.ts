@@ -1,5 +1,6 @@
 import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
+import type { FileIdentity } from './identity';
 import { IoError, ioError } from '../errors';
 import { isUnsupported, native, type NativeApi } from './native';
 import { close, fdatasync, fstat, ftruncate, open, stat } from './fs-async';
@@ -77,6 +78,13 @@ export class NodeFile implements BlockFile {
     const f = new NodeFile(path, writable, fd);
     f.unsafe = !!opts.unsafe;
     return f;
+  }
+
+  async identity(): Promise<FileIdentity> {
+    try {
+      const st = await fstat(this.fd);
+      return { dev: st.dev, ino: st.ino };
+    } catch (err) { throw ioError(err, this.path, 'stat failed'); }
   }
 
   async size(): Promise<number> {

@@ -11,6 +11,7 @@ import { isZero } from '../engine/zero';
 import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } from '../chain/open';
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { NodeFile } from '../io/node-file';
+import { identityOf, sameFile } from '../io/identity';
 import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
@@ -76,10 +77,11 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     if (opts.base !== undefined) {
       // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
       // recorded in the chain.
-      const wants = new Set([await real(opts.base), await real(combineBackingPath(path, opts.base))]);
+      const wants = [await identityOf(opts.base), await identityOf(combineBackingPath(path, opts.base))];
       baseIndex = -1;
       for (let i = 1; i < chain.length && baseIndex < 0; i++) {
-        if (wants.has(await real(chain[i]!.filename)) || chain[i - 1]!.backingFile === opts.base) baseIndex = i;
+        const id = (await chain[i]!.file.identity?.()) ?? null;
+        if (wants.some((w) => sameFile(w, id)) || chain[i - 1]!.backingFile === opts.base) baseIndex = i;
       }
       if (baseIndex < 0) throw new UsageError(`${path}: '${opts.base}' is not in its backing chain`);
     }

@@ -10,6 +10,7 @@ import { NodeFile } from '../io/node-file';
 import { ioBuffers } from '../io/buffers';
 import { compressClusterAsync } from '../codec/index';
 import { chainBlockStatus } from '../chain/block-status';
+import { assertNotInChain } from '../chain/open';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
@@ -51,6 +52,8 @@ async function windowIsZero(src: DiskImage, off: number, len: number): Promise<b
 }
 
 export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions): Promise<ConvertResult> {
+  // Creating the target empties the file first: it must not be one the source reads.
+  await assertNotInChain(targetPath, src, 'convert');
   const size = src.virtualSize;
   const needed = opts.existing ? undefined : await spaceNeeded(ctx, src, targetPath, opts);
   const target = await openTarget(targetPath, size, opts);

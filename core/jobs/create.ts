@@ -1,7 +1,8 @@
 // create: a new qcow2 or raw image, laid out byte for byte as qemu-img create 7.2 lays it
 // out (see core/format/layout.ts for how). Options use qemu-img's names and checks; all of
 // them are validated, and the backing file opened, before the target file is touched.
-import { realpath, unlink } from '../io/fs-async';
+import { unlink } from '../io/fs-async';
+import { identityOf, sameFile } from '../io/identity';
 import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
@@ -236,9 +237,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
     const full = combineBackingPath(path, backingFile);
-    const real = async (p: string) => { try { return await realpath(p); } catch { return null; } };
-    const [a, b] = await Promise.all([real(full), real(path)]);
-    if (a !== null && a === b) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
+    if (sameFile(await identityOf(full), await identityOf(path))) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
   }
 
   let size = opts.size;

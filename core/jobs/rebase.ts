@@ -2,7 +2,7 @@
 // Safe mode compares old and new backing content only where the overlay allocates nothing
 // and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
 // needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
-import { realpath } from '../io/fs-async';
+import { identityOf, sameFile } from '../io/identity';
 import { FormatError, UsageError, printable } from '../errors';
 import { encodeHeader } from '../format/header';
 import type { DiskImage, ImageFormat } from '../engine/image';
@@ -28,11 +28,6 @@ export interface RebaseResult {
   bytesCompared: number;
   bytesWritten: number;
   writes: number;
-}
-
-async function same(a: string, b: string): Promise<boolean> {
-  const r = async (p: string) => { try { return await realpath(p); } catch { return p; } };
-  return (await r(a)) === (await r(b));
 }
 
 /** Rewrites the header with a new backing name/format (the last, single step of every rebase). */
@@ -81,13 +76,16 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
     const fmt: ImageFormat | null = opts.backingFormat ?? null;
     if (opts.backing) {
       const full = combineBackingPath(path, opts.backing);
+      // By device and inode: a hard link or symlink to the overlay is the overlay.
+      const fullId = await identityOf(full);
+      if (sameFile(fullId, (await top.file.identity?.()) ?? null)) throw new UsageError(`${path}: an image cannot be its own backing file`);
       // A new backing inside the old chain is used as it is opened there.
-      for (const layer of chainOf(top).slice(1)) if (await same(layer.filename, full)) next = layer;
+      for (const layer of chainOf(top).slice(1)) if (sameFile(fullId, (await layer.file.identity?.()) ?? null)) next = layer;
       if (!next) {
-        next = await openImage(full, { format: opts.backingFormat });
+        // Its chain must not lead back to the overlay.
+        next = await openImage(full, { format: opts.backingFormat, avoid: [top] });
         nextOpenedHere = true;
       }
-      if (await same(next.filename, path)) throw new UsageError(`${path}: an image cannot be its own backing file`);
     }
     const g = top.geometry;
     const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
