@@ -13,6 +13,8 @@ interface IoCommand {
   length: number;
   pattern: number | null;
   zero: boolean;
+  /** write -z -u: whole clusters may be freed. */
+  unmap: boolean;
   compressed: boolean;
   text: string;
 }
@@ -26,7 +28,7 @@ function parsePattern(s: string): number {
 export function parseIoCommand(text: string): IoCommand {
   const words = text.trim().split(/\s+/).filter(Boolean);
   const op = words.shift();
-  const cmd: IoCommand = { op: 'flush', offset: 0, length: 0, pattern: null, zero: false, compressed: false, text };
+  const cmd: IoCommand = { op: 'flush', offset: 0, length: 0, pattern: null, zero: false, unmap: false, compressed: false, text };
   if (op === 'flush') return cmd;
   if (op !== 'write' && op !== 'read' && op !== 'discard') throw new UsageError(`unknown io command '${op ?? ''}' in '${text}' (write, read, discard, flush)`);
   cmd.op = op;
@@ -36,7 +38,8 @@ export function parseIoCommand(text: string): IoCommand {
     if (w === '-P' && op !== 'discard') cmd.pattern = parsePattern(words.shift() ?? '');
     else if (w === '-z' && op === 'write') cmd.zero = true;
     else if (w === '-c' && op === 'write') cmd.compressed = true;
-    else if (w === '-q' || w === '-u') continue;
+    else if (w === '-u' && op === 'write') cmd.unmap = true;
+    else if (w === '-q') continue;
     else if (w.startsWith('-') && !/^-?\d/.test(w)) throw new UsageError(`unknown option '${w}' in '${text}'`);
     else pos.push(w);
   }
@@ -44,6 +47,7 @@ export function parseIoCommand(text: string): IoCommand {
   cmd.offset = parseSize(pos[0]!, 'offset');
   cmd.length = parseSize(pos[1]!, 'length');
   if (cmd.zero && cmd.pattern !== null) throw new UsageError(`'${text}': -z and -P cannot be combined`);
+  if (cmd.unmap && !cmd.zero) throw new UsageError(`'${text}': -u needs -z`);
   return cmd;
 }
 
@@ -114,7 +118,7 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
       case 'write': {
         if (!isWritable(img)) throw new UsageError('image is not writable');
         if (c.zero) {
-          await img.writeZeroes(c.offset, c.length);
+          await img.writeZeroes(c.offset, c.length, { unmap: c.unmap });
         } else {
           const buf = patternBuf(c.length, c.pattern ?? 0xcd);
           if (c.compressed) {
@@ -153,7 +157,9 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
     for (const c of cmds) {
       const start = c.offset;
       const end = c.offset + c.length;
-      const concurrent = c.op === 'write' || c.op === 'discard';
+      // Zero writes and discards look at whole (sub)clusters around their range: they wait
+      // for everything in flight, and nothing starts beside them.
+      const concurrent = c.op === 'write' && !c.zero;
       if (!concurrent || inflight.some((f) => f.start < end && start < f.end)) await drain();
       const done = runOne(c);
       done.catch(() => {});

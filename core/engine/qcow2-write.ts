@@ -767,7 +767,8 @@ export class Qcow2Writable extends Qcow2Image {
    * with none are handed back to the file system at once, before the metadata mutex (held
    * by the caller) lets anyone allocate them again.
    */
-  private async releaseRef(f: { offset: number; length: number; punch?: boolean }): Promise<void> {
+  /** @internal */
+  async releaseRef(f: { offset: number; length: number; punch?: boolean }): Promise<void> {
     await this.refcounts.change(f.offset, f.length, -1);
     if (!f.punch || !this.file.discard) return;
     const cs = this.cs;

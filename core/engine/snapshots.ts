@@ -23,7 +23,8 @@ function refRange(e: L2Entry, cs: number): { offset: number; length: number } | 
 /**
  * QEMU's qcow2_update_snapshot_refcount: adds `addend` to every cluster reachable from `l1`
  * (L2 tables and data), then, when `l1` is the active table, brings the COPIED flags in line
- * with the new refcounts. Call under the image's metadata mutex.
+ * with the new refcounts. Clusters a drop leaves unused are punched out of the file (QEMU's
+ * pass-discard-snapshot, on by default). Call under the image's metadata mutex.
  */
 async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: number, active: boolean): Promise<void> {
   const g = img.geometry;
@@ -38,7 +39,8 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
       const e = decodeL2Entry(table, j, g);
       const r = refRange(e, cs);
       if (!r) continue;
-      if (addend) await rc.change(r.offset, r.length, addend);
+      if (addend < 0) await img.releaseRef({ offset: r.offset, length: r.length, punch: true });
+      else if (addend) await rc.change(r.offset, r.length, addend);
       if (active && (e.kind === 'normal' || e.kind === 'zero')) {
         const copied = (await rc.get(r.offset / cs)) === 1;
         if (copied !== e.copied) {
@@ -47,7 +49,8 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
         }
       }
     }
-    if (addend) await rc.change(l2Offset, cs, addend);
+    if (addend < 0) await img.releaseRef({ offset: l2Offset, length: cs, punch: true });
+    else if (addend) await rc.change(l2Offset, cs, addend);
     if (changed) img.l2Cache.markDirty(l2Offset, table);
     if (active) {
       const copied = (await rc.get(l2Offset / cs)) === 1;
@@ -87,7 +90,7 @@ async function writeSnapshotTable(img: Qcow2Writable, entries: SnapshotEntry[]):
   img.snapshots = entries;
   img.snapshotTableSize = table.length;
   if (oldSize > 0) {
-    await img.mutex.run(async () => { await img.refcounts.change(oldOffset, Math.ceil(oldSize / cs) * cs, -1); });
+    await img.mutex.run(() => img.releaseRef({ offset: oldOffset, length: Math.ceil(oldSize / cs) * cs, punch: true }));
     await img.flush();
   }
 }
@@ -136,7 +139,7 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
     const l1 = Buffer.alloc(sn.l1Size * 8);
     if (l1.length) await img.file.read(l1, sn.l1TableOffset);
     await updateSnapshotRefcount(img, l1, -1, false);
-    if (l1.length) await img.refcounts.change(sn.l1TableOffset, Math.ceil(l1.length / cs) * cs, -1);
+    if (l1.length) await img.releaseRef({ offset: sn.l1TableOffset, length: Math.ceil(l1.length / cs) * cs, punch: true });
     await updateSnapshotRefcount(img, img.l1, 0, true);
   });
   await img.flush();

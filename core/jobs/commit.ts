@@ -141,7 +141,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       throwIfCancelled(ctx);
       if (!t.skip) {
         if (t.zero) {
-          await b.writeZeroes(t.offset, t.length);
+          // As QEMU's commit (a mirror with unmap): the base's clusters there are freed.
+          await b.writeZeroes(t.offset, t.length, { unmap: true });
         } else {
           const buf = buffers[slot]!.subarray(0, t.length);
           await top.read(buf, t.offset);

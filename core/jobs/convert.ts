@@ -21,7 +21,10 @@ import { stat } from '../io/fs-async';
 export interface ConvertOptions extends TargetSpec {
   /** -c: store data clusters compressed (qcow2 targets). */
   compress?: boolean;
-  /** -S: zero detection granularity for raw targets (default 4096); 0 writes data as read. */
+  /**
+   * -S: zero detection granularity for raw targets (default 4096); 0 writes everything as
+   * data, zeros and unallocated areas too: the target is fully allocated, as qemu-img's.
+   */
   minSparse?: number;
   /**
    * Bytes per window (default 4 MiB, 2 MiB with -c) and windows in flight (default 8). Each
@@ -63,6 +66,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const q = img instanceof Qcow2Writable ? img : null;
     const compress = !!opts.compress && !!q;
     const minSparse = opts.minSparse ?? 4096;
+    const fullyAllocate = minSparse === 0;
     // The unit zeros are judged in: what the target allocates (cluster/subcluster), or -S.
     const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
     const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? (compress ? 2 << 20 : 4 << 20)) / unit) * unit);
@@ -71,8 +75,8 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
     const srcBufs = ioBuffers(width, chunk);
-    // Which units of a window hold data (1) or only zeros (0); none with -S 0 to a raw target.
-    const scan = !(minSparse === 0 && !q);
+    // Which units of a window hold data (1) or only zeros (0); none with -S 0: all is data.
+    const scan = !fullyAllocate;
     const unitMaps = Array.from({ length: width }, () => (scan ? new Uint8Array(chunk / unit) : null));
     const baseBufs = below ? ioBuffers(width, chunk) : [];
     // A raw target that reads as zero wherever nothing is written takes each window's data
@@ -85,7 +89,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       let off = 0;
       while (off < size) {
         let hasData = false;
-        if (target.zeroInitialized && !below) {
+        if (target.zeroInitialized && !below && !fullyAllocate) {
           // Jump over long runs that read as zero everywhere without visiting each window. The
           // status of the window alone first: asking to the end of the disk each time would
           // walk a long data run again for every window of it.
@@ -119,7 +123,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       const len = Math.min(chunk, size - off);
       // The window generator already knows when the window starts with data: no second walk.
       const zeroWindow = !hasData && (await windowIsZero(src, off, len));
-      if (zeroWindow && target.zeroInitialized) { progress.add(len); return; }
+      if (zeroWindow && target.zeroInitialized && !fullyAllocate) { progress.add(len); return; }
       const buf = srcBufs[slot]!.subarray(0, len);
       const dataUnits = unitMaps[slot] ?? null;
       if (zeroWindow) {
@@ -192,7 +196,8 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       progress.add(len);
 
       async function writePiece(pc: Piece, i: number): Promise<void> {
-        if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start); return; }
+        // As qemu-img convert: zeros on an existing target may free its clusters.
+        if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start, { unmap: true }); return; }
         const data = buf.subarray(pc.start, pc.end);
         const c = packed?.[i];
         if (c) {

@@ -93,7 +93,7 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
         if (zeros.isZero(q, next - q)) break;
         q = next;
       }
-      await target.writeZeroes(p, q - p);
+      await target.writeZeroes(p, q - p, { unmap: true });
       zeros.set(p, q - p, true);
       result.bytesZeroed += q - p;
       p = q;
