@@ -15,6 +15,8 @@ import { Qcow2Image, type Qcow2OpenOptions } from './qcow2';
 import type { DiskImage } from './image';
 import { Refcounts } from './refcounts';
 import { Mutex, RangeLock } from './mutex';
+import { BitmapTracker, inconsistentBitmap } from './bitmaps';
+import { BME_FLAG_IN_USE } from '../format/bitmaps';
 
 export interface WriteStats {
   /** Guest data writes issued to the image file (requests, bytes). */
@@ -67,6 +69,8 @@ export class Qcow2Writable extends Qcow2Image {
   pendingFrees: { offset: number; length: number; punch?: boolean }[] = [];
   private markedDirty = false;
   private headerAdjusted = false;
+  /** @internal Keeps the persistent bitmaps valid once the image changes. */
+  bitmapTracker: BitmapTracker | null = null;
   private corrupt = false;
   readonly stats: WriteStats = { dataWrites: 0, dataWriteBytes: 0, cowReadBytes: 0 };
 
@@ -101,14 +105,22 @@ export class Qcow2Writable extends Qcow2Image {
     if (this.corrupt) throw new CorruptImageError('image has been marked corrupt; no further writes', this.filename);
     const h = this.header;
     if (!this.headerAdjusted) {
-      this.headerAdjusted = true;
-      if (h.version === 3 && h.autoclearFeatures !== 0n) {
-        // We do not update bitmaps: the spec says to clear their autoclear bit before writing.
-        h.autoclearFeatures = 0n;
+      // Persistent bitmaps are kept valid (BitmapTracker); the spec has us clear the autoclear
+      // bits of anything else we do not maintain before writing.
+      const keep = this.bitmaps ? C.AUTOCLEAR_BITMAPS : 0n;
+      if (h.version === 3 && (h.autoclearFeatures & ~keep) !== 0n) {
+        h.autoclearFeatures &= keep;
         const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(h.autoclearFeatures);
         await this.file.write(b, 88);
         await this.file.flush();
       }
+      if (this.bitmaps) {
+        const tracker = new BitmapTracker(this, this.bitmaps);
+        await tracker.start();
+        this.bitmapTracker = tracker;
+      }
+      this.headerAdjusted = true;
     }
     if (!this.markedDirty && h.version === 3 && (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS)) {
       this.markedDirty = true;
@@ -222,6 +234,7 @@ export class Qcow2Writable extends Qcow2Image {
     } catch (err) {
       await this.markCorrupt(err);
     } finally {
+      this.bitmapTracker?.markDirty(offset, buf.length);
       release();
     }
     await this.maybeFlush();
@@ -353,6 +366,15 @@ export class Qcow2Writable extends Qcow2Image {
   async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
     this.checkRange(offset, length);
     if (length === 0) return;
+    try {
+      await this.doWriteZeroes(offset, length, opts);
+    } finally {
+      this.bitmapTracker?.markDirty(offset, length);
+    }
+    await this.maybeFlush();
+  }
+
+  private async doWriteZeroes(offset: number, length: number, opts: { unmap?: boolean }): Promise<void> {
     const g = this.geometry;
     const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
     const end = offset + length;
@@ -381,7 +403,6 @@ export class Qcow2Writable extends Qcow2Image {
       else await this.discardClusters(a, b, { punch: true });
     }
     for (const [a, b] of explicit) await this.writeZeroData(a, b - a);
-    await this.maybeFlush();
   }
 
   /**
@@ -485,6 +506,18 @@ export class Qcow2Writable extends Qcow2Image {
    */
   async discard(offset: number, length: number, opts: { full?: boolean } = {}): Promise<void> {
     this.checkRange(offset, length);
+    // Even a discard that changes nothing is recorded in the bitmaps, so they must be loaded.
+    if (this.bitmaps && !this.bitmapTracker) await this.mutex.run(() => this.beforeChange());
+    try {
+      await this.doDiscard(offset, length, opts);
+    } finally {
+      // QEMU's block layer marks the range even when the driver ignores (part of) it.
+      this.bitmapTracker?.markDirty(offset, length);
+    }
+    await this.maybeFlush();
+  }
+
+  private async doDiscard(offset: number, length: number, opts: { full?: boolean }): Promise<void> {
     if (!opts.full && this.header.version < 3 && this.hasBacking) return;
     const cs = this.cs;
     const end = offset + length;
@@ -493,7 +526,6 @@ export class Qcow2Writable extends Qcow2Image {
     if (end === this.virtualSize && end % cs !== 0 && Math.floor(end / cs) * cs >= offset) last = Math.floor(end / cs);
     if (last < first) return;
     await this.discardClusters(first * cs, Math.min((last + 1) * cs, this.virtualSize), { full: opts.full, punch: true });
-    await this.maybeFlush();
   }
 
   /** qcow2_cluster_discard over the clusters of cluster-aligned [a, b). */
@@ -577,6 +609,7 @@ export class Qcow2Writable extends Qcow2Image {
     } catch (err) {
       await this.markCorrupt(err);
     } finally {
+      this.bitmapTracker?.markDirty(c * this.cs, this.cs);
       release();
     }
     await this.maybeFlush();
@@ -616,12 +649,15 @@ export class Qcow2Writable extends Qcow2Image {
     if (backingShows && this.header.version < 3) {
       throw new UnsupportedFeatureError('Failed to zero out new clusters: Operation not supported (a compat=0.10 image has no zero clusters to hide its longer backing file with; upgrade it to compat=1.1 first)', this.filename);
     }
+    this.checkBitmapsResizable();
     await this.flush();
     await this.mutex.run(async () => {
       await this.beforeChange();
+      await this.bitmapTracker?.beforeResize();
       await this.growL1For(newSize);
     });
     this.virtualSize = newSize;
+    this.bitmapTracker?.resized(newSize);
     try {
       if (backingShows) {
         // In steps, so the L2 tables a huge grow creates are written out as it goes.
@@ -638,6 +674,7 @@ export class Qcow2Writable extends Qcow2Image {
       await this.flush();
     } catch (err) {
       this.virtualSize = old;
+      this.bitmapTracker?.resized(old);
       throw err;
     }
     await this.setVirtualSize(newSize);
@@ -695,6 +732,10 @@ export class Qcow2Writable extends Qcow2Image {
     // Everything that could fail halfway is checked first, so a refusal changes nothing.
     await this.flush();
     await this.mutex.run(() => this.shrinkPreflight(newSize));
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      await this.bitmapTracker?.beforeResize();
+    });
     if (from < this.virtualSize) await this.discard(from, this.virtualSize - from, { full: true });
     await this.mutex.run(async () => {
       await this.beforeChange();
@@ -709,6 +750,7 @@ export class Qcow2Writable extends Qcow2Image {
     });
     await this.flush();
     await this.setVirtualSize(newSize);
+    this.bitmapTracker?.resized(newSize);
     await this.mutex.run(async () => {
       await this.refcounts.dropIdleBlocks();
       await this.refcounts.writeBack();
@@ -721,6 +763,13 @@ export class Qcow2Writable extends Qcow2Image {
     });
   }
 
+  /** QEMU refuses to resize an image with a bitmap left in use (inconsistent). */
+  private checkBitmapsResizable(): void {
+    if (this.bitmapTracker) { this.bitmapTracker.checkResizable(); return; }
+    const bad = this.bitmaps?.find((e) => (e.flags & BME_FLAG_IN_USE) !== 0);
+    if (bad) throw inconsistentBitmap(bad, this.filename);
+  }
+
   /**
    * What shrinking to `newSize` will read and drop, checked without changing anything: the
    * refcount table's blocks, the L2 tables past the new end and their entries, and a
@@ -729,6 +778,7 @@ export class Qcow2Writable extends Qcow2Image {
   private async shrinkPreflight(newSize: number): Promise<void> {
     const g = this.geometry;
     const cs = g.clusterSize;
+    this.checkBitmapsResizable();
     await this.refcounts.checkTable(await this.file.size());
     const drops = new Map<number, number>();
     const drop = (offset: number, length: number) => {
@@ -823,6 +873,7 @@ export class Qcow2Writable extends Qcow2Image {
     try {
       if (!this.corrupt) {
         await this.flush();
+        await this.bitmapTracker?.store();
         if (this.markedDirty) {
           this.header.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
           await this.writeIncompatible();

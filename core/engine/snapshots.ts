@@ -1,7 +1,7 @@
 // Internal snapshots: create, apply (goto) and delete, in QEMU's order, each step durable
 // before the next so that a crash leaves at worst leaked clusters.
 import * as C from '../format/constants';
-import { NotFoundError, UsageError } from '../errors';
+import { NotFoundError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
@@ -147,6 +147,8 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
 
 export async function applySnapshot(img: Qcow2Writable, idOrName: string): Promise<void> {
   const sn = findSnapshot(img, idOrName);
+  // As qemu-img: a bitmap cannot follow the disk back to a snapshot.
+  if (img.bitmaps?.length) throw new UnsupportedFeatureError(`Could not apply snapshot '${printable(idOrName)}': Device has active dirty bitmaps (remove them with \`qemu-img bitmap --remove\` first)`, img.filename);
   const g = img.geometry;
   await img.flush();
   const snL1 = Buffer.alloc(sn.l1Size * 8);
