@@ -10,6 +10,7 @@ import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -38,9 +39,14 @@ export function parseFormat(name: string | undefined | null, what = 'format'): I
   throw new UsageError(`unknown ${what} '${name}' (supported: qcow2, raw)`);
 }
 
-/** QEMU's path_combine: a relative backing name is taken relative to the overlay's directory. */
+/**
+ * QEMU's bdrv_make_absolute_filename: a relative backing name is taken relative to the
+ * overlay's directory; absolute names and names with a protocol (file:, json:, nbd:, ...)
+ * are used as they are (json: and file: paths are then relative to the working directory,
+ * as in QEMU).
+ */
 export function combineBackingPath(overlay: string, backing: string): string {
-  if (backing.startsWith('/')) return backing;
+  if (backing.startsWith('/') || hasProtocol(backing)) return backing;
   const slash = overlay.lastIndexOf('/');
   return slash < 0 ? backing : overlay.slice(0, slash + 1) + backing;
 }
@@ -51,8 +57,16 @@ export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
   return isQcow2Magic(head) ? 'qcow2' : 'raw';
 }
 
-/** Opens one image (no backing chain). */
-export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
+/**
+ * Opens one image (no backing chain). `filename` may be in QEMU's other syntaxes (file:,
+ * json:); the image is then known by the file's own path, as qemu-img shows it.
+ */
+export async function openImageFile(name: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
+  const parsed = parseImageName(name);
+  if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
+  const filename = parsed.path;
+  // The format the overlay records (or -f) wins over a json: name's driver, as in QEMU.
+  opts = { ...opts, format: opts.format ?? parseFormat(parsed.format, `format in '${printable(name)}'`) };
   let file: NodeFile;
   try {
     file = await NodeFile.open(filename, { writable: opts.writable, unsafe: opts.unsafe });
@@ -82,7 +96,9 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
   const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe });
-  if (opts.backing === false) return top;
+  // json:{..., "backing": null} opens the image alone.
+  const name = parseImageName(filename);
+  if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
     await openBackingChain(top, opts.lock, opts.avoid);
   } catch (err) {
@@ -103,7 +119,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
     if (++depth > MAX_CHAIN_DEPTH) throw new FormatError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, top.filename);
     const name = combineBackingPath(img.filename, img.backingFile);
     const fmt = parseBackingFormat(img);
-    const k = key(await identityOf(name), name);
+    const k = key(await identityOf(localPathOrNull(name) ?? name), name);
     const prev = seen.get(k);
     if (prev !== undefined) {
       throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename);
@@ -133,7 +149,7 @@ export async function closeChain(top: DiskImage | null): Promise<void> {
  * chain below `top`, by any name: a symlink, a hard link, another spelling of the path.
  */
 export async function assertNotInChain(target: string, top: DiskImage | null, job: string): Promise<void> {
-  const id = await identityOf(target);
+  const id = await identityOf(localPathOrNull(target) ?? target);
   if (!id) return;
   for (const img of top ? chainOf(top) : []) {
     if (sameFile(id, (await img.file.identity?.()) ?? null)) {

@@ -12,6 +12,7 @@ import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } fro
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { NodeFile } from '../io/node-file';
 import { identityOf, sameFile } from '../io/identity';
+import { localPathOrNull } from '../chain/names';
 import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
@@ -55,7 +56,7 @@ export async function dependentsOf(base: string, except: string[]): Promise<stri
       if (!isQcow2Magic(head)) continue;
       const p = decodeHeader(head.subarray(0, Math.min(head.length, 2 ** head.readUInt32BE(20))), path);
       if (!p.backingFile) continue;
-      const full = await real(combineBackingPath(path, p.backingFile));
+      const full = await real(localPathOrNull(combineBackingPath(path, p.backingFile)) ?? p.backingFile);
       const me = await real(path);
       if (full === target && !skip.has(me)) out.push(path);
     } catch { /* not an image we can read: not a dependent we can name */ } finally {
@@ -77,7 +78,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     if (opts.base !== undefined) {
       // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
       // recorded in the chain.
-      const wants = [await identityOf(opts.base), await identityOf(combineBackingPath(path, opts.base))];
+      const local = (n: string) => identityOf(localPathOrNull(n) ?? n);
+      const wants = [await local(opts.base), await local(combineBackingPath(path, opts.base))];
       baseIndex = -1;
       for (let i = 1; i < chain.length && baseIndex < 0; i++) {
         const id = (await chain[i]!.file.identity?.()) ?? null;

@@ -9,6 +9,7 @@ import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
 import { NodeFile } from '../io/node-file';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
 import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
+import { localPath, localPathOrNull } from '../chain/names';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
 export type CreateFormat = 'qcow2' | 'raw';
@@ -167,6 +168,7 @@ function fail(path: string, msg: string): never { throw new UsageError(`${path}:
 
 /** Everything qemu-img create checks, plus opening the backing file for its size. */
 export async function resolveCreate(path: string, format: CreateFormat, opts: CreateOptions): Promise<ResolvedCreate> {
+  localPath(path); // a protocol name (nbd:, http:, ...) is refused before anything else
   if ((format as string) !== 'qcow2' && (format as string) !== 'raw') fail(path, `unknown format '${format}' (supported: qcow2, raw)`);
   const backingFile = opts.backingFile ?? null;
   const backingFormat = opts.backingFormat ?? null;
@@ -229,20 +231,21 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       let hint = '';
       if (!opts.unsafe) {
         try {
-          const f = await NodeFile.open(combineBackingPath(path, backingFile));
+          const f = await NodeFile.open(localPath(combineBackingPath(localPath(path), backingFile)));
           try { hint = `\nDetected format of ${await probeFormat(f)}.`; } finally { await f.close(); }
         } catch { /* the missing file is reported with -F given */ }
       }
       fail(path, `Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`);
     }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
-    const full = combineBackingPath(path, backingFile);
-    if (sameFile(await identityOf(full), await identityOf(path))) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
+    const full = combineBackingPath(localPath(path), backingFile);
+    if (sameFile(await identityOf(localPathOrNull(full) ?? full), await identityOf(localPathOrNull(path) ?? path))) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
   }
 
   let size = opts.size;
   if (backingFile !== null && !opts.unsafe) {
-    const full = combineBackingPath(path, backingFile);
+    // Relative to the new image's folder (a file: target names its path).
+    const full = combineBackingPath(localPath(path), backingFile);
     let top;
     try {
       top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
@@ -374,7 +377,8 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
-  const { file, created } = await openTarget(r.path);
+  const target = localPath(r.path);
+  const { file, created } = await openTarget(target);
   let releaseLock = () => {};
   let emptied = created;
   try {
@@ -426,7 +430,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
   } catch (err) {
     releaseLock();
     await file.close();
-    if (emptied) { try { await unlink(r.path); } catch { /* best effort */ } }
+    if (emptied) { try { await unlink(target); } catch { /* best effort */ } }
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }

@@ -3,6 +3,7 @@
 // and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
 // needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
 import { identityOf, sameFile } from '../io/identity';
+import { localPathOrNull } from '../chain/names';
 import { FormatError, UsageError, printable } from '../errors';
 import { encodeHeader } from '../format/header';
 import type { DiskImage, ImageFormat } from '../engine/image';
@@ -77,7 +78,7 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
     if (opts.backing) {
       const full = combineBackingPath(path, opts.backing);
       // By device and inode: a hard link or symlink to the overlay is the overlay.
-      const fullId = await identityOf(full);
+      const fullId = await identityOf(localPathOrNull(full) ?? full);
       if (sameFile(fullId, (await top.file.identity?.()) ?? null)) throw new UsageError(`${path}: an image cannot be its own backing file`);
       // A new backing inside the old chain is used as it is opened there.
       for (const layer of chainOf(top).slice(1)) if (sameFile(fullId, (await layer.file.identity?.()) ?? null)) next = layer;
