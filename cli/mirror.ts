@@ -1,4 +1,6 @@
-import { openImage, closeChain, parseFormat, assertNotInChain } from '../core/chain/open';
+import { dirname, isAbsolute, relative, resolve } from 'node:path';
+import { openImage, closeChain, parseFormat, assertNotInChain, combineBackingPath } from '../core/chain/open';
+import { hasProtocol, localPath } from '../core/chain/names';
 import { mirror } from '../core/jobs/mirror';
 import { openTarget, abandonTarget, type Target } from '../core/jobs/target';
 import type { DiskImage } from '../core/engine/image';
@@ -8,6 +10,18 @@ import { progressPrinter } from './progress';
 import { parseCreateOptions } from '../core/jobs/create';
 import { spaceNeeded } from '../core/jobs/convert';
 import { explainNoSpace } from '../core/io/space';
+
+/**
+ * The source's backing name as the target must record it: a relative name resolves against
+ * the folder of the image that records it, so from the target's folder it must lead to the
+ * same file. Absolute and protocol names (json:, file:, ...) stay as they are.
+ */
+export function backingNameFor(target: string, source: string, backing: string): string {
+  if (isAbsolute(backing) || hasProtocol(backing)) return backing;
+  const full = combineBackingPath(source, backing);
+  const from = dirname(resolve(localPath(target)));
+  return dirname(resolve(localPath(source))) === from ? backing : relative(from, resolve(full));
+}
 
 const USAGE = 'strata mirror [-p] [-f FMT] [-O FMT] [-o OPTS] [--sync full|top] [-n] [-U] SRC DST';
 
@@ -34,7 +48,7 @@ export async function mirrorCommand(args: string[], io: CommandIO, signal: Abort
     if (sync === 'top') {
       if (!src.backingFile) throw new UsageError(`${srcName}: --sync top needs a source with a backing file`);
       if (outFmt !== 'qcow2') throw new UsageError('--sync top needs a qcow2 target (it keeps the backing file)');
-      create.backingFile ??= src.backingFile;
+      create.backingFile ??= backingNameFor(dstName, src.filename, src.backingFile);
       create.backingFormat ??= src.backingFormat ?? src.backing?.format;
     }
     await assertNotInChain(dstName, src, 'mirror');

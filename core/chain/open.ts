@@ -79,13 +79,18 @@ export async function openImageFile(name: string, opts: { format?: ImageFormat; 
   try {
     if (opts.lock !== 'none') await lockImage(file.fd, filename, opts.writable ? WRITE_LOCK : READ_LOCK);
     let format = opts.format;
+    const probed = !format;
     if (!format) {
       format = await probeFormat(file);
       if (format === 'raw' && opts.probeRaw === false) {
         throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
-    if (format === 'raw') return await RawImage.open(filename, file);
+    if (format === 'raw') {
+      const raw = await RawImage.open(filename, file);
+      raw.probed = probed;
+      return raw;
+    }
     return opts.writable ? await Qcow2Writable.openWritable(filename, file) : await Qcow2Image.open(filename, file);
   } catch (err) {
     await file.close();
