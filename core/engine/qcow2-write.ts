@@ -52,6 +52,8 @@ interface Segment {
   host: number;
   guest: number;
   length: number;
+  /** Every cluster of it is newly allocated. */
+  fresh: boolean;
 }
 
 export class Qcow2Writable extends Qcow2Image {
@@ -247,10 +249,27 @@ export class Qcow2Writable extends Qcow2Image {
     type Plan = {
       cluster: number; a: number; b: number; fa: number; fb: number;
       host: number; needsAlloc: boolean; entry: L2Entry; bitmap: Bitmap | null; newBitmap?: Bitmap;
+      /** The cluster stays where it is but its entry changes (a preallocated zero cluster). */
+      relink?: boolean;
     };
     const plans: Plan[] = [];
     await this.mutex.run(async () => {
       await this.beforeChange();
+      // Runs of consecutive new clusters are allocated together, so their data lands
+      // contiguously; table by table, each table before its data, as QEMU allocates (the
+      // same file layout).
+      let allocFrom = 0;
+      const allocPending = async () => {
+        for (let i = allocFrom; i < plans.length;) {
+          if (!plans[i]!.needsAlloc) { i++; continue; }
+          let j = i;
+          while (j + 1 < plans.length && plans[j + 1]!.needsAlloc) j++;
+          const base = await this.refcounts.alloc(j - i + 1);
+          for (let k = i; k <= j; k++) plans[k]!.host = base + (k - i) * cs;
+          i = j + 1;
+        }
+        allocFrom = plans.length;
+      };
       // One table serves l2Entries clusters: look it up when the write crosses into the next.
       let tableL1 = -1;
       let table: Buffer | null = null;
@@ -259,16 +278,28 @@ export class Qcow2Writable extends Qcow2Image {
         const a = Math.max(offset, cStart);
         const b = Math.min(end, cStart + cs);
         const { l1Index, l2Index } = this.l1Location(c);
-        if (l1Index !== tableL1) { table = await this.writableL2(l1Index); tableL1 = l1Index; }
+        if (l1Index !== tableL1) {
+          await allocPending();
+          table = await this.writableL2(l1Index);
+          tableL1 = l1Index;
+        }
         const { entry, bitmap } = this.entryAt(table!, l2Index);
         let fa = a;
         let fb = b;
         let host = 0;
         let needsAlloc = false;
+        let relink = false;
         let newBitmap: Bitmap | undefined;
         if (!g.extendedL2) {
           if (entry.kind === 'normal' && entry.copied) {
             host = entry.hostOffset;
+          } else if (entry.kind === 'zero' && entry.copied && entry.hostOffset) {
+            // A preallocated zero cluster of ours alone is written in place, zeros around the
+            // data, as QEMU does (it does not need a new cluster).
+            host = entry.hostOffset;
+            relink = true;
+            fa = cStart;
+            fb = cStart + cs;
           } else {
             needsAlloc = true;
             fa = cStart;
@@ -276,12 +307,26 @@ export class Qcow2Writable extends Qcow2Image {
           }
         } else {
           const sc = g.subclusterSize;
-          if (entry.kind === 'compressed' || (entry.kind === 'normal' && !entry.copied)) {
+          if (entry.kind === 'compressed') {
             needsAlloc = true;
             fa = cStart;
             fb = cStart + cs;
             // The whole cluster is written (old content completed around the new data).
             newBitmap = { alloc: ALL, zero: 0 };
+          } else if (entry.kind === 'normal' && !entry.copied) {
+            // Shared with a snapshot: a new cluster gets the written subclusters and the old
+            // allocated ones up to them; zero and unallocated subclusters beyond stay as they
+            // are (QEMU's calculate_l2_meta / qcow2_alloc_cluster_link_l2).
+            needsAlloc = true;
+            const alloc = bitmap!.alloc >>> 0;
+            const scA = Math.floor((a - cStart) / sc);
+            const scB = Math.ceil((b - cStart) / sc);
+            const fromSc = Math.min(scA, alloc ? 31 - Math.clz32(alloc & -alloc) : 32);
+            const toSc = Math.max(scB, alloc ? 32 - Math.clz32(alloc) : 0);
+            fa = cStart + fromSc * sc;
+            fb = cStart + toSc * sc;
+            const bits = bitsFor(fromSc, toSc);
+            newBitmap = { alloc: (alloc | bits) >>> 0, zero: (bitmap!.zero & ~bits) >>> 0 };
           } else {
             if (entry.kind === 'normal') host = entry.hostOffset;
             else needsAlloc = true;
@@ -294,17 +339,9 @@ export class Qcow2Writable extends Qcow2Image {
             newBitmap = { alloc: (bitmap!.alloc | touched) >>> 0, zero: (bitmap!.zero & ~touched) >>> 0 };
           }
         }
-        plans.push({ cluster: c, a, b, fa, fb, host, needsAlloc, entry, bitmap, newBitmap });
+        plans.push({ cluster: c, a, b, fa, fb, host, needsAlloc, entry, bitmap, newBitmap, relink });
       }
-      // Allocate runs of consecutive new clusters together so their data lands contiguously.
-      for (let i = 0; i < plans.length;) {
-        if (!plans[i]!.needsAlloc) { i++; continue; }
-        let j = i;
-        while (j + 1 < plans.length && plans[j + 1]!.needsAlloc) j++;
-        const base = await this.refcounts.alloc(j - i + 1);
-        for (let k = i; k <= j; k++) plans[k]!.host = base + (k - i) * cs;
-        i = j + 1;
-      }
+      await allocPending();
       this.noteAlloc();
     });
 
@@ -313,24 +350,38 @@ export class Qcow2Writable extends Qcow2Image {
     for (const p of plans) {
       const host = p.host + (p.fa - p.cluster * cs);
       const lastSeg = segs[segs.length - 1];
-      if (lastSeg && lastSeg.host + lastSeg.length === host && lastSeg.guest + lastSeg.length === p.fa) lastSeg.length += p.fb - p.fa;
-      else segs.push({ host, guest: p.fa, length: p.fb - p.fa });
+      if (lastSeg && lastSeg.host + lastSeg.length === host && lastSeg.guest + lastSeg.length === p.fa) {
+        lastSeg.length += p.fb - p.fa;
+        lastSeg.fresh &&= p.needsAlloc;
+      } else {
+        segs.push({ host, guest: p.fa, length: p.fb - p.fa, fresh: p.needsAlloc });
+      }
     }
     await Promise.all(segs.map(async (s) => {
       let data: Buffer;
       if (s.guest >= offset && s.guest + s.length <= end) {
         data = buf.subarray(s.guest - offset, s.guest - offset + s.length);
       } else {
-        data = Buffer.allocUnsafe(s.length);
         const headLen = Math.max(0, Math.min(offset, s.guest + s.length) - s.guest);
         const tailStart = Math.max(end, s.guest);
+        const from = Math.max(offset, s.guest);
+        const to = Math.min(end, s.guest + s.length);
+        // QEMU's handle_alloc_space: new clusters whose copy-on-write parts hold nothing in
+        // the whole chain are zeroed by the file system (fallocate ZERO_RANGE), and only the
+        // guest's data is written (the same blocks on disk as QEMU's).
+        if (s.fresh && this.file.zeroRange && (await this.unallocatedAbove(s.guest, headLen)) &&
+            (await this.unallocatedAbove(tailStart, s.guest + s.length - tailStart)) && (await this.file.zeroRange(s.host, s.length))) {
+          this.stats.dataWrites++;
+          this.stats.dataWriteBytes += to - from;
+          await this.file.write(buf.subarray(from - offset, to - offset), s.host + (from - s.guest));
+          return;
+        }
+        data = Buffer.allocUnsafe(s.length);
         const reads: Promise<void>[] = [];
         if (headLen > 0) reads.push(this.read(data.subarray(0, headLen), s.guest));
         if (tailStart < s.guest + s.length) reads.push(this.read(data.subarray(tailStart - s.guest), tailStart));
         this.stats.cowReadBytes += headLen + Math.max(0, s.guest + s.length - tailStart);
         await Promise.all(reads);
-        const from = Math.max(offset, s.guest);
-        const to = Math.min(end, s.guest + s.length);
         buf.copy(data, from - s.guest, from - offset, to - offset);
       }
       this.stats.dataWrites++;
@@ -343,7 +394,7 @@ export class Qcow2Writable extends Qcow2Image {
       let l2Offset = 0;
       let table: Buffer | null = null;
       for (const p of plans) {
-        if (!p.needsAlloc && !g.extendedL2) continue;
+        if (!p.needsAlloc && !p.relink && !g.extendedL2) continue;
         const { l1Index, l2Index } = this.l1Location(p.cluster);
         if (l1Index !== tableL1) {
           l2Offset = this.l2OffsetOf(l1Index);
@@ -412,6 +463,26 @@ export class Qcow2Writable extends Qcow2Image {
   private async unitZeroable(u: number, uEnd: number, a: number, b: number): Promise<boolean> {
     for (const r of await this.runs(u, uEnd - u)) if (r.state !== 'unallocated' && r.state !== 'zero') return false;
     return (await this.isZeroFast(u, a - u)) && (await this.isZeroFast(b, uEnd - b));
+  }
+
+  /**
+   * True when no layer of the chain allocates anything in [offset, offset+length)
+   * (bdrv_co_is_allocated_above down to the bottom); past a shorter layer's end nothing is.
+   */
+  private async unallocatedAbove(offset: number, length: number): Promise<boolean> {
+    if (length <= 0) return true;
+    if (this.backing === null && this.parsed.backingFile !== null) return false;
+    for (const r of await this.runs(offset, length)) if (r.state !== 'unallocated') return false;
+    for (let img = this.backing; img; img = img.backing) {
+      const end = Math.min(offset + length, img.virtualSize);
+      for (let pos = offset; pos < end;) {
+        const st = await img.blockStatus(pos, end - pos);
+        if (st.allocated) return false;
+        pos += st.length;
+      }
+      if (img.backingFile !== null && img.backing === null) return false;
+    }
+    return true;
   }
 
   /**
@@ -539,9 +610,9 @@ export class Qcow2Writable extends Qcow2Image {
         await this.beforeChange();
         for (let c = first; c <= last; c++) {
           const { l1Index, l2Index } = this.l1Location(c);
-          // Without an L2 table the cluster already falls through (or reads zero): only a v3
-          // image with a backing file needs a table for the zero flag.
-          if (this.l2OffsetOf(l1Index) === 0 && (opts.full || !this.hasBacking || this.header.version < 3)) continue;
+          // A full discard (shrink, emptying) needs no table where there is none. A guest
+          // discard takes one anyway, as QEMU's (get_cluster_table): the same file layout.
+          if (this.l2OffsetOf(l1Index) === 0 && opts.full) continue;
           const table = await this.writableL2(l1Index);
           const l2Offset = this.l2OffsetOf(l1Index);
           const { entry } = this.entryAt(table, l2Index);
@@ -553,9 +624,8 @@ export class Qcow2Writable extends Qcow2Image {
             if (this.geometry.extendedL2) this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: ALL });
             else if (this.header.version >= 3) this.setEntry(table, l2Offset, l2Index, { kind: 'zero', hostOffset: 0, copied: false });
             else this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' });
-          } else {
-            this.setEntry(table, l2Offset, l2Index, { kind: 'unallocated' }, { alloc: 0, zero: 0 });
           }
+          // Otherwise it holds nothing and reads as zero already: left as it is (as QEMU).
           this.freeEntry(entry, opts.punch);
         }
       });
@@ -812,26 +882,34 @@ export class Qcow2Writable extends Qcow2Image {
     }
   }
 
+  /** Host ranges freed with `punch`, merged, to hand back to the file system (punchFreed). */
+  private toPunch: [number, number][] = [];
+
   /**
-   * Drops one reference from each cluster of a pending free; with `punch`, clusters left
-   * with none are handed back to the file system at once, before the metadata mutex (held
-   * by the caller) lets anyone allocate them again.
+   * @internal Drops one reference from each cluster of a pending free; with `punch`, clusters
+   * left with none are queued for punchFreed, which the caller runs before the metadata mutex
+   * (which it holds) lets anyone allocate them again.
    */
-  /** @internal */
   async releaseRef(f: { offset: number; length: number; punch?: boolean }): Promise<void> {
     await this.refcounts.change(f.offset, f.length, -1);
     if (!f.punch || !this.file.discard) return;
     const cs = this.cs;
-    let runStart = -1;
-    let runEnd = -1;
     for (let c = Math.floor(f.offset / cs); c * cs < f.offset + f.length; c++) {
       if ((await this.refcounts.get(c)) !== 0) continue;
-      if (c * cs === runEnd) { runEnd += cs; continue; }
-      if (runStart >= 0) await this.file.discard(runStart, runEnd - runStart);
-      runStart = c * cs;
-      runEnd = runStart + cs;
+      const last = this.toPunch[this.toPunch.length - 1];
+      if (last && last[1] === c * cs) last[1] += cs;
+      else this.toPunch.push([c * cs, (c + 1) * cs]);
     }
-    if (runStart >= 0) await this.file.discard(runStart, runEnd - runStart);
+  }
+
+  /**
+   * @internal Punches the queued ranges, adjacent ones merged (as QEMU merges its queued
+   * discards): small clusters freed one by one still free whole file system blocks.
+   */
+  async punchFreed(): Promise<void> {
+    const ranges = mergeRanges(this.toPunch);
+    this.toPunch = [];
+    for (const [a, b] of ranges) await this.file.discard!(a, b - a);
   }
 
   private async maybeFlush(): Promise<void> {
@@ -863,6 +941,7 @@ export class Qcow2Writable extends Qcow2Image {
         const frees = this.pendingFrees;
         this.pendingFrees = [];
         for (const f of frees) await this.releaseRef(f);
+        await this.punchFreed();
         await this.refcounts.writeBack();
         await this.file.flush();
       }

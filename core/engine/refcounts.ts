@@ -240,7 +240,9 @@ export class Refcounts {
         return true;
       });
       if (end > this.allocEnd) this.allocEnd = end;
-      if (start === this.freeHint) this.freeHint = end;
+      // As QEMU's free_cluster_index: the next search starts after this run, not back at a
+      // hole too small for it (only a free moves it back): the same file layout as QEMU's.
+      this.freeHint = end;
       return start * this.clusterSize;
     }
   }

@@ -60,6 +60,7 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
       }
     }
   }
+  await img.punchFreed();
 }
 
 /** Writes a new snapshot table and switches the header to it; frees the old table. */
@@ -90,7 +91,10 @@ async function writeSnapshotTable(img: Qcow2Writable, entries: SnapshotEntry[]):
   img.snapshots = entries;
   img.snapshotTableSize = table.length;
   if (oldSize > 0) {
-    await img.mutex.run(() => img.releaseRef({ offset: oldOffset, length: Math.ceil(oldSize / cs) * cs, punch: true }));
+    await img.mutex.run(async () => {
+      await img.releaseRef({ offset: oldOffset, length: Math.ceil(oldSize / cs) * cs, punch: true });
+      await img.punchFreed();
+    });
     await img.flush();
   }
 }
@@ -140,6 +144,7 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
     if (l1.length) await img.file.read(l1, sn.l1TableOffset);
     await updateSnapshotRefcount(img, l1, -1, false);
     if (l1.length) await img.releaseRef({ offset: sn.l1TableOffset, length: Math.ceil(l1.length / cs) * cs, punch: true });
+    await img.punchFreed();
     await updateSnapshotRefcount(img, img.l1, 0, true);
   });
   await img.flush();

@@ -39,6 +39,11 @@ export interface BlockFile {
    * system cannot, nothing happens.
    */
   discard?(offset: number, length: number): Promise<void>;
+  /**
+   * Makes [offset, offset+length) read as zeros through the file system without writing them
+   * (fallocate ZERO_RANGE); false where it cannot, and the caller writes zeros instead.
+   */
+  zeroRange?(offset: number, length: number): Promise<boolean>;
   /** The file's device and inode (see identity.ts), where there is a file behind it. */
   identity?(): Promise<FileIdentity>;
 }

@@ -233,6 +233,20 @@ export class NodeFile implements BlockFile {
     }
   }
 
+  async zeroRange(offset: number, length: number): Promise<boolean> {
+    const n = native();
+    if (!n || length <= 0) return false;
+    // Writes still queued may cover the range: they land first, then the zeroing.
+    await this.writeTail;
+    try {
+      n.zeroRange(this.fd, offset, length);
+      return true;
+    } catch (err) {
+      if (isUnsupported(err)) return false;
+      throw ioError(err, this.path, `zeroing ${length} bytes at offset ${offset} failed`);
+    }
+  }
+
   async flush(): Promise<void> {
     if (this.unsafe) return;
     try { await fdatasync(this.fd); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
