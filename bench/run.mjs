@@ -90,7 +90,7 @@ async function run({ values, positionals }) {
     setups[scenario.name] = { dir, setupS };
     const work = join(values.work ? resolve(values.work) : join(outDir, 'work'), scenario.name);
     mkdirSync(work, { recursive: true });
-    const pairs = typeof scenario.pairs === 'function' ? scenario.pairs(dir, work) : scenario.pairs;
+    const pairs = typeof scenario.pairs === 'function' ? scenario.pairs(dir, work, { engine }) : scenario.pairs;
     const mine = [];
     for (const pair of pairs) {
       log(`${scenario.name} / ${pair.label}`);
@@ -145,10 +145,10 @@ async function run({ values, positionals }) {
 function table(results) {
   const f = (x, d = 2) => (x == null || Number.isNaN(x) ? '-' : x.toFixed(d));
   const goal = (ok, target) => (ok == null ? '' : `${ok ? 'ok' : 'MISS'} (${target})`);
-  const head = ['scenario', 'pair', 'n', 'strata s', 'qemu s', 'ratio', 'ratio goal', 'strata RSS MiB', 'RSS goal', 'qemu RSS MiB', 'strata cpu s', 'qemu cpu s', 'check'];
+  const head = ['scenario', 'pair', 'n', 'strata s', 'qemu s', 'ratio', 'time goals', 'strata RSS MiB', 'RSS goal', 'qemu RSS MiB', 'strata cpu s', 'qemu cpu s', 'check'];
   const rows = results.map((r) => (r.error ? [r.scenario, r.label, ...Array(head.length - 3).fill('-'), 'error'] : [
     r.scenario, r.label, r.reps, f(r.summary.strataMedianS), f(r.summary.qemuMedianS), f(r.summary.ratioMedian),
-    goal(r.verdict.ratio, `<= ${r.goals.ratio}`), f(r.summary.strataPeakRssMiB, 0), goal(r.verdict.strataRssMiB, `< ${r.goals.strataRssMiB}`),
+    [goal(r.verdict.ratio, `<= ${r.goals.ratio}`), goal(r.verdict.strataS, `strata <= ${r.goals.strataS} s`)].filter(Boolean).join(', '), f(r.summary.strataPeakRssMiB, 0), goal(r.verdict.strataRssMiB, `< ${r.goals.strataRssMiB}`),
     f(r.summary.qemuPeakRssMiB, 0), f(r.summary.strataCpuMedianS), f(r.summary.qemuCpuMedianS), r.check.length > 40 ? r.check.slice(0, 40) + '...' : r.check,
   ]));
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((row) => String(row[i]).length)));

@@ -1,11 +1,12 @@
 // strata check: qemu-img check's options, output (human and JSON) and exit codes:
 // 0 clean, 1 the check failed to run, 2 corruptions, 3 only leaks, 63 format without checks.
 import { UsageError } from '../core/errors';
-import { checkImage, CheckNotSupportedError, type CheckResult } from '../core/jobs/check';
+import { checkImage, CheckNotSupportedError, planCheck, type CheckResult } from '../core/jobs/check';
+import { printPlan } from './plan-output';
 import { parseFormat } from '../core/chain/open';
 import { outputFormat, parse, needPositionals, reportError, str, type CommandIO } from './common';
 
-const USAGE = 'strata check [--output=human|json] [-r leaks|all] [-f FMT] [-q] [-U] FILE';
+const USAGE = 'strata check [--output=human|json] [-r leaks|all [--dry-run]] [-f FMT] [-q] [-U] FILE';
 
 /** C's printf("%0.2f"): the exact binary value rounded, ties to even. */
 export function cFixed2(x: number): string {
@@ -108,6 +109,7 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
       format: { type: 'string', short: 'f' },
       quiet: { type: 'boolean', short: 'q' },
       'force-share': { type: 'boolean', short: 'U' },
+      'dry-run': { type: 'boolean' },
     }, USAGE));
     needPositionals(positionals, 1, USAGE);
     fmt = outputFormat(values.output);
@@ -123,6 +125,10 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     return 1;
   }
   const quiet = !!values.quiet;
+  if (values['dry-run']) {
+    if (!repair) { reportError(new UsageError('a check without -r writes nothing: --dry-run goes with -r'), io); return 1; }
+    return printPlan(await planCheck(positionals[0]!, { repair, format }), values, io);
+  }
   let result: CheckResult;
   try {
     if (values['force-share'] && repair) throw new UsageError('-U (force share) cannot be used with -r (repairs need the image to themselves)');

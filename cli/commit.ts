@@ -1,8 +1,8 @@
-import { commit } from '../core/jobs/commit';
 import { parse, needPositionals, str, type CommandIO } from './common';
 import { progressPrinter } from './progress';
+import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
-const USAGE = 'strata commit [-p] [-b BASE] [-d] FILE';
+const USAGE = 'strata commit [-p] [-b BASE] [-d] [--dry-run [--output=human|json]] [--force] FILE';
 
 export async function commitCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
@@ -10,14 +10,14 @@ export async function commitCommand(args: string[], io: CommandIO, signal: Abort
     base: { type: 'string', short: 'b' },
     drop: { type: 'boolean', short: 'd' },
     format: { type: 'string', short: 'f' },
+    ...PLAN_OPTIONS,
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
   const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
-  const r = await commit({ signal, progress: bar.onProgress }, positionals[0]!, { base: str(values.base), keep: !!values.drop });
-  bar.end();
-  for (const d of r.otherDependents) {
-    io.err(`strata: warning: ${d} also uses ${r.base} as its backing file and now sees the committed data\n`);
-  }
-  io.out('Image committed.\n');
-  return 0;
+  return runOrPlan(values, io, { signal, progress: bar.onProgress }, { op: 'commit', image: positionals[0]!, base: str(values.base), keep: !!values.drop }, (r) => {
+    bar.end();
+    // Only with --force: the images that now read the committed data.
+    for (const a of r.plan.affected) io.err(`strata: warning: ${a.filename} ${a.reason.replace('would read', 'now reads')}\n`);
+    io.out('Image committed.\n');
+  });
 }

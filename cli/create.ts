@@ -1,12 +1,13 @@
 import { UsageError } from '../core/errors';
 import {
-  CREATE_OPTIONS_HELP, formattingLine, isOptionsHelp, parseCreateOptions, resolveCreate, writeImage,
+  CREATE_OPTIONS_HELP, createPlanned, formattingLine, isOptionsHelp, parseCreateOptions, planCreate, resolveCreate,
   type CreateFormat, type CreateOptions,
 } from '../core/jobs/create';
 import { parse, parseSize, str, type CommandIO } from './common';
 import { progressPrinter } from './progress';
+import { PLAN_OPTIONS, printPlan } from './plan-output';
 
-const USAGE = 'strata create [-q] [-p] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] FILE [SIZE]';
+const USAGE = 'strata create [-q] [-p] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] [--dry-run [--output=human|json]] [--force] FILE [SIZE]';
 
 export async function createCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
@@ -17,6 +18,7 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
     unsafe: { type: 'boolean', short: 'u' },
     quiet: { type: 'boolean', short: 'q' },
     progress: { type: 'boolean', short: 'p' },
+    ...PLAN_OPTIONS,
   }, USAGE);
   // qemu-img joins repeated -o options with commas.
   const o = ((values.options as string[] | undefined) ?? []).join(',');
@@ -35,9 +37,11 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   if (bf !== undefined) opts.backingFormat = bf;
   opts.unsafe = !!values.unsafe;
   const resolved = await resolveCreate(file, format as CreateFormat, opts);
+  if (values['dry-run']) return printPlan(await planCreate(resolved), values, io);
+  if (values.output !== undefined) throw new UsageError('--output goes with --dry-run here (the plan as JSON)');
   if (!values.quiet) io.out(formattingLine(resolved) + '\n');
   const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
-  await writeImage(resolved, { signal, progress: bar.onProgress });
+  await createPlanned(resolved, { signal, progress: bar.onProgress }, { force: !!values.force });
   bar.end();
   return 0;
 }

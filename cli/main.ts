@@ -16,28 +16,51 @@ import { commitCommand } from './commit';
 import { resizeCommand } from './resize';
 import { mirrorCommand } from './mirror';
 import { measureCommand } from './measure';
+import { treeCommand } from './tree';
+import { compactCommand } from './compact';
+import { emptyCommand } from './empty';
+import { mergeCommand } from './merge';
 
 const HELP = `usage: strata COMMAND [options] ...
 
 Commands (options follow qemu-img):
   create [-q] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] FILE [SIZE]   (-o help lists OPTIONS)
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
-  map [--output=human|json] [-f FMT] FILE
+  map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-p] A B
-  convert [-p] [-f FMT] -O raw [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
+  empty [-p] IMAGE               empty an overlay whose data is already in its backing file (verified first)
+  merge [-p] [--folder DIR ...] IMAGE   remove IMAGE from its chain: commit it into its backing file,
+                                 point its children (in its folder and each DIR) there, delete it
   resize [--shrink] FILE [+|-]SIZE
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
+  tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
+  serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
+
+Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,
+snapshot -c/-a/-d, check -r) also takes:
+  --dry-run [--output=human|json]   print the plan (what is written, created, removed; the chains
+                                    afterwards; bytes; space; affected and blocked images; warnings;
+                                    the command) and write nothing; exit 0 if the job would run, 1 if not
+  --force                           run even when other images would read different data (a commit
+                                    into a base other overlays share, a merge, a snapshot apply...)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
 `;
 
 type Command = (args: string[], io: CommandIO, signal: AbortSignal) => Promise<number>;
+
+// Loaded on first use: the app's server and the job process bring the protocol and ws, which
+// the disk commands never need at start.
+const serveCommand: Command = (args, io, signal) => import('./serve').then((m) => m.serveCommand(args, io, signal));
+const jobProcess: Command = () => import('../main/job-process/runner').then((m) => m.forkedJobMain()).then(() => 0);
 
 const COMMANDS: Record<string, Command> = {
   info: infoCommand,
@@ -53,6 +76,13 @@ const COMMANDS: Record<string, Command> = {
   resize: resizeCommand,
   mirror: mirrorCommand,
   measure: measureCommand,
+  tree: treeCommand,
+  compact: compactCommand,
+  empty: emptyCommand,
+  merge: mergeCommand,
+  serve: serveCommand,
+  // Internal: a job process of the app (started by strata serve or the desktop app).
+  '__job-process': jobProcess,
 };
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */

@@ -1,21 +1,33 @@
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { mapImage, mapEntryJson, formatMapHuman } from '../core/chain/map';
+import { mapSummary, mapSummaryJson, mapSummaryText } from '../core/chain/map-summary';
+import { sizeToStr } from '../core/chain/size-str';
+import { UsageError } from '../core/errors';
 import { outputFormat, parse, needPositionals, str, type CommandIO } from './common';
 
-const USAGE = 'strata map [--output=human|json] [-U] [-f FMT] FILE';
+const USAGE = 'strata map [--output=human|json] [--summary N] [-U] [-f FMT] FILE';
 
-export async function mapCommand(args: string[], io: CommandIO): Promise<number> {
+export async function mapCommand(args: string[], io: CommandIO, signal?: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
     output: { type: 'string' },
+    summary: { type: 'string' },
     'force-share': { type: 'boolean', short: 'U' },
     format: { type: 'string', short: 'f' },
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
   const fmt = outputFormat(values.output);
+  let buckets: number | null = null;
+  if (values.summary !== undefined) {
+    buckets = Number(values.summary);
+    if (!/^\d+$/.test(String(values.summary)) || buckets < 1 || buckets > 1 << 20) throw new UsageError(`--summary takes a bucket count from 1 to ${1 << 20}, not '${String(values.summary)}'`);
+  }
   // Like `qemu-img info`, map needs no consistent-read permission, so it works on images in use.
   const top = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), lock: 'none' });
   try {
-    if (fmt === 'json') {
+    if (buckets !== null) {
+      const m = await mapSummary(top, buckets, signal);
+      io.out(fmt === 'json' ? JSON.stringify(mapSummaryJson(m)) + '\n' : mapSummaryText(m, sizeToStr));
+    } else if (fmt === 'json') {
       // Buffer lines so a huge map is written in large chunks.
       let chunk = '[';
       let first = true;

@@ -1,13 +1,25 @@
-// Builds what bin/strata.cjs needs: the CLI bundled into dist/ so it starts fast under plain
-// Node, and the V8 code cache of that bundle (scripts/code-cache.mjs).
+// Builds everything `npm start`, `strata` and the tests need:
+//   - the native addon (optional: never fails the build),
+//   - the CLI bundle dist/strata.cjs with its V8 code cache (it is also the job process),
+//   - the renderer (Vite: React + Tailwind) into dist/renderer,
+//   - the Electron main process and preload into dist/electron.
+// `node scripts/build.mjs cli` builds only the first two (what the engine's tests need).
 import { buildNative } from './build-native.mjs'; await buildNative(); // optional addon; never fails the build
 import { build } from 'esbuild';
 import { rmSync } from 'node:fs';
-import { cliBundleOptions } from './bundle-options.mjs';
+import { cliBundleOptions, electronBundleOptions } from './bundle-options.mjs';
 import { warmCodeCache } from './code-cache.mjs';
+
+const only = process.argv[2];
 
 await build(cliBundleOptions('cli/main.ts', 'dist'));
 rmSync('dist/strata.mjs', { force: true }); // the ES module bundle of earlier versions
 rmSync('dist/strata.mjs.map', { force: true });
 rmSync('dist/strata.cjs.cache', { force: true }); // made again for this bundle
 warmCodeCache('bin/strata.cjs');
+
+if (only !== 'cli') {
+  const vite = await import('vite');
+  await vite.build({ configFile: 'renderer/vite.config.ts', logLevel: 'warn' });
+  await build(electronBundleOptions());
+}

@@ -22,3 +22,22 @@ export function cliBundleOptions(entry, outdir) {
     logLevel: 'warning',
   };
 }
+
+// The Electron main process and its preload: CommonJS for Electron's loader, `electron` left to
+// Electron itself. Only main/electron/ imports it; everything else they bundle is plain Node.
+export function electronBundleOptions() {
+  return {
+    entryPoints: { main: 'main/electron/main.ts', preload: 'main/electron/preload.ts', 'job-process': 'main/electron/job-process.ts' },
+    outdir: 'dist/electron',
+    outExtension: { '.js': '.cjs' },
+    bundle: true,
+    platform: 'node',
+    format: 'cjs',
+    target: 'node20',
+    sourcemap: true,
+    external: ['electron', 'zstd-napi'],
+    define: { 'import.meta.url': '__strataImportMetaUrl' },
+    banner: { js: "const __strataImportMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
+    logLevel: 'warning',
+  };
+}

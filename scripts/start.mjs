@@ -1,8 +1,52 @@
-// `npm start`: the desktop app arrives with the app-shell issue; until then point at what works.
-process.stdout.write([
-  'Strata: the desktop app (Electron window and browser mode) is not part of this build yet.',
-  'The engine and the command line are: try',
-  '  node bin/strata.cjs --help',
-  '  node bin/strata.cjs info --backing-chain IMAGE.qcow2',
-  '',
-].join('\n'));
+// `npm start`: the desktop app where Electron's binary is installed (and a display exists);
+// otherwise one line saying why, and the same app in the browser (`strata serve`), on the
+// folders you chose before or, the first time, on a sample library.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const args = process.argv.slice(2);
+
+if (!existsSync(join(root, 'dist', 'renderer', 'index.html')) || !existsSync(join(root, 'dist', 'electron', 'main.cjs'))) {
+  const r = spawnSync(process.execPath, [join(root, 'scripts', 'build.mjs')], { cwd: root, stdio: 'inherit' });
+  if (r.status !== 0) process.exit(r.status ?? 1);
+}
+
+/** The Electron binary's path, or why there is none. Never downloads here (see below). */
+function electronBinary() {
+  const require = createRequire(join(root, 'package.json'));
+  let pkgDir;
+  try { pkgDir = dirname(require.resolve('electron/package.json')); } catch { return { why: 'the electron package is not installed' }; }
+  const pathFile = join(pkgDir, 'path.txt');
+  if (!existsSync(pathFile)) {
+    // Electron fetches its binary on first use; try once, quietly (it fails fast offline).
+    if (process.env.ELECTRON_SKIP_BINARY_DOWNLOAD !== '1') spawnSync(process.execPath, [join(pkgDir, 'install.js')], { stdio: 'ignore', timeout: 120_000 });
+    if (!existsSync(pathFile)) return { why: "Electron's binary could not be downloaded on this machine" };
+  }
+  const bin = join(pkgDir, 'dist', readFileSync(pathFile, 'utf8').trim());
+  return existsSync(bin) ? { bin } : { why: `Electron's binary is missing (${bin})` };
+}
+
+function settingsHaveFolders() {
+  const base = process.env.STRATA_DATA_DIR || join(process.env.XDG_CONFIG_HOME || join(process.env.HOME || '/root', '.config'), 'strata');
+  try { return JSON.parse(readFileSync(join(base, 'settings.json'), 'utf8')).folders?.length > 0; } catch { return false; }
+}
+
+const e = electronBinary();
+const desktop = !!(process.env.DISPLAY || process.env.WAYLAND_DISPLAY);
+if (e.bin && desktop) {
+  const child = spawn(e.bin, [join(root, 'dist', 'electron', 'main.cjs'), ...args], { stdio: 'inherit' });
+  child.on('exit', (code) => process.exit(code ?? 0));
+} else {
+  const why = e.bin ? 'there is no display (DISPLAY and WAYLAND_DISPLAY are unset)' : e.why;
+  const extra = args.length ? args : settingsHaveFolders() ? [] : ['--demo'];
+  process.stdout.write(`Strata: no desktop window, since ${why}; starting browser mode instead${extra.includes('--demo') ? ' with a sample library' : ''}.\n`);
+  const child = spawn(process.execPath, [join(root, 'bin', 'strata.cjs'), 'serve', ...extra], { stdio: 'inherit' });
+  const forward = (sig) => child.kill(sig);
+  process.on('SIGINT', () => forward('SIGINT'));
+  process.on('SIGTERM', () => forward('SIGTERM'));
+  child.on('exit', (code) => process.exit(code ?? 0));
+}

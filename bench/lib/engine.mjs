@@ -11,7 +11,7 @@
 // command, so what is measured includes what the launcher does before node starts, and gets
 // its own V8 code cache (dist/strata.cjs.cache) made the way `npm run build` makes it.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
 
 function newestSourceMtime(root) {
@@ -99,6 +99,8 @@ export async function prepareEngine(root, outDir, { build, ref, log }) {
     }
     source = 'dist/strata.cjs';
   }
+  // The app's renderer, for the benchmarks of browser mode (strata serve finds it beside the bundle).
+  if (existsSync(join(root, 'dist', 'renderer'))) cpSync(join(root, 'dist', 'renderer'), join(engineDir, 'renderer'), { recursive: true });
   // Its own V8 code cache, as `npm run build` makes one for dist/ (scripts/code-cache.mjs).
   const { warmCodeCache } = await import('../../scripts/code-cache.mjs');
   warmCodeCache(launcher, log);

@@ -7,13 +7,14 @@
 //     name: 'convert-raw',                 // what `node bench/run.mjs NAME` selects
 //     description: '...',
 //     cacheKey: 'v1-...',                  // change it when setup() changes
-//     goals?: { ratio?: 1.2, strataRssMiB?: 200 },
+//     goals?: { ratio?: 1.2, strataRssMiB?: 200, strataS?: 1 },  // strataS: strata median, seconds
 //     async setup(dir, { log }),           // build inputs in dir; only runs when not cached
 //     inputs?(dir) => (string | { path, warm(path) })[],  // read into the page cache before each
 //                                          // run (whole file, or only what warm() reads)
-//     pairs(dir, work) => [{               // or a plain array
+//     pairs(dir, work, { engine }) => [{   // or a plain array; engine.launcher runs strata
 //       label: 'convert -O raw',
-//       strata: ['convert', ...],          // argv after `node strata.mjs`
+//       strata: ['convert', ...],          // argv after `node strata.mjs`, or { cmd, argv } for
+//                                          // another command of ours (the app's job host)
 //       qemu: { cmd: 'qemu-img', argv: [...] },
 //       outputs: { strata: [paths], qemu: [paths] },  // deleted before each run of that side
 //       async prepare?(side),              // untimed, before each run of that side ('strata'|'qemu'),
@@ -21,6 +22,9 @@
 //       inputs?: [...],                    // replaces the scenario's inputs for this pair
 //       reps?: N,                          // caps --reps for this pair (very slow pairs)
 //       goals?: { ... },                 // overrides the scenario's goals for this pair
+//       selfTimed?: ['strata'],            // these sides time themselves: their wall time is the
+//                                          // BENCH_WALL_S=<seconds> line they print on stderr
+//       sideNames?: { strata, qemu },      // what each side is, for the report (default strata, qemu)
 //     }],
 //     async check?(dir, work, pair, { strata(argv) }),  // once per pair after the warm-up, both
 //                                          // outputs present; throw on mismatch. strata(argv) runs the
@@ -92,7 +96,9 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
     reps = pair.reps;
   }
   const sides = {
-    strata: { cmd: engine.launcher, argv: pair.strata, outputs: pair.outputs?.strata ?? [] },
+    strata: Array.isArray(pair.strata)
+      ? { cmd: engine.launcher, argv: pair.strata, outputs: pair.outputs?.strata ?? [] }
+      : { cmd: pair.strata.cmd, argv: pair.strata.argv, outputs: pair.outputs?.strata ?? [] },
     qemu: { cmd: pair.qemu.cmd, argv: pair.qemu.argv, outputs: pair.outputs?.qemu ?? [] },
   };
   const runSide = async (name, keep = false) => {
@@ -104,6 +110,12 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
     const m = await measure(rssMethod, s.cmd, s.argv);
     if (m.code !== 0) {
       throw new Error(`${scenario.name} / ${pair.label}: ${name} failed (${m.signal ?? `exit ${m.code}`}): ${[s.cmd, ...s.argv].join(' ')}\n${m.stderr.trim()}`);
+    }
+    if (pair.selfTimed?.includes(name)) {
+      const t = /BENCH_WALL_S=([\d.]+)/.exec(m.stderr);
+      if (!t) throw new Error(`${scenario.name} / ${pair.label}: ${name} printed no BENCH_WALL_S line`);
+      m.processWallS = m.wallS;
+      m.wallS = Number(t[1]);
     }
     const outBytes = s.outputs.map(allocatedBytes);
     if (!keep) { removeFiles(s.outputs); syncAll(); }
@@ -184,11 +196,13 @@ export async function runPair({ scenario, dir, work, pair, engine, rssMethod, re
   const verdict = {
     ratio: goals.ratio == null || summary.ratioMedian == null ? null : summary.ratioMedian <= goals.ratio,
     strataRssMiB: goals.strataRssMiB == null || summary.strataPeakRssMiB == null ? null : summary.strataPeakRssMiB < goals.strataRssMiB,
+    strataS: goals.strataS == null || summary.strataMedianS == null ? null : summary.strataMedianS <= goals.strataS,
   };
   return {
     scenario: scenario.name,
     label: pair.label,
-    commands: { strata: ['strata', ...pair.strata].join(' '), qemu: [pair.qemu.cmd, ...pair.qemu.argv].join(' ') },
+    commands: { strata: Array.isArray(pair.strata) ? ['strata', ...pair.strata].join(' ') : [pair.strata.cmd, ...pair.strata.argv].join(' '), qemu: [pair.qemu.cmd, ...pair.qemu.argv].join(' ') },
+    sideNames: pair.sideNames ?? { strata: 'strata', qemu: 'qemu-img' },
     check: checkResult,
     reps,
     repsAsked,

@@ -12,6 +12,8 @@ import type { DiskImage, LayerStatus, ReadSegment } from './image';
 import { TableCache } from './l2-cache';
 import { loadBitmapDirectory } from './bitmaps';
 import type { BitmapDirectoryEntry } from '../format/bitmaps';
+import { native } from '../io/native';
+import { BufferArena } from '../io/buffers';
 
 export interface Qcow2OpenOptions {
   /** Bytes of L2 tables to keep cached (default 32 MiB). */
@@ -71,6 +73,9 @@ function isEmptyEntry(t: Buffer, o: number, es: number): boolean {
  * own. Offsets are compared as numbers below 2^56, flags and reserved bits as the top byte.
  */
 function contiguousEnd(t: Buffer, index: number, end: number, clusterSize: number): number {
+  // The addon walks 16 million entries (1 TiB, preallocated) in ~20 ms; this loop took 1.6 s.
+  const n = native();
+  if (n?.l2RunEnd && end - index > 16) return n.l2RunEnd(t, index, end, clusterSize);
   let o = index * 8;
   const top = t[o]!;
   let prev = (t.readUInt32BE(o) & 0x00ffffff) * 0x1_0000_0000 + t.readUInt32BE(o + 4);
@@ -99,6 +104,7 @@ export class Qcow2Image implements DiskImage {
   /** @internal */
   readonly l2Cache: TableCache;
   private lastCompressed: { hostOffset: number; data: Buffer } | null = null;
+  private readonly tableArena = new BufferArena();
 
   constructor(
     readonly filename: string,
@@ -204,7 +210,9 @@ export class Qcow2Image implements DiskImage {
       if (l2Offset + clusterSize > this.fileSize) {
         throw new CorruptImageError(`L2 table at offset 0x${l2Offset.toString(16)} lies past the end of the file (${this.fileSize} bytes)`, this.filename);
       }
-      const t = Buffer.allocUnsafe(clusterSize);
+      // From huge-page chunks: a walk over every table of a large image (map, convert) faults
+      // in one page per 2 MiB instead of one per 4 KiB, and leaves far less for the GC.
+      const t = this.tableArena.take(clusterSize);
       await this.file.read(t, l2Offset);
       return t;
     });

@@ -5,6 +5,7 @@ import { NotFoundError, UnsupportedFeatureError, UsageError, printable } from '.
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
+import type { Qcow2Image } from './qcow2';
 
 function refRange(e: L2Entry, cs: number): { offset: number; length: number } | null {
   switch (e.kind) {
@@ -150,10 +151,14 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
   await img.flush();
 }
 
+/** As qemu-img: a bitmap cannot follow the disk back to a snapshot, so none may be there. */
+export function checkSnapshotApplicable(img: Qcow2Image, idOrName: string): void {
+  if (img.bitmaps?.length) throw new UnsupportedFeatureError(`Could not apply snapshot '${printable(idOrName)}': Device has active dirty bitmaps (remove them with \`qemu-img bitmap --remove\` first)`, img.filename);
+}
+
 export async function applySnapshot(img: Qcow2Writable, idOrName: string): Promise<void> {
   const sn = findSnapshot(img, idOrName);
-  // As qemu-img: a bitmap cannot follow the disk back to a snapshot.
-  if (img.bitmaps?.length) throw new UnsupportedFeatureError(`Could not apply snapshot '${printable(idOrName)}': Device has active dirty bitmaps (remove them with \`qemu-img bitmap --remove\` first)`, img.filename);
+  checkSnapshotApplicable(img, idOrName);
   const g = img.geometry;
   await img.flush();
   const snL1 = Buffer.alloc(sn.l1Size * 8);

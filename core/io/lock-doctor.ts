@@ -38,42 +38,113 @@ export function parseLockLines(text: string): { kind: string; type: string; pid:
   return out;
 }
 
-/** Processes (other than `exceptPid`) holding locks on the file at `path`. Linux only; [] elsewhere. */
-export async function findLockHolders(path: string, exceptPid = process.pid): Promise<LockHolder[]> {
-  let target: { dev: number; ino: number };
-  try {
-    const st = await stat(path);
-    target = { dev: st.dev, ino: st.ino };
-  } catch {
-    return [];
+/**
+ * The key /proc/locks names a file by: device major and minor (hex, as the kernel prints
+ * them) and inode. `dev` is st_dev as glibc encodes it (gnu_dev_makedev).
+ */
+export function fileKey(dev: number, ino: number): string {
+  const lo = dev % 0x1_0000_0000;
+  const hi = Math.floor(dev / 0x1_0000_0000);
+  const major = ((lo >>> 8) & 0xfff) | ((hi & 0xfffff000) >>> 0);
+  const minor = (lo & 0xff) | ((lo >>> 12) & 0xfffff00);
+  return `${major.toString(16)}:${minor.toString(16)}:${ino}`;
+}
+
+function keyOfLockLine(l: { dev: string; ino: number }): string {
+  const [maj, min] = l.dev.split(':');
+  return `${parseInt(maj!, 16).toString(16)}:${parseInt(min!, 16).toString(16)}:${l.ino}`;
+}
+
+/**
+ * Every file with QEMU-style lock bytes (100-103, 200-203) held, by fileKey, from one read of
+ * /proc/locks; null where that cannot be read (not Linux). Cheap enough to ask for a whole
+ * folder of images at once.
+ */
+export async function qemuLockedFiles(): Promise<Map<string, number[]> | null> {
+  let text: string;
+  try { text = await readFile('/proc/locks', 'utf8'); } catch { return null; }
+  const out = new Map<string, Set<number>>();
+  for (const l of parseLockLines(text)) {
+    if (l.kind !== 'OFDLCK' && l.kind !== 'POSIX') continue;
+    for (let b = Math.max(100, l.start); b <= Math.min(l.end, 203); b++) {
+      if (b > 103 && b < 200) continue;
+      const k = keyOfLockLine(l);
+      let set = out.get(k);
+      if (!set) out.set(k, (set = new Set()));
+      set.add(b);
+    }
   }
+  return new Map([...out].map(([k, v]) => [k, [...v].sort((a, b) => a - b)]));
+}
+
+/**
+ * Processes (other than `exceptPid`) holding locks on the files with the given fileKeys, in
+ * one walk over /proc. Linux only; an empty map elsewhere.
+ */
+export async function findHoldersOf(keys: Set<string>, exceptPid = process.pid): Promise<Map<string, LockHolder[]>> {
+  const result = new Map<string, LockHolder[]>();
+  if (!keys.size) return result;
   let pids: string[];
-  try { pids = (await readdir('/proc')).filter((d) => /^\d+$/.test(d)); } catch { return []; }
-  const holders: LockHolder[] = [];
+  try { pids = (await readdir('/proc')).filter((d) => /^\d+$/.test(d)); } catch { return result; }
   await Promise.all(pids.map(async (p) => {
     const pid = Number(p);
     if (pid === exceptPid) return;
     let fds: string[];
     try { fds = await readdir(`/proc/${p}/fd`); } catch { return; }
-    const bytes = new Set<number>();
+    const bytes = new Map<string, Set<number>>();
     for (const fd of fds) {
       try {
         const link = await readlink(`/proc/${p}/fd/${fd}`);
         if (!link.startsWith('/')) continue;
         const st = await stat(`/proc/${p}/fd/${fd}`);
-        if (st.ino !== target.ino || st.dev !== target.dev) continue;
+        const key = fileKey(st.dev, st.ino);
+        if (!keys.has(key)) continue;
         const info = await readFile(`/proc/${p}/fdinfo/${fd}`, 'utf8');
-        for (const l of parseLockLines(info)) for (let b = l.start; b <= Math.min(l.end, 300); b++) bytes.add(b);
+        let set = bytes.get(key);
+        for (const l of parseLockLines(info)) {
+          for (let b = l.start; b <= Math.min(l.end, 300); b++) {
+            if (!set) bytes.set(key, (set = new Set()));
+            set.add(b);
+          }
+        }
       } catch { /* the process or fd went away */ }
     }
     if (!bytes.size) return;
     let args: string[] = [];
     try { args = (await readFile(`/proc/${p}/cmdline`, 'utf8')).split('\0').filter(Boolean); } catch { /* gone */ }
-    let program = args[0]?.split('/').pop() ?? '';
+    let program = programName(args);
     if (!program) { try { program = (await readFile(`/proc/${p}/comm`, 'utf8')).trim(); } catch { program = '?'; } }
-    holders.push({ pid, program, vmName: vmNameFromArgs(args), bytes: [...bytes].sort((a, b) => a - b) });
+    const vmName = vmNameFromArgs(args);
+    for (const [key, set] of bytes) {
+      let list = result.get(key);
+      if (!list) result.set(key, (list = []));
+      list.push({ pid, program, vmName, bytes: [...set].sort((a, b) => a - b) });
+    }
   }));
-  return holders.sort((a, b) => a.pid - b.pid);
+  for (const list of result.values()) list.sort((a, b) => a.pid - b.pid);
+  return result;
+}
+
+/** A process's program for people: node running Strata is Strata (a command or one of the app's jobs). */
+export function programName(args: string[]): string {
+  const first = args[0]?.split('/').pop() ?? '';
+  if (/^node(js)?$/.test(first) || first === 'electron') {
+    if (args.includes('__job-process') || args.some((a) => a.includes('job-process.cjs'))) return 'Strata job';
+    if (args.some((a) => /(?:^|\/)strata(?:\.cjs)?$/.test(a))) return 'strata';
+  }
+  return first;
+}
+
+/** Processes (other than `exceptPid`) holding locks on the file at `path`. Linux only; [] elsewhere. */
+export async function findLockHolders(path: string, exceptPid = process.pid): Promise<LockHolder[]> {
+  let key: string;
+  try {
+    const st = await stat(path);
+    key = fileKey(st.dev, st.ino);
+  } catch {
+    return [];
+  }
+  return (await findHoldersOf(new Set([key]), exceptPid)).get(key) ?? [];
 }
 
 export function describeHolders(holders: LockHolder[]): string {

@@ -98,6 +98,21 @@ export interface NativeApi {
    * no huge pages (not Linux, THP "never"). A hint: buf's contents and use do not change.
    */
   adviseHugePages(buf: Uint8Array): number;
+  /**
+   * Standard L2 entries from `index`: the first index in (index, end) whose entry is not its
+   * predecessor's host offset plus `clusterSize` with the same top byte, else `end`.
+   * Optional: an addon built before it existed lacks it.
+   */
+  l2RunEnd?(table: Uint8Array, index: number, end: number, clusterSize: number): number;
+  /**
+   * flistxattr / fgetxattr / fsetxattr: a file's extended attributes (those this process may
+   * see), one value, and setting one. Optional: an addon built before they existed lacks them.
+   * getXattr throws code 'ENODATA' for a missing name; listXattrs gives [] where the file
+   * system has none.
+   */
+  listXattrs?(fd: number): string[];
+  getXattr?(fd: number, name: string): Buffer;
+  setXattr?(fd: number, name: string, value: Uint8Array): void;
 }
 
 export interface NativeStatus {

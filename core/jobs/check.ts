@@ -7,6 +7,8 @@ import { isQcow2Magic } from '../format/header';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { NodeFile } from '../io/node-file';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+import { basename } from 'node:path';
+import { abs, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan } from './plan-kit';
 
 export type { RepairMode } from '../engine/check';
 
@@ -43,8 +45,53 @@ export class CheckFailedError extends StrataError {
   }
 }
 
-export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOptions = {}): Promise<CheckResult> {
+/**
+ * The plan of a repair (-r): the image is written in place; what gets fixed is only known once
+ * the check has run, so nothing is read here beyond the format.
+ */
+export async function planCheck(path: string, opts: { repair: RepairMode; format?: 'qcow2' | 'raw' }): Promise<JobPlan> {
+  const file = await NodeFile.open(path);
+  let format = opts.format;
+  try {
+    if (!format) {
+      const head = Buffer.alloc(4);
+      await file.read(head, 0);
+      format = isQcow2Magic(head) ? 'qcow2' : 'raw';
+    }
+  } finally {
+    await file.close();
+  }
+  if (format === 'raw') throw new CheckNotSupportedError();
+  const command = ['strata', 'check', '-r', opts.repair];
+  if (opts.format) command.push('-f', opts.format);
+  command.push(abs(path));
+  const plan = newPlan('check', `Check and repair ${opts.repair === 'all' ? 'leaks and corruptions' : 'leaks'} in ${basename(path)}`, command);
+  plan.writes.push(abs(path));
+  plan.chainsAfter.push([{ filename: abs(path), format: 'qcow2', virtualSize: await virtualSizeOf(path) }]);
+  await probeAll(plan, [[path, 'write']]);
+  await permissionProblems(plan, [path]);
+  return plan;
+}
+
+/** The header's size field, or 0 when the header cannot be read (check is for damaged images too). */
+async function virtualSizeOf(path: string): Promise<number> {
+  try {
+    const f = await NodeFile.open(path);
+    try {
+      const b = Buffer.alloc(32);
+      await f.read(b, 0);
+      return Number(b.readBigUInt64BE(24));
+    } finally {
+      await f.close();
+    }
+  } catch {
+    return 0;
+  }
+}
+
+export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOptions = {}, planned?: JobPlan): Promise<CheckResult> {
   throwIfCancelled(ctx);
+  if (opts.repair) enforcePlan(planned ?? await planCheck(path, { repair: opts.repair, format: opts.format }));
   const file = await NodeFile.open(path, { writable: !!opts.repair });
   try {
     // As qemu-img: checking needs consistent data, repairing needs the image to ourselves.

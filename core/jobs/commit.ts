@@ -1,92 +1,154 @@
 // commit: copy what an overlay (and the layers between it and BASE) allocate into BASE, then
 // empty the overlay in one metadata-sized step (or keep it with -d). The chain reads the same
 // at every instant: base only changes where layers above it hide the change.
-import { readdir, realpath } from '../io/fs-async';
-import { join, dirname } from 'node:path';
+import { basename } from 'node:path';
 import { UsageError } from '../errors';
 import { isWritable, type DiskImage, type WritableImage } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { makeEmpty, type EmptyMethod } from '../engine/make-empty';
 import { isZero } from '../engine/zero';
 import { openImage, openImageFile, closeChain, chainOf, combineBackingPath } from '../chain/open';
-import { decodeHeader, isQcow2Magic } from '../format/header';
-import { NodeFile } from '../io/node-file';
-import { identityOf, sameFile } from '../io/identity';
-import { localPathOrNull } from '../chain/names';
+import { Qcow2Image } from '../engine/qcow2';
 import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
-import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
-import { qcow2PreallocSize } from './measure';
+import { explainNoSpace } from '../io/space';
 import { runPool } from './pool';
+import { findOverlays } from './overlays';
+import { identityOf, sameFile } from '../io/identity';
+import { localPathOrNull } from '../chain/names';
+import { WriteEstimate } from './space-estimate';
+import {
+  abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
+} from './plan-kit';
 
 export interface CommitOptions {
   /** Commit into this image down the chain instead of the immediate backing file (implies keep). */
   base?: string;
   /** -d: keep the overlay's content instead of emptying it. */
   keep?: boolean;
+  /** Commit even when other images depend on the base (they then read different data). */
+  force?: boolean;
   chunkSize?: number;
   parallel?: number;
 }
 
 export interface CommitResult {
   base: string;
+  /** Bytes of the layers above the base copied into it (data and zeros). */
   bytesCopied: number;
+  /** Of those, bytes written as data (the rest became zero flags). */
+  dataBytesWritten: number;
   emptied: EmptyMethod | null;
-  /** Other images (outside this chain) that use BASE as their backing file. */
+  /** Other images that read through BASE and now see the committed data (the plan's affected). */
   otherDependents: string[];
+  plan: JobPlan;
 }
-
-async function real(p: string): Promise<string> { try { return await realpath(p); } catch { return p; } }
 
 /** qcow2 images in `base`'s folder whose backing file is `base`, other than `except`. */
 export async function dependentsOf(base: string, except: string[]): Promise<string[]> {
-  const dir = dirname(base);
-  const target = await real(base);
-  const skip = new Set(await Promise.all(except.map(real)));
-  const out: string[] = [];
-  let names: string[] = [];
-  try { names = await readdir(dir); } catch { return out; }
-  for (const name of names) {
-    const path = join(dir, name);
-    let f: NodeFile | null = null;
-    try {
-      f = await NodeFile.open(path);
-      const head = Buffer.alloc(65536);
-      await f.read(head, 0);
-      if (!isQcow2Magic(head)) continue;
-      const p = decodeHeader(head.subarray(0, Math.min(head.length, 2 ** head.readUInt32BE(20))), path);
-      if (!p.backingFile) continue;
-      const full = await real(localPathOrNull(combineBackingPath(path, p.backingFile)) ?? p.backingFile);
-      const me = await real(path);
-      if (full === target && !skip.has(me)) out.push(path);
-    } catch { /* not an image we can read: not a dependent we can name */ } finally {
-      await f?.close();
-    }
-  }
-  return out.sort();
+  return (await findOverlays(base, { except })).map((o) => o.path);
 }
 
-export async function commit(ctx: JobContext, path: string, opts: CommitOptions = {}): Promise<CommitResult> {
+/** Index in `chain` of the image to commit into: the backing file, or BASE as qemu-img finds it. */
+async function baseIndexOf(path: string, chain: DiskImage[], base: string | undefined): Promise<number> {
+  if (chain.length < 2) throw new UsageError(`${path}: image has no backing file to commit into`);
+  if (base === undefined) return 1;
+  // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
+  // recorded in the chain.
+  // Files compared by device and inode: a hard link or symlink to a layer is that layer.
+  const local = (n: string) => identityOf(localPathOrNull(n) ?? n);
+  const wants = [await local(base), await local(combineBackingPath(path, base))];
+  for (let i = 1; i < chain.length; i++) {
+    const id = (await chain[i]!.file.identity?.()) ?? null;
+    if (wants.some((w) => sameFile(w, id)) || chain[i - 1]!.backingFile === base) return i;
+  }
+  throw new UsageError(`${path}: '${base}' is not in its backing chain`);
+}
+
+/**
+ * The commit's plan: what it copies (the layers above the base, from block status), the space
+ * the base and the emptied overlay need, the other overlays of the base (and of the layers
+ * between) whose content changes, and which images are in use. Reads only.
+ */
+export async function planCommit(ctx: JobContext, path: string, opts: CommitOptions = {}): Promise<JobPlan> {
+  const keep = opts.keep || opts.base !== undefined;
+  const top = await openImage(path, { lock: 'none' });
+  try {
+    const chain = chainOf(top);
+    const baseIndex = await baseIndexOf(path, chain, opts.base);
+    const base = chain[baseIndex]!;
+    const above = chain.slice(0, baseIndex);
+    const command = ['strata', 'commit'];
+    if (opts.base !== undefined) command.push('-b', opts.base);
+    if (opts.keep) command.push('-d');
+    command.push(abs(path));
+    const plan = newPlan('commit', `Commit ${basename(path)} into ${basename(base.filename)}`, command);
+    plan.writes.push(abs(base.filename));
+    if (!keep) plan.writes.push(abs(path));
+    const size = top.virtualSize;
+    const links = chainLinks(top);
+    links[baseIndex]!.virtualSize = Math.max(base.virtualSize, size);
+    plan.chainsAfter.push(links);
+    const est = new WriteEstimate(base, await base.file.size());
+    est.grow(size);
+    await walkAbove(ctx, above, size, async (off, len, zero) => {
+      if (zero) { await est.zero(off, len); return; }
+      plan.bytesToCopy += len;
+      await est.data(off, len);
+    });
+    plan.bytesToRead = plan.bytesToCopy;
+    addSpace(plan, base.filename, est.bytes(), `committing into ${abs(base.filename)}`);
+    if (!keep) {
+      if (!(top instanceof Qcow2Image)) throw new UsageError(`${path}: only qcow2 overlays can be emptied (use -d)`);
+      addSpace(plan, path, emptySpaceNeeded(top), `emptying ${abs(path)}`);
+    }
+    checkSpace(plan);
+    // Other overlays of the base, or of a layer between, read what the commit changes.
+    const inChain = chain.map((l) => l.filename);
+    for (let i = 1; i <= baseIndex; i++) {
+      const others = await dependentsOf(chain[i]!.filename, inChain);
+      addAffected(plan, chain[i]!.filename, others, i === baseIndex ? 'would read the committed data' : `reads through it into ${abs(base.filename)}, which receives the committed data`);
+    }
+    await probeAll(plan, chain.slice(0, baseIndex + 1).map((l, i): [string, 'read' | 'write'] => [l.filename, i === baseIndex || (i === 0 && !keep) ? 'write' : 'read']));
+    await permissionProblems(plan, keep ? [base.filename] : [base.filename, path]);
+    for (const w of [bitmapWarning(base), keep ? null : bitmapWarning(top, 'emptying')]) if (w) plan.warnings.push(w);
+    if (!keep && top instanceof Qcow2Image && top.snapshots.length) {
+      plan.warnings.push(`${abs(path)} has internal snapshots: it is emptied cluster by cluster (they keep their data), so it shrinks less`);
+    }
+    return plan;
+  } finally {
+    await closeChain(top);
+  }
+}
+
+/** Peak extra space of emptying: a fresh refcount structure and L1 table past the end of the file. */
+function emptySpaceNeeded(img: Qcow2Image): number {
+  const cs = img.geometry.clusterSize;
+  if (img.snapshots.length || img.parsed.bitmaps || img.header.version === 2) return 0;
+  return (2 + Math.ceil(img.l1.length / cs)) * cs;
+}
+
+/** Walks the runs the layers above the base allocate: (offset, length, reads as zero). */
+async function walkAbove(ctx: JobContext, above: DiskImage[], size: number, fn: (off: number, len: number, zero: boolean) => Promise<void>): Promise<void> {
+  let pos = 0;
+  while (pos < size) {
+    throwIfCancelled(ctx);
+    const st = await aboveStatus(above, pos, size - pos);
+    if (st.allocated) await fn(pos, st.length, st.zero);
+    pos += st.length;
+  }
+}
+
+export async function commit(ctx: JobContext, path: string, opts: CommitOptions = {}, planned?: JobPlan): Promise<CommitResult> {
+  // The plan is the pre-check: nothing is written before it has passed.
+  const plan = planned ?? await planCommit(ctx, path, opts);
+  enforcePlan(plan, opts.force);
   const keep = opts.keep || opts.base !== undefined;
   const top = await openImage(path, { writable: !keep });
   let base: WritableImage | null = null;
-  let dependents: Promise<string[]> | null = null;
   try {
     const chain = chainOf(top);
-    if (chain.length < 2) throw new UsageError(`${path}: image has no backing file to commit into`);
-    let baseIndex = 1;
-    if (opts.base !== undefined) {
-      // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
-      // recorded in the chain.
-      const local = (n: string) => identityOf(localPathOrNull(n) ?? n);
-      const wants = [await local(opts.base), await local(combineBackingPath(path, opts.base))];
-      baseIndex = -1;
-      for (let i = 1; i < chain.length && baseIndex < 0; i++) {
-        const id = (await chain[i]!.file.identity?.()) ?? null;
-        if (wants.some((w) => sameFile(w, id)) || chain[i - 1]!.backingFile === opts.base) baseIndex = i;
-      }
-      if (baseIndex < 0) throw new UsageError(`${path}: '${opts.base}' is not in its backing chain`);
-    }
+    const baseIndex = await baseIndexOf(path, chain, opts.base);
     const oldBase = chain[baseIndex]!;
     // Reopen the base for writing: drop the chain's read-only open (and its lock) first, or
     // our own consistent-read lock would refuse our write lock.
@@ -98,30 +160,23 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     chain[baseIndex - 1]!.backing = base;
     const above = chain.slice(0, baseIndex);
     const size = top.virtualSize;
-    if (base.virtualSize < size) {
-      if (base instanceof Qcow2Writable) await base.growZeroed(size);
-      else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
+    const needed = plan.space.find((s) => s.purpose.includes('committing'))?.needed;
+    try {
+      if (base.virtualSize < size) {
+        // The grown area reads as zeros, not as the base's own backing file.
+        if (base instanceof Qcow2Writable) await base.growZeroed(size);
+        else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
+      }
+    } catch (err) {
+      throw explainNoSpace(err, base.filename, needed);
     }
-    // The exact figure needs a walk over every layer; skip it when even a base filled to its
-    // full size (data and metadata) fits.
-    const free = freeSpace(oldBase.filename);
-    const worst = base instanceof Qcow2Writable
-      ? qcow2PreallocSize(size, base.geometry.clusterSize, base.header.refcountOrder, base.geometry.extendedL2)
-      : size;
-    let needed: number | undefined;
-    if (free !== null && worst > free) {
-      needed = await commitSpaceNeeded(ctx, above, base, size);
-      ensureSpace(oldBase.filename, needed, `committing into ${oldBase.filename}`);
-    }
-    // Only reads other files' headers (it never fails): it runs while the data is copied,
-    // and is waited for on every way out, so no file of it stays open after the job.
-    dependents = dependentsOf(oldBase.filename, chain.slice(0, baseIndex).map((l) => l.filename));
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('copying into base');
     const chunk = opts.chunkSize ?? 2 << 20;
     const width = opts.parallel ?? 4;
     const buffers = ioBuffers(width, chunk);
     let bytesCopied = 0;
+    let dataBytes = 0;
     async function* tasks(): AsyncGenerator<{ offset: number; length: number; zero: boolean; skip: boolean }> {
       let pos = 0;
       while (pos < size) {
@@ -149,7 +204,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
           const buf = buffers[slot]!.subarray(0, t.length);
           await top.read(buf, t.offset);
           if (isZero(buf)) await b.writeZeroes(t.offset, t.length);
-          else await b.write(buf, t.offset);
+          else { await b.write(buf, t.offset); dataBytes += t.length; }
         }
         bytesCopied += t.length;
       }
@@ -164,9 +219,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       try { emptied = await makeEmpty(top); } catch (err) { throw explainNoSpace(err, path); }
     }
     progress.done();
-    return { base: oldBase.filename, bytesCopied, emptied, otherDependents: await dependents };
+    return { base: oldBase.filename, bytesCopied, dataBytesWritten: dataBytes, emptied, otherDependents: plan.affected.map((a) => a.filename), plan };
   } finally {
-    await dependents;
     await closeChain(top);
     await closeChain(base);
   }
@@ -185,26 +239,4 @@ async function aboveStatus(layers: DiskImage[], offset: number, length: number):
     len = st.length;
   }
   return { length: len, allocated: false, zero: false };
-}
-
-/** Data above the base that lands where the base allocates nothing yet (new space in the base). */
-async function commitSpaceNeeded(ctx: JobContext, above: DiskImage[], base: DiskImage, size: number): Promise<number> {
-  let needed = 0;
-  let pos = 0;
-  while (pos < size) {
-    throwIfCancelled(ctx);
-    const st = await aboveStatus(above, pos, size - pos);
-    if (st.allocated && !st.zero) {
-      let p = pos;
-      const end = pos + st.length;
-      while (p < end) {
-        if (p >= base.virtualSize) { needed += end - p; break; }
-        const b = await base.blockStatus(p, Math.min(end, base.virtualSize) - p);
-        if (!(b.allocated && b.offset !== null && b.data)) needed += b.length;
-        p += b.length;
-      }
-    }
-    pos += st.length;
-  }
-  return needed;
 }

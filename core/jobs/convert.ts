@@ -14,9 +14,17 @@ import { assertNotInChain } from '../chain/open';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
-import { measure, qcow2PreallocSize } from './measure';
-import { ensureSpace, explainNoSpace, freeSpace } from '../io/space';
+import { measure } from './measure';
+import { explainNoSpace } from '../io/space';
 import { stat } from '../io/fs-async';
+import { basename, dirname } from 'node:path';
+import { UsageError } from '../errors';
+import { Qcow2Image } from '../engine/qcow2';
+import { closeChain, combineBackingPath, openImage, parseFormat } from '../chain/open';
+import { findOverlays } from './overlays';
+import {
+  abs, addAffected, addSpace, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
+} from './plan-kit';
 
 export interface ConvertOptions extends TargetSpec {
   /** -c: store data clusters compressed (qcow2 targets). */
@@ -35,6 +43,8 @@ export interface ConvertOptions extends TargetSpec {
    */
   chunkSize?: number;
   parallel?: number;
+  /** Replace a target other images depend on (they then read different data). */
+  force?: boolean;
 }
 
 export interface ConvertResult {
@@ -54,11 +64,14 @@ async function windowIsZero(src: DiskImage, off: number, len: number): Promise<b
   return true;
 }
 
-export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions): Promise<ConvertResult> {
+export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions, planned?: JobPlan): Promise<ConvertResult> {
   // Creating the target empties the file first: it must not be one the source reads.
   await assertNotInChain(targetPath, src, 'convert');
   const size = src.virtualSize;
-  const needed = opts.existing ? undefined : await spaceNeeded(ctx, src, targetPath, opts);
+  // The plan is the pre-check: arguments, locks, permissions and space before the target is touched.
+  const plan = planned ?? await planConvert(ctx, src, targetPath, opts);
+  enforcePlan(plan, opts.force);
+  const needed = opts.existing ? undefined : plan.space[0]?.needed;
   const target = await openTarget(targetPath, size, opts);
   const img = target.image;
   const result: ConvertResult = { bytesRead: 0, bytesWritten: 0, compressedClusters: 0 };
@@ -256,20 +269,13 @@ class OrderedGate {
 }
 
 /**
- * What a fresh target will take (qemu-img measure's `required`, or the data for raw), checked
- * against the free space (plus what an existing file there gives back when truncated).
- * Undefined when even a fully allocated target fits: then the walk over the source that
- * the exact figure needs is not worth its time.
+ * What a fresh target will take: qemu-img measure's `required`, or the data for raw, less what
+ * an existing file there gives back when it is replaced.
  */
-export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: string, opts: TargetSpec): Promise<number | undefined> {
+export async function targetSpace(ctx: JobContext, src: DiskImage, targetPath: string, opts: TargetSpec): Promise<number> {
   const c = opts.create ?? {};
   let reclaimed = 0;
   try { reclaimed = (await stat(targetPath)).blocks * 512; } catch { /* no file there yet */ }
-  const free = freeSpace(targetPath);
-  const worst = opts.format === 'raw'
-    ? Math.ceil(src.virtualSize / 512) * 512
-    : qcow2PreallocSize(src.virtualSize, c.clusterSize ?? 65536, Math.log2(c.refcountBits ?? 16), !!c.extendedL2);
-  if (free === null || worst <= free + reclaimed) return undefined;
   let needed = 0;
   if (opts.format === 'raw') {
     // Raw targets hold exactly the data: count what is not zero.
@@ -284,6 +290,127 @@ export async function spaceNeeded(ctx: JobContext, src: DiskImage, targetPath: s
       extendedL2: !!c.extendedL2, hasBacking: !!c.backingFile,
     }, src)).required;
   }
-  ensureSpace(targetPath, needed - reclaimed, `the converted image`);
-  return needed;
+  return Math.max(0, needed - reclaimed);
 }
+
+/**
+ * Bytes a copy of `src` writes as data to a target that reads as zero where nothing is written:
+ * the runs that do not read as zero, widened to the target's write unit.
+ */
+export async function dataToCopy(src: DiskImage, unit: number, sync: 'full' | 'top' = 'full'): Promise<{ read: number; write: number }> {
+  let read = 0;
+  let write = 0;
+  let coveredTo = 0;
+  const size = src.virtualSize;
+  for (let off = 0; off < size;) {
+    let isData: boolean;
+    let len: number;
+    if (sync === 'top') {
+      const st = await src.blockStatus(off, size - off);
+      isData = st.allocated && !(st.zero && !st.data);
+      len = st.length;
+    } else {
+      const st = await chainBlockStatus(src, off, size - off);
+      isData = !st.zero;
+      len = st.length;
+    }
+    const st = { length: len };
+    if (isData) {
+      read += st.length;
+      const a = Math.max(coveredTo, Math.floor(off / unit) * unit);
+      const b = Math.min(size, Math.ceil((off + st.length) / unit) * unit);
+      if (b > a) write += b - a;
+      coveredTo = Math.max(coveredTo, b);
+    }
+    off += st.length;
+  }
+  return { read, write };
+}
+
+/** Warnings for what a copy of `src` does not carry over: internal snapshots, persistent bitmaps. */
+export function copyWarnings(src: DiskImage, what: string): string[] {
+  const out: string[] = [];
+  if (src instanceof Qcow2Image) {
+    if (src.snapshots.length) out.push(`${abs(src.filename)} has ${src.snapshots.length} internal snapshot(s); ${what} copies only the current state, not them`);
+    if (src.bitmaps?.length) out.push(`${abs(src.filename)} has ${src.bitmaps.length} persistent bitmap(s); ${what} does not copy them`);
+  }
+  return out;
+}
+
+/** What happens to an existing file at a target path: replaced, or written into (-n); its overlays. */
+export async function targetPlan(plan: JobPlan, targetPath: string, existing: boolean): Promise<void> {
+  let exists = false;
+  try { exists = (await stat(targetPath)).isFile(); } catch { /* nothing there */ }
+  if (existing) plan.writes.push(abs(targetPath));
+  else plan.creates.push(abs(targetPath));
+  if (exists && !existing) plan.warnings.push(`${abs(targetPath)} exists and is replaced`);
+  if (exists) {
+    addAffected(plan, targetPath, (await findOverlays(targetPath)).map((o) => o.path), 'would read the new content');
+    await probeAll(plan, [[targetPath, 'write']]);
+    await permissionProblems(plan, [targetPath]);
+  } else {
+    await permissionProblems(plan, [], [dirname(abs(targetPath))]);
+  }
+}
+
+/** The command line of a conversion. */
+export function convertCommand(source: string, targetPath: string, opts: ConvertOptions & { sourceFormat?: string; snapshot?: string }): string[] {
+  const cmd = ['strata', 'convert'];
+  if (opts.sourceFormat) cmd.push('-f', opts.sourceFormat);
+  cmd.push('-O', opts.format);
+  const c = opts.create ?? {};
+  const o = Object.entries(c.given ?? {}).filter(([k]) => k !== 'backing_file' && k !== 'backing_fmt').map(([k, v]) => `${k}=${v}`);
+  if (o.length) cmd.push('-o', o.join(','));
+  if (opts.compress) cmd.push('-c');
+  if (c.backingFile) { cmd.push('-B', c.backingFile); if (c.backingFormat) cmd.push('-F', c.backingFormat); }
+  if (opts.existing) cmd.push('-n');
+  if (opts.targetIsZero) cmd.push('--target-is-zero');
+  if (opts.minSparse !== undefined && opts.minSparse !== 4096) cmd.push('-S', String(opts.minSparse));
+  if (opts.snapshot) cmd.push('-l', `snapshot.name=${opts.snapshot}`);
+  cmd.push(abs(source), abs(targetPath));
+  return cmd;
+}
+
+/**
+ * The conversion's plan for an opened source: the target created (or replaced, or written with
+ * -n), the data read and written (block status), the space the target needs on its file
+ * system, and what the copy leaves behind (snapshots, bitmaps).
+ */
+export async function planConvert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions, command?: string[]): Promise<JobPlan> {
+  const plan = newPlan('convert', `Convert ${basename(src.filename)} to ${opts.format} ${basename(targetPath)}${opts.compress ? ', compressed' : ''}`,
+    command ?? convertCommand(src.filename, targetPath, opts));
+  if (opts.compress && opts.format !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
+  if (opts.targetIsZero && !opts.existing) throw new UsageError('--target-is-zero requires -n (an existing target)');
+  // By device and inode: the source or any image of its chain, under any name.
+  await assertNotInChain(targetPath, src, 'convert');
+  await targetPlan(plan, targetPath, !!opts.existing);
+  const c = opts.create ?? {};
+  const link = { filename: abs(targetPath), format: opts.format, virtualSize: opts.format === 'raw' ? src.virtualSize : Math.ceil(src.virtualSize / 512) * 512 };
+  let below: DiskImage | null = null;
+  if (c.backingFile) {
+    try { below = await openImage(combineBackingPath(targetPath, c.backingFile), { format: parseFormat(c.backingFormat), lock: 'none' }); } catch { /* create names it */ }
+  }
+  try {
+    plan.chainsAfter.push([link, ...chainLinks(below)]);
+  } finally {
+    await closeChain(below);
+  }
+  const unit = opts.format === 'qcow2'
+    ? (!opts.compress && c.extendedL2 ? (c.clusterSize ?? 65536) / 32 : c.clusterSize ?? 65536)
+    : Math.max(512, (opts.minSparse ?? 4096) || 512);
+  const d = await dataToCopy(src, unit);
+  plan.bytesToRead = d.read;
+  plan.bytesToCopy = d.write;
+  if (opts.existing) {
+    plan.warnings.push(`${abs(targetPath)} is written in place: the space it needs depends on what it holds already (not counted)`);
+    addSpace(plan, targetPath, 0, `the converted image ${abs(targetPath)}`);
+  } else {
+    addSpace(plan, targetPath, await targetSpace(ctx, src, targetPath, opts), `the converted image ${abs(targetPath)}`);
+  }
+  checkSpace(plan);
+  if (opts.compress) plan.warnings.push('compressed: bytes to copy and space needed are before compression (at most that much)');
+  if (c.backingFile) plan.warnings.push(`-B: only what differs from ${c.backingFile} is written (bytes to copy is at most that much)`);
+  plan.warnings.push(...copyWarnings(src, 'a conversion'));
+  return plan;
+}
+

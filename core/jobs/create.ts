@@ -1,7 +1,8 @@
 // create: a new qcow2 or raw image, laid out byte for byte as qemu-img create 7.2 lays it
 // out (see core/format/layout.ts for how). Options use qemu-img's names and checks; all of
 // them are validated, and the backing file opened, before the target file is touched.
-import { unlink } from '../io/fs-async';
+import { basename, dirname } from 'node:path';
+import { realpath, stat, unlink } from '../io/fs-async';
 import { identityOf, sameFile } from '../io/identity';
 import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
@@ -11,6 +12,9 @@ import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UN
 import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
 import { localPath, localPathOrNull } from '../chain/names';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+import { qcow2PreallocSize } from './measure';
+import { findOverlays } from './overlays';
+import { abs, addAffected, addSpace, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan } from './plan-kit';
 
 export type CreateFormat = 'qcow2' | 'raw';
 export type Preallocation = 'off' | 'metadata';
@@ -97,6 +101,18 @@ function splitOptions(o: string): Array<[string, string | undefined]> {
   }
   flush();
   return out;
+}
+
+/** A -o string as key/value pairs (",," a literal comma), as JobSpec carries it. */
+export function optionsToRecord(o: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of splitOptions(o)) out[k] = v ?? '';
+  return out;
+}
+
+/** The -o string for key/value pairs (commas in values doubled). */
+export function recordToOptions(r: Record<string, string> | undefined): string {
+  return Object.entries(r ?? {}).map(([k, v]) => `${k}=${v.replace(/,/g, ',,')}`).join(',');
 }
 
 /** True when the -o string asks for the option list (`help` or `?`). */
@@ -310,6 +326,61 @@ export function formattingLine(r: ResolvedCreate): string {
   return `Formatting '${r.path}', ${parts.join(' ')}`;
 }
 
+// ---- the plan ----
+
+/**
+ * The create's plan for resolved options: the file created (or replaced, with the overlays
+ * that then read something else), the chain it starts, and the bytes its layout takes.
+ */
+export async function planCreate(r: ResolvedCreate): Promise<JobPlan> {
+  const command = ['strata', 'create', '-f', r.format];
+  const given = Object.entries(r.opts.given ?? {}).filter(([k]) => k !== 'backing_file' && k !== 'backing_fmt' && k !== 'size').map(([k, v]) => `${k}=${v}`);
+  if (given.length) command.push('-o', given.join(','));
+  if (r.opts.backingFile !== undefined) command.push('-b', r.opts.backingFile);
+  if (r.opts.backingFormat !== undefined) command.push('-F', r.opts.backingFormat);
+  if (r.opts.unsafe) command.push('-u');
+  command.push(abs(r.path), String(r.size));
+  const plan = newPlan('create', `Create ${r.format} ${basename(r.path)} of ${r.size} bytes`, command);
+  let exists = false;
+  try { exists = (await stat(r.path)).isFile(); } catch { /* a new file */ }
+  plan.creates.push(abs(r.path));
+  let below = null;
+  if (r.opts.backingFile && !r.opts.unsafe) {
+    try { below = await openImage(combineBackingPath(r.path, r.opts.backingFile), { format: r.opts.backingFormat as CreateFormat, lock: 'none' }); } catch { /* resolveCreate opened it already */ }
+  }
+  try {
+    plan.chainsAfter.push([{ filename: abs(r.path), format: r.format, virtualSize: r.size }, ...chainLinks(below)]);
+  } finally {
+    await closeChain(below);
+  }
+  let bytes = 0;
+  if (r.qcow2) {
+    if (r.preallocation === 'metadata') {
+      // Metadata for every cluster; the data clusters stay holes.
+      const cs = 2 ** r.qcow2.clusterBits;
+      bytes = qcow2PreallocSize(r.size, cs, r.qcow2.refcountOrder, r.qcow2.extendedL2) - Math.ceil(r.size / cs) * cs;
+    } else {
+      // The layout, made in memory: header, refcount structures and L1 table.
+      const spec = { ...r.qcow2 };
+      const a = startQcow2Layout(spec);
+      finishQcow2Layout(spec, a);
+      bytes = a.fileLength;
+    }
+  }
+  if (exists) {
+    plan.warnings.push(`${abs(r.path)} exists and is replaced (its content is lost)`);
+    addAffected(plan, r.path, (await findOverlays(r.path)).map((o) => o.path), 'would read the new, empty image');
+    await probeAll(plan, [[r.path, 'write']]);
+    await permissionProblems(plan, [r.path]);
+    try { bytes = Math.max(0, bytes - (await stat(r.path)).blocks * 512); } catch { /* gone meanwhile */ }
+  } else {
+    await permissionProblems(plan, [], [dirname(abs(r.path))]);
+  }
+  addSpace(plan, r.path, bytes, `the new image ${abs(r.path)}`);
+  checkSpace(plan);
+  return plan;
+}
+
 // ---- writing ----
 
 /**
@@ -363,6 +434,14 @@ async function writeAll(file: NodeFile, items: Array<{ offset: number; data: Buf
 export async function createImage(path: string, opts: CreateOptions & { format: CreateFormat }, ctx: JobContext = {}): Promise<void> {
   const r = await resolveCreate(path, opts.format, opts);
   await writeImage(r, ctx);
+}
+
+/** create as a planned job: resolved, planned, checked against the plan, written. */
+export async function createPlanned(r: ResolvedCreate, ctx: JobContext = {}, opts: { force?: boolean } = {}, planned?: JobPlan): Promise<JobPlan> {
+  const plan = planned ?? await planCreate(r);
+  enforcePlan(plan, opts.force);
+  await writeImage(r, ctx);
+  return plan;
 }
 
 /** The writing half of createImage, for callers that resolved (and maybe printed) first. */

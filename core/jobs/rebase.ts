@@ -2,9 +2,10 @@
 // Safe mode compares old and new backing content only where the overlay allocates nothing
 // and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
 // needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
+import { basename } from 'node:path';
+import { FormatError, UsageError, printable } from '../errors';
 import { identityOf, sameFile } from '../io/identity';
 import { localPathOrNull } from '../chain/names';
-import { FormatError, UsageError, printable } from '../errors';
 import { encodeHeader } from '../format/header';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
@@ -15,6 +16,8 @@ import { Qcow2Image } from '../engine/qcow2';
 import { runPool } from './pool';
 import { chainBlockStatus } from '../chain/block-status';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
+import { WriteEstimate } from './space-estimate';
+import { abs, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan } from './plan-kit';
 
 export interface RebaseOptions {
   /** New backing file name as the user gave it; '' flattens. */
@@ -23,12 +26,27 @@ export interface RebaseOptions {
   unsafe?: boolean;
   /** Bytes compared per step (default 1 MiB, rounded to the overlay's write unit). */
   chunkSize?: number;
+  /** Run even when the plan says other images would read differently (not the case for rebase today). */
+  force?: boolean;
 }
 
 export interface RebaseResult {
   bytesCompared: number;
+  /** Bytes written to keep the overlay's content (data and zeros). */
   bytesWritten: number;
+  /** Of those, bytes written as data (the rest became zero flags). */
+  dataBytesWritten: number;
   writes: number;
+}
+
+/**
+ * qemu-img 7.2 never records a probed format (iotest 114): a new backing file needs -F. It
+ * fails only after copying; refusing first leaves the overlay as it was.
+ */
+function requireBackingFormat(path: string, opts: RebaseOptions): void {
+  if (opts.backing && !opts.backingFormat) {
+    throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path);
+  }
 }
 
 /** Rewrites the header with a new backing name/format (the last, single step of every rebase). */
@@ -43,19 +61,157 @@ export async function writeBackingName(img: Qcow2Writable, backing: string | nul
   await img.file.flush();
 }
 
-/**
- * qemu-img 7.2 never records a probed format (iotest 114): a new backing file needs -F. It
- * fails only after copying; refusing first leaves the overlay as it was.
- */
-function requireBackingFormat(path: string, opts: RebaseOptions): void {
-  if (opts.backing && !opts.backingFormat) {
-    throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path);
+/** Opens what the rebase needs: the overlay's chain and the new backing (in that chain or opened here). */
+async function openRebase(path: string, opts: RebaseOptions, lock: 'auto' | 'none', writable: boolean): Promise<{
+  top: Qcow2Image; next: DiskImage | null; nextOpenedHere: boolean; fmt: ImageFormat | null; close: () => Promise<void>;
+}> {
+  const top = await openImage(path, { writable, lock });
+  let next: DiskImage | null = null;
+  let nextOpenedHere = false;
+  const close = async () => {
+    if (nextOpenedHere) await closeChain(next);
+    await closeChain(top);
+  };
+  try {
+    if (!(top instanceof Qcow2Image)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+    const fmt: ImageFormat | null = opts.backingFormat ?? null;
+    if (opts.backing) {
+      const full = combineBackingPath(path, opts.backing);
+      // By device and inode: a hard link or symlink to the overlay is the overlay.
+      const fullId = await identityOf(localPathOrNull(full) ?? full);
+      if (sameFile(fullId, (await top.file.identity?.()) ?? null)) throw new UsageError(`${path}: an image cannot be its own backing file`);
+      // A new backing inside the old chain is used as it is opened there.
+      for (const layer of chainOf(top).slice(1)) if (sameFile(fullId, (await layer.file.identity?.()) ?? null)) next = layer;
+      if (!next) {
+        // Its chain must not lead back to the overlay.
+        next = await openImage(full, { format: opts.backingFormat, lock, avoid: [top] });
+        nextOpenedHere = true;
+      }
+    }
+    return { top, next, nextOpenedHere, fmt, close };
+  } catch (err) {
+    await close();
+    throw err;
   }
 }
 
-export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions): Promise<RebaseResult> {
-  const result: RebaseResult = { bytesCompared: 0, bytesWritten: 0, writes: 0 };
+/**
+ * The pieces a safe rebase compares, in order: where the overlay allocates nothing, the old and
+ * the new backing chains do not both read as zero, and (when the new backing is in the old
+ * chain) some layer between them allocates something. Block status only: the plan and the job
+ * walk the same pieces.
+ */
+async function* rebasePieces(ctx: JobContext, top: Qcow2Image, next: DiskImage | null, chunk: number, progress?: ProgressReporter): AsyncGenerator<[number, number]> {
+  const g = top.geometry;
+  const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
+  const old = top.backing;
+  const size = top.virtualSize;
+  const between: DiskImage[] | null = next && chainOf(top).includes(next) ? [] : null;
+  if (between) for (let l = old; l && l !== next; l = l.backing) between.push(l);
+  let pos = 0;
+  while (pos < size) {
+    throwIfCancelled(ctx);
+    const [st] = await top.runs(pos, Math.min(chunk, size - pos), true);
+    const run = st!;
+    if (run.state !== 'unallocated') { pos += run.length; progress?.add(run.length); continue; }
+    const end = pos + run.length;
+    // Only ranges some layer between the overlay and the new backing allocates can differ
+    // (when the new backing is in the old chain); they are widened to whole write units.
+    const work = between ? await changedRanges(between, pos, end, unit) : [[pos, end] as [number, number]];
+    for (const [a, b] of work) {
+      for (let p0 = a; p0 < b;) {
+        throwIfCancelled(ctx);
+        const n = Math.min(chunk - (p0 % chunk), b - p0);
+        const zeroRun = await bothZero(old, next, p0, n);
+        if (zeroRun > 0) { p0 += zeroRun; continue; }
+        yield [p0, n];
+        p0 += n;
+      }
+    }
+    progress?.add(end - pos);
+    pos = end;
+  }
+}
+
+function rebaseChunk(top: Qcow2Image, opts: RebaseOptions): number {
+  const g = top.geometry;
+  const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
+  return Math.max(unit, Math.floor((opts.chunkSize ?? 1 << 20) / unit) * unit);
+}
+
+/**
+ * The rebase's plan. Safe mode: the pieces it will compare (read in both chains) and, of them,
+ * what the old chain holds as data: what the overlay takes in where the new backing differs
+ * (exact when it differs wherever it may, as when rebasing past layers that hold data).
+ */
+export async function planRebase(ctx: JobContext, path: string, opts: RebaseOptions): Promise<JobPlan> {
   requireBackingFormat(path, opts);
+  const command = ['strata', 'rebase'];
+  if (opts.unsafe) command.push('-u');
+  command.push('-b', opts.backing);
+  if (opts.backingFormat) command.push('-F', opts.backingFormat);
+  command.push(abs(path));
+  const what = opts.backing ? `onto ${opts.backing}` : '(flatten: no backing file)';
+  const plan = newPlan('rebase', `Rebase ${basename(path)} ${what}${opts.unsafe ? ', unsafe' : ''}`, command);
+  plan.writes.push(abs(path));
+  if (opts.unsafe) {
+    const top = await openImage(path, { lock: 'none', backing: false });
+    try {
+      if (!(top instanceof Qcow2Image)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+      let next: DiskImage | null = null;
+      if (opts.backing) {
+        try { next = await openImage(combineBackingPath(path, opts.backing), { format: opts.backingFormat, lock: 'none' }); } catch {
+          plan.warnings.push(`the new backing file '${opts.backing}' cannot be opened now: ${abs(path)} will not open until it can`);
+        }
+      }
+      try {
+        plan.chainsAfter.push([...chainLinks(top).slice(0, 1), ...chainLinks(next)]);
+      } finally {
+        await closeChain(next);
+      }
+      plan.warnings.push(`unsafe rebase: only the backing name changes; ${abs(path)} reads differently unless the new backing file holds the same data as the old one`);
+      await probeAll(plan, [[path, 'write']]);
+      await permissionProblems(plan, [path]);
+      return plan;
+    } finally {
+      await closeChain(top);
+    }
+  }
+  const r = await openRebase(path, opts, 'none', false);
+  try {
+    const { top, next } = r;
+    plan.chainsAfter.push([...chainLinks(top).slice(0, 1), ...chainLinks(next)]);
+    const est = new WriteEstimate(top, await top.file.size());
+    const old = top.backing;
+    for await (const [at, n] of rebasePieces(ctx, top, next, rebaseChunk(top, opts))) {
+      plan.bytesToRead += 2 * n;
+      // Where the old chain reads as zero the overlay gets zero flags, elsewhere data.
+      for (let p = at; p < at + n;) {
+        const inOld = old && p < old.virtualSize;
+        const st = inOld ? await chainBlockStatus(old, p, Math.min(at + n, old.virtualSize) - p) : null;
+        const len = st ? st.length : at + n - p;
+        if (st && !st.zero) { plan.bytesToCopy += len; await est.data(p, len); } else await est.zero(p, len);
+        p += len;
+      }
+    }
+    addSpace(plan, path, est.bytes(), `rebasing ${abs(path)}`);
+    checkSpace(plan);
+    const reads = [...chainOf(top).slice(1), ...(next ? chainOf(next) : [])].map((l): [string, 'read'] => [l.filename, 'read']);
+    await probeAll(plan, [[path, 'write'], ...reads]);
+    await permissionProblems(plan, [path]);
+    const w = bitmapWarning(top);
+    if (w && plan.bytesToCopy > 0) plan.warnings.push(w);
+    return plan;
+  } finally {
+    await r.close();
+  }
+}
+
+export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions, planned?: JobPlan): Promise<RebaseResult> {
+  requireBackingFormat(path, opts);
+  const plan = planned ?? await planRebase(ctx, path, opts);
+  enforcePlan(plan, opts.force);
+  const result: RebaseResult = { bytesCompared: 0, bytesWritten: 0, dataBytesWritten: 0, writes: 0 };
   if (opts.unsafe) {
     const top = await openImageFile(path, { writable: true });
     try {
@@ -67,72 +223,24 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
     return result;
   }
 
-  const top = await openImage(path, { writable: true });
-  let next: DiskImage | null = null;
-  let nextOpenedHere = false;
+  const r = await openRebase(path, opts, 'auto', true);
   try {
-    if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
+    const { next, fmt } = r;
+    if (!(r.top instanceof Qcow2Writable)) throw new UsageError(`${path}: cannot be written`);
     // Narrowed once, for the closures below.
-    const overlay: Qcow2Writable = top;
-    const fmt: ImageFormat | null = opts.backingFormat ?? null;
-    if (opts.backing) {
-      const full = combineBackingPath(path, opts.backing);
-      // By device and inode: a hard link or symlink to the overlay is the overlay.
-      const fullId = await identityOf(localPathOrNull(full) ?? full);
-      if (sameFile(fullId, (await top.file.identity?.()) ?? null)) throw new UsageError(`${path}: an image cannot be its own backing file`);
-      // A new backing inside the old chain is used as it is opened there.
-      for (const layer of chainOf(top).slice(1)) if (sameFile(fullId, (await layer.file.identity?.()) ?? null)) next = layer;
-      if (!next) {
-        // Its chain must not lead back to the overlay.
-        next = await openImage(full, { format: opts.backingFormat, avoid: [top] });
-        nextOpenedHere = true;
-      }
-    }
-    const g = top.geometry;
+    const overlay: Qcow2Writable = r.top;
+    const g = overlay.geometry;
     const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
-    const chunk = Math.max(unit, Math.floor((opts.chunkSize ?? 1 << 20) / unit) * unit);
-    const old = top.backing;
-    const size = top.virtualSize;
+    const chunk = rebaseChunk(overlay, opts);
+    const old = overlay.backing;
+    const size = overlay.virtualSize;
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('comparing');
-    const layersAbove = (): DiskImage[] => {
-      // Layers between the overlay and the new backing, when the new backing is in the old chain.
-      const out: DiskImage[] = [];
-      for (let l = old; l && l !== next; l = l.backing) out.push(l);
-      return out;
-    };
-    const between = next && chainOf(top).includes(next) ? layersAbove() : null;
     const width = 8;
     const oldBufs = ioBuffers(width, chunk);
     const newBufs = ioBuffers(width, chunk);
-    // Pieces to compare, produced in order and processed several at a time (they are disjoint,
-    // so their writes into the overlay never touch the same clusters).
-    async function* pieces(): AsyncGenerator<[number, number]> {
-      let pos = 0;
-      while (pos < size) {
-        throwIfCancelled(ctx);
-        const [st] = await overlay.runs(pos, Math.min(chunk, size - pos), true);
-        const run = st!;
-        if (run.state !== 'unallocated') { pos += run.length; progress.add(run.length); continue; }
-        const end = pos + run.length;
-        // Only ranges some layer between the overlay and the new backing allocates can differ
-        // (when the new backing is in the old chain); they are widened to whole write units.
-        const work = between ? await changedRanges(between, pos, end, unit) : [[pos, end] as [number, number]];
-        for (const [a, b] of work) {
-          for (let p0 = a; p0 < b;) {
-            throwIfCancelled(ctx);
-            const n = Math.min(chunk - (p0 % chunk), b - p0);
-            const zeroRun = await bothZero(old, next, p0, n);
-            if (zeroRun > 0) { p0 += zeroRun; continue; }
-            yield [p0, n];
-            p0 += n;
-          }
-        }
-        progress.add(end - pos);
-        pos = end;
-      }
-    }
-    await runPool(pieces(), width, ([at, n], slot) => compareAndWrite(at, n, slot), ctx.signal);
+    // Pieces are disjoint, so their writes into the overlay never touch the same clusters.
+    await runPool(rebasePieces(ctx, overlay, next, chunk, progress), width, ([at, n], slot) => compareAndWrite(at, n, slot), ctx.signal);
 
     /** Reads [at, at+n) from both chains and writes what differs, widened to whole units. */
     async function compareAndWrite(at: number, n: number, slot: number): Promise<void> {
@@ -152,7 +260,7 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
         }
         // What the overlay must keep reading; zeros become zero flags, not written data.
         if (isZero(o, p, q)) await overlay.writeZeroes(at + p, q - p);
-        else await overlay.write(o.subarray(p, q), at + p);
+        else { await overlay.write(o.subarray(p, q), at + p); result.dataBytesWritten += q - p; }
         result.writes++;
         result.bytesWritten += q - p;
         p = q;
@@ -160,12 +268,11 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions)
     }
     throwIfCancelled(ctx);
     progress.setPhase('switching backing file');
-    await writeBackingName(top, opts.backing, fmt);
+    await writeBackingName(overlay, opts.backing, fmt);
     progress.done();
     return result;
   } finally {
-    if (nextOpenedHere) await closeChain(next);
-    await closeChain(top);
+    await r.close();
   }
 }
 

@@ -1,9 +1,17 @@
 // resize: grow or (with shrink allowed) shrink the virtual size, as qemu-img resize.
-import { UsageError } from '../errors';
-import { openImage, closeChain } from '../chain/open';
+import { basename } from 'node:path';
+import { UnsupportedFeatureError, UsageError } from '../errors';
+import { openImageFile, openImage, closeChain } from '../chain/open';
 import { Qcow2Writable } from '../engine/qcow2-write';
+import { Qcow2Image } from '../engine/qcow2';
+import { inconsistentBitmap } from '../engine/bitmaps';
+import { BME_FLAG_IN_USE } from '../format/bitmaps';
 import { RawImage } from '../engine/raw';
-import type { ImageFormat } from '../engine/image';
+import type { DiskImage, ImageFormat } from '../engine/image';
+import { findOverlays } from './overlays';
+import {
+  abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
+} from './plan-kit';
 
 export interface ResizeOptions {
   format?: ImageFormat;
@@ -11,21 +19,82 @@ export interface ResizeOptions {
   size: number;
   relative?: boolean;
   shrink?: boolean;
+  /** Shrink an image other images depend on (they then read zeros past the new end). */
+  force?: boolean;
 }
 
-export async function resize(path: string, opts: ResizeOptions): Promise<{ from: number; to: number }> {
+/** The new size, checked as qemu-img checks it. */
+function targetSize(img: DiskImage, path: string, opts: ResizeOptions): number {
+  const from = img.virtualSize;
+  const to = opts.relative ? from + opts.size : opts.size;
+  if (to < 0) throw new UsageError(`${path}: new size would be negative`);
+  if (to < from && !opts.shrink) {
+    throw new UsageError(`${path}: shrinking from ${from} to ${to} bytes deletes everything past the new end; add --shrink if that is what you want`);
+  }
+  if (img instanceof Qcow2Image) {
+    if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
+    if (to < from && img.snapshots.length) throw new UsageError(`${path}: cannot shrink an image with internal snapshots`);
+  }
+  return to;
+}
+
+/** The resize's plan: the new size, the L1 table a qcow2 grow may need, overlays a shrink reaches. */
+export async function planResize(path: string, opts: ResizeOptions): Promise<JobPlan> {
+  const img = await openImageFile(path, { format: opts.format, lock: 'none' });
+  let chain: DiskImage | null = null;
+  try {
+    const from = img.virtualSize;
+    const to = targetSize(img, path, opts);
+    // QEMU refuses to resize while a bitmap is left in use (inconsistent).
+    const stale = img instanceof Qcow2Image ? img.bitmaps?.find((e) => e.flags & BME_FLAG_IN_USE) : undefined;
+    if (stale) throw inconsistentBitmap(stale, path);
+    const sizeArg = opts.relative ? `${opts.size < 0 ? '-' : '+'}${Math.abs(opts.size)}` : String(opts.size);
+    const command = ['strata', 'resize'];
+    if (opts.shrink) command.push('--shrink');
+    if (opts.format) command.push('-f', opts.format);
+    command.push(abs(path), sizeArg);
+    const plan = newPlan('resize', `Resize ${basename(path)} from ${from} to ${to} bytes`, command);
+    plan.writes.push(abs(path));
+    try { chain = await openImage(path, { format: opts.format, lock: 'none' }); } catch { /* the backing chain does not open: list the image alone */ }
+    if (img instanceof Qcow2Image && to > from && img.header.version < 3 && chain?.backing && chain.backing.virtualSize > from) {
+      throw new UnsupportedFeatureError('Failed to zero out new clusters: Operation not supported (a compat=0.10 image has no zero clusters to hide its longer backing file with; upgrade it to compat=1.1 first)', path);
+    }
+    const links = chainLinks(chain ?? img);
+    links[0]!.virtualSize = to;
+    plan.chainsAfter.push(links);
+    let grows = 0;
+    if (img instanceof Qcow2Image && to > from) {
+      const g = img.geometry;
+      const need = Math.ceil(to / (g.l2Entries * g.clusterSize));
+      if (need > img.l1.length / 8) grows = Math.ceil((need * 8) / g.clusterSize) * g.clusterSize;
+    }
+    addSpace(plan, path, grows, `resizing ${abs(path)}`);
+    checkSpace(plan);
+    if (to < from) {
+      plan.warnings.push(`shrinking deletes everything ${abs(path)} holds past ${to} bytes`);
+      addAffected(plan, path, (await findOverlays(path)).map((o) => o.path), 'would read zeros past the new end');
+    }
+    const w = bitmapWarning(img, 'resizing');
+    if (w) plan.warnings.push(w);
+    await probeAll(plan, [[path, 'write']]);
+    await permissionProblems(plan, [path]);
+    return plan;
+  } finally {
+    await closeChain(chain);
+    await closeChain(img);
+  }
+}
+
+export async function resize(path: string, opts: ResizeOptions, planned?: JobPlan): Promise<{ from: number; to: number }> {
+  const plan = planned ?? await planResize(path, opts);
+  enforcePlan(plan, opts.force);
   // With its backing chain: whether a longer backing file would show through the grown area
   // decides how it is zeroed (as qemu-img, which opens the chain too).
   const img = await openImage(path, { format: opts.format, writable: true });
   try {
     const from = img.virtualSize;
-    const to = opts.relative ? from + opts.size : opts.size;
-    if (to < 0) throw new UsageError(`${path}: new size would be negative`);
-    if (to < from && !opts.shrink) {
-      throw new UsageError(`${path}: shrinking from ${from} to ${to} bytes deletes everything past the new end; add --shrink if that is what you want`);
-    }
+    const to = targetSize(img, path, opts);
     if (img instanceof Qcow2Writable) {
-      if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
       if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
     } else if (img instanceof RawImage) {

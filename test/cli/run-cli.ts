@@ -42,25 +42,7 @@ export function strataBin(args: string[], opts: { env?: NodeJS.ProcessEnv } = {}
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-function newestMtime(dir: string): number {
-  let t = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, newestMtime(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
-  }
-  return t;
-}
-
-/** Builds dist/strata.cjs (scripts/build.mjs) when it is missing or older than cli/ or core/. */
-export function ensureBuilt(): void {
-  const dist = join(repoRoot, 'dist', 'strata.cjs');
-  const stale = !existsSync(dist) ||
-    statSync(dist).mtimeMs < Math.max(newestMtime(join(repoRoot, 'cli')), newestMtime(join(repoRoot, 'core')));
-  if (!stale) return;
-  const r = spawnSync(process.execPath, [join(repoRoot, 'scripts', 'build.mjs')], { cwd: repoRoot, encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`node scripts/build.mjs failed (${r.status}): ${r.stderr}`);
-}
+export { buildIsStale, ensureBuilt } from '../build';
 
 export async function sha256(file: string): Promise<string> {
   const h = createHash('sha256');

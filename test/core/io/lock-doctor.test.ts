@@ -162,3 +162,14 @@ describe('findLockHolders', () => {
     expect(statSync(file).size).toBe(4096);
   });
 });
+
+describe('programName', () => {
+  it('names Strata\'s own processes, and others by their program', async () => {
+    const { programName } = await import('../../../core/io/lock-doctor');
+    expect(programName(['/usr/bin/node', '--interrupt-budget=540000', '/opt/strata/bin/strata.cjs', '__job-process'])).toBe('Strata job');
+    expect(programName(['node', '/usr/lib/strata/bin/strata.cjs', 'commit', 'x.qcow2'])).toBe('strata');
+    expect(programName(['/usr/bin/qemu-system-x86_64', '-name', 'guest=vm1'])).toBe('qemu-system-x86_64');
+    expect(programName(['node', 'server.js'])).toBe('node');
+    expect(programName([])).toBe('');
+  });
+});

@@ -1,7 +1,7 @@
 // Commit against qemu-img: the base ends up holding what the overlay showed, the chain keeps
 // reading the same, the emptied overlay shrinks to a few clusters (or keeps its content with
-// -d / -b), internal snapshots survive (falling back to discarding), and other overlays that
-// depend on the base are named in a warning.
+// -d / -b), internal snapshots survive (falling back to discarding), and a base other overlays
+// depend on is refused without --force (and named in a warning with it).
 import { execFileSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { expect, it } from 'vitest';
@@ -232,7 +232,7 @@ describeOracle('commit against qemu-img', () => {
     }
   });
 
-  it('warns on stderr when another overlay in the base folder depends on the base', async () => {
+  it('refuses without --force when another overlay in the base folder depends on the base; warns with it', async () => {
     const t = tempDir();
     try {
       const base = t.path('base.qcow2');
@@ -247,7 +247,14 @@ describeOracle('commit against qemu-img', () => {
       qemuImg('create', '-q', '-f', 'qcow2', t.path('unrelated.qcow2'), '8M');
       qemuIo(top, ['write -P 0x21 1M 1M']);
       const before = guestHash(top);
-      const r = await strata('commit', top);
+      const hashes = [base, top, other].map((f) => fileHash(f));
+      const refused = await strata('commit', top);
+      expect(refused.code).toBe(2);
+      expect(refused.err.trim().split('\n')).toHaveLength(1);
+      expect(refused.err).toContain('other.qcow2');
+      expect(refused.err).toContain('--force');
+      expect([base, top, other].map((f) => fileHash(f))).toEqual(hashes);
+      const r = await strata('commit', '--force', top);
       expect(r.code).toBe(0);
       expect(r.out).toBe('Image committed.\n');
       expect(r.err).toMatch(/warning/);

@@ -1,7 +1,7 @@
 // Disk full, read-only storage and huge sparse raw files: jobs refuse or stop cleanly, images
 // stay consistent, messages name the file system and the numbers.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, readFileSync, existsSync, truncateSync, openSync, writeSync, closeSync, readdirSync, readlinkSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, readFileSync, existsSync, truncateSync, openSync, writeSync, closeSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -128,6 +128,28 @@ describeOracle('disk full', () => {
     expect(guestHash(top)).toBe(before);
     rmSync(top);
     rmSync(base);
+  });
+
+  it('commit refuses before changing anything: a base that must grow (qcow2, raw) stays byte-identical, mtime too', async (ctx) => {
+    if (!fs) return ctx.skip();
+    const cases = [['gbase.qcow2', 'qcow2'], ['gbase.raw', 'raw']] as const;
+    for (const [name, fmt] of cases) {
+      const base = join(fs.dir, name);
+      const top = join(fs.dir, 'gtop.qcow2');
+      // The base is smaller than its overlay: the commit grows it (raw: truncates it larger).
+      qemuImg('create', '-q', '-f', fmt, base, '16M');
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', name, '-F', fmt, top, '128M');
+      qemuIo(top, ['write -P 0x46 0 24M']);
+      fill(fs.dir, 8);
+      const before = { hash: fileHash(base), size: statSync(base).size, mtimeMs: statSync(base).mtimeMs, top: fileHash(top) };
+      const r = await strata('commit', top);
+      expect(r.code, name).toBe(1);
+      expect(r.err, name).toMatch(new RegExp(`not enough space on ${fs.dir} for committing`));
+      expect({ hash: fileHash(base), size: statSync(base).size, mtimeMs: statSync(base).mtimeMs, top: fileHash(top) }, name).toEqual(before);
+      rmSync(join(fs.dir, 'filler'));
+      rmSync(top);
+      rmSync(base);
+    }
   });
 
   it('commit that runs out mid-way (base preallocated, sparse) stops cleanly; the chain reads as before', async (ctx) => {

@@ -1,0 +1,19 @@
+import { parse, needPositionals, type CommandIO } from './common';
+import { progressPrinter } from './progress';
+import { PLAN_OPTIONS, runOrPlan } from './plan-output';
+
+const USAGE = 'strata compact [-p] [-c] [--dry-run [--output=human|json]] IMAGE';
+
+export async function compactCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
+  const { values, positionals } = parse(args, {
+    progress: { type: 'boolean', short: 'p' },
+    compress: { type: 'boolean', short: 'c' },
+    ...PLAN_OPTIONS,
+  }, USAGE);
+  needPositionals(positionals, 1, USAGE);
+  const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+  return runOrPlan(values, io, { signal, progress: bar.onProgress }, { op: 'compact', image: positionals[0]!, compress: !!values.compress }, (r) => {
+    bar.end();
+    io.out(`Image compacted: ${r.summary.replace(/^compacted \S+ /, '')}.\n`);
+  });
+}

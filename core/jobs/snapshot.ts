@@ -1,0 +1,99 @@
+// Internal snapshots as planned jobs: create, apply (goto) and delete, over the engine's
+// crash-safe steps (core/engine/snapshots.ts). Applying one changes the image's content, so
+// its overlays are affected and the run asks for force.
+import { basename } from 'node:path';
+import { NotFoundError, UsageError } from '../errors';
+import { openImageFile, openImage, closeChain } from '../chain/open';
+import type { DiskImage } from '../engine/image';
+import { Qcow2Image } from '../engine/qcow2';
+import { Qcow2Writable } from '../engine/qcow2-write';
+import { applySnapshot, checkSnapshotApplicable, createSnapshot, deleteSnapshot } from '../engine/snapshots';
+import * as C from '../format/constants';
+import { encodeSnapshotTable } from '../format/snapshot';
+import { findOverlays } from './overlays';
+import {
+  abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
+} from './plan-kit';
+
+export type SnapshotAction = 'create' | 'apply' | 'delete';
+
+const FLAG: Record<SnapshotAction, string> = { create: '-c', apply: '-a', delete: '-d' };
+
+function findIn(img: Qcow2Image, idOrName: string) {
+  const s = img.findSnapshot(idOrName);
+  if (!s) throw new NotFoundError(`no snapshot with ID or name '${idOrName}'`, img.filename);
+  return s;
+}
+
+export async function planSnapshot(path: string, action: SnapshotAction, name: string): Promise<JobPlan> {
+  const img = await openImageFile(path, { lock: 'none' });
+  let chain: DiskImage | null = null;
+  try {
+    if (!(img instanceof Qcow2Image)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
+    const verb = { create: 'Create', apply: 'Apply', delete: 'Delete' }[action];
+    const plan = newPlan('snapshot', `${verb} snapshot '${name}' ${action === 'create' ? 'of' : action === 'apply' ? 'to' : 'of'} ${basename(path)}`,
+      ['strata', 'snapshot', FLAG[action], name, abs(path)]);
+    plan.writes.push(abs(path));
+    const cs = img.geometry.clusterSize;
+    const clusters = (bytes: number) => Math.ceil(bytes / cs) * cs;
+    let size = img.virtualSize;
+    let space = 0;
+    if (action === 'create') {
+      if (!name) throw new UsageError('a snapshot needs a name');
+      if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
+      if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
+      if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+      // A copy of the L1 table and a new snapshot table (one more entry).
+      const entry = { ...(img.snapshots[0] ?? blankEntry()), name, id: String(img.snapshots.length + 1), extraData: Buffer.alloc(0) };
+      space = clusters(img.l1.length) + clusters(encodeSnapshotTable([...img.snapshots, entry]).length);
+    } else {
+      const s = findIn(img, name);
+      if (action === 'apply') checkSnapshotApplicable(img, name);
+      if (action === 'delete') {
+        space = clusters(encodeSnapshotTable(img.snapshots.filter((x) => x !== s)).length);
+      } else {
+        size = s.diskSize ?? img.virtualSize;
+        const g = img.geometry;
+        if (s.l1Size > img.l1.length / 8) space = clusters(Math.max(img.virtualSize, s.l1Size * g.l2Entries * cs) / (g.l2Entries * cs) * 8);
+        plan.warnings.push(`${abs(path)} is returned to snapshot '${s.name}': what it holds now and was not in a snapshot is lost`);
+        addAffected(plan, path, (await findOverlays(path)).map((o) => o.path), 'would read the snapshot\'s content');
+      }
+    }
+    try { chain = await openImage(path, { lock: 'none' }); } catch { /* list the image alone */ }
+    const links = chainLinks(chain ?? img);
+    links[0]!.virtualSize = size;
+    plan.chainsAfter.push(links);
+    addSpace(plan, path, space, `the snapshot metadata of ${abs(path)}`);
+    checkSpace(plan);
+    const w = bitmapWarning(img, `${action === 'create' ? 'creating' : action === 'apply' ? 'applying' : 'deleting'} a snapshot in`);
+    if (w) plan.warnings.push(w);
+    await probeAll(plan, [[path, 'write']]);
+    await permissionProblems(plan, [path]);
+    return plan;
+  } finally {
+    await closeChain(chain);
+    await closeChain(img);
+  }
+}
+
+function blankEntry() {
+  return {
+    l1TableOffset: 0, l1Size: 0, id: '1', name: '', dateSec: 0, dateNsec: 0,
+    vmClockNsec: 0n, vmStateSize: 0, diskSize: 0, icount: 0n, extraData: Buffer.alloc(0),
+  };
+}
+
+export async function snapshotJob(path: string, action: SnapshotAction, name: string, opts: { force?: boolean } = {}, planned?: JobPlan): Promise<JobPlan> {
+  const plan = planned ?? await planSnapshot(path, action, name);
+  enforcePlan(plan, opts.force);
+  const img = await openImageFile(path, { writable: true });
+  try {
+    if (!(img instanceof Qcow2Writable)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
+    if (action === 'create') await createSnapshot(img, name);
+    else if (action === 'apply') await applySnapshot(img, name);
+    else await deleteSnapshot(img, name);
+  } finally {
+    await closeChain(img);
+  }
+  return plan;
+}

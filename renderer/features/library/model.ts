@@ -1,0 +1,133 @@
+// The library as the chain view draws it: groups (one per tree: a base with everything that
+// stands on it, an orphan with its overlays, a standalone image), laid out with d3-hierarchy's
+// tree layout, filtered by name and problem. Pure functions of the snapshot.
+import { hierarchy, tree, type HierarchyPointNode } from 'd3-hierarchy';
+import type { LibraryImage } from '../../lib/store';
+import type { LibrarySnapshot } from '../../../core/library/types';
+
+export const ROW_H = 92;
+export const CARD_H = 80;
+export const CARD_W = 312;
+export const COL_W = 360;
+export const GROUP_GAP = 28;
+export const SECTION_H = 36;
+
+export type Section = 'chains' | 'broken' | 'standalone';
+
+export const SECTION_TITLES: Record<Section, string> = {
+  chains: 'Chains',
+  broken: 'Broken chains (backing file missing, unreadable or looping)',
+  standalone: 'Standalone images',
+};
+
+export interface LaidNode {
+  image: LibraryImage;
+  x: number;
+  y: number;
+  depth: number;
+  parent: string | null;
+  matches: boolean;
+}
+
+export interface Group {
+  key: string;
+  section: Section;
+  nodes: LaidNode[];
+  edges: { from: LaidNode; to: LaidNode }[];
+  width: number;
+  height: number;
+  /** Set by stackGroups: where the group is in the scrolling area. */
+  top: number;
+  left: number;
+}
+
+export interface Filter {
+  text: string;
+  /** '' = all; 'problems' = any problem; or one problem code; 'in-use'. */
+  problem: string;
+}
+
+export function matches(img: LibraryImage, f: Filter): boolean {
+  const text = f.text.trim().toLowerCase();
+  if (text && !img.path.toLowerCase().includes(text)) return false;
+  if (f.problem === 'problems') return img.problems.length > 0;
+  if (f.problem) return img.problems.some((p) => p.code === f.problem);
+  return true;
+}
+
+function sectionOf(root: LibraryImage): Section {
+  if (root.problems.some((p) => p.code === 'backing-missing' || p.code === 'backing-unreadable' || p.code === 'backing-loop')) return 'broken';
+  return root.children.length ? 'chains' : 'standalone';
+}
+
+const SECTION_ORDER: Section[] = ['chains', 'broken', 'standalone'];
+
+/** Lays every tree out; a tree without a node that matches the filter is left out. */
+export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
+  const byReal = new Map(snap.images.map((i) => [i.realPath, i as LibraryImage]));
+  const groups: Group[] = [];
+  for (const rootKey of snap.treeRoots) {
+    const root = byReal.get(rootKey);
+    if (!root) continue;
+    const h = hierarchy<LibraryImage>(root, (img) => img.children.map((c) => byReal.get(c)!).filter(Boolean));
+    const layout = tree<LibraryImage>().nodeSize([ROW_H, COL_W]).separation(() => 1)(h);
+    const all = layout.descendants();
+    if (!all.some((n) => matches(n.data, filter))) continue;
+    const minX = Math.min(...all.map((n) => n.x));
+    const toNode = (n: HierarchyPointNode<LibraryImage>): LaidNode => ({
+      image: n.data, x: n.y, y: n.x - minX, depth: n.depth, parent: n.parent ? n.parent.data.realPath : null, matches: matches(n.data, filter),
+    });
+    const laid = new Map(all.map((n) => [n, toNode(n)]));
+    const nodes = all.map((n) => laid.get(n)!);
+    const edges = all.filter((n) => n.parent).map((n) => ({ from: laid.get(n.parent!)!, to: laid.get(n)! }));
+    const maxDepth = Math.max(...nodes.map((n) => n.depth));
+    const height = Math.max(...nodes.map((n) => n.y)) + CARD_H;
+    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height, top: 0, left: 0 });
+  }
+  groups.sort((a, b) => SECTION_ORDER.indexOf(a.section) - SECTION_ORDER.indexOf(b.section));
+  return groups;
+}
+
+export interface Stacked {
+  groups: Group[];
+  /** Section headers and where they go. */
+  headers: { section: Section; top: number; count: number }[];
+  height: number;
+  width: number;
+}
+
+/**
+ * Places groups one below the other, with a header where a section starts. Standalone images
+ * (groups of one) are set side by side, as many as fit in `width`.
+ */
+export function stackGroups(groups: Group[], width = 0): Stacked {
+  let top = 0;
+  let section: Section | null = null;
+  const headers: Stacked['headers'] = [];
+  const perRow = Math.max(1, Math.floor((width - 48 + (COL_W - CARD_W)) / COL_W));
+  let col = 0;
+  for (const g of groups) {
+    if (g.section !== section) {
+      if (col > 0) { top += ROW_H + GROUP_GAP - (ROW_H - CARD_H); col = 0; }
+      section = g.section;
+      headers.push({ section, top, count: groups.filter((x) => x.section === section).length });
+      top += SECTION_H;
+    }
+    if (g.section === 'standalone') {
+      g.top = top;
+      g.left = col * COL_W;
+      if (++col === perRow) { col = 0; top += g.height + GROUP_GAP; }
+      continue;
+    }
+    g.top = top;
+    g.left = 0;
+    top += g.height + GROUP_GAP;
+  }
+  if (col > 0) top += CARD_H + GROUP_GAP;
+  return { groups, headers, height: top, width: Math.max(CARD_W, ...groups.map((g) => g.left + g.width)) };
+}
+
+/** The nodes in reading order (group by group, each tree top to bottom): keyboard navigation. */
+export function readingOrder(groups: Group[]): LaidNode[] {
+  return groups.flatMap((g) => [...g.nodes].sort((a, b) => a.y - b.y || a.x - b.x));
+}
