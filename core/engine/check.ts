@@ -24,7 +24,7 @@ import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { getRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
-import { decodeBitmapDirectory } from '../format/bitmaps';
+import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
 import { BufferArena } from '../io/buffers';
 import { encodeStructure, newRefArray, placeStructure, type RefArray } from './refcount-structure';
@@ -206,17 +206,8 @@ async function loadHeader(file: BlockFile): Promise<ParsedHeader> {
   const n = await file.read(buf, 0);
   const parsed = decodeHeader(n < C.HEADER_V2_LENGTH ? buf.subarray(0, Math.min(n, fileSize)) : buf, file.path);
   checkIncompatibleFeatures(parsed, file.path);
-  const bm = parsed.bitmaps;
-  if (bm && (parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS)) {
-    // qcow2_read_extensions refuses to open these.
-    const ext = parsed.extensions.find((e) => e.type === C.EXT_BITMAPS);
-    if (ext && ext.data.length !== 24) throw new CorruptImageError(`bitmaps extension: invalid extension length ${ext.data.length}`, file.path);
-    if (ext && ext.data.readUInt32BE(4) !== 0) throw new CorruptImageError('bitmaps extension: reserved field is not zero', file.path);
-    if (bm.nbBitmaps > C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: too many bitmaps (${bm.nbBitmaps})`, file.path);
-    if (bm.nbBitmaps === 0) throw new CorruptImageError('bitmaps extension: found a bitmaps extension with zero bitmaps', file.path);
-    if (bm.bitmapDirectorySize > 1024 * C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: bitmap directory is too large (${bm.bitmapDirectorySize} bytes)`, file.path);
-    if (bm.bitmapDirectoryOffset % 2 ** parsed.header.clusterBits !== 0) throw new CorruptImageError('bitmaps extension: bitmap directory offset is not cluster-aligned', file.path);
-  }
+  // qcow2_read_extensions refuses to open an image whose bitmaps extension is bad.
+  activeBitmapsExtension(parsed, file.path);
   return parsed;
 }
 
@@ -644,20 +635,14 @@ class Checker {
   /** qcow2_check_bitmaps_refcounts */
   private async checkBitmaps(): Promise<void> {
     const st = this.st;
-    const bm = st.parsed.bitmaps;
-    if (!bm || !(st.parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS) || bm.nbBitmaps === 0) return;
+    const bm = activeBitmapsExtension(st.parsed);
+    if (!bm) return;
     const cs = this.cs;
     this.inc(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
     const dir = await this.read(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
     let entries;
     try {
-      entries = decodeBitmapDirectory(dir, bm.nbBitmaps);
-      for (const e of entries) {
-        if (e.bitmapTableSize === 0 || e.bitmapTableOffset === 0 || e.bitmapTableOffset % cs !== 0 || e.type !== 1 ||
-            e.granularityBits < 9 || e.granularityBits > 31 || e.bitmapTableSize > 0x8000000) {
-          throw new CorruptImageError(`bitmap '${e.name}' has an invalid directory entry`);
-        }
-      }
+      entries = decodeBitmapDirectory(dir, bm, cs, st.parsed.header.size);
     } catch (err) {
       if (!(err instanceof StrataError)) throw err;
       this.res.corruptions++;
@@ -667,16 +652,13 @@ class Checker {
       this.inc(e.bitmapTableOffset, e.bitmapTableSize * 8);
       const table = await this.read(e.bitmapTableOffset, e.bitmapTableSize * 8);
       for (let i = 0; i < e.bitmapTableSize; i++) {
-        const hi = table.readUInt32BE(i * 8);
-        const lo = table.readUInt32BE(i * 8 + 4);
-        // BME_TABLE_ENTRY_RESERVED_MASK 0xff000000000001fe; offset mask 0x00fffffffffffe00
-        const offset = entryOffset(hi, lo);
-        if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (offset !== 0 && ((lo & 1) !== 0 || offset % cs !== 0))) {
+        let entry;
+        try { entry = decodeBitmapTableEntry(table, i, cs); } catch (err) {
+          if (!(err instanceof StrataError)) throw err;
           this.res.corruptions++;
           continue;
         }
-        if (offset === 0) continue;
-        this.inc(offset, cs);
+        if (entry.kind === 'data') this.inc(entry.offset, cs);
       }
     }
   }

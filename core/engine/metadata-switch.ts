@@ -137,6 +137,22 @@ export class MetadataSwitch {
     return this.placed;
   }
 
+  /**
+   * Host byte ranges that something used before the switch and nothing uses after it (the
+   * old tables, snapshot table and refcount structure): after commit, what QEMU would discard.
+   */
+  freedRanges(): [number, number][] {
+    this.place();
+    const out: [number, number][] = [];
+    for (let c = 1; c < this.wasFree.length; c++) {
+      if (this.wasFree[c] || this.get(c) !== 0) continue;
+      const last = out[out.length - 1];
+      if (last && last[1] === c * this.cs) last[1] += this.cs;
+      else out.push([c * this.cs, (c + 1) * this.cs]);
+    }
+    return out;
+  }
+
   /** One past the last cluster in use once the switch is done: how far the file grows. */
   get end(): number {
     const lay = this.place();

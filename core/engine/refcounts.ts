@@ -85,11 +85,24 @@ export class Refcounts {
     return 0;
   }
 
+  /**
+   * Read-only check of every refcount table entry: a block at an unaligned offset or past the
+   * end of the file cannot be used (throws, naming the entry), so a job can refuse first.
+   */
+  async checkTable(fileSize: number): Promise<void> {
+    for (let ri = 0; ri < this.reftableEntries; ri++) {
+      const off = this.blockOffset(ri);
+      if (off + this.clusterSize > fileSize) {
+        throw new CorruptImageError(`refcount block offset 0x${off.toString(16)} (refcount table entry ${ri}) lies past the end of the file; nothing was changed (run \`strata check -r all\` first)`, this.host.filename);
+      }
+    }
+  }
+
   private blockOffset(ri: number): number {
     if (ri >= this.reftableEntries) return 0;
     const { blockOffset } = decodeReftableEntry(this.reftable, ri);
     if (blockOffset % this.clusterSize !== 0) {
-      throw new CorruptImageError(`refcount block offset 0x${blockOffset.toString(16)} (refcount table entry ${ri}) is not cluster-aligned`, this.host.filename);
+      throw new CorruptImageError(`refcount block offset 0x${blockOffset.toString(16)} (refcount table entry ${ri}) is not cluster-aligned (run \`strata check -r all\`)`, this.host.filename);
     }
     return blockOffset;
   }
@@ -227,7 +240,9 @@ export class Refcounts {
         return true;
       });
       if (end > this.allocEnd) this.allocEnd = end;
-      if (start === this.freeHint) this.freeHint = end;
+      // As QEMU's free_cluster_index: the next search starts after this run, not back at a
+      // hole too small for it (only a free moves it back): the same file layout as QEMU's.
+      this.freeHint = end;
       return start * this.clusterSize;
     }
   }

@@ -2,7 +2,7 @@
 // apply (goto) in QEMU's order, each step durable before the next. A crash at any point
 // leaves at worst leaked clusters, and COPIED flags that agree with the refcounts.
 import * as C from '../format/constants';
-import { NotFoundError, UsageError } from '../errors';
+import { NotFoundError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
@@ -30,7 +30,9 @@ function refRange(e: L2Entry, cs: number): { offset: number; length: number } | 
  * L2 entries, and `l1`'s own entries) are then brought in line with the new refcounts; for
  * the active L1, its changed entries are marked dirty. Returns whether `l1` changed. Call
  * under the image's metadata mutex; what it changes is written by the next flush (refcounts
- * first). Not for tables being freed: nothing may be written to them.
+ * first). Not for tables being freed: nothing may be written to them. Clusters a drop leaves
+ * unused are punched out of the file (QEMU's pass-discard-snapshot, on by default): only drop
+ * references nothing on disk still makes (an L1 already replaced there).
  */
 async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: number, flags: boolean): Promise<boolean> {
   const g = img.geometry;
@@ -47,7 +49,8 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
       const e = decodeL2Entry(table, j, g);
       const r = refRange(e, cs);
       if (!r) continue;
-      if (addend) await rc.change(r.offset, r.length, addend);
+      if (addend < 0) await img.releaseRef({ offset: r.offset, length: r.length, punch: true });
+      else if (addend) await rc.change(r.offset, r.length, addend);
       if (flags && (e.kind === 'normal' || e.kind === 'zero')) {
         const copied = (await rc.get(r.offset / cs)) === 1;
         if (copied !== e.copied) {
@@ -56,7 +59,8 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
         }
       }
     }
-    if (addend) await rc.change(l2Offset, cs, addend);
+    if (addend < 0) await img.releaseRef({ offset: l2Offset, length: cs, punch: true });
+    else if (addend) await rc.change(l2Offset, cs, addend);
     if (changed) img.l2Cache.markDirty(l2Offset, table);
     if (flags) {
       const copied = (await rc.get(l2Offset / cs)) === 1;
@@ -67,6 +71,7 @@ async function updateSnapshotRefcount(img: Qcow2Writable, l1: Buffer, addend: nu
       }
     }
   }
+  await img.punchFreed();
   return l1Changed;
 }
 
@@ -217,6 +222,8 @@ async function prepareDelete(img: Qcow2Image, refcounts: Refcounts, sn: Snapshot
 /** Writes a prepared switch and adopts it. */
 async function commitPrepared(img: Qcow2Writable, p: Prepared): Promise<void> {
   await p.sw.commit(img, p.header);
+  // What only the old metadata used goes back to the file system, as QEMU discards it.
+  if (img.file.discard) for (const [a, b] of p.sw.freedRanges()) await img.file.discard(a, b - a);
   img.l1 = p.l1;
   img.snapshots = p.entries;
   img.snapshotTableSize = p.tableSize;
@@ -271,8 +278,14 @@ export async function snapshotGrowth(img: Qcow2Image, action: 'create' | 'delete
  * then the old active tables lose their reference. A crash at any step leaves at worst leaks:
  * the active L1 never carries a COPIED flag over a table that another L1 shares.
  */
+/** As qemu-img: a bitmap cannot follow the disk back to a snapshot, so none may be there. */
+export function checkSnapshotApplicable(img: Qcow2Image, idOrName: string): void {
+  if (img.bitmaps?.length) throw new UnsupportedFeatureError(`Could not apply snapshot '${printable(idOrName)}': Device has active dirty bitmaps (remove them with \`qemu-img bitmap --remove\` first)`, img.filename);
+}
+
 export async function applySnapshot(img: Qcow2Writable, idOrName: string): Promise<void> {
   const sn = findSnapshot(img, idOrName);
+  checkSnapshotApplicable(img, idOrName);
   const g = img.geometry;
   await img.flush();
   const size = sn.diskSize ?? img.virtualSize;

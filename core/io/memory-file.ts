@@ -14,6 +14,8 @@ export class MemoryFile implements BlockFile {
   private journal: ({ offset: number; data: Buffer } | { size: number })[] = [];
   /** Counters a test can inspect. */
   readonly stats = { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0 };
+  /** Called at each flush with what is durable then (tests take a crash state at every flush). */
+  onFlush: ((durable: Buffer) => void) | null = null;
 
   constructor(readonly path = 'memory', initial?: Uint8Array, crashable = false) {
     this.data = Buffer.alloc(Math.max(initial?.length ?? 0, 4096));
@@ -42,6 +44,14 @@ export class MemoryFile implements BlockFile {
     if (offset + buf.length > this.len) this.len = offset + buf.length;
   }
 
+  async discard(offset: number, length: number): Promise<void> {
+    const end = Math.min(this.len, offset + length);
+    if (end <= offset) return;
+    // A punched range reads as zeros: for a power cut it is a write of zeros, in order.
+    if (this.durable) this.journal.push({ offset, data: Buffer.alloc(end - offset) });
+    this.data.fill(0, offset, end);
+  }
+
   async truncate(size: number): Promise<void> {
     if (this.durable) this.journal.push({ size });
     this.ensure(size);
@@ -55,6 +65,7 @@ export class MemoryFile implements BlockFile {
       this.durable = { data: Buffer.from(this.data.subarray(0, this.len)), len: this.len };
       this.journal = [];
     }
+    this.onFlush?.(this.durable ? this.durable.data : this.contents());
   }
 
   async close(): Promise<void> {}

@@ -3,6 +3,7 @@
 // them are validated, and the backing file opened, before the target file is touched.
 import { basename, dirname } from 'node:path';
 import { realpath, stat, unlink } from '../io/fs-async';
+import { identityOf, sameFile } from '../io/identity';
 import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
@@ -10,7 +11,8 @@ import { NodeFile } from '../io/node-file';
 import type { BlockFile } from '../io/block-file';
 import { interposeWritable } from '../io/interpose';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
-import { closeChain, combineBackingPath, openImage } from '../chain/open';
+import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
+import { localPath, localPathOrNull } from '../chain/names';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { qcow2PreallocSize } from './measure';
 import { findOverlays } from './overlays';
@@ -184,6 +186,7 @@ function fail(path: string, msg: string): never { throw new UsageError(`${path}:
 
 /** Everything qemu-img create checks, plus opening the backing file for its size. */
 export async function resolveCreate(path: string, format: CreateFormat, opts: CreateOptions): Promise<ResolvedCreate> {
+  localPath(path); // a protocol name (nbd:, http:, ...) is refused before anything else
   if ((format as string) !== 'qcow2' && (format as string) !== 'raw') fail(path, `unknown format '${format}' (supported: qcow2, raw)`);
   const backingFile = opts.backingFile ?? null;
   const backingFormat = opts.backingFormat ?? null;
@@ -241,17 +244,26 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     if (backingFile === '') fail(path, 'the backing file name is empty');
     if (backingFile === path) fail(path, 'the backing file is the image being created (give a different -b)');
     if (Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) fail(path, `the backing file name is too long (${Buffer.byteLength(backingFile)} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
-    if (backingFormat === null) fail(path, `backing format must be specified with -F (qcow2 or raw) for backing file '${backingFile}'`);
+    if (backingFormat === null) {
+      // qemu-img 7.2 never records a probed format; like it, name what the file looks like.
+      let hint = '';
+      if (!opts.unsafe) {
+        try {
+          const f = await NodeFile.open(localPath(combineBackingPath(localPath(path), backingFile)));
+          try { hint = `\nDetected format of ${await probeFormat(f)}.`; } finally { await f.close(); }
+        } catch { /* the missing file is reported with -F given */ }
+      }
+      fail(path, `Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`);
+    }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
-    const full = combineBackingPath(path, backingFile);
-    const real = async (p: string) => { try { return await realpath(p); } catch { return null; } };
-    const [a, b] = await Promise.all([real(full), real(path)]);
-    if (a !== null && a === b) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
+    const full = combineBackingPath(localPath(path), backingFile);
+    if (sameFile(await identityOf(localPathOrNull(full) ?? full), await identityOf(localPathOrNull(path) ?? path))) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
   }
 
   let size = opts.size;
   if (backingFile !== null && !opts.unsafe) {
-    const full = combineBackingPath(path, backingFile);
+    // Relative to the new image's folder (a file: target names its path).
+    const full = combineBackingPath(localPath(path), backingFile);
     let top;
     try {
       top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
@@ -446,7 +458,8 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
-  const { file, created } = await openTarget(r.path);
+  const target = localPath(r.path);
+  const { file, created } = await openTarget(target);
   let releaseLock = () => {};
   let emptied = created;
   let out: BlockFile = file;
@@ -502,7 +515,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
   } catch (err) {
     releaseLock();
     await out.close();
-    if (emptied) { try { await unlink(r.path); } catch { /* best effort */ } }
+    if (emptied) { try { await unlink(target); } catch { /* best effort */ } }
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }

@@ -7,7 +7,7 @@ import { openImageFile, openImage, closeChain } from '../chain/open';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { applySnapshot, createSnapshot, deleteSnapshot, snapshotGrowth } from '../engine/snapshots';
+import { applySnapshot, checkSnapshotApplicable, createSnapshot, deleteSnapshot, snapshotGrowth } from '../engine/snapshots';
 import * as C from '../format/constants';
 import { findOverlays } from './overlays';
 import {
@@ -47,6 +47,7 @@ export async function planSnapshot(path: string, action: SnapshotAction, name: s
       space = await snapshotGrowth(img, 'create', name);
     } else {
       const s = findIn(img, name);
+      if (action === 'apply') checkSnapshotApplicable(img, name);
       if (action === 'delete') {
         space = await snapshotGrowth(img, 'delete', s.id);
       } else {

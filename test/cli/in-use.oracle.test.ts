@@ -87,8 +87,8 @@ function hashes(f: Fixture): Record<string, string> {
 const WRITERS: { name: string; args: (f: Fixture) => string[] }[] = [
   { name: 'commit', args: (f) => ['commit', f.top] },
   { name: 'commit -d', args: (f) => ['commit', '-d', f.top] },
-  { name: 'rebase -b X', args: (f) => ['rebase', '-b', 'x.qcow2', f.top] },
-  { name: 'rebase -u -b X', args: (f) => ['rebase', '-u', '-b', 'x.qcow2', f.top] },
+  { name: 'rebase -b X', args: (f) => ['rebase', '-b', 'x.qcow2', '-F', 'qcow2', f.top] },
+  { name: 'rebase -u -b X', args: (f) => ['rebase', '-u', '-b', 'x.qcow2', '-F', 'qcow2', f.top] },
   { name: 'rebase -b "" (flatten)', args: (f) => ['rebase', '-b', '', f.top] },
   { name: 'snapshot -c S', args: (f) => ['snapshot', '-c', 'S', f.top] },
   { name: 'snapshot -a old', args: (f) => ['snapshot', '-a', 'old', f.top] },

@@ -13,6 +13,9 @@ function probe(tool: string): boolean {
 
 export const haveQemu = probe('qemu-img') && probe('qemu-io');
 
+/** qemu-nbd and nbdinfo (libnbd-bin): the persistent-bitmap tests need both. */
+export const haveNbd = probe('qemu-nbd') && probe('nbdinfo');
+
 let warned = false;
 /** describe() for tests that need qemu-img/qemu-io. */
 export function describeOracle(name: string, fn: () => void): void {
@@ -89,4 +92,17 @@ export function qemuCheck(file: string): { status: number; json: Record<string, 
 export function tempDir(prefix = 'strata-test-'): { dir: string; path: (name: string) => string; cleanup: () => void } {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   return { dir, path: (name) => join(dir, name), cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/**
+ * The ranges a persistent bitmap marks dirty, as QEMU reports them: qemu-nbd exports the image
+ * with the bitmap (-B) and nbdinfo (libnbd-bin) lists the qemu:dirty-bitmap meta context.
+ * Returns [start, end) pairs of dirty bytes.
+ */
+export function dirtyRanges(file: string, bitmap: string): [number, number][] {
+  if (!haveNbd) throw new Error('qemu-nbd and nbdinfo are needed (apt-get install qemu-utils libnbd-bin; .ci/run installs them)');
+  const r = spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${bitmap}`, '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', bitmap, file, ']'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`nbdinfo on ${file} (bitmap ${bitmap}) failed: ${r.stderr}`);
+  const map = JSON.parse(r.stdout) as { offset: number; length: number; type: number }[];
+  return map.filter((e) => e.type & 1).map((e) => [e.offset, e.offset + e.length]);
 }

@@ -515,8 +515,9 @@ describe('pure decoders on arbitrary buffers throw only StrataError', () => {
   });
 
   it('decodeBitmapDirectory', () => {
-    fc.assert(fc.property(fc.uint8Array({ maxLength: 512 }), fc.integer({ min: 0, max: 100 }), (raw, count) => {
-      onlyTyped(() => decodeBitmapDirectory(Buffer.from(raw), count, FILE));
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 512 }), fc.integer({ min: 0, max: 100 }), fc.integer({ min: 9, max: 21 }), fc.nat(1 << 30), (raw, count, clusterBits, size) => {
+      const ext = { nbBitmaps: count, bitmapDirectorySize: raw.length, bitmapDirectoryOffset: 2 ** clusterBits };
+      onlyTyped(() => decodeBitmapDirectory(Buffer.from(raw), ext, 2 ** clusterBits, size, FILE));
     }), { numRuns: 2000 });
   });
 });

@@ -84,7 +84,7 @@ describeOracle('rebase and commit survive SIGKILL at any moment', () => {
   }
 
   for (const job of [
-    { name: 'rebase', args: ['rebase', '-b', 'base.qcow2', 'top.qcow2'], seed: 41 },
+    { name: 'rebase', args: ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], seed: 41 },
     { name: 'commit', args: ['commit', 'top.qcow2'], seed: 42 },
   ]) {
     it(`${job.name}: ${KILLS} random SIGKILLs leave at most leaks and the same content`, async () => {
