@@ -1,18 +1,24 @@
 // strata io: guest I/O for tests and scripts, with qemu-io's command spelling.
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { isWritable, type DiskImage } from '../core/engine/image';
-import { UsageError } from '../core/errors';
+import { RawImage } from '../core/engine/raw';
+import { NodeFile } from '../core/io/node-file';
+import { CancelledError, UsageError } from '../core/errors';
 import { sizeToStr } from '../core/chain/size-str';
 import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
 
-const USAGE = 'strata io [-f FMT] -c CMD [-c CMD ...] FILE   (CMD: write [-P PATTERN] [-z] [-c] OFF LEN | read [-P PATTERN] OFF LEN | discard OFF LEN | flush)';
+const USAGE = 'strata io [-f FMT] -c CMD [-c CMD ...] FILE   (CMD: write [-P PATTERN | -s FILE] [-z [-u]] [-c] OFF LEN | read [-P PATTERN] OFF LEN | discard OFF LEN | flush)';
 
 interface IoCommand {
   op: 'write' | 'read' | 'discard' | 'flush';
   offset: number;
   length: number;
   pattern: number | null;
+  /** write -s FILE: the data is the file's first LEN bytes. */
+  source: string | null;
   zero: boolean;
+  /** write -z -u: whole clusters may be freed. */
+  unmap: boolean;
   compressed: boolean;
   text: string;
 }
@@ -26,7 +32,7 @@ function parsePattern(s: string): number {
 export function parseIoCommand(text: string): IoCommand {
   const words = text.trim().split(/\s+/).filter(Boolean);
   const op = words.shift();
-  const cmd: IoCommand = { op: 'flush', offset: 0, length: 0, pattern: null, zero: false, compressed: false, text };
+  const cmd: IoCommand = { op: 'flush', offset: 0, length: 0, pattern: null, source: null, zero: false, unmap: false, compressed: false, text };
   if (op === 'flush') return cmd;
   if (op !== 'write' && op !== 'read' && op !== 'discard') throw new UsageError(`unknown io command '${op ?? ''}' in '${text}' (write, read, discard, flush)`);
   cmd.op = op;
@@ -36,7 +42,9 @@ export function parseIoCommand(text: string): IoCommand {
     if (w === '-P' && op !== 'discard') cmd.pattern = parsePattern(words.shift() ?? '');
     else if (w === '-z' && op === 'write') cmd.zero = true;
     else if (w === '-c' && op === 'write') cmd.compressed = true;
-    else if (w === '-q' || w === '-u') continue;
+    else if (w === '-u' && op === 'write') cmd.unmap = true;
+    else if (w === '-s' && op === 'write') cmd.source = words.shift() ?? '';
+    else if (w === '-q') continue;
     else if (w.startsWith('-') && !/^-?\d/.test(w)) throw new UsageError(`unknown option '${w}' in '${text}'`);
     else pos.push(w);
   }
@@ -44,6 +52,8 @@ export function parseIoCommand(text: string): IoCommand {
   cmd.offset = parseSize(pos[0]!, 'offset');
   cmd.length = parseSize(pos[1]!, 'length');
   if (cmd.zero && cmd.pattern !== null) throw new UsageError(`'${text}': -z and -P cannot be combined`);
+  if (cmd.source !== null && (cmd.zero || cmd.pattern !== null)) throw new UsageError(`'${text}': -s cannot be combined with -z or -P`);
+  if (cmd.unmap && !cmd.zero) throw new UsageError(`'${text}': -u needs -z`);
   return cmd;
 }
 
@@ -68,10 +78,22 @@ function takeCommands(args: string[]): { texts: string[]; rest: string[] } {
   return { texts, rest };
 }
 
+/** write -s: the first `length` bytes of the file (qemu-io refuses a shorter one). */
+async function sourceData(path: string, length: number): Promise<Buffer> {
+  const f = await NodeFile.open(path);
+  try {
+    const buf = Buffer.alloc(length);
+    if ((await f.read(buf, 0)) < length) throw new UsageError(`${path}: shorter than the ${length} bytes to write`);
+    return buf;
+  } finally {
+    await f.close();
+  }
+}
+
 /** Up to this many non-overlapping writes are in flight at once (results print in order). */
 const IN_FLIGHT = 8;
 
-export async function ioCommand(args: string[], io: CommandIO): Promise<number> {
+export async function ioCommand(args: string[], io: CommandIO, signal?: AbortSignal): Promise<number> {
   const { texts, rest } = takeCommands(args);
   const { values, positionals } = parse(rest, {
     format: { type: 'string', short: 'f' },
@@ -81,6 +103,9 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
   const cmds = texts.map(parseIoCommand);
   const needsWrite = cmds.some((c) => c.op === 'write' || c.op === 'discard');
   const img: DiskImage = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), writable: needsWrite });
+  if (needsWrite && img instanceof RawImage && img.probed) {
+    io.err(`strata: warning: the format of '${img.filename}' was probed as raw: writes to its first sector that would make it probe as another format are refused (give -f raw to lift this)\n`);
+  }
   let failed = false;
   let pending = '';
   const out = (s: string) => {
@@ -114,9 +139,9 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
       case 'write': {
         if (!isWritable(img)) throw new UsageError('image is not writable');
         if (c.zero) {
-          await img.writeZeroes(c.offset, c.length);
+          await img.writeZeroes(c.offset, c.length, { unmap: c.unmap });
         } else {
-          const buf = patternBuf(c.length, c.pattern ?? 0xcd);
+          const buf = c.source !== null ? await sourceData(c.source, c.length) : patternBuf(c.length, c.pattern ?? 0xcd);
           if (c.compressed) {
             if (!img.writeCompressed) throw new UsageError(`${img.filename}: compressed writes need a qcow2 image`);
             await img.writeCompressed(buf, c.offset);
@@ -151,9 +176,13 @@ export async function ioCommand(args: string[], io: CommandIO): Promise<number> 
   };
   try {
     for (const c of cmds) {
+      // Interrupted: no new command; what is in flight finishes and the image is closed cleanly.
+      if (signal?.aborted) throw new CancelledError('io cancelled');
       const start = c.offset;
       const end = c.offset + c.length;
-      const concurrent = c.op === 'write' || c.op === 'discard';
+      // Zero writes and discards look at whole (sub)clusters around their range: they wait
+      // for everything in flight, and nothing starts beside them.
+      const concurrent = c.op === 'write' && !c.zero;
       if (!concurrent || inflight.some((f) => f.start < end && start < f.end)) await drain();
       const done = runOne(c);
       done.catch(() => {});

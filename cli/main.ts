@@ -2,6 +2,7 @@
 import { availableParallelism } from 'node:os';
 import { CancelledError } from '../core/errors';
 import { nativeStatus } from '../core/io/native';
+import { allowUnlockedWrites } from '../core/io/locks';
 import { reportError, stdio, type CommandIO } from './common';
 import { infoCommand } from './info';
 import { mapCommand } from './map';
@@ -53,6 +54,11 @@ snapshot -c/-a/-d, check -r) also takes:
                                     into a base other overlays share, a merge, a snapshot apply...)
 
 Sizes take qemu-img's suffixes (512, 64k, 1M, 4G). Set STRATA_DEBUG=1 for stack traces.
+
+Without the native addon (npm rebuild builds it; node-gyp needs python3, make and g++) Strata
+cannot hold QEMU's image locks, and commands that write refuse to run. With any command:
+  --force-unlocked   write anyway, without locks. UNSAFE: a VM started on the image while
+                     Strata writes it would write it too, and corrupt it.
 `;
 
 type Command = (args: string[], io: CommandIO, signal: AbortSignal) => Promise<number>;
@@ -89,21 +95,44 @@ const COMMANDS: Record<string, Command> = {
 const ERROR_EXIT: Record<string, number> = { compare: 2 };
 
 export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
-  const [cmd, ...rest] = argv;
+  // Before or after the command name, like a global option.
+  const forced = argv.includes('--force-unlocked');
+  const [cmd, ...rest] = argv.filter((a) => a !== '--force-unlocked');
   if (!cmd || cmd === '-h' || cmd === '--help' || cmd === 'help') { io.out(HELP); return cmd ? 0 : 2; }
   if (cmd === '--version' || cmd === '-V') {
     const n = nativeStatus();
-    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching, native copy path)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks are not taken (images in use are still detected from /proc/locks), holes are not detected or punched, copies take the slower plain Node path`}\n`);
+    io.out(`strata 0.1.0\nnative addon: ${n.available ? 'loaded (image locks, hole detection, hole punching, native copy path)' : `not loaded: ${n.reason ?? 'unknown reason'}; image locks cannot be held, so commands that write refuse to run without --force-unlocked (reads still detect images in use from /proc/locks), holes are not detected or punched, copies take the slower plain Node path`}\n`);
     return 0;
   }
   const command = COMMANDS[cmd];
   if (!command) { io.err(`strata: unknown command '${cmd}'\n${HELP}`); return 2; }
+  allowUnlockedWrites(forced);
   try {
     return await command(rest, io, signal);
   } catch (err) {
     if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
     return reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+  } finally {
+    allowUnlockedWrites(false);
   }
+}
+
+/**
+ * SIGINT and SIGTERM: the first cancels the job through its signal and lets it get to a
+ * consistent state (its own cleanup, its last flush, the dirty bit cleared); nothing cuts
+ * that short but a second signal, which ends the process at once.
+ */
+export function signalHandler(ac: AbortController, exitNow: (code: number) => void): (signal: NodeJS.Signals) => void {
+  let received = 0;
+  return (signal) => {
+    if (++received > 1) { exitNow(signal === 'SIGTERM' ? 143 : 130); return; }
+    ac.abort(signal);
+  };
+}
+
+/** The exit status after an interrupt: 128 + the signal's number, as a shell reports it. */
+export function interruptStatus(signal: AbortSignal): number {
+  return signal.reason === 'SIGTERM' ? 143 : 130;
 }
 
 const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.cjs)?|main\.ts)$/.test(process.argv[1]);
@@ -114,13 +143,7 @@ if (isMain) {
   // starts, which is at the first asynchronous file call; a value the user set is kept.
   process.env.UV_THREADPOOL_SIZE ??= String(Math.min(4, Math.max(2, availableParallelism())));
   const ac = new AbortController();
-  let interrupts = 0;
-  const onSignal = () => {
-    if (++interrupts > 1) process.exit(130);
-    ac.abort();
-    // Jobs stop within a fraction of a second; anything that does not (a long open) is ended.
-    setTimeout(() => process.exit(130), 3000).unref();
-  };
+  const onSignal = signalHandler(ac, (code) => process.exit(code));
   // A reader that went away (`strata map IMG | head`) is not an error worth a stack trace.
   // The handler goes on a stream before its first write, not here: touching process.stdout
   // creates it, which a command that prints nothing need not pay for (see stdio).
@@ -149,5 +172,7 @@ if (isMain) {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  run(process.argv.slice(2), io, ac.signal).then(exit, (err) => exit(reportError(err, io)));
+  // Interrupted: the job has stopped cleanly by now; say so in the exit status (128 + signal).
+  const status = (code: number) => (ac.signal.aborted ? interruptStatus(ac.signal) : code);
+  run(process.argv.slice(2), io, ac.signal).then((code) => exit(status(code)), (err) => exit(status(reportError(err, io))));
 }

@@ -34,6 +34,14 @@ export class InUseError extends StrataError {
   constructor(message: string, file?: string) { super('in-use', message, file); this.name = 'InUseError'; }
 }
 
+/**
+ * A job would write a file it reads: its target is one of its source images (the same file
+ * through any name). Refused before anything is written.
+ */
+export class SameFileError extends StrataError {
+  constructor(message: string, file?: string) { super('in-use', message, file); this.name = 'SameFileError'; }
+}
+
 export class IoError extends StrataError {
   readonly code: string | undefined;
   constructor(message: string, file?: string, code?: string, cause?: unknown) {

@@ -140,6 +140,21 @@ static napi_value errno_error(napi_env env, int e, const char *syscall) {
   return err;
 }
 
+/*
+ * The value a callback gets for a failed request: errno_error's Error, or, should that not be
+ * made (no memory), the message as a string, or the errno as a number: never null, which the
+ * callback would take for success.
+ */
+static napi_value failure_value(napi_env env, int e, const char *syscall) {
+  napi_value v = errno_error(env, e, syscall);
+  if (v) return v;
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s, %s", errno_name(e), strerror(e), syscall);
+  if (napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &v) == napi_ok) return v;
+  if (napi_create_int32(env, e, &v) == napi_ok) return v;
+  return NULL;
+}
+
 static void throw_errno(napi_env env, int e, const char *syscall) {
   napi_value err = errno_error(env, e, syscall);
   if (err) napi_throw(env, err);
@@ -618,8 +633,10 @@ static void scan_complete(napi_env env, napi_status status, void *data) {
     j->failed = 0;
   }
   if (j->err) {
-    err = errno_error(env, j->err, j->failed < 0 ? "pwrite" : "pread");
-    if (err && napi_create_double(env, (double)j->failed, &v) == napi_ok)
+    err = failure_value(env, j->err, j->failed < 0 ? "pwrite" : "pread");
+    napi_valuetype t;
+    if (err && napi_typeof(env, err, &t) == napi_ok && t == napi_object &&
+        napi_create_double(env, (double)j->failed, &v) == napi_ok)
       napi_set_named_property(env, err, "segment", v);
   }
   request_finish(env, &j->req, err);
@@ -836,7 +853,7 @@ static void write_done_js(napi_env env, napi_value js_cb, void *context, void *d
   queued_write *w = data;
   if (env) { /* NULL while the environment is torn down: only free */
     napi_value cb, global, err = NULL;
-    if (w->err) err = errno_error(env, w->err, "pwrite");
+    if (w->err) err = failure_value(env, w->err, "pwrite");
     if (!err) napi_get_null(env, &err);
     if (napi_get_reference_value(env, w->callback, &cb) == napi_ok && napi_get_global(env, &global) == napi_ok)
       napi_call_function(env, global, cb, 1, &err, NULL);

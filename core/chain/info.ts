@@ -1,6 +1,6 @@
 // `info`: what qemu-img info reports, with its JSON field names and its human layout.
 import * as C from '../format/constants';
-import { decodeBitmapDirectory, BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
+import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import type { SnapshotEntry } from '../format/snapshot';
@@ -60,7 +60,7 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
     const data: Record<string, unknown> = { compat: h.version === 2 ? '0.10' : '1.1', 'compression-type': h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib' };
     if (h.version === 3) {
       data['lazy-refcounts'] = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
-      const bitmaps = await bitmapInfo(img);
+      const bitmaps = bitmapInfo(img);
       if (bitmaps) data.bitmaps = bitmaps;
     }
     data['refcount-bits'] = 2 ** h.refcountOrder;
@@ -80,13 +80,8 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
   return info;
 }
 
-async function bitmapInfo(img: Qcow2Image): Promise<unknown[] | null> {
-  const b = img.parsed.bitmaps;
-  if (!b || !(img.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS)) return null;
-  if (b.bitmapDirectorySize > 64 * 1024 * 1024) return null;
-  const dir = Buffer.alloc(b.bitmapDirectorySize);
-  await img.file.read(dir, b.bitmapDirectoryOffset);
-  return decodeBitmapDirectory(dir, Math.min(b.nbBitmaps, C.MAX_BITMAPS), img.filename).map((e) => {
+function bitmapInfo(img: Qcow2Image): unknown[] | null {
+  return img.bitmaps && img.bitmaps.map((e) => {
     const flags: string[] = [];
     if (e.flags & BME_FLAG_IN_USE) flags.push('in-use');
     if (e.flags & BME_FLAG_AUTO) flags.push('auto');

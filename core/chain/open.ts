@@ -1,7 +1,7 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { realpath } from '../io/fs-async';
-import { FormatError, NotFoundError, UsageError, printable } from '../errors';
+import { FormatError, NotFoundError, SameFileError, UsageError, printable } from '../errors';
+import { identityOf, sameFile, type FileIdentity } from '../io/identity';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
@@ -10,6 +10,8 @@ import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { interposeWritable } from '../io/interpose';
+import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -28,6 +30,8 @@ export interface OpenImageOptions {
   lock?: LockPolicy;
   /** Open the backing chain too (default true). */
   backing?: boolean;
+  /** Images (by file) the chain must not reach: reaching one is a loop (rebase onto a chain holding the overlay). */
+  avoid?: DiskImage[];
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -36,9 +40,14 @@ export function parseFormat(name: string | undefined | null, what = 'format'): I
   throw new UsageError(`unknown ${what} '${name}' (supported: qcow2, raw)`);
 }
 
-/** QEMU's path_combine: a relative backing name is taken relative to the overlay's directory. */
+/**
+ * QEMU's bdrv_make_absolute_filename: a relative backing name is taken relative to the
+ * overlay's directory; absolute names and names with a protocol (file:, json:, nbd:, ...)
+ * are used as they are (json: and file: paths are then relative to the working directory,
+ * as in QEMU).
+ */
 export function combineBackingPath(overlay: string, backing: string): string {
-  if (backing.startsWith('/')) return backing;
+  if (backing.startsWith('/') || hasProtocol(backing)) return backing;
   const slash = overlay.lastIndexOf('/');
   return slash < 0 ? backing : overlay.slice(0, slash + 1) + backing;
 }
@@ -49,8 +58,16 @@ export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
   return isQcow2Magic(head) ? 'qcow2' : 'raw';
 }
 
-/** Opens one image (no backing chain). */
-export async function openImageFile(filename: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
+/**
+ * Opens one image (no backing chain). `filename` may be in QEMU's other syntaxes (file:,
+ * json:); the image is then known by the file's own path, as qemu-img shows it.
+ */
+export async function openImageFile(name: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
+  const parsed = parseImageName(name);
+  if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
+  const filename = parsed.path;
+  // The format the overlay records (or -f) wins over a json: name's driver, as in QEMU.
+  opts = { ...opts, format: opts.format ?? parseFormat(parsed.format, `format in '${printable(name)}'`) };
   let file: NodeFile;
   try {
     file = await NodeFile.open(filename, { writable: opts.writable, unsafe: opts.unsafe });
@@ -63,14 +80,20 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
   try {
     if (opts.lock !== 'none') await lockImage(file.fd, filename, opts.writable ? WRITE_LOCK : READ_LOCK);
     let format = opts.format;
+    const probed = !format;
     if (!format) {
       format = await probeFormat(file);
       if (format === 'raw' && opts.probeRaw === false) {
         throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
-    if (format === 'raw') return await RawImage.open(filename, file);
-    return opts.writable ? await Qcow2Writable.openWritable(filename, file) : await Qcow2Image.open(filename, file);
+    const f = await interposeWritable(file);
+    if (format === 'raw') {
+      const raw = await RawImage.open(filename, f);
+      raw.probed = probed;
+      return raw;
+    }
+    return opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
   } catch (err) {
     await file.close();
     throw err;
@@ -80,9 +103,11 @@ export async function openImageFile(filename: string, opts: { format?: ImageForm
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
   const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe });
-  if (opts.backing === false) return top;
+  // json:{..., "backing": null} opens the image alone.
+  const name = parseImageName(filename);
+  if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
-    await openBackingChain(top, opts.lock);
+    await openBackingChain(top, opts.lock, opts.avoid);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -90,22 +115,23 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'): Promise<void> {
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = []): Promise<void> {
+  // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
-  const real = async (p: string) => { try { return await realpath(p); } catch { return p; } };
-  seen.set(await real(top.filename), top.filename);
+  const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
+  for (const img of [top, ...avoid]) seen.set(key((await img.file.identity?.()) ?? null, img.filename), img.filename);
   let img = top;
   let depth = 0;
   while (img.backingFile) {
     if (++depth > MAX_CHAIN_DEPTH) throw new FormatError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, top.filename);
     const name = combineBackingPath(img.filename, img.backingFile);
     const fmt = parseBackingFormat(img);
-    const key = await real(name);
-    const prev = seen.get(key);
+    const k = key(await identityOf(localPathOrNull(name) ?? name), name);
+    const prev = seen.get(k);
     if (prev !== undefined) {
       throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename);
     }
-    seen.set(key, name);
+    seen.set(k, name);
     const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });
     img.backing = next;
     img = next;
@@ -119,9 +145,39 @@ function parseBackingFormat(img: DiskImage): ImageFormat | undefined {
   throw new FormatError(`backing file format '${printable(f)}' is not supported (qcow2 and raw are)`, img.filename);
 }
 
+/**
+ * Closes every image of the chain. When an image opened for writing fails to close (its last
+ * metadata could not be written, or the descriptor would not close), this throws that error
+ * once all are closed: its last writes may be missing. Not for a qcow2 image that was already
+ * in the failed state: its error reached the caller from the call that failed, which is the
+ * one to report. Read-only images close on a best-effort basis.
+ */
 export async function closeChain(top: DiskImage | null): Promise<void> {
+  let failed = false;
+  let first: unknown;
   for (let img = top; img; img = img.backing) {
-    try { await img.close(); } catch { /* closing is best effort */ }
+    const reported = img instanceof Qcow2Writable && img.failure !== null;
+    try {
+      await img.close();
+    } catch (err) {
+      if (img.file.writable && !reported && !failed) { failed = true; first = err; }
+    }
+  }
+  if (failed) throw first;
+}
+
+/**
+ * Refuses (SameFileError, nothing written) when `target` names a file that is an image of the
+ * chain below `top`, by any name: a symlink, a hard link, another spelling of the path.
+ */
+export async function assertNotInChain(target: string, top: DiskImage | null, job: string): Promise<void> {
+  const id = await identityOf(localPathOrNull(target) ?? target);
+  if (!id) return;
+  for (const img of top ? chainOf(top) : []) {
+    if (sameFile(id, (await img.file.identity?.()) ?? null)) {
+      const what = img === top ? 'the source image' : 'in the source\'s backing chain';
+      throw new SameFileError(`${job}: the target '${printable(target)}' is ${what} ('${printable(img.filename)}', the same file); nothing was written`, target);
+    }
   }
 }
 

@@ -23,10 +23,11 @@
 import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
-import { encodeReftableEntry, getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
-import { decodeBitmapDirectory } from '../format/bitmaps';
+import { getRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
+import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
-import { BufferArena, zeroedBuffer } from '../io/buffers';
+import { BufferArena } from '../io/buffers';
+import { encodeStructure, newRefArray, placeStructure, type RefArray } from './refcount-structure';
 
 /** qemu-img check -r: `leaks` fixes leaked clusters only, `all` fixes corruptions too. */
 export type RepairMode = 'leaks' | 'all';
@@ -78,15 +79,6 @@ const PAST_EOF_WINDOW = 1 << 16;
 
 /** L2 tables the refcount pass keeps for the COPIED-flag pass, in bytes. */
 const L2_KEEP_MAX = 64 * 1024 * 1024;
-
-type RefArray = Uint8Array | Uint16Array | Uint32Array | Float64Array;
-
-function newRefArray(order: number, n: number): RefArray {
-  const Ctor = order <= 3 ? Uint8Array : order === 4 ? Uint16Array : order === 5 ? Uint32Array : Float64Array;
-  // Zeroed memory on huge pages: a large image's array is megabytes, faulted in 2 MiB at a time.
-  const b = zeroedBuffer(n * Ctor.BYTES_PER_ELEMENT);
-  return new Ctor(b.buffer as ArrayBuffer, b.byteOffset, n);
-}
 
 /** Big-endian u32 at `o` (index arithmetic: cheaper than Buffer#readUInt32BE in hot loops). */
 function u32(b: Uint8Array, o: number): number {
@@ -214,17 +206,8 @@ async function loadHeader(file: BlockFile): Promise<ParsedHeader> {
   const n = await file.read(buf, 0);
   const parsed = decodeHeader(n < C.HEADER_V2_LENGTH ? buf.subarray(0, Math.min(n, fileSize)) : buf, file.path);
   checkIncompatibleFeatures(parsed, file.path);
-  const bm = parsed.bitmaps;
-  if (bm && (parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS)) {
-    // qcow2_read_extensions refuses to open these.
-    const ext = parsed.extensions.find((e) => e.type === C.EXT_BITMAPS);
-    if (ext && ext.data.length !== 24) throw new CorruptImageError(`bitmaps extension: invalid extension length ${ext.data.length}`, file.path);
-    if (ext && ext.data.readUInt32BE(4) !== 0) throw new CorruptImageError('bitmaps extension: reserved field is not zero', file.path);
-    if (bm.nbBitmaps > C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: too many bitmaps (${bm.nbBitmaps})`, file.path);
-    if (bm.nbBitmaps === 0) throw new CorruptImageError('bitmaps extension: found a bitmaps extension with zero bitmaps', file.path);
-    if (bm.bitmapDirectorySize > 1024 * C.MAX_BITMAPS) throw new CorruptImageError(`bitmaps extension: bitmap directory is too large (${bm.bitmapDirectorySize} bytes)`, file.path);
-    if (bm.bitmapDirectoryOffset % 2 ** parsed.header.clusterBits !== 0) throw new CorruptImageError('bitmaps extension: bitmap directory offset is not cluster-aligned', file.path);
-  }
+  // qcow2_read_extensions refuses to open an image whose bitmaps extension is bad.
+  activeBitmapsExtension(parsed, file.path);
   return parsed;
 }
 
@@ -652,20 +635,14 @@ class Checker {
   /** qcow2_check_bitmaps_refcounts */
   private async checkBitmaps(): Promise<void> {
     const st = this.st;
-    const bm = st.parsed.bitmaps;
-    if (!bm || !(st.parsed.header.autoclearFeatures & C.AUTOCLEAR_BITMAPS) || bm.nbBitmaps === 0) return;
+    const bm = activeBitmapsExtension(st.parsed);
+    if (!bm) return;
     const cs = this.cs;
     this.inc(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
     const dir = await this.read(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
     let entries;
     try {
-      entries = decodeBitmapDirectory(dir, bm.nbBitmaps);
-      for (const e of entries) {
-        if (e.bitmapTableSize === 0 || e.bitmapTableOffset === 0 || e.bitmapTableOffset % cs !== 0 || e.type !== 1 ||
-            e.granularityBits < 9 || e.granularityBits > 31 || e.bitmapTableSize > 0x8000000) {
-          throw new CorruptImageError(`bitmap '${e.name}' has an invalid directory entry`);
-        }
-      }
+      entries = decodeBitmapDirectory(dir, bm, cs, st.parsed.header.size);
     } catch (err) {
       if (!(err instanceof StrataError)) throw err;
       this.res.corruptions++;
@@ -675,16 +652,13 @@ class Checker {
       this.inc(e.bitmapTableOffset, e.bitmapTableSize * 8);
       const table = await this.read(e.bitmapTableOffset, e.bitmapTableSize * 8);
       for (let i = 0; i < e.bitmapTableSize; i++) {
-        const hi = table.readUInt32BE(i * 8);
-        const lo = table.readUInt32BE(i * 8 + 4);
-        // BME_TABLE_ENTRY_RESERVED_MASK 0xff000000000001fe; offset mask 0x00fffffffffffe00
-        const offset = entryOffset(hi, lo);
-        if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (offset !== 0 && ((lo & 1) !== 0 || offset % cs !== 0))) {
+        let entry;
+        try { entry = decodeBitmapTableEntry(table, i, cs); } catch (err) {
+          if (!(err instanceof StrataError)) throw err;
           this.res.corruptions++;
           continue;
         }
-        if (offset === 0) continue;
-        this.inc(offset, cs);
+        if (entry.kind === 'data') this.inc(entry.offset, cs);
       }
     }
   }
@@ -891,76 +865,38 @@ async function writeFlagFixes(file: BlockFile, st: ImageState, fixes: FlagFix[],
 }
 
 /**
- * Writes a complete refcount structure for `final` (entries [0, n)) in free clusters past
- * the end of the image, avoiding `avoid`, and switches the header to it. Returns the new
- * reftable location.
+ * Writes a complete refcount structure for `final` (entries [0, n)) and switches the header to
+ * it. It goes into the first run of clusters inside the file that nothing uses (no reference,
+ * not the old structure, which stays in use until the switch) and that can hold it, so
+ * repeated repairs do not grow the file; else past the end, avoiding `avoid`. Returns the new
+ * reftable location and the end of the structure.
  */
 async function writeRefcountStructure(
-  file: BlockFile, st: ImageState, final: RefArray, n: number, avoid: Set<number>,
+  file: BlockFile, st: ImageState, final: RefArray, n: number, avoid: Set<number>, oldStructure: Map<number, number>,
 ): Promise<{ reftableOffset: number; reftableClusters: number; end: number }> {
   const cs = st.clusterSize;
-  const order = st.refcountOrder;
-  const E = refcountBlockEntries(st.clusterBits, order);
-  const used = new Set<number>();
-  for (let b = 0; b * E < n; b++) {
-    const end = Math.min(n, (b + 1) * E);
-    for (let i = b * E; i < end; i++) if (final[i]) { used.add(b); break; }
+  const g = { clusterBits: st.clusterBits, refcountOrder: st.refcountOrder };
+  const inFile = Math.min(n, Math.floor(st.fileSize / cs));
+  const free = (c: number) => (c < n ? c > 0 && !final[c] && !oldStructure.has(c) : true) && !avoid.has(c);
+  let lay;
+  try {
+    lay = placeStructure(final, n, g, free, inFile, Math.max(n, Math.ceil(st.fileSize / cs)));
+  } catch {
+    throw new StrataError('corrupt', 'could not lay out a new refcount structure', file.path);
   }
-  /** Blocks and table clusters for a structure occupying [s, s+k). */
-  const layout = (s: number, k: number) => {
-    const blocks = new Set(used);
-    if (k > 0) for (let b = Math.floor(s / E); b <= Math.floor((s + k - 1) / E); b++) blocks.add(b);
-    let maxBlock = -1;
-    for (const b of blocks) if (b > maxBlock) maxBlock = b;
-    const tableClusters = Math.max(1, Math.ceil(((maxBlock + 1) * 8) / cs));
-    return { blocks: [...blocks].sort((a, b) => a - b), tableClusters, k: blocks.size + tableClusters };
-  };
-  const firstFree = (k: number) => {
-    let s = Math.max(n, Math.ceil(st.fileSize / cs));
-    for (let moved = true; moved;) {
-      moved = false;
-      for (const c of avoid) if (c >= s && c < s + k) { s = c + 1; moved = true; }
-    }
-    return s;
-  };
-  // Place the structure with room to spare, then find the least self-consistent size there.
-  const estimate = layout(n, 0).k;
-  const start = firstFree(estimate * 2 + 8);
-  let k = 0;
-  let lay = layout(start, 0);
-  for (let guard = 0; guard < 64; guard++) {
-    lay = layout(start, k);
-    if (lay.k === k) break;
-    k = lay.k;
-  }
-  if (lay.k !== k) throw new StrataError('corrupt', 'could not lay out a new refcount structure', file.path);
   if (lay.tableClusters * cs > C.MAX_REFTABLE_SIZE_BYTES) {
     throw new FormatError(`the rebuilt refcount table would exceed ${C.MAX_REFTABLE_SIZE_BYTES} bytes`, file.path);
   }
-  const end = start + k;
-  const blockBuf = Buffer.alloc(cs);
-  const table = Buffer.alloc(lay.tableClusters * cs);
-  for (let idx = 0; idx < lay.blocks.length; idx++) {
-    const b = lay.blocks[idx]!;
-    blockBuf.fill(0);
-    for (let j = 0; j < E; j++) {
-      const c = b * E + j;
-      const v = c < n ? final[c]! : c >= start && c < end ? 1 : 0;
-      if (v) setRefcount(blockBuf, j, order, v);
-    }
-    const at = (start + idx) * cs;
-    await file.write(blockBuf, at);
-    encodeReftableEntry(table, b, at);
-  }
-  const reftableOffset = (start + lay.blocks.length) * cs;
-  await file.write(table, reftableOffset);
+  const enc = encodeStructure(final, n, lay, g);
+  for (const b of enc.blocks) await file.write(b.data, b.offset);
+  await file.write(enc.table, enc.tableOffset);
   await file.flush();
   const hdr = Buffer.alloc(12);
-  hdr.writeBigUInt64BE(BigInt(reftableOffset), 0);
+  hdr.writeBigUInt64BE(BigInt(enc.tableOffset), 0);
   hdr.writeUInt32BE(lay.tableClusters, 8);
   await file.write(hdr, 48);
   await file.flush();
-  return { reftableOffset, reftableClusters: lay.tableClusters, end: end * cs };
+  return { reftableOffset: enc.tableOffset, reftableClusters: lay.tableClusters, end: (lay.start + lay.clusters) * cs };
 }
 
 /** The refcounts `final` describes (0 past it: the new structure covers nothing else). */
@@ -1011,7 +947,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const flagsFixed = fixes.length;
         await writeFlagFixes(file, st, fixes, false);
         await file.flush();
-        const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs);
+        const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
         // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
@@ -1048,7 +984,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         await writeFlagFixes(file, st, flagFixes, false);
         if (rewrite) {
           await file.flush();
-          const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs);
+          const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
           ck.highestCluster = Math.max(ck.highestCluster, Math.ceil(w.end / cs) - 1);
         }
         await writeFlagFixes(file, st, flagFixes, true);

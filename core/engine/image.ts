@@ -57,8 +57,11 @@ export interface DiskImage {
 /** An image opened for writing. */
 export interface WritableImage extends DiskImage {
   write(buf: Uint8Array, offset: number): Promise<void>;
-  /** Makes the range read as zeros (metadata-only where the format allows it). */
-  writeZeroes(offset: number, length: number): Promise<void>;
+  /**
+   * Makes the range read as zeros (metadata-only where the format allows it); `unmap` lets
+   * whole allocated clusters be freed too (qemu-io's write -z -u, BDRV_REQ_MAY_UNMAP).
+   */
+  writeZeroes(offset: number, length: number, opts?: { unmap?: boolean }): Promise<void>;
   /** Drops data the guest no longer needs (advisory, as QEMU's discard). */
   discard(offset: number, length: number): Promise<void>;
   /** Whole clusters stored compressed (qcow2 only). */

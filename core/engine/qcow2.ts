@@ -1,7 +1,7 @@
 // The qcow2 driver's read side: open and validate, map guest ranges to runs, read through
 // the chain, report block status the way QEMU does.
 import * as C from '../format/constants';
-import { CorruptImageError } from '../errors';
+import { CorruptImageError, printable } from '../errors';
 import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
@@ -10,6 +10,8 @@ import { decompressCluster, type CompressionType } from '../codec/index';
 import type { BlockFile } from '../io/block-file';
 import type { DiskImage, LayerStatus, ReadSegment } from './image';
 import { TableCache } from './l2-cache';
+import { loadBitmapDirectory } from './bitmaps';
+import type { BitmapDirectoryEntry } from '../format/bitmaps';
 import { native } from '../io/native';
 import { BufferArena } from '../io/buffers';
 
@@ -96,6 +98,8 @@ export class Qcow2Image implements DiskImage {
   snapshots: SnapshotEntry[];
   /** Bytes of the snapshot table as stored. */
   snapshotTableSize: number;
+  /** The persistent bitmaps (checked at open, as QEMU does), or null when there are none in use. */
+  bitmaps: BitmapDirectoryEntry[] | null = null;
   protected fileSize: number;
   /** @internal */
   readonly l2Cache: TableCache;
@@ -165,15 +169,19 @@ export class Qcow2Image implements DiskImage {
       const first = await readAt(have);
       const t = await decodeSnapshotTable(first, h.nbSnapshots, h.clusterBits, async (need) => {
         if (h.snapshotsOffset + need > fileSize) return null;
-        // Grow geometrically from what we have, so a large table is read a few times, not per entry.
-        have = Math.max(need, have * 2);
+        // Grow geometrically from what we have, so a large table is read a few times, not per
+        // entry, and never past QEMU's limit on it (decodeSnapshotTable asks for no more).
+        have = Math.min(C.MAX_SNAPSHOTS_SIZE, Math.max(need, have * 2));
         return readAt(have);
       }, filename);
       snapshots = t.entries;
       snapshotTableSize = t.tableSize;
-      for (const s of snapshots) within(`L1 table of snapshot '${s.name}'`, s.l1TableOffset, s.l1Size * 8);
+      for (const s of snapshots) within(`L1 table of snapshot '${printable(s.name)}'`, s.l1TableOffset, s.l1Size * 8);
     }
-    return new this(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
+    const bitmaps = await loadBitmapDirectory(file, parsed, fileSize, filename);
+    const img = new this(filename, file, parsed, l1, snapshots, snapshotTableSize, fileSize, null, opts);
+    img.bitmaps = bitmaps;
+    return img;
   }
 
   /** A read-only view of an internal snapshot's content (shares the file and the L2 cache). */

@@ -1,7 +1,8 @@
 import type { BlockFile } from '../io/block-file';
 import { NodeFile } from '../io/node-file';
 import { native, isUnsupported } from '../io/native';
-import { UsageError } from '../errors';
+import { IoError, UsageError } from '../errors';
+import { PROBE_SECTOR, probeNonRaw } from '../format/probe';
 import type { DiskImage, LayerStatus, ReadSegment, WritableImage } from './image';
 
 /** A raw image: the file is the disk. Holes (SEEK_HOLE) read as zero and are reported as such. */
@@ -10,6 +11,11 @@ export class RawImage implements DiskImage, WritableImage {
   readonly backingFile = null;
   readonly backingFormat = null;
   backing: DiskImage | null = null;
+  /**
+   * The format was probed, not given: as QEMU's raw driver, writes that would make the first
+   * sector probe as another format are refused.
+   */
+  probed = false;
 
   private constructor(readonly filename: string, readonly file: BlockFile, public virtualSize: number) {}
 
@@ -41,6 +47,15 @@ export class RawImage implements DiskImage, WritableImage {
 
   async write(buf: Uint8Array, offset: number): Promise<void> {
     this.check(offset, buf.length);
+    if (this.probed && offset < PROBE_SECTOR && buf.length > 0) {
+      const sector = Buffer.alloc(PROBE_SECTOR);
+      await this.file.read(sector, 0);
+      sector.set(buf.subarray(0, PROBE_SECTOR - offset), offset);
+      const as = probeNonRaw(sector);
+      if (as) {
+        throw new IoError(`write to the first sector refused: it would make the image probe as ${as} (its format was probed as raw; give -f raw to write it)`, this.filename, 'EPERM');
+      }
+    }
     await this.file.write(buf, offset);
   }
 

@@ -42,6 +42,8 @@ export async function readScannedInto(img: DiskImage, buf: Uint8Array, offset: n
   await new Promise<void>((resolve, reject) => {
     w.n.readScan(buf, w.segments, unit, dataUnits, (err) => {
       if (!err) resolve();
+      // Not an Error (the addon could not make one): still a failure, of this window's copy.
+      else if (typeof err !== 'object') reject(ioError(err, out.path, `copy of guest data at offset ${offset} failed`));
       else if (err.segment < 0) reject(ioError(err, out.path, `write of guest data at offset ${offset} failed`));
       else reject(readError(err, w.plan));
     }, out.fd, offset, WRITE_STEP);

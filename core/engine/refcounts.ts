@@ -85,11 +85,24 @@ export class Refcounts {
     return 0;
   }
 
+  /**
+   * Read-only check of every refcount table entry: a block at an unaligned offset or past the
+   * end of the file cannot be used (throws, naming the entry), so a job can refuse first.
+   */
+  async checkTable(fileSize: number): Promise<void> {
+    for (let ri = 0; ri < this.reftableEntries; ri++) {
+      const off = this.blockOffset(ri);
+      if (off + this.clusterSize > fileSize) {
+        throw new CorruptImageError(`refcount block offset 0x${off.toString(16)} (refcount table entry ${ri}) lies past the end of the file; nothing was changed (run \`strata check -r all\` first)`, this.host.filename);
+      }
+    }
+  }
+
   private blockOffset(ri: number): number {
     if (ri >= this.reftableEntries) return 0;
     const { blockOffset } = decodeReftableEntry(this.reftable, ri);
     if (blockOffset % this.clusterSize !== 0) {
-      throw new CorruptImageError(`refcount block offset 0x${blockOffset.toString(16)} (refcount table entry ${ri}) is not cluster-aligned`, this.host.filename);
+      throw new CorruptImageError(`refcount block offset 0x${blockOffset.toString(16)} (refcount table entry ${ri}) is not cluster-aligned (run \`strata check -r all\`)`, this.host.filename);
     }
     return blockOffset;
   }
@@ -227,7 +240,9 @@ export class Refcounts {
         return true;
       });
       if (end > this.allocEnd) this.allocEnd = end;
-      if (start === this.freeHint) this.freeHint = end;
+      // As QEMU's free_cluster_index: the next search starts after this run, not back at a
+      // hole too small for it (only a free moves it back): the same file layout as QEMU's.
+      this.freeHint = end;
       return start * this.clusterSize;
     }
   }
@@ -280,7 +295,9 @@ export class Refcounts {
   /**
    * Grows the refcount table to cover index `ri`: a new table and any refcount blocks it needs
    * for its own clusters go past the end of the image, describing themselves; they are written
-   * and flushed, then the header switches to the new table, then the old table is freed.
+   * and flushed, then the header switches to the new table, then the old table is freed. Only
+   * once the header points to it is the new table adopted here: if a write fails before, the
+   * old table (still the one on disk) stays the one write-backs go to.
    */
   private async growReftable(ri: number): Promise<void> {
     const cs = this.clusterSize;
@@ -310,31 +327,71 @@ export class Refcounts {
     this.reftable.copy(table);
     const oldOffset = this.reftableOffset;
     const oldClusters = Math.ceil(this.reftable.length / cs);
-    this.reftable = table;
+    const fresh = new Map<number, Buffer>();
     newBlocks.forEach((r, i) => {
       const off = (e + tableClusters + i) * cs;
-      encodeReftableEntry(this.reftable, r, off);
-      this.blocks.set(off, Buffer.alloc(cs));
-      this.dirtyBlocks.add(off);
+      encodeReftableEntry(table, r, off);
+      fresh.set(r, Buffer.alloc(cs));
     });
-    this.allocEnd = Math.max(this.allocEnd, e + tableClusters + newBlocks.length);
-    for (let c = e; c < e + tableClusters + newBlocks.length; c++) await this.set(c, 1);
+    const end = e + tableClusters + newBlocks.length;
+    // The new clusters' refcounts: in the fresh blocks, or in blocks the old table already has
+    // (those increments are harmless leaks should the switch never happen).
+    for (let c = e; c < end; c++) {
+      const r = Math.floor(c / this.perBlock);
+      const block = fresh.get(r);
+      if (block) { setRefcount(block, c % this.perBlock, this.host.refcountOrder, 1); continue; }
+      const off = this.blockOffset(r);
+      setRefcount(await this.loadBlock(off), c % this.perBlock, this.host.refcountOrder, 1);
+      this.dirtyBlocks.add(off);
+    }
     const newOffset = e * cs;
-    this.reftableOffset = newOffset;
-    this.reftableDirty.clear();
+    // Blocks first (the dirty ones too: the new table copies entries whose blocks may not be
+    // written yet), then the table, all durable before the header points to them.
     await this.writeBlocks();
-    await this.host.file.write(this.reftable, newOffset);
+    await Promise.all([...fresh].map(([r, b]) => this.host.file.write(b, decodeReftableEntry(table, r).blockOffset)));
+    await this.host.file.write(table, newOffset);
     await this.host.file.flush();
     await this.host.switchReftable(newOffset, tableClusters);
+    this.reftable = table;
+    this.reftableOffset = newOffset;
+    // Every entry is in the new table as written.
+    this.reftableDirty.clear();
+    for (const [r, b] of fresh) this.blocks.set(decodeReftableEntry(table, r).blockOffset, b);
+    if (end > this.allocEnd) this.allocEnd = end;
+    if (this.freeHint >= e && this.freeHint < end) this.freeHint = end;
     // Nothing references the old table now; its clusters are free.
     await this.change(oldOffset, oldClusters * cs, -1);
   }
 
+  /** Writes the dirty refcount blocks; they stay dirty unless their writes succeed. */
   async writeBlocks(): Promise<void> {
-    const writes: Promise<void>[] = [];
-    for (const off of this.dirtyBlocks) writes.push(this.host.file.write(this.blocks.get(off)!, off));
-    this.dirtyBlocks.clear();
-    await Promise.all(writes);
+    const offs = [...this.dirtyBlocks];
+    await Promise.all(offs.map((off) => this.host.file.write(this.blocks.get(off)!, off)));
+    // Callers hold the metadata mutex: nothing changed the blocks while they were written.
+    for (const off of offs) this.dirtyBlocks.delete(off);
+  }
+
+  /** Copies the refcounts of clusters [0, n), as they are in memory, into `out` (for a complete new structure). */
+  async countsInto(out: { [i: number]: number; length: number }, n: number): Promise<void> {
+    for (let ri = 0; ri * this.perBlock < n; ri++) {
+      const off = this.blockOffset(ri);
+      if (!off) continue;
+      const b = await this.loadBlock(off);
+      const end = Math.min(n, (ri + 1) * this.perBlock);
+      for (let c = ri * this.perBlock; c < end; c++) out[c] = getRefcount(b, c - ri * this.perBlock, this.host.refcountOrder);
+    }
+  }
+
+  /** The clusters of the refcount structure itself: the table and every block it lists. */
+  structureClusters(): number[] {
+    const cs = this.clusterSize;
+    const out: number[] = [];
+    for (let c = 0; c < Math.ceil(this.reftable.length / cs); c++) out.push(this.reftableOffset / cs + c);
+    for (let ri = 0; ri < this.reftableEntries; ri++) {
+      const off = this.blockOffset(ri);
+      if (off) out.push(off / cs);
+    }
+    return out;
   }
 
   get hasDirty(): boolean { return this.dirtyBlocks.size > 0 || this.reftableDirty.size > 0; }
@@ -344,10 +401,9 @@ export class Refcounts {
     if (this.dirtyBlocks.size) await this.writeBlocks();
     if (this.reftableDirty.size) {
       await this.host.file.flush();
-      const writes: Promise<void>[] = [];
-      for (const ri of this.reftableDirty) writes.push(this.host.file.write(this.reftable.subarray(ri * 8, ri * 8 + 8), this.reftableOffset + ri * 8));
-      this.reftableDirty.clear();
-      await Promise.all(writes);
+      const idx = [...this.reftableDirty];
+      await Promise.all(idx.map((ri) => this.host.file.write(this.reftable.subarray(ri * 8, ri * 8 + 8), this.reftableOffset + ri * 8)));
+      for (const ri of idx) this.reftableDirty.delete(ri);
     }
   }
 }

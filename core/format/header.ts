@@ -237,7 +237,8 @@ function decodeExtension(p: ParsedHeader, type: number, data: Buffer, file?: str
       }
       break;
     case C.EXT_BITMAPS:
-      if (data.length < 24) throw new CorruptImageError(`bitmaps extension is too short (${data.length} bytes)`, file);
+      // QEMU refuses a wrong length whether or not the bitmaps are in use.
+      if (data.length !== 24) throw new CorruptImageError(`bitmaps extension: invalid extension length ${data.length} (24 expected)`, file);
       p.bitmaps = {
         nbBitmaps: data.readUInt32BE(0),
         bitmapDirectorySize: readU64(data, 8, 'bitmap_directory_size', file),
@@ -314,6 +315,22 @@ export function encodeHeader(p: ParsedHeader, file?: string): Buffer {
     out.writeUInt32BE(0, 16);
   }
   return out;
+}
+
+/**
+ * Where the data of the first extension of `type` starts in the header cluster `buf`, or null
+ * (walked as decodeHeader walks it), so one extension can be updated in place.
+ */
+export function extensionDataOffset(buf: Buffer, h: Qcow2Header, type: number): number | null {
+  const end = Math.min(h.backingFileOffset || buf.length, buf.length);
+  for (let off = h.headerLength; off + 8 <= end;) {
+    const t = buf.readUInt32BE(off);
+    const len = buf.readUInt32BE(off + 4);
+    if (t === C.EXT_END) return null;
+    if (t === type) return off + 8;
+    off += 8 + Math.ceil(len / 8) * 8;
+  }
+  return null;
 }
 
 export function hasExtendedL2(h: Qcow2Header): boolean { return (h.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n; }

@@ -37,9 +37,12 @@ export async function decodeSnapshotTable(
   let buf = first;
   const entries: SnapshotEntry[] = [];
   let off = 0;
+  // QEMU's limit on the table (QCOW_MAX_SNAPSHOTS_SIZE), checked before an entry is read, so
+  // nothing past it is ever asked for.
+  const tooBig = () => new CorruptImageError(`Snapshot table is too big (more than ${C.MAX_SNAPSHOTS_SIZE} bytes; \`qemu-img check -r all\` drops the snapshots past the limit)`, file);
   const need = async (n: number) => {
+    if (off + n > C.MAX_SNAPSHOTS_SIZE) throw tooBig();
     if (off + n <= buf.length) return;
-    if (off + n > C.MAX_SNAPSHOTS_SIZE) throw new CorruptImageError(`snapshot table is too large (more than ${C.MAX_SNAPSHOTS_SIZE} bytes)`, file);
     const next = await more(off + n);
     if (!next || next.length < off + n) throw new CorruptImageError('snapshot table lies past the end of the file', file);
     buf = next;
@@ -55,7 +58,7 @@ export async function decodeSnapshotTable(
     const vmClockNsec = buf.readBigUInt64BE(off + 24);
     let vmStateSize = buf.readUInt32BE(off + 32);
     const extraSize = buf.readUInt32BE(off + 36);
-    if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) throw new CorruptImageError(`snapshot ${i} has too much extra data (${extraSize} bytes)`, file);
+    if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) throw new CorruptImageError(`Too much extra metadata in snapshot table entry ${i} (${extraSize} bytes of extra data, at most ${C.MAX_SNAPSHOT_EXTRA_DATA})`, file);
     const unpadded = C.SNAPSHOT_ENTRY_FIXED_SIZE + extraSize + idSize + nameSize;
     // QEMU pads entries to 8 bytes but the file may end before the last entry's padding.
     await need(unpadded);

@@ -1,5 +1,6 @@
 // The one interface the engine does I/O through. Implementations: node-file.ts (positional
 // I/O on a file, many requests in flight) and memory-file.ts (tests, crash simulation).
+import type { FileIdentity } from './identity';
 
 /** A run of the underlying file as the host file system reports it (SEEK_DATA/SEEK_HOLE). */
 export interface HostExtent {
@@ -32,4 +33,17 @@ export interface BlockFile {
   extents?(offset: number, length: number): Promise<HostExtent[]>;
   /** Allocated bytes on disk (st_blocks * 512), for `actual-size`. */
   allocatedSize?(): Promise<number>;
+  /**
+   * Gives [offset, offset+length) back to the file system (a punched hole: reads as zero
+   * afterwards, size unchanged), as QEMU passes discards down. Best effort: where the file
+   * system cannot, nothing happens.
+   */
+  discard?(offset: number, length: number): Promise<void>;
+  /**
+   * Makes [offset, offset+length) read as zeros through the file system without writing them
+   * (fallocate ZERO_RANGE); false where it cannot, and the caller writes zeros instead.
+   */
+  zeroRange?(offset: number, length: number): Promise<boolean>;
+  /** The file's device and inode (see identity.ts), where there is a file behind it. */
+  identity?(): Promise<FileIdentity>;
 }

@@ -1,10 +1,11 @@
-// QEMU-compatible image locks (see reference/qemu-image-locking.md): one-byte shared OFD locks
-// at 100+i ("I use permission i") and 200+i ("I do not share permission i"), with a conflict
-// test on the other side's bytes. Without the native addon we cannot lock, but on Linux we can
-// still see QEMU's locks in /proc/locks and refuse to write an image in use.
+// QEMU-compatible image locks (QEMU's image locking scheme): one-byte shared OFD locks at
+// 100+i ("I use permission i") and 200+i ("I do not share permission i"), with a conflict test
+// on the other side's bytes. Without the native addon no lock can be held: reads go ahead
+// after a look at /proc/locks (Linux) for a conflicting holder; writes are refused, since a VM
+// starting meanwhile would not see us, unless the user insists (--force-unlocked).
 import { readFile, stat } from './fs-async';
-import { InUseError } from '../errors';
-import { native } from './native';
+import { InUseError, StrataError } from '../errors';
+import { native, nativeStatus } from './native';
 import { describeHolders, findLockHolders, parseLockLines } from './lock-doctor';
 
 export const PERM_CONSISTENT_READ = 0;
@@ -35,9 +36,24 @@ export interface ImageLock {
   release(): void;
 }
 
+let unlockedWrites = false;
+
+/**
+ * --force-unlocked: let writing go ahead where the locks cannot be held (no native addon).
+ * Unsafe: a VM started on the image meanwhile would write it too.
+ */
+export function allowUnlockedWrites(on: boolean): void { unlockedWrites = on; }
+
+/** Why writing needs the addon, and how to get it (one line, after the file name). */
+export function unlockedWriteRefusal(): string {
+  const why = nativeStatus().reason ?? 'it is not loaded';
+  return `cannot hold QEMU's image locks: the native addon is not available (${why}), so a VM started on the image meanwhile would not be kept out. Build it with \`npm rebuild\` (node-gyp needs python3, make and g++), or pass --force-unlocked to write without locks (unsafe)`;
+}
+
 /**
  * Takes `mode` on the open file `fd` of `path`, or throws InUseError naming who holds a
- * conflicting lock. Without the addon: checks /proc/locks for a conflict and holds nothing.
+ * conflicting lock. Without the addon: checks /proc/locks for a conflict and holds nothing;
+ * a mode that writes is then refused (see allowUnlockedWrites).
  */
 export async function lockImage(fd: number, path: string, mode: LockMode): Promise<ImageLock> {
   const n = native();
@@ -45,6 +61,8 @@ export async function lockImage(fd: number, path: string, mode: LockMode): Promi
   if (!n) {
     const conflict = await procLocksConflict(path, mode, unshared);
     if (conflict) await throwInUse(path, conflict);
+    const writes = mode.perms.includes(PERM_WRITE) || mode.perms.includes(PERM_RESIZE);
+    if (writes && !unlockedWrites) throw new StrataError('unsupported', unlockedWriteRefusal(), path);
     return { mode, held: false, release: () => {} };
   }
   const taken: number[] = [];

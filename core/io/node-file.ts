@@ -1,7 +1,8 @@
-import { constants, read as fsRead, readSync, write as fsWrite, writeSync } from 'node:fs';
+import { constants, read as fsRead, readSync, write as fsWrite, writeSync, type Stats } from 'node:fs';
 import type { BlockFile, HostExtent } from './block-file';
+import type { FileIdentity } from './identity';
 import { IoError, ioError } from '../errors';
-import { native, type NativeApi } from './native';
+import { isUnsupported, native, type NativeApi } from './native';
 import { close, fdatasync, fstat, ftruncate, open, stat } from './fs-async';
 
 // The callback API costs the main thread less per request than FileHandle's promises.
@@ -44,6 +45,19 @@ export interface OpenOptions {
   unsafe?: boolean;
 }
 
+/** What a file is when it is neither a regular file, a block device nor a directory. */
+function fileKind(st: Stats): string | null {
+  if (st.isFIFO()) return 'a FIFO (named pipe)';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isFile() || st.isBlockDevice() || st.isDirectory()) return null;
+  return 'not a regular file';
+}
+
+function notAnImageFile(path: string, kind: string): IoError {
+  return new IoError(`cannot open: it is ${kind}; images are regular files or block devices`, path, 'EINVAL');
+}
+
 export class NodeFile implements BlockFile {
   private closed = false;
   private unsafe = false;
@@ -54,13 +68,20 @@ export class NodeFile implements BlockFile {
 
   static async open(path: string, opts: OpenOptions = {}): Promise<NodeFile> {
     const writable = !!opts.writable || !!opts.create;
-    let flags = writable ? constants.O_RDWR : constants.O_RDONLY;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); on
+    // regular files and block devices it changes nothing.
+    let flags = (writable ? constants.O_RDWR : constants.O_RDONLY) | constants.O_NONBLOCK;
     if (opts.create) flags |= constants.O_CREAT | (opts.create === 'new' ? constants.O_EXCL : constants.O_TRUNC);
     let fd: number;
     try {
       fd = await open(path, flags, 0o644);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException)?.code;
+      // A socket cannot be opened at all (ENXIO): say what it is.
+      if (code === 'ENXIO') {
+        const kind = await stat(path).then(fileKind, () => null);
+        if (kind) throw notAnImageFile(path, kind);
+      }
       if (writable && (code === 'EACCES' || code === 'EPERM' || code === 'EROFS')) {
         const why = code === 'EROFS' ? 'the file system is read-only' : 'no write permission';
         throw new IoError(`cannot ${opts.create ? 'create' : 'open for writing'}: ${why}; commands that only read (info, map, compare, convert from it) still work`, path, code, err);
@@ -70,6 +91,8 @@ export class NodeFile implements BlockFile {
     try {
       const st = await fstat(fd);
       if (st.isDirectory()) throw ioError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), path, 'cannot open');
+      const kind = fileKind(st);
+      if (kind) throw notAnImageFile(path, kind);
     } catch (err) {
       await close(fd).catch(() => {});
       throw ioError(err, path, 'cannot open');
@@ -77,6 +100,13 @@ export class NodeFile implements BlockFile {
     const f = new NodeFile(path, writable, fd);
     f.unsafe = !!opts.unsafe;
     return f;
+  }
+
+  async identity(): Promise<FileIdentity> {
+    try {
+      const st = await fstat(this.fd);
+      return { dev: st.dev, ino: st.ino };
+    } catch (err) { throw ioError(err, this.path, 'stat failed'); }
   }
 
   async size(): Promise<number> {
@@ -88,6 +118,7 @@ export class NodeFile implements BlockFile {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<number> {
+    if (this.closed) throw this.closedError('read');
     let done = 0;
     try {
       const direct = buf.length <= SYNC_IO_MAX;
@@ -116,6 +147,7 @@ export class NodeFile implements BlockFile {
   private writesQueued = 0;
 
   write(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.closed) return Promise.reject(this.closedError('write'));
     if (this.writesQueued === 0 && buf.length <= SYNC_IO_MAX) {
       try {
         this.writeNowSync(buf, offset);
@@ -190,12 +222,43 @@ export class NodeFile implements BlockFile {
   }
 
   async truncate(size: number): Promise<void> {
+    if (this.closed) throw this.closedError('truncate');
     try { await ftruncate(this.fd, size); } catch (err) { throw ioError(err, this.path, `cannot resize to ${size} bytes`); }
   }
 
+  async discard(offset: number, length: number): Promise<void> {
+    const n = native();
+    if (!n || length <= 0) return;
+    // Writes still queued may cover the range: they land first, then the hole.
+    await this.writeTail;
+    try { n.punchHole(this.fd, offset, length); } catch (err) {
+      if (!isUnsupported(err)) throw ioError(err, this.path, `discard of ${length} bytes at offset ${offset} failed`);
+    }
+  }
+
+  async zeroRange(offset: number, length: number): Promise<boolean> {
+    const n = native();
+    if (!n || length <= 0) return false;
+    // Writes still queued may cover the range: they land first, then the zeroing.
+    await this.writeTail;
+    try {
+      n.zeroRange(this.fd, offset, length);
+      return true;
+    } catch (err) {
+      if (isUnsupported(err)) return false;
+      throw ioError(err, this.path, `zeroing ${length} bytes at offset ${offset} failed`);
+    }
+  }
+
   async flush(): Promise<void> {
+    if (this.closed) throw this.closedError('flush');
     if (this.unsafe) return;
     try { await fdatasync(this.fd); } catch (err) { throw ioError(err, this.path, 'flush failed'); }
+  }
+
+  /** Use after close: the descriptor may already belong to another file, so it is never touched. */
+  private closedError(what: string): IoError {
+    return new IoError(`${what} after the file was closed`, this.path, 'EBADF');
   }
 
   async close(): Promise<void> {
@@ -204,7 +267,7 @@ export class NodeFile implements BlockFile {
     // Writes still queued (a job that failed or was cancelled need not wait for its own) are
     // let finish first: the descriptor must not be closed, or reused for another file, under them.
     await this.writeTail;
-    await close(this.fd);
+    try { await close(this.fd); } catch (err) { throw ioError(err, this.path, 'close failed'); }
   }
 
   async extents(offset: number, length: number): Promise<HostExtent[]> {

@@ -6,6 +6,7 @@ import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
 import { isQcow2Magic } from '../format/header';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { NodeFile } from '../io/node-file';
+import { interposeWritable } from '../io/interpose';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { basename } from 'node:path';
 import { abs, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan } from './plan-kit';
@@ -96,10 +97,11 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
   try {
     // As qemu-img: checking needs consistent data, repairing needs the image to ourselves.
     if (!opts.forceShare || opts.repair) await lockImage(file.fd, path, opts.repair ? WRITE_LOCK : READ_LOCK);
+    const f = await interposeWritable(file);
     let format = opts.format;
     if (!format) {
       const head = Buffer.alloc(4);
-      await file.read(head, 0);
+      await f.read(head, 0);
       format = isQcow2Magic(head) ? 'qcow2' : 'raw';
     }
     if (format === 'raw') throw new CheckNotSupportedError();
@@ -113,14 +115,14 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
       checkCancelled: () => throwIfCancelled(ctx),
     };
     progress.setPhase(opts.repair ? 'checking and repairing' : 'checking', 1);
-    const first = await checkQcow2(file, { ...hooks, repair: opts.repair ?? null });
+    const first = await checkQcow2(f, { ...hooks, repair: opts.repair ?? null });
     if (first.failure) throw new CheckFailedError(first.failure, path);
     let counts: CheckCounts = first;
     let repaired: CheckResult['repaired'] = null;
     if (first.corruptionsFixed || first.leaksFixed) {
       repaired = { leaks: first.leaksFixed, corruptions: first.corruptionsFixed };
       progress.setPhase('double checking the fixed image', 1);
-      const second = await checkQcow2(file, { ...hooks, repair: null });
+      const second = await checkQcow2(f, { ...hooks, repair: null });
       if (second.failure) throw new CheckFailedError(second.failure, path);
       counts = { ...second, leaksFixed: first.leaksFixed, corruptionsFixed: first.corruptionsFixed };
     }

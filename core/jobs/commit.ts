@@ -13,7 +13,9 @@ import { ioBuffers } from '../io/buffers';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { explainNoSpace } from '../io/space';
 import { runPool } from './pool';
-import { findOverlays, realOrSelf } from './overlays';
+import { findOverlays } from './overlays';
+import { identityOf, sameFile } from '../io/identity';
+import { localPathOrNull } from '../chain/names';
 import { WriteEstimate } from './space-estimate';
 import {
   abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
@@ -53,9 +55,12 @@ async function baseIndexOf(path: string, chain: DiskImage[], base: string | unde
   if (base === undefined) return 1;
   // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
   // recorded in the chain.
-  const wants = new Set([await realOrSelf(base), await realOrSelf(combineBackingPath(path, base))]);
+  // Files compared by device and inode: a hard link or symlink to a layer is that layer.
+  const local = (n: string) => identityOf(localPathOrNull(n) ?? n);
+  const wants = [await local(base), await local(combineBackingPath(path, base))];
   for (let i = 1; i < chain.length; i++) {
-    if (wants.has(await realOrSelf(chain[i]!.filename)) || chain[i - 1]!.backingFile === base) return i;
+    const id = (await chain[i]!.file.identity?.()) ?? null;
+    if (wants.some((w) => sameFile(w, id)) || chain[i - 1]!.backingFile === base) return i;
   }
   throw new UsageError(`${path}: '${base}' is not in its backing chain`);
 }
@@ -158,7 +163,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     const needed = plan.space.find((s) => s.purpose.includes('committing'))?.needed;
     try {
       if (base.virtualSize < size) {
-        if (base instanceof Qcow2Writable) await base.grow(size);
+        // The grown area reads as zeros, not as the base's own backing file.
+        if (base instanceof Qcow2Writable) await base.growZeroed(size);
         else { await base.file.truncate(size); (base as unknown as { virtualSize: number }).virtualSize = size; }
       }
     } catch (err) {
@@ -192,7 +198,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       throwIfCancelled(ctx);
       if (!t.skip) {
         if (t.zero) {
-          await b.writeZeroes(t.offset, t.length);
+          // As QEMU's commit (a mirror with unmap): the base's clusters there are freed.
+          await b.writeZeroes(t.offset, t.length, { unmap: true });
         } else {
           const buf = buffers[slot]!.subarray(0, t.length);
           await top.read(buf, t.offset);

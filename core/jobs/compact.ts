@@ -310,7 +310,7 @@ async function rewrite(ctx: JobContext, src: Qcow2Image, path: string, opts: Com
     out.backing = src.backing;
     const bytes = await copyLayer(ctx, src, out, opts);
     throwIfCancelled(ctx);
-    if (src.parsed.bitmaps) {
+    if (src.bitmaps) {
       const copied = await copyBitmaps(src, out);
       await out.close();
       out = null;

@@ -10,12 +10,13 @@ import { NodeFile } from '../io/node-file';
 import { ioBuffers } from '../io/buffers';
 import { compressClusterAsync } from '../codec/index';
 import { chainBlockStatus } from '../chain/block-status';
+import { assertNotInChain } from '../chain/open';
 import { ProgressReporter, type JobContext } from './job';
 import { runPool } from './pool';
 import { openTarget, abandonTarget, type TargetSpec } from './target';
 import { measure } from './measure';
 import { explainNoSpace } from '../io/space';
-import { realpath, stat } from '../io/fs-async';
+import { stat } from '../io/fs-async';
 import { basename, dirname } from 'node:path';
 import { UsageError } from '../errors';
 import { Qcow2Image } from '../engine/qcow2';
@@ -28,7 +29,10 @@ import {
 export interface ConvertOptions extends TargetSpec {
   /** -c: store data clusters compressed (qcow2 targets). */
   compress?: boolean;
-  /** -S: zero detection granularity for raw targets (default 4096); 0 writes data as read. */
+  /**
+   * -S: zero detection granularity for raw targets (default 4096); 0 writes everything as
+   * data, zeros and unallocated areas too: the target is fully allocated, as qemu-img's.
+   */
   minSparse?: number;
   /**
    * Bytes per window (default 4 MiB, 2 MiB with -c) and windows in flight (default 8). Each
@@ -61,6 +65,8 @@ async function windowIsZero(src: DiskImage, off: number, len: number): Promise<b
 }
 
 export async function convert(ctx: JobContext, src: DiskImage, targetPath: string, opts: ConvertOptions, planned?: JobPlan): Promise<ConvertResult> {
+  // Creating the target empties the file first: it must not be one the source reads.
+  await assertNotInChain(targetPath, src, 'convert');
   const size = src.virtualSize;
   // The plan is the pre-check: arguments, locks, permissions and space before the target is touched.
   const plan = planned ?? await planConvert(ctx, src, targetPath, opts);
@@ -73,6 +79,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const q = img instanceof Qcow2Writable ? img : null;
     const compress = !!opts.compress && !!q;
     const minSparse = opts.minSparse ?? 4096;
+    const fullyAllocate = minSparse === 0;
     // The unit zeros are judged in: what the target allocates (cluster/subcluster), or -S.
     const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
     const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? (compress ? 2 << 20 : 4 << 20)) / unit) * unit);
@@ -81,8 +88,8 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
     const srcBufs = ioBuffers(width, chunk);
-    // Which units of a window hold data (1) or only zeros (0); none with -S 0 to a raw target.
-    const scan = !(minSparse === 0 && !q);
+    // Which units of a window hold data (1) or only zeros (0); none with -S 0: all is data.
+    const scan = !fullyAllocate;
     const unitMaps = Array.from({ length: width }, () => (scan ? new Uint8Array(chunk / unit) : null));
     const baseBufs = below ? ioBuffers(width, chunk) : [];
     // A raw target that reads as zero wherever nothing is written takes each window's data
@@ -95,7 +102,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       let off = 0;
       while (off < size) {
         let hasData = false;
-        if (target.zeroInitialized && !below) {
+        if (target.zeroInitialized && !below && !fullyAllocate) {
           // Jump over long runs that read as zero everywhere without visiting each window. The
           // status of the window alone first: asking to the end of the disk each time would
           // walk a long data run again for every window of it.
@@ -129,7 +136,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       const len = Math.min(chunk, size - off);
       // The window generator already knows when the window starts with data: no second walk.
       const zeroWindow = !hasData && (await windowIsZero(src, off, len));
-      if (zeroWindow && target.zeroInitialized) { progress.add(len); return; }
+      if (zeroWindow && target.zeroInitialized && !fullyAllocate) { progress.add(len); return; }
       const buf = srcBufs[slot]!.subarray(0, len);
       const dataUnits = unitMaps[slot] ?? null;
       if (zeroWindow) {
@@ -202,7 +209,8 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
       progress.add(len);
 
       async function writePiece(pc: Piece, i: number): Promise<void> {
-        if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start); return; }
+        // As qemu-img convert: zeros on an existing target may free its clusters.
+        if (pc.kind === 'zero') { await img.writeZeroes(off + pc.start, pc.end - pc.start, { unmap: true }); return; }
         const data = buf.subarray(pc.start, pc.end);
         const c = packed?.[i];
         if (c) {
@@ -217,13 +225,14 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     }
     if (ctx.signal?.aborted) throw new CancelledError();
     await img.flush();
+    // Closing writes the last metadata: a target that cannot be closed is incomplete.
+    await img.close();
     progress.done();
   } catch (err) {
     await abandonTarget(target, targetPath);
     if (ctx.signal?.aborted) throw new CancelledError(target.created ? 'convert cancelled; the partial target was removed' : 'convert cancelled');
     throw explainNoSpace(err, targetPath, needed);
   }
-  await img.close();
   await closeBelow(img.backing);
   return result;
 }
@@ -324,7 +333,7 @@ export function copyWarnings(src: DiskImage, what: string): string[] {
   const out: string[] = [];
   if (src instanceof Qcow2Image) {
     if (src.snapshots.length) out.push(`${abs(src.filename)} has ${src.snapshots.length} internal snapshot(s); ${what} copies only the current state, not them`);
-    if (src.parsed.bitmaps) out.push(`${abs(src.filename)} has ${src.parsed.bitmaps.nbBitmaps} persistent bitmap(s); ${what} does not copy them`);
+    if (src.bitmaps?.length) out.push(`${abs(src.filename)} has ${src.bitmaps.length} persistent bitmap(s); ${what} does not copy them`);
   }
   return out;
 }
@@ -373,7 +382,8 @@ export async function planConvert(ctx: JobContext, src: DiskImage, targetPath: s
     command ?? convertCommand(src.filename, targetPath, opts));
   if (opts.compress && opts.format !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
   if (opts.targetIsZero && !opts.existing) throw new UsageError('--target-is-zero requires -n (an existing target)');
-  if (await sameFile(src.filename, targetPath)) throw new UsageError(`${targetPath}: the target is the source image`);
+  // By device and inode: the source or any image of its chain, under any name.
+  await assertNotInChain(targetPath, src, 'convert');
   await targetPlan(plan, targetPath, !!opts.existing);
   const c = opts.create ?? {};
   const link = { filename: abs(targetPath), format: opts.format, virtualSize: opts.format === 'raw' ? src.virtualSize : Math.ceil(src.virtualSize / 512) * 512 };
@@ -405,6 +415,3 @@ export async function planConvert(ctx: JobContext, src: DiskImage, targetPath: s
   return plan;
 }
 
-async function sameFile(a: string, b: string): Promise<boolean> {
-  try { return (await realpath(a)) === (await realpath(b)); } catch { return false; }
-}

@@ -3,12 +3,16 @@
 // them are validated, and the backing file opened, before the target file is touched.
 import { basename, dirname } from 'node:path';
 import { realpath, stat, unlink } from '../io/fs-async';
+import { identityOf, sameFile } from '../io/identity';
 import * as C from '../format/constants';
 import { encodeCreateHeader, finishQcow2Layout, l1EntriesFor, startQcow2Layout, type QemuAllocator, type Qcow2CreateSpec } from '../format/layout';
 import { FormatError, NotFoundError, StrataError, UsageError } from '../errors';
 import { NodeFile } from '../io/node-file';
+import type { BlockFile } from '../io/block-file';
+import { interposeWritable } from '../io/interpose';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
-import { closeChain, combineBackingPath, openImage } from '../chain/open';
+import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
+import { localPath, localPathOrNull } from '../chain/names';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { qcow2PreallocSize } from './measure';
 import { findOverlays } from './overlays';
@@ -182,6 +186,7 @@ function fail(path: string, msg: string): never { throw new UsageError(`${path}:
 
 /** Everything qemu-img create checks, plus opening the backing file for its size. */
 export async function resolveCreate(path: string, format: CreateFormat, opts: CreateOptions): Promise<ResolvedCreate> {
+  localPath(path); // a protocol name (nbd:, http:, ...) is refused before anything else
   if ((format as string) !== 'qcow2' && (format as string) !== 'raw') fail(path, `unknown format '${format}' (supported: qcow2, raw)`);
   const backingFile = opts.backingFile ?? null;
   const backingFormat = opts.backingFormat ?? null;
@@ -239,17 +244,26 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     if (backingFile === '') fail(path, 'the backing file name is empty');
     if (backingFile === path) fail(path, 'the backing file is the image being created (give a different -b)');
     if (Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) fail(path, `the backing file name is too long (${Buffer.byteLength(backingFile)} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
-    if (backingFormat === null) fail(path, `backing format must be specified with -F (qcow2 or raw) for backing file '${backingFile}'`);
+    if (backingFormat === null) {
+      // qemu-img 7.2 never records a probed format; like it, name what the file looks like.
+      let hint = '';
+      if (!opts.unsafe) {
+        try {
+          const f = await NodeFile.open(localPath(combineBackingPath(localPath(path), backingFile)));
+          try { hint = `\nDetected format of ${await probeFormat(f)}.`; } finally { await f.close(); }
+        } catch { /* the missing file is reported with -F given */ }
+      }
+      fail(path, `Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`);
+    }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
-    const full = combineBackingPath(path, backingFile);
-    const real = async (p: string) => { try { return await realpath(p); } catch { return null; } };
-    const [a, b] = await Promise.all([real(full), real(path)]);
-    if (a !== null && a === b) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
+    const full = combineBackingPath(localPath(path), backingFile);
+    if (sameFile(await identityOf(localPathOrNull(full) ?? full), await identityOf(localPathOrNull(path) ?? path))) fail(path, `the backing file '${backingFile}' is the image being created (give a different -b)`);
   }
 
   let size = opts.size;
   if (backingFile !== null && !opts.unsafe) {
-    const full = combineBackingPath(path, backingFile);
+    // Relative to the new image's folder (a file: target names its path).
+    const full = combineBackingPath(localPath(path), backingFile);
     let top;
     try {
       top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
@@ -391,7 +405,7 @@ async function openTarget(path: string): Promise<{ file: NodeFile; created: bool
  * Writes clusters (offset-sorted), merging runs of adjacent ones into requests of up to
  * 8 MiB, `parallel` requests at a time.
  */
-async function writeAll(file: NodeFile, items: Array<{ offset: number; data: Buffer }>, parallel = 8): Promise<void> {
+async function writeAll(file: BlockFile, items: Array<{ offset: number; data: Buffer }>, parallel = 8): Promise<void> {
   const merged: Array<{ offset: number; data: Buffer }> = [];
   const MAX = 8 * 1024 * 1024;
   for (let i = 0; i < items.length;) {
@@ -444,16 +458,19 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
-  const { file, created } = await openTarget(r.path);
+  const target = localPath(r.path);
+  const { file, created } = await openTarget(target);
   let releaseLock = () => {};
   let emptied = created;
+  let out: BlockFile = file;
   try {
     const lock = await lockImage(file.fd, r.path, CREATE_LOCK);
     releaseLock = lock.release;
-    await file.truncate(0);
+    out = await interposeWritable(file);
+    await out.truncate(0);
     emptied = true;
     if (!spec || !alloc) {
-      await file.truncate(r.size);
+      await out.truncate(r.size);
     } else {
       const cs = alloc.cs;
       const progress = new ProgressReporter(ctx, spec.preallocation === 'metadata' ? spec.size : 0);
@@ -467,7 +484,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
           if (done.length * cs >= 8 * 1024 * 1024) {
             throwIfCancelled(ctx);
             const items = done.splice(0).sort((a, b) => a - b).map((off) => ({ offset: off, data: alloc.clusters.get(off / cs)! }));
-            await writeAll(file, items);
+            await writeAll(out, items);
             for (const it of items) alloc.clusters.delete(it.offset / cs);
           }
           progress.add(guestOffset - last);
@@ -486,20 +503,22 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
         if (idx === 0) header = data;
         else items.push({ offset: off, data });
       }
-      await writeAll(file, items);
-      // The header last: until it is there, the file is not a qcow2 image.
-      if (header) await file.write(header, 0);
-      if ((await file.size()) !== end) await file.truncate(end);
+      await writeAll(out, items);
+      // The header last, and only once the rest is durable: until it is there, the file is
+      // not a qcow2 image, and a header that landed before its tables would be a broken one.
+      await out.flush();
+      if (header) await out.write(header, 0);
+      if ((await out.size()) !== end) await out.truncate(end);
       progress.done();
     }
-    await file.flush();
+    await out.flush();
   } catch (err) {
     releaseLock();
-    await file.close();
-    if (emptied) { try { await unlink(r.path); } catch { /* best effort */ } }
+    await out.close();
+    if (emptied) { try { await unlink(target); } catch { /* best effort */ } }
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
   releaseLock();
-  await file.close();
+  await out.close();
 }

@@ -2,7 +2,6 @@
 import * as C from '../format/constants';
 import { UsageError } from '../errors';
 import { refcountMetadataSize } from '../format/layout';
-import { decodeBitmapDirectory } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { chainBlockStatus } from '../chain/block-status';
@@ -43,14 +42,12 @@ export function qcow2PreallocSize(totalSize: number, clusterSize: number, refcou
   return meta + aligned;
 }
 
-async function bitmapsSize(src: DiskImage, clusterSize: number): Promise<number> {
-  if (!(src instanceof Qcow2Image) || !src.parsed.bitmaps) return 0;
-  const b = src.parsed.bitmaps;
-  const dir = Buffer.alloc(b.bitmapDirectorySize);
-  await src.file.read(dir, b.bitmapDirectoryOffset);
+/** The source's bitmaps as the target will hold them (the directory was checked at open). */
+function bitmapsSize(src: DiskImage, clusterSize: number): number {
+  if (!(src instanceof Qcow2Image) || !src.bitmaps) return 0;
   let total = 0;
   let dirSize = 0;
-  for (const e of decodeBitmapDirectory(dir, b.nbBitmaps, src.filename)) {
+  for (const e of src.bitmaps) {
     const bits = Math.ceil(src.virtualSize / 2 ** e.granularityBits);
     const bmclusters = Math.ceil(Math.ceil(bits / 8) / clusterSize);
     total += roundUp(bmclusters * 8, clusterSize) + bmclusters * clusterSize;
@@ -93,7 +90,7 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
   const full = qcow2PreallocSize(virtualSize, cs, Math.log2(t.refcountBits), t.extendedL2);
   const result: MeasureResult = { required: full - aligned + required, 'fully-allocated': full };
   if (src && src.format === 'qcow2' && (src as Qcow2Image).header.version === 3 && t.version !== 2) {
-    return { bitmaps: await bitmapsSize(src, cs), ...result };
+    return { bitmaps: bitmapsSize(src, cs), ...result };
   }
   return result;
 }

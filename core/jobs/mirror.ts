@@ -2,11 +2,11 @@
 // ranges already read as zero (all of a fresh target; discovered on an existing one): zeros are
 // never written there. On an existing target, data that already matches is not rewritten, so
 // mirroring onto a finished target writes (almost) nothing.
-import { basename } from 'node:path';
+import { basename, dirname, isAbsolute, relative, resolve } from 'node:path';
 import { CancelledError, UsageError } from '../errors';
-import { realpath } from '../io/fs-async';
 import { explainNoSpace } from '../io/space';
-import { closeChain, openImage } from '../chain/open';
+import { assertNotInChain, closeChain, combineBackingPath, openImage } from '../chain/open';
+import { hasProtocol, localPath } from '../chain/names';
 import type { CreateOptions } from './create';
 import { openTarget, abandonTarget, type Target, type TargetSpec } from './target';
 import { copyWarnings, dataToCopy, targetPlan, targetSpace } from './convert';
@@ -102,7 +102,7 @@ export async function mirror(ctx: JobContext, src: DiskImage, target: WritableIm
         if (zeros.isZero(q, next - q)) break;
         q = next;
       }
-      await target.writeZeroes(p, q - p);
+      await target.writeZeroes(p, q - p, { unmap: true });
       zeros.set(p, q - p, true);
       result.bytesZeroed += q - p;
       p = q;
@@ -174,14 +174,26 @@ function mirrorCommand(srcPath: string, dstPath: string, o: MirrorFilesOptions):
   return cmd;
 }
 
+/**
+ * The source's backing name as the target must record it: a relative name resolves against
+ * the folder of the image that records it, so from the target's folder it must lead to the
+ * same file. Absolute and protocol names (json:, file:, ...) stay as they are.
+ */
+export function backingNameFor(target: string, source: string, backing: string): string {
+  if (isAbsolute(backing) || hasProtocol(backing)) return backing;
+  const full = combineBackingPath(source, backing);
+  const from = dirname(resolve(localPath(target)));
+  return dirname(resolve(localPath(source))) === from ? backing : relative(from, resolve(full));
+}
+
 /** The target's creation spec: the source's format, and for --sync top its backing file. */
-function mirrorTargetSpec(src: DiskImage, o: MirrorFilesOptions): TargetSpec {
+function mirrorTargetSpec(src: DiskImage, dstPath: string, o: MirrorFilesOptions): TargetSpec {
   const format = o.targetFormat ?? src.format;
   const create: CreateOptions = { ...o.create };
   if (o.sync === 'top') {
     if (!src.backingFile) throw new UsageError(`${src.filename}: --sync top needs a source with a backing file`);
     if (format !== 'qcow2') throw new UsageError('--sync top needs a qcow2 target (it keeps the backing file)');
-    create.backingFile ??= src.backingFile;
+    create.backingFile ??= backingNameFor(dstPath, src.filename, src.backingFile);
     create.backingFormat ??= src.backingFormat ?? src.backing?.format;
   }
   return { format, create, existing: !!o.existing };
@@ -193,10 +205,11 @@ function mirrorTargetSpec(src: DiskImage, o: MirrorFilesOptions): TargetSpec {
  * pieces), the target's space, and what the copy does not carry (snapshots, bitmaps).
  */
 export async function planMirror(ctx: JobContext, src: DiskImage, dstPath: string, o: MirrorFilesOptions, srcPath = src.filename): Promise<JobPlan> {
-  const spec = mirrorTargetSpec(src, o);
+  const spec = mirrorTargetSpec(src, dstPath, o);
   const sync = o.sync ?? 'full';
   const plan = newPlan('mirror', `Mirror ${basename(srcPath)} to ${basename(dstPath)}${sync === 'top' ? ' (top layer)' : ''}`, mirrorCommand(srcPath, dstPath, o));
-  if (await sameFile(srcPath, dstPath)) throw new UsageError(`${dstPath}: the target is the source image`);
+  // By device and inode: the source or any image of its chain, under any name.
+  await assertNotInChain(dstPath, src, 'mirror');
   await targetPlan(plan, dstPath, !!o.existing);
   const link = { filename: abs(dstPath), format: spec.format, virtualSize: src.virtualSize };
   plan.chainsAfter.push(sync === 'top' ? [link, ...chainLinks(src.backing)] : [link]);
@@ -220,10 +233,6 @@ export async function planMirror(ctx: JobContext, src: DiskImage, dstPath: strin
   return plan;
 }
 
-async function sameFile(a: string, b: string): Promise<boolean> {
-  try { return (await realpath(a)) === (await realpath(b)); } catch { return false; }
-}
-
 /** Opens the source, plans (unless given a plan), creates or opens the target, mirrors, closes. */
 export async function mirrorFiles(ctx: JobContext, srcPath: string, dstPath: string, o: MirrorFilesOptions, planned?: JobPlan): Promise<MirrorResult & { plan: JobPlan }> {
   const src = await openImage(srcPath, { format: o.sourceFormat, lock: o.forceShare ? 'none' : 'auto' });
@@ -231,7 +240,7 @@ export async function mirrorFiles(ctx: JobContext, srcPath: string, dstPath: str
   try {
     const plan = planned ?? await planMirror(ctx, src, dstPath, o, srcPath);
     enforcePlan(plan, o.force);
-    const spec = mirrorTargetSpec(src, o);
+    const spec = mirrorTargetSpec(src, dstPath, o);
     const needed = plan.space[0]?.needed;
     try {
       target = await openTarget(dstPath, src.virtualSize, spec);

@@ -6,6 +6,7 @@ import { readdir, realpath, stat } from '../io/fs-async';
 import { join, dirname, resolve } from 'node:path';
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import { combineBackingPath } from '../chain/open';
+import { localPathOrNull } from '../chain/names';
 import { NodeFile } from '../io/node-file';
 
 export interface Overlay {
@@ -45,7 +46,9 @@ export async function findOverlays(image: string, opts: { folders?: string[]; ex
       if (!o) continue;
       const me = await realOrSelf(path);
       if (skip.has(me) || seenFiles.has(me) || me === target) continue;
-      if ((await realOrSelf(combineBackingPath(path, o.backingFile))) !== target) continue;
+      // file: and json: names are paths too (relative to the working directory, as in QEMU).
+      const named = localPathOrNull(combineBackingPath(path, o.backingFile));
+      if (named === null || (await realOrSelf(named)) !== target) continue;
       seenFiles.add(me);
       out.push({ path, ...o });
     }

@@ -14,6 +14,7 @@ import { freeSpace, mountPointOf } from '../io/space';
 import { sizeToStr } from '../chain/size-str';
 import { stat } from '../io/fs-async';
 import { Qcow2Image } from '../engine/qcow2';
+import { BME_FLAG_IN_USE } from '../format/bitmaps';
 
 export type { Fmt, JobSpec, JobOp, SpecOf, PlanHolder, PlanChainLink, PlanSpace, JobPlan, JobResult } from './job-types';
 import type { JobOp, JobPlan, PlanChainLink, PlanHolder } from './job-types';
@@ -118,10 +119,11 @@ export function addAffected(plan: JobPlan, image: string, overlays: string[], wh
 
 /** Persistent bitmaps an image has: writing it makes them inconsistent (QEMU then refuses to use them). */
 export function bitmapWarning(img: DiskImage, verb = 'writing'): string | null {
-  if (img instanceof Qcow2Image && img.parsed.bitmaps) {
-    return `${abs(img.filename)} has ${img.parsed.bitmaps.nbBitmaps} persistent bitmap(s); ${verb} it marks them inconsistent`;
-  }
-  return null;
+  // Writes keep persistent bitmaps valid (engine/bitmaps.ts); only those already left in use
+  // (inconsistent) are worth a word: they stay as they are, as QEMU leaves them.
+  if (!(img instanceof Qcow2Image) || !img.bitmaps) return null;
+  const stale = img.bitmaps.filter((e) => e.flags & BME_FLAG_IN_USE).length;
+  return stale ? `${abs(img.filename)} has ${stale} inconsistent (in-use) persistent bitmap(s); ${verb} it leaves them inconsistent (\`qemu-img bitmap --remove\` drops them)` : null;
 }
 
 /** Which of `paths` we may not write (files), and in which `folders` we may not create or rename. */

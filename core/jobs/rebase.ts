@@ -3,13 +3,13 @@
 // and writes only what differs, widened to the overlay's subcluster (or cluster) so no write
 // needs a copy-on-write read; the header switches last. Unsafe mode (-u) rewrites the name.
 import { basename } from 'node:path';
-import { realpath } from '../io/fs-async';
-import { FormatError, UsageError } from '../errors';
+import { FormatError, UsageError, printable } from '../errors';
+import { identityOf, sameFile } from '../io/identity';
+import { localPathOrNull } from '../chain/names';
 import { encodeHeader } from '../format/header';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { openImage, openImageFile, closeChain, combineBackingPath, probeFormat, chainOf } from '../chain/open';
-import { NodeFile } from '../io/node-file';
+import { openImage, openImageFile, closeChain, combineBackingPath, chainOf } from '../chain/open';
 import { ioBuffers } from '../io/buffers';
 import { isZero } from '../engine/zero';
 import { Qcow2Image } from '../engine/qcow2';
@@ -39,9 +39,14 @@ export interface RebaseResult {
   writes: number;
 }
 
-async function same(a: string, b: string): Promise<boolean> {
-  const r = async (p: string) => { try { return await realpath(p); } catch { return p; } };
-  return (await r(a)) === (await r(b));
+/**
+ * qemu-img 7.2 never records a probed format (iotest 114): a new backing file needs -F. It
+ * fails only after copying; refusing first leaves the overlay as it was.
+ */
+function requireBackingFormat(path: string, opts: RebaseOptions): void {
+  if (opts.backing && !opts.backingFormat) {
+    throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path);
+  }
 }
 
 /** Rewrites the header with a new backing name/format (the last, single step of every rebase). */
@@ -69,22 +74,19 @@ async function openRebase(path: string, opts: RebaseOptions, lock: 'auto' | 'non
   };
   try {
     if (!(top instanceof Qcow2Image)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
-    let fmt: ImageFormat | null = opts.backingFormat ?? null;
+    const fmt: ImageFormat | null = opts.backingFormat ?? null;
     if (opts.backing) {
       const full = combineBackingPath(path, opts.backing);
+      // By device and inode: a hard link or symlink to the overlay is the overlay.
+      const fullId = await identityOf(localPathOrNull(full) ?? full);
+      if (sameFile(fullId, (await top.file.identity?.()) ?? null)) throw new UsageError(`${path}: an image cannot be its own backing file`);
       // A new backing inside the old chain is used as it is opened there.
-      for (const layer of chainOf(top).slice(1)) if (await same(layer.filename, full)) next = layer;
+      for (const layer of chainOf(top).slice(1)) if (sameFile(fullId, (await layer.file.identity?.()) ?? null)) next = layer;
       if (!next) {
-        next = await openImage(full, { format: opts.backingFormat, lock });
+        // Its chain must not lead back to the overlay.
+        next = await openImage(full, { format: opts.backingFormat, lock, avoid: [top] });
         nextOpenedHere = true;
       }
-      if (!fmt) {
-        if (next.format === 'raw' && !opts.backingFormat) {
-          throw new FormatError(`new backing file '${opts.backing}' is not qcow2; if it is raw, say so with -F raw`, path);
-        }
-        fmt = next.format;
-      }
-      if (await same(next.filename, path)) throw new UsageError(`${path}: an image cannot be its own backing file`);
     }
     return { top, next, nextOpenedHere, fmt, close };
   } catch (err) {
@@ -143,6 +145,7 @@ function rebaseChunk(top: Qcow2Image, opts: RebaseOptions): number {
  * (exact when it differs wherever it may, as when rebasing past layers that hold data).
  */
 export async function planRebase(ctx: JobContext, path: string, opts: RebaseOptions): Promise<JobPlan> {
+  requireBackingFormat(path, opts);
   const command = ['strata', 'rebase'];
   if (opts.unsafe) command.push('-u');
   command.push('-b', opts.backing);
@@ -205,6 +208,7 @@ export async function planRebase(ctx: JobContext, path: string, opts: RebaseOpti
 }
 
 export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions, planned?: JobPlan): Promise<RebaseResult> {
+  requireBackingFormat(path, opts);
   const plan = planned ?? await planRebase(ctx, path, opts);
   enforcePlan(plan, opts.force);
   const result: RebaseResult = { bytesCompared: 0, bytesWritten: 0, dataBytesWritten: 0, writes: 0 };
@@ -212,15 +216,7 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions,
     const top = await openImageFile(path, { writable: true });
     try {
       if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
-      let fmt: string | null = opts.backingFormat ?? null;
-      if (opts.backing && !fmt) {
-        // Record the format when it can be told without guessing raw.
-        try {
-          const f = await NodeFile.open(combineBackingPath(path, opts.backing));
-          try { if ((await probeFormat(f)) === 'qcow2') fmt = 'qcow2'; } finally { await f.close(); }
-        } catch { /* the new backing need not exist with -u */ }
-      }
-      await writeBackingName(top, opts.backing, fmt);
+      await writeBackingName(top, opts.backing, opts.backingFormat ?? null);
     } finally {
       await closeChain(top);
     }

@@ -1,9 +1,11 @@
 // resize: grow or (with shrink allowed) shrink the virtual size, as qemu-img resize.
 import { basename } from 'node:path';
-import { UsageError } from '../errors';
+import { UnsupportedFeatureError, UsageError } from '../errors';
 import { openImageFile, openImage, closeChain } from '../chain/open';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { Qcow2Image } from '../engine/qcow2';
+import { inconsistentBitmap } from '../engine/bitmaps';
+import { BME_FLAG_IN_USE } from '../format/bitmaps';
 import { RawImage } from '../engine/raw';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { findOverlays } from './overlays';
@@ -43,6 +45,9 @@ export async function planResize(path: string, opts: ResizeOptions): Promise<Job
   try {
     const from = img.virtualSize;
     const to = targetSize(img, path, opts);
+    // QEMU refuses to resize while a bitmap is left in use (inconsistent).
+    const stale = img instanceof Qcow2Image ? img.bitmaps?.find((e) => e.flags & BME_FLAG_IN_USE) : undefined;
+    if (stale) throw inconsistentBitmap(stale, path);
     const sizeArg = opts.relative ? `${opts.size < 0 ? '-' : '+'}${Math.abs(opts.size)}` : String(opts.size);
     const command = ['strata', 'resize'];
     if (opts.shrink) command.push('--shrink');
@@ -51,6 +56,9 @@ export async function planResize(path: string, opts: ResizeOptions): Promise<Job
     const plan = newPlan('resize', `Resize ${basename(path)} from ${from} to ${to} bytes`, command);
     plan.writes.push(abs(path));
     try { chain = await openImage(path, { format: opts.format, lock: 'none' }); } catch { /* the backing chain does not open: list the image alone */ }
+    if (img instanceof Qcow2Image && to > from && img.header.version < 3 && chain?.backing && chain.backing.virtualSize > from) {
+      throw new UnsupportedFeatureError('Failed to zero out new clusters: Operation not supported (a compat=0.10 image has no zero clusters to hide its longer backing file with; upgrade it to compat=1.1 first)', path);
+    }
     const links = chainLinks(chain ?? img);
     links[0]!.virtualSize = to;
     plan.chainsAfter.push(links);
@@ -80,12 +88,14 @@ export async function planResize(path: string, opts: ResizeOptions): Promise<Job
 export async function resize(path: string, opts: ResizeOptions, planned?: JobPlan): Promise<{ from: number; to: number }> {
   const plan = planned ?? await planResize(path, opts);
   enforcePlan(plan, opts.force);
-  const img = await openImageFile(path, { format: opts.format, writable: true });
+  // With its backing chain: whether a longer backing file would show through the grown area
+  // decides how it is zeroed (as qemu-img, which opens the chain too).
+  const img = await openImage(path, { format: opts.format, writable: true });
   try {
     const from = img.virtualSize;
     const to = targetSize(img, path, opts);
     if (img instanceof Qcow2Writable) {
-      if (to > from) await img.grow(to);
+      if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);

@@ -7,9 +7,8 @@ import { openImageFile, openImage, closeChain } from '../chain/open';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { applySnapshot, createSnapshot, deleteSnapshot } from '../engine/snapshots';
+import { applySnapshot, checkSnapshotApplicable, createSnapshot, deleteSnapshot, snapshotGrowth } from '../engine/snapshots';
 import * as C from '../format/constants';
-import { encodeSnapshotTable } from '../format/snapshot';
 import { findOverlays } from './overlays';
 import {
   abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
@@ -43,13 +42,14 @@ export async function planSnapshot(path: string, action: SnapshotAction, name: s
       if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
       if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
       if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
-      // A copy of the L1 table and a new snapshot table (one more entry).
-      const entry = { ...(img.snapshots[0] ?? blankEntry()), name, id: String(img.snapshots.length + 1), extraData: Buffer.alloc(0) };
-      space = clusters(img.l1.length) + clusters(encodeSnapshotTable([...img.snapshots, entry]).length);
+      // What the switch writes where nothing lives (copies of the L2 tables and the L1, a new
+      // snapshot table and refcount structure), laid out as the run will lay it out.
+      space = await snapshotGrowth(img, 'create', name);
     } else {
       const s = findIn(img, name);
+      if (action === 'apply') checkSnapshotApplicable(img, name);
       if (action === 'delete') {
-        space = clusters(encodeSnapshotTable(img.snapshots.filter((x) => x !== s)).length);
+        space = await snapshotGrowth(img, 'delete', s.id);
       } else {
         size = s.diskSize ?? img.virtualSize;
         const g = img.geometry;
@@ -73,13 +73,6 @@ export async function planSnapshot(path: string, action: SnapshotAction, name: s
     await closeChain(chain);
     await closeChain(img);
   }
-}
-
-function blankEntry() {
-  return {
-    l1TableOffset: 0, l1Size: 0, id: '1', name: '', dateSec: 0, dateNsec: 0,
-    vmClockNsec: 0n, vmStateSize: 0, diskSize: 0, icount: 0n, extraData: Buffer.alloc(0),
-  };
 }
 
 export async function snapshotJob(path: string, action: SnapshotAction, name: string, opts: { force?: boolean } = {}, planned?: JobPlan): Promise<JobPlan> {

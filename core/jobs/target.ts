@@ -4,6 +4,7 @@ import { unlink } from '../io/fs-async';
 import { UsageError } from '../errors';
 import { isWritable, type WritableImage } from '../engine/image';
 import { openImage, closeChain } from '../chain/open';
+import { localPath } from '../chain/names';
 import { createImage, type CreateOptions } from './create';
 
 export interface TargetSpec {
@@ -34,7 +35,7 @@ export async function openTarget(path: string, size: number, spec: TargetSpec): 
   try {
     image = await openImage(path, { format: spec.format, writable: true, unsafe: spec.cache === 'unsafe' });
   } catch (err) {
-    if (!spec.existing) await unlink(path).catch(() => {});
+    if (!spec.existing) await unlink(localPath(path)).catch(() => {});
     throw err;
   }
   if (!isWritable(image)) {
@@ -52,5 +53,5 @@ export async function openTarget(path: string, size: number, spec: TargetSpec): 
 /** Closes the target; a target the job created is removed (it is incomplete). */
 export async function abandonTarget(t: Target, path: string): Promise<void> {
   await closeChain(t.image).catch(() => {});
-  if (t.created) await unlink(path).catch(() => {});
+  if (t.created) await unlink(localPath(path)).catch(() => {});
 }

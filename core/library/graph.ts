@@ -4,6 +4,7 @@
 // unreadable).
 import { basename, dirname, relative } from 'node:path';
 import { combineBackingPath } from '../chain/open';
+import { localPathOrNull } from '../chain/names';
 import { sizeToStr } from '../chain/size-str';
 import { isProtocolName, statOrError } from './read-record';
 import type { BackingCandidate, Fix, Holder, ImageRecord, LibraryImage, LibrarySnapshot, LibrarySummary } from './types';
@@ -59,7 +60,8 @@ export function buildGraph(scanned: string[], records: ImageRecord[], holders: M
       continue;
     }
     img.backingRelative = !img.backingName.startsWith('/');
-    img.backingPath = combineBackingPath(img.path, img.backingName);
+    const named = combineBackingPath(img.path, img.backingName);
+    img.backingPath = localPathOrNull(named) ?? named;
     const real = resolveReal(img.backingPath);
     const target = real ? images.get(real) : undefined;
     if (!target) {

@@ -7,6 +7,7 @@
 import { readdirSync, realpathSync, type Dirent } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { combineBackingPath } from '../chain/open';
+import { localPathOrNull } from '../chain/names';
 import { fileKey, findHoldersOf, qemuLockedFiles } from '../io/lock-doctor';
 import { candidateKind, isProtocolName, readRecord, statOrError, type Candidate } from './read-record';
 import { buildGraph } from './graph';
@@ -209,7 +210,8 @@ export class Library {
       const rec = queue.pop()!;
       if (!rec.backingName || rec.error || isProtocolName(rec.backingName)) continue;
       if (++n % YIELD_EVERY === 0) await turn();
-      const target = combineBackingPath(rec.path, rec.backingName);
+      const named = combineBackingPath(rec.path, rec.backingName);
+      const target = localPathOrNull(named) ?? named;
       if (byPath.has(target)) continue;
       let real: string;
       try { real = realpathSync.native(target); } catch { continue; }

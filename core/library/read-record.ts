@@ -6,6 +6,7 @@ import * as C from '../format/constants';
 import { decodeHeader, isQcow2Magic, type ParsedHeader } from '../format/header';
 import { StrataError, printable } from '../errors';
 import type { ImageRecord } from './types';
+import { localPathOrNull } from '../chain/names';
 
 /** File names taken for raw images without being named as a backing file. */
 export const RAW_EXTENSIONS = new Set(['.img', '.raw']);
@@ -174,5 +175,6 @@ export function statOrError(path: string): { st: Stats } | { code: string; messa
 
 /** Backing names in QEMU's protocol syntaxes (nbd:, http:, json:...) that name no local path. */
 export function isProtocolName(name: string): boolean {
-  return /^[a-z][a-z0-9+.-]*:/i.test(name) && !name.startsWith('file:');
+  // As qemu-img reads names: file: and json: over a file name local files (core/chain/names.ts).
+  return localPathOrNull(name) === null;
 }

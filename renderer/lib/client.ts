@@ -7,6 +7,14 @@ import { EVENTS, METHODS, ServerMessageSchema, describeIssues, isEvent, type Eve
 export interface StrataBridge {
   request(message: string): Promise<string>;
   onMessage(fn: (message: string) => void): () => void;
+  /** The desktop's own file chooser (Electron only): a path, or null when cancelled. */
+  choose?(kind: 'folder' | 'file'): Promise<string | null>;
+}
+
+/** The desktop's file chooser where there is one (the Electron window); null in a browser. */
+export function nativeChooser(): ((kind: 'folder' | 'file') => Promise<string | null>) | null {
+  const b = window.strata;
+  return b?.choose ? (kind) => b.choose!(kind) : null;
 }
 
 declare global {

@@ -3,7 +3,7 @@
 // character, and `map` of a 1 TiB image with a few scattered writes.
 import { copyFileSync } from 'node:fs';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { describeOracle, qemuImg, qemuImgRun } from '../oracle/qemu';
+import { qemuImg, qemuImgRun, describeOracleText } from '../oracle/qemu';
 import { MATRIX, buildHugeImage, imageWorkspace, type ImageCase } from '../oracle/images';
 import { ensureBuilt, flipByte, strata, strataBin, strataOk, syncFiles } from './run-cli';
 
@@ -17,7 +17,7 @@ function byName(name: string): ImageCase {
 /** A stack trace line as V8 prints them. */
 const STACK_LINE = /^\s+at .+/m;
 
-describeOracle('strata CLI text and binary against qemu-img', () => {
+describeOracleText('strata CLI text and binary against qemu-img', () => {
   const workspace = imageWorkspace('strata-cli-text-');
   const built: Record<string, string> = {};
 

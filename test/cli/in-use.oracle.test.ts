@@ -6,12 +6,12 @@
 // refuses writes to an image QEMU holds, through /proc/locks.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { native } from '../../core/io/native';
-import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
+import { qemuImg, qemuImgRun, qemuIo, tempDir, describeOracleText } from '../oracle/qemu';
 import { lockBytes, poll, startHolder, type Holder } from '../oracle/holders';
 import { ensureBuilt, strata, strataBin as runBin } from './run-cli';
 
@@ -87,8 +87,8 @@ function hashes(f: Fixture): Record<string, string> {
 const WRITERS: { name: string; args: (f: Fixture) => string[] }[] = [
   { name: 'commit', args: (f) => ['commit', f.top] },
   { name: 'commit -d', args: (f) => ['commit', '-d', f.top] },
-  { name: 'rebase -b X', args: (f) => ['rebase', '-b', 'x.qcow2', f.top] },
-  { name: 'rebase -u -b X', args: (f) => ['rebase', '-u', '-b', 'x.qcow2', f.top] },
+  { name: 'rebase -b X', args: (f) => ['rebase', '-b', 'x.qcow2', '-F', 'qcow2', f.top] },
+  { name: 'rebase -u -b X', args: (f) => ['rebase', '-u', '-b', 'x.qcow2', '-F', 'qcow2', f.top] },
   { name: 'rebase -b "" (flatten)', args: (f) => ['rebase', '-b', '', f.top] },
   { name: 'snapshot -c S', args: (f) => ['snapshot', '-c', 'S', f.top] },
   { name: 'snapshot -a old', args: (f) => ['snapshot', '-a', 'old', f.top] },
@@ -110,7 +110,7 @@ function expectRefusal(r: { code: number | null; err: string }, file: string, ho
 
 // ---------------------------------------------------------------------------------------------
 
-describeOracle('strata on an image held by QEMU', () => {
+describeOracleText('strata on an image held by QEMU', () => {
   const tmp = tempDir('strata-inuse-');
   beforeAll(() => ensureBuilt());
   afterAll(() => tmp.cleanup());
@@ -342,13 +342,39 @@ describeOracle('strata on an image held by QEMU', () => {
       });
     }
 
+    it('with no holder, every writing command refuses, says how to build the addon, and changes nothing', () => {
+      const own = makeFixture(tmp.path('fallback-unlocked'));
+      const was = hashes(own);
+      const cmds = [...WRITERS.map((w) => w.args(own)), ['create', '-f', 'qcow2', join(own.dir, 'new.qcow2'), '1M'], ['convert', '-O', 'qcow2', own.top, join(own.dir, 'out.qcow2')]];
+      for (const args of cmds) {
+        const r = strataBin(args, env);
+        const what = args.join(' ');
+        expect(r.status, what).toBe(1);
+        expect(r.stderr.trim().split('\n'), what).toHaveLength(1);
+        expect(r.stderr, what).toMatch(/^strata: \S+: cannot hold QEMU's image locks: the native addon is not available \(disabled by STRATA_NO_NATIVE=1\).*`npm rebuild` \(node-gyp needs python3, make and g\+\+\), or pass --force-unlocked/);
+      }
+      expect(hashes(own)).toEqual(was);
+      expect(existsSync(join(own.dir, 'new.qcow2'))).toBe(false);
+      expect(existsSync(join(own.dir, 'out.qcow2'))).toBe(false);
+    });
+
+    it('--force-unlocked writes anyway (before or after the command name)', () => {
+      const own = makeFixture(tmp.path('fallback-forced'));
+      expect(strataBin(['io', '--force-unlocked', '-c', 'write -P 0x66 0 64k', own.top], env).status).toBe(0);
+      expect(strataBin(['--force-unlocked', 'commit', '-d', own.top], env)).toMatchObject({ status: 0, stderr: '' });
+      expect(qemuImgRun('check', own.base).status).toBe(0);
+      expect(strataBin(['io', '-c', 'read -P 0x66 0 64k', own.base], env).status).toBe(0);
+      expect(strataBin(['--help'], env).stdout).toContain('--force-unlocked   write anyway, without locks. UNSAFE');
+    });
+
     it('reads still work: info, map, compare -U, convert -U, snapshot -l -U; compare without -U is refused (exit 2)', () => {
       expect(strataBin(['info', f.top], env).status).toBe(0);
       expect(strataBin(['map', '--output=json', f.top], env).stdout).toBe(qemuImg('map', '-U', '--output=json', f.top));
       const theirs = join(f.dir, 'fb-q.raw');
       qemuImg('convert', '-U', '-O', 'raw', f.top, theirs);
       const ours = join(f.dir, 'fb.raw');
-      expect(strataBin(['convert', '-U', '-O', 'raw', f.top, ours], env).status).toBe(0);
+      // Writing the copy needs --force-unlocked without the addon; reading the source does not.
+      expect(strataBin(['convert', '--force-unlocked', '-U', '-O', 'raw', f.top, ours], env).status).toBe(0);
       expect(sha256(ours)).toBe(sha256(theirs));
       expect(strataBin(['compare', '-U', f.top, theirs], env)).toMatchObject({ status: 0, stdout: 'Images are identical.\n' });
       expect(strataBin(['snapshot', '-l', '-U', f.top], env).stdout).toBe(qemuImg('snapshot', '-l', '-U', f.top));
@@ -378,7 +404,7 @@ describeOracle('strata on an image held by QEMU', () => {
         const q = spawnSync('qemu-io', ['-c', 'write -P 0x44 0 4k', img], { encoding: 'utf8' });
         expect(q.stderr).toBe('');
         expect((await strata('io', '-c', 'write -P 0x45 4k 4k', img)).code).toBe(0);
-        const r = strataBin(['io', '-c', 'write -P 0x46 8k 4k', img], env);
+        const r = strataBin(['io', '--force-unlocked', '-c', 'write -P 0x46 8k 4k', img], env);
         expect(r.stderr).toBe('');
         expect(r.status).toBe(0);
       } finally {

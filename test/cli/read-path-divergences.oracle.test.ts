@@ -3,11 +3,11 @@
 // (read-path, chains-snapshots) hits the same divergences across many images.
 import { truncateSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { describeOracle, qemuImg, tempDir } from '../oracle/qemu';
+import { qemuImg, tempDir, describeOracleText } from '../oracle/qemu';
 import { createQcow2, io, snapshot, MiB } from '../oracle/images';
 import { expectSameFile, strataOk, syncFiles } from './run-cli';
 
-describeOracle('read path: minimal divergences from qemu-img', () => {
+describeOracleText('read path: minimal divergences from qemu-img', () => {
   let tmp: ReturnType<typeof tempDir>;
   beforeAll(() => { tmp = tempDir('strata-diverge-'); });
   afterAll(() => tmp?.cleanup());

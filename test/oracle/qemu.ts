@@ -13,6 +13,9 @@ function probe(tool: string): boolean {
 
 export const haveQemu = probe('qemu-img') && probe('qemu-io');
 
+/** qemu-nbd and nbdinfo (libnbd-bin): the persistent-bitmap tests need both. */
+export const haveNbd = probe('qemu-nbd') && probe('nbdinfo');
+
 let warned = false;
 /** describe() for tests that need qemu-img/qemu-io. */
 export function describeOracle(name: string, fn: () => void): void {
@@ -33,6 +36,31 @@ export function describeOracle(name: string, fn: () => void): void {
     process.stderr.write('\n*** qemu-img/qemu-io NOT FOUND: oracle tests are SKIPPED. Install qemu-utils to run them. ***\n\n');
   }
   describe.skip(name, fn);
+}
+
+/** The qemu-img version found ("7.2.22"), or null without one. */
+export const qemuVersion: string | null = (() => {
+  const r = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' });
+  return r.status === 0 ? (/version (\d+\.\d+\.\d+)/.exec(r.stdout)?.[1] ?? null) : null;
+})();
+
+/** The series whose exact output (messages, human text, JSON field order) the tests expect. */
+export const QEMU_TEXT_SERIES = '7.2';
+
+/**
+ * describeOracle for tests that compare qemu-img's exact output: their first test checks that
+ * the qemu-img found is 7.2.x, and says plainly when it is not (the others may then fail on
+ * wording alone).
+ */
+export function describeOracleText(name: string, fn: () => void): void {
+  describeOracle(name, () => {
+    it(`qemu-img is ${QEMU_TEXT_SERIES}.x, whose exact output these tests compare`, () => {
+      if (!qemuVersion?.startsWith(`${QEMU_TEXT_SERIES}.`)) {
+        throw new Error(`these tests compare qemu-img ${QEMU_TEXT_SERIES}'s exact output, but qemu-img ${qemuVersion ?? '(version unknown)'} is installed: differences below may be wording only`);
+      }
+    });
+    fn();
+  });
 }
 
 export function qemuImg(...args: string[]): string {
@@ -64,4 +92,17 @@ export function qemuCheck(file: string): { status: number; json: Record<string, 
 export function tempDir(prefix = 'strata-test-'): { dir: string; path: (name: string) => string; cleanup: () => void } {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   return { dir, path: (name) => join(dir, name), cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/**
+ * The ranges a persistent bitmap marks dirty, as QEMU reports them: qemu-nbd exports the image
+ * with the bitmap (-B) and nbdinfo (libnbd-bin) lists the qemu:dirty-bitmap meta context.
+ * Returns [start, end) pairs of dirty bytes.
+ */
+export function dirtyRanges(file: string, bitmap: string): [number, number][] {
+  if (!haveNbd) throw new Error('qemu-nbd and nbdinfo are needed (apt-get install qemu-utils libnbd-bin; .ci/run installs them)');
+  const r = spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${bitmap}`, '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', bitmap, file, ']'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`nbdinfo on ${file} (bitmap ${bitmap}) failed: ${r.stderr}`);
+  const map = JSON.parse(r.stdout) as { offset: number; length: number; type: number }[];
+  return map.filter((e) => e.type & 1).map((e) => [e.offset, e.offset + e.length]);
 }

@@ -3,6 +3,7 @@
 import { useCallback, useEffect, useState } from 'react';
 import { Button, Icon, Spinner } from '../../components/ui';
 import { client, errorText } from '../../lib/store';
+import { nativeChooser } from '../../lib/client';
 import { size } from '../../lib/format';
 import type { Result } from '../../../core/protocol/rpc';
 
@@ -19,6 +20,7 @@ export function FolderPicker({ start, mode, onPick, value, onValue }: {
   const [listing, setListing] = useState<Listing | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [loading, setLoading] = useState(false);
+  const chooser = nativeChooser();
 
   const open = useCallback(async (path: string) => {
     setLoading(true);
@@ -45,6 +47,14 @@ export function FolderPicker({ start, mode, onPick, value, onValue }: {
             onKeyDown={(e) => { if (e.key === 'Enter' && mode === 'folder') { e.preventDefault(); void open(value); } }}
             className="min-w-0 flex-1 rounded-md border border-slate-300 bg-white px-2 py-1.5 font-mono text-sm dark:border-slate-600 dark:bg-slate-800" />
           {mode === 'folder' && <Button small onClick={() => void open(value)}>Go</Button>}
+          {chooser && (
+            <Button small onClick={async () => {
+              const picked = await chooser(mode);
+              if (!picked) return;
+              onValue(picked);
+              if (mode === 'folder') void open(picked);
+            }}>Choose…</Button>
+          )}
         </div>
       </label>
       {error && <p role="alert" className="text-sm text-red-700 dark:text-red-400">{error}</p>}

@@ -487,6 +487,41 @@ export const WORST_CASES: WorstCase[] = [
     build: patched((p) => { writeAt(p, H.refcountTableClusters, u32(2048)); writeAt(p, H.refcountTableOffset, u64(0x10000)); }),
   },
   {
+    // iotest 261: entries with 1 KiB of extra data and 64 KiB ID and name, past 64 MiB in all.
+    name: 'snapshot table of 64 MiB and one more entry (iotest 261)', expect: 'error', problem: /Snapshot table is too big/, command: ['info'],
+    build: patched((p) => {
+      const entry = Buffer.alloc(40);
+      entry.writeUInt16BE(0xffff, 12);
+      entry.writeUInt16BE(0xffff, 14);
+      entry.writeUInt32BE(1024, 36);
+      const stride = 40 + 1024 + 0xffff * 2 + 2;
+      const at = 1 << 20;
+      let n = 0;
+      for (let written = 0; written <= 64 * 1024 * 1024; written += stride, n++) writeAt(p, at + n * stride, entry);
+      truncateSync(p, at + n * stride);
+      writeAt(p, H.nbSnapshots, u32(n));
+      writeAt(p, H.snapshotsOffset, u64(at));
+    }),
+  },
+  ...(['info', 'measure'] as const).map((cmd): WorstCase => ({
+    name: 'bitmap directory size of 1 TiB in the header', expect: 'error', problem: /bitmap directory size/,
+    command: cmd === 'info' ? ['info'] : ['measure', '-O', 'qcow2'],
+    build: patched((p) => {
+      const ext = Buffer.concat([u32(0x23852875), u32(24), u32(1), u32(0), u64(2 ** 40), u64(0x10000), Buffer.alloc(8)]);
+      writeAt(p, getU32(p, H.headerLength), ext);
+      writeAt(p, 88, u64(1)); // autoclear: bitmaps
+    }),
+  })),
+  {
+    // The autoclear bit is clear: a program without bitmap support wrote the image, the
+    // extension is stale and ignored (QEMU opens it), whatever it says.
+    name: 'stale bitmaps extension (autoclear bit clear) with a 1 TiB directory', expect: 'ok', command: ['measure', '-O', 'qcow2'],
+    build: patched((p) => {
+      const ext = Buffer.concat([u32(0x23852875), u32(24), u32(0), u32(0), u64(2 ** 40), u64(0x10001), Buffer.alloc(8)]);
+      writeAt(p, getU32(p, H.headerLength), ext);
+    }),
+  },
+  {
     name: 'bitmap directory at its 64 MiB limit, past EOF', expect: 'any', command: ['info'],
     build: patched((p) => {
       const ext = Buffer.concat([u32(0x23852875), u32(24), u32(1), u32(0), u64(64 * 1024 * 1024), u64(0x40000000), Buffer.alloc(8)]);

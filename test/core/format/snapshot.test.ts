@@ -170,8 +170,14 @@ describe('hostile tables: typed errors naming the file', () => {
       const b = Buffer.alloc(Math.min(C.MAX_SNAPSHOTS_SIZE, 2 * need));
       for (let o = 0; o + 40 <= b.length; o += 40 + 1024 + 0x1fffe + 2) big.copy(b, o);
       return b;
-    }, FILE), /too large/);
+    }, FILE), /Snapshot table is too big/);
     expect(Math.max(...asked2)).toBeLessThanOrEqual(C.MAX_SNAPSHOTS_SIZE);
+    // iotest 261: the limit holds even when the buffer already holds the whole table.
+    const entry = 40 + 1024 + 0x1fffe + 2;
+    const whole = Buffer.alloc(C.MAX_SNAPSHOTS_SIZE + 2 * entry);
+    let n = 0;
+    for (let o = 0; o + 40 <= whole.length; o += entry, n++) big.copy(whole, o);
+    await expectCorrupt(decodeSnapshotTable(whole, n, 16, async () => null, FILE), /Snapshot table is too big/);
   });
 
   it('an L1 table offset that is unaligned or past 2^53, or an L1 table larger than 32 MiB', async () => {

@@ -1,6 +1,8 @@
 // Crash safety of rebase and commit on a real chain: the real CLI is SIGKILLed at random moments;
 // afterwards every image passes qemu-img check with at most leaked clusters, and the chain (read
-// through its top) holds exactly what it held before the job.
+// through its top) holds exactly what it held before the job. A killed process loses nothing
+// the kernel has: every write it completed stays in the page cache, so this sees process death,
+// not write ordering (power cuts are failures.oracle.test.ts's crash cuts).
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -12,9 +14,8 @@ import { ensureBuilt } from '../../cli/run-cli';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const SIZE = 256 * MiB;
+/** Kills per job kind: a fixed number, whatever the machine's speed. */
 const KILLS = 10;
-/** Wall-clock budget per job kind for the kill loop (the test stops early, and says so, past it). */
-const BUDGET_MS = 80_000;
 
 interface Outcome { code: number | null; signal: NodeJS.Signals | null; ms: number; stderr: string }
 
@@ -83,7 +84,7 @@ describeOracle('rebase and commit survive SIGKILL at any moment', () => {
   }
 
   for (const job of [
-    { name: 'rebase', args: ['rebase', '-b', 'base.qcow2', 'top.qcow2'], seed: 41 },
+    { name: 'rebase', args: ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], seed: 41 },
     { name: 'commit', args: ['commit', 'top.qcow2'], seed: 42 },
   ]) {
     it(`${job.name}: ${KILLS} random SIGKILLs leave at most leaks and the same content`, async () => {
@@ -103,7 +104,6 @@ describeOracle('rebase and commit survive SIGKILL at any moment', () => {
         const log: string[] = [];
         let done = 0;
         for (let i = 0; i < KILLS; i++) {
-          if (Date.now() - started > BUDGET_MS) { log.push(`budget reached after ${i} kills`); break; }
           const dir = join(work.dir, `kill-${i}`);
           freshCopy(dir);
           // Half the kills anywhere in the run, half late in it, where the short final steps
@@ -126,7 +126,7 @@ describeOracle('rebase and commit survive SIGKILL at any moment', () => {
           execFileSync('rm', ['-rf', dir]);
         }
         console.log(`[chain-crash ${job.name}] uncrashed run ${typical} ms; ${done} runs:\n  ${log.join('\n  ')}\n  loop ${Date.now() - started} ms`);
-        expect(done).toBeGreaterThanOrEqual(4);
+        expect(done).toBe(KILLS);
       } finally {
         work.cleanup();
       }

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, expect as globalExpect, it, type ExpectStatic } from 'vitest';
 import { strata } from '../../cli/run-cli';
 import { parseCreateOptions } from '../../../core/jobs/create';
-import { describeOracle, qemuCheck, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
+import { qemuCheck, qemuImg, qemuImgRun, qemuIo, tempDir, describeOracleText } from '../../oracle/qemu';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
@@ -102,7 +102,7 @@ const preallocCases: Case[] = [
   { name: 'preallocation=metadata 64M with qcow2 backing (extended_l2)', o: 'preallocation=metadata,extended_l2=on', size: 64 * MiB, extra: ['-b', 'base.qcow2', '-F', 'qcow2'] },
 ];
 
-describeOracle('strata create (oracle: qemu-img create 7.2)', () => {
+describeOracleText('strata create (oracle: qemu-img create 7.2)', () => {
   const t = tempDir('strata-create-');
   const report: string[] = [];
   const sub = (name: string) => join(t.dir, name);
@@ -289,8 +289,9 @@ describeOracle('strata create (oracle: qemu-img create 7.2)', () => {
     { args: ['-f', 'qcow2', '-o', 'cluster_size=512', '@F@', String(128 * GiB + 512)], match: /too large/ },
     { args: ['-f', 'qcow2', '-b', '@DIR@/missing.qcow2', '-F', 'qcow2', '@F@'], match: /does not exist/ },
     { args: ['-f', 'qcow2', '-b', 'missing.qcow2', '-F', 'qcow2', '@F@', '1M'], match: /does not exist/ },
-    { args: ['-f', 'qcow2', '-b', '@DIR@/base.qcow2', '@F@', '1M'], match: /backing format must be specified with -F/ },
-    { args: ['-f', 'qcow2', '-u', '-b', 'missing.qcow2', '@F@', '1M'], match: /backing format must be specified with -F/ },
+    // qemu-img 7.2's words, and what it detected (never recorded: iotest 114).
+    { args: ['-f', 'qcow2', '-b', '@DIR@/base.qcow2', '@F@', '1M'], match: /Backing file specified without backing format.*\nDetected format of qcow2\./ },
+    { args: ['-f', 'qcow2', '-u', '-b', 'missing.qcow2', '@F@', '1M'], match: /Backing file specified without backing format/ },
     { args: ['-f', 'qcow2', '-u', '-b', 'missing.qcow2', '-F', 'qcow2', '@F@'], match: /SIZE is needed with -u/ },
     { args: ['-f', 'qcow2', '-F', 'qcow2', '@F@', '1M'], match: /needs a backing file/ },
     { args: ['-f', 'qcow2', '-o', 'preallocation=metadata', '-b', 'base.qcow2', '-F', 'qcow2', '@F@', '1M'], match: /preallocation=metadata with a backing file needs extended_l2=on/ },

@@ -3,7 +3,7 @@
 // and to a qcow2 target that passes qemu-img check, both keeping only the data allocated;
 // mirroring again onto the finished target writes nothing; --sync top keeps the backing file.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, fsyncSync, openSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, statSync, writeSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
 import { mirror } from '../../../core/jobs/mirror';
@@ -152,6 +152,25 @@ describeOracle('mirror', () => {
       console.log(`[mirror] --sync top: target ${allocatedBytes(dst)} bytes allocated, top ${allocatedBytes(top)}; own data ${own(dst)} vs ${own(top)}`);
       expect(own(dst)).toBeLessThanOrEqual(own(top));
       expect(allocatedBytes(dst)).toBeLessThanOrEqual(allocatedBytes(top) + 256 * 1024);
+    } finally {
+      d.cleanup();
+    }
+  });
+
+  it('--sync top into another folder: the relative backing name is rewritten to lead to the same file', async () => {
+    const d = tempDir('strata-mirror-top-dir-');
+    try {
+      mkdirSync(d.path('vms'));
+      mkdirSync(d.path('backup'));
+      qemuImg('create', '-q', '-f', 'qcow2', d.path('vms/base.qcow2'), '16M');
+      qemuIo(d.path('vms/base.qcow2'), ['write -P 0x31 0 8M']);
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', d.path('vms/top.qcow2'));
+      qemuIo(d.path('vms/top.qcow2'), ['write -P 0x41 1M 64k']);
+      const dst = d.path('backup/top.qcow2');
+      await strataOk('mirror', '--sync', 'top', d.path('vms/top.qcow2'), dst);
+      expect(qemuInfo(dst)['backing-filename']).toBe('../vms/base.qcow2');
+      expectClean(dst);
+      expectSameContent(d.path('vms/top.qcow2'), dst);
     } finally {
       d.cleanup();
     }

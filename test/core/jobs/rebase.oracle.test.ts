@@ -4,11 +4,11 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, renameSync } from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { describeOracle, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
+import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import { rebase } from '../../../core/jobs/rebase';
 import {
   allocatedBytes, batches, expectClean, expectSameContent, fileHash, fileSize, guestHash, KiB, MiB,
-  qemuInfo, qemuIoMismatches, qemuMap, rng, strataOk,
+  qemuInfo, qemuIoMismatches, qemuMap, rng, strata, strataOk,
 } from './helpers';
 
 const SIZE = 128 * MiB;
@@ -78,7 +78,7 @@ describeOracle('rebase against qemu-img', () => {
         const topBefore = allocatedBytes(top);
 
         const t0 = Date.now();
-        const res = await rebase({}, top, { backing: 'base.qcow2' });
+        const res = await rebase({}, top, { backing: 'base.qcow2', backingFormat: 'qcow2' });
         const strataMs = Date.now() - t0;
         const t1 = Date.now();
         qemuImg('rebase', '-b', 'base.qcow2', '-F', 'qcow2', `${q}/top.qcow2`);
@@ -128,7 +128,7 @@ describeOracle('rebase against qemu-img', () => {
         qemuImg('create', '-q', '-f', 'qcow2', '-o', v.opts, '-b', 'mid.qcow2', '-F', 'qcow2', top);
         const before = guestHash(top);
 
-        const res = await rebase({}, top, { backing: 'base.qcow2' });
+        const res = await rebase({}, top, { backing: 'base.qcow2', backingFormat: 'qcow2' });
         expect({ writes: res.writes, bytesWritten: res.bytesWritten }).toEqual({ writes: v.writes, bytesWritten: v.bytes });
 
         expectClean(top);
@@ -169,7 +169,7 @@ describeOracle('rebase against qemu-img', () => {
       const tail = fileHash(top, cs);
       const size = fileSize(top);
       renameSync(base, t.path('moved.qcow2'));
-      await strataOk('rebase', '-u', '-b', 'moved.qcow2', top);
+      await strataOk('rebase', '-u', '-b', 'moved.qcow2', '-F', 'qcow2', top);
       expect(fileSize(top)).toBe(size);
       expect(fileHash(top, cs)).toBe(tail);
       const info = qemuInfo(top);
@@ -235,7 +235,7 @@ describeOracle('rebase against qemu-img', () => {
       const short = t.path('short.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', short, '10M');
       qemuIo(short, ['write -P 0x11 0 6M', 'write -P 0x71 6M 1M', 'write -P 0x72 9M 1M']);
-      await strataOk('rebase', '-b', 'short.qcow2', top);
+      await strataOk('rebase', '-b', 'short.qcow2', '-F', 'qcow2', top);
       expect(qemuInfo(top)['backing-filename']).toBe('short.qcow2');
       expectClean(top);
       expect(guestHash(top)).toBe(before);
@@ -276,12 +276,12 @@ describeOracle('rebase against qemu-img', () => {
       expectClean(top);
       expect(guestHash(top)).toBe(before);
 
-      await strataOk('rebase', '-u', '-b', 'base.qcow2', top);
+      await strataOk('rebase', '-u', '-b', 'base.qcow2', '-F', 'qcow2', top);
       info = qemuInfo(top);
       expect(info['backing-filename']).toBe('base.qcow2');
       expect(info['backing-filename-format']).toBe('qcow2');
       // Safe rebase back under a relative name: still relative, still the same content.
-      await strataOk('rebase', '-b', '../sub/copy.qcow2', top);
+      await strataOk('rebase', '-b', '../sub/copy.qcow2', '-F', 'qcow2', top);
       info = qemuInfo(top);
       expect(info['backing-filename']).toBe('../sub/copy.qcow2');
       expectClean(top);
@@ -290,4 +290,37 @@ describeOracle('rebase against qemu-img', () => {
       t.cleanup();
     }
   });
+});
+
+describeOracle('rebase never records a probed format (iotest 114)', () => {
+  const t = tempDir('strata-rebase-noprobe-');
+  afterAll(() => t.cleanup());
+
+  for (const unsafe of [true, false]) {
+    for (const kind of ['qcow2', 'raw'] as const) {
+      it(`rebase ${unsafe ? '-u ' : ''}-b NEW (${kind}) without -F: refused as by qemu-img 7.2, overlay byte for byte unchanged`, async () => {
+        const dir = t.path(`${unsafe ? 'u' : 's'}-${kind}`);
+        mkdirSync(dir);
+        const old = `${dir}/old.qcow2`;
+        const top = `${dir}/top.qcow2`;
+        const next = `${dir}/new.${kind}`;
+        qemuImg('create', '-q', '-f', 'qcow2', old, '4M');
+        qemuIo(old, ['write -P 0x11 0 4M']);
+        qemuImg('create', '-q', '-f', kind, next, '4M');
+        qemuImg('create', '-q', '-f', 'qcow2', '-b', 'old.qcow2', '-F', 'qcow2', top);
+        qemuIo(top, ['write -P 0x22 1M 64k']);
+        execFileSync('cp', [top, `${top}.qemu`]);
+        const theirs = qemuImgRun('rebase', ...(unsafe ? ['-u'] : []), '-b', `new.${kind}`, `${top}.qemu`);
+        expect(theirs.status).toBe(1);
+        expect(theirs.stderr).toMatch(/backing format must be specified/);
+        const before = fileHash(top);
+        const r = await strata('rebase', ...(unsafe ? ['-u'] : []), '-b', `new.${kind}`, top);
+        expect(r.code).toBe(1);
+        expect(r.err).toMatch(/Could not change the backing file to 'new\.\w+': backing format must be specified/);
+        expect(r.err.trim().split('\n')).toHaveLength(1);
+        expect(fileHash(top)).toBe(before);
+        expect(qemuInfo(top)['backing-filename-format']).toBe('qcow2');
+      });
+    }
+  }
 });

@@ -2,7 +2,7 @@
 // leave no leaks; snapshots made by either tool are listed identically and applied by the other;
 // compressed clusters and extended-L2 images (with a backing file) included.
 import { expect, it } from 'vitest';
-import { describeOracle, qemuImg, qemuIo, tempDir } from '../../oracle/qemu';
+import { qemuImg, qemuIo, tempDir, describeOracleText } from '../../oracle/qemu';
 import { expectClean, guestHash, qemuInfo, strataOk } from './helpers';
 
 async function expectSameList(file: string): Promise<string> {
@@ -106,7 +106,7 @@ const LAYOUTS: Layout[] = [
   },
 ];
 
-describeOracle('internal snapshots against qemu-img', () => {
+describeOracleText('internal snapshots against qemu-img', () => {
   for (const L of LAYOUTS) {
     it(`${L.name}: strata create, write (strata io), apply restores, delete leaves no leaks`, async () => {
       const t = tempDir();

@@ -1,0 +1,101 @@
+// Image names in QEMU's syntaxes, as qemu-img 7.2 reads them (and libvirt records them as
+// backing names): a plain path; `file:PATH` (a path, even with a colon in it); `json:{...}`
+// (block-layer options: a format driver over a file, e.g.
+// json:{"driver":"qcow2","file":{"driver":"file","filename":"/x/base.qcow2"}}); and protocol
+// names (`nbd://...`, `http:...`, `blkdebug:...`): anything with a colon before the first
+// slash. Strata opens local files and block devices; protocols are refused in one line.
+import { FormatError, UnsupportedFeatureError, printable } from '../errors';
+
+export type ImageName =
+  /** A local file or block device: `path` is what QEMU would open, relative to the cwd. */
+  | { kind: 'file'; path: string; format?: string; noBacking?: boolean }
+  | { kind: 'protocol'; protocol: string };
+
+/** QEMU's path_has_protocol: a ':' before any '/' (or '\'). */
+export function hasProtocol(name: string): boolean {
+  const i = name.search(/[:/\\]/);
+  return i >= 0 && name[i] === ':';
+}
+
+/** The protocols that name a local file. */
+const LOCAL_PROTOCOLS = new Set(['file', 'host_device', 'host_cdrom']);
+/** Format drivers Strata reads. */
+const FORMATS = new Set(['qcow2', 'raw']);
+
+/** json: options flattened to dotted keys ({"file":{"filename":X}} → file.filename = X). */
+function flatten(o: Record<string, unknown>, prefix = '', out: Record<string, unknown> = {}): Record<string, unknown> {
+  for (const [k, v] of Object.entries(o)) {
+    if (v !== null && typeof v === 'object' && !Array.isArray(v)) flatten(v as Record<string, unknown>, `${prefix}${k}.`, out);
+    else out[`${prefix}${k}`] = v;
+  }
+  return out;
+}
+
+export function parseImageName(name: string): ImageName {
+  if (!hasProtocol(name)) return { kind: 'file', path: name };
+  const colon = name.indexOf(':');
+  const protocol = name.slice(0, colon);
+  if (LOCAL_PROTOCOLS.has(protocol)) return { kind: 'file', path: name.slice(colon + 1) };
+  if (protocol !== 'json') return { kind: 'protocol', protocol };
+  let raw: unknown;
+  try {
+    raw = JSON.parse(name.slice(colon + 1));
+  } catch (err) {
+    throw new FormatError(`'${printable(name)}': Could not parse the JSON options: ${(err as Error).message}`);
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new FormatError(`'${printable(name)}': the JSON options must be an object`);
+  const o = flatten(raw as Record<string, unknown>);
+  const noBacking = (raw as Record<string, unknown>).backing === null;
+  const driver = o.driver;
+  if (driver !== undefined && typeof driver !== 'string') throw new FormatError(`'${printable(name)}': 'driver' must be a string`);
+  if (driver !== undefined && LOCAL_PROTOCOLS.has(driver)) {
+    // The protocol node alone: QEMU reads its bytes as they are.
+    if (typeof o.filename !== 'string') throw new FormatError(`'${printable(name)}': no 'filename' for the ${driver} driver`);
+    return { kind: 'file', path: o.filename, format: 'raw', noBacking };
+  }
+  if (driver !== undefined && !FORMATS.has(driver)) return { kind: 'protocol', protocol: driver };
+  if (typeof (raw as Record<string, unknown>).file === 'string') {
+    const ref = (raw as Record<string, unknown>).file as string;
+    throw new FormatError(`'${printable(name)}': Cannot find device='${printable(ref)}' nor node-name='${printable(ref)}' (give "file": {"driver": "file", "filename": ...})`);
+  }
+  const fileDriver = o['file.driver'] ?? 'file';
+  if (typeof fileDriver !== 'string') throw new FormatError(`'${printable(name)}': 'file.driver' must be a string`);
+  if (!LOCAL_PROTOCOLS.has(fileDriver)) return { kind: 'protocol', protocol: fileDriver };
+  const filename = o['file.filename'];
+  if (typeof filename !== 'string') throw new FormatError(`'${printable(name)}': the JSON options name no file (no file.filename)`);
+  return { kind: 'file', path: filename, format: driver, noBacking };
+}
+
+/** QEMU's block drivers that are protocols or filters (not a typo for a file name). */
+const KNOWN_PROTOCOLS = new Set([
+  'nbd', 'nbd+tcp', 'nbd+unix', 'http', 'https', 'ftp', 'ftps', 'ssh', 'iscsi', 'iser', 'gluster', 'gluster+tcp',
+  'gluster+unix', 'gluster+rdma', 'rbd', 'nfs', 'blkdebug', 'blkverify', 'blkreplay', 'null-co', 'null-aio', 'vvfat',
+  'fat', 'quorum', 'throttle', 'copy-on-read', 'compress', 'preallocate', 'nvme', 'vxhs', 'sheepdog', 'luks', 'qcow',
+  'qed', 'vmdk', 'vdi', 'vpc', 'vhdx', 'parallels', 'bochs', 'cloop', 'dmg', 'blklogwrites', 'io_uring', 'host_device',
+]);
+
+/** The one-line refusal for a name Strata cannot open. */
+export function protocolRefusal(name: string, protocol: string, wantedBy?: string): UnsupportedFeatureError {
+  const who = wantedBy ? `backing file '${printable(name)}' of '${printable(wantedBy)}'` : `'${printable(name)}'`;
+  const hint = KNOWN_PROTOCOLS.has(protocol) || name.startsWith('json:')
+    ? 'it opens local files and block devices, as qcow2 or raw'
+    : `unknown to qemu-img too; for a file whose name has a colon, write ./${printable(name)} or file:${printable(name)}`;
+  return new UnsupportedFeatureError(`${who} is opened through the '${printable(protocol)}' driver, which Strata does not open (${hint})`);
+}
+
+/** The local path a name stands for; protocols are refused (for targets: create, convert, mirror). */
+export function localPath(name: string): string {
+  const p = parseImageName(name);
+  if (p.kind === 'protocol') throw protocolRefusal(name, p.protocol);
+  return p.path;
+}
+
+/** The local path a name stands for, or null when it is not one (a protocol, bad json). */
+export function localPathOrNull(name: string): string | null {
+  try {
+    const p = parseImageName(name);
+    return p.kind === 'file' ? p.path : null;
+  } catch {
+    return null;
+  }
+}
