@@ -24,6 +24,7 @@ import { CorruptImageError, UnsupportedFeatureError, UsageError } from '../error
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, decodeL2Bitmap, encodeL2Entry, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { compressClusterAsync } from '../codec/index';
 import type { BlockFile, HostExtent } from '../io/block-file';
+import type { FileIdentity } from '../io/identity';
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2';
 import type { DiskImage } from './image';
 import { Refcounts } from './refcounts';
@@ -77,10 +78,18 @@ class GuardedFile implements BlockFile {
   failure: unknown = null;
   readonly extents?: (offset: number, length: number) => Promise<HostExtent[]>;
   readonly allocatedSize?: () => Promise<number>;
+  readonly discard?: (offset: number, length: number) => Promise<void>;
+  readonly zeroRange?: (offset: number, length: number) => Promise<boolean>;
+  readonly identity?: () => Promise<FileIdentity>;
 
   constructor(private readonly inner: BlockFile) {
+    // Every optional call the file has, the guarded file has: those that change the file are
+    // guarded like writes.
     if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
     if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
+    if (inner.identity) this.identity = () => inner.identity!();
+    if (inner.discard) this.discard = (o, l) => this.guard(() => inner.discard!(o, l));
+    if (inner.zeroRange) this.zeroRange = (o, l) => this.guard(() => inner.zeroRange!(o, l));
   }
 
   get path(): string { return this.inner.path; }
@@ -92,9 +101,9 @@ class GuardedFile implements BlockFile {
   flush(): Promise<void> { return this.guard(() => this.inner.flush()); }
   close(): Promise<void> { return this.inner.close(); }
 
-  private guard(op: () => Promise<void>): Promise<void> {
+  private guard<T>(op: () => Promise<T>): Promise<T> {
     if (this.failure !== null) return Promise.reject(this.failure);
-    let p: Promise<void>;
+    let p: Promise<T>;
     try { p = op(); } catch (err) { p = Promise.reject(err); }
     return p.catch((err: unknown) => {
       this.failure ??= err;

@@ -396,14 +396,36 @@ export class Refcounts {
 
   get hasDirty(): boolean { return this.dirtyBlocks.size > 0 || this.reftableDirty.size > 0; }
 
-  /** Writes dirty refcount blocks, then (after a flush, so blocks precede pointers) table entries. */
+  /**
+   * Writes dirty refcount blocks, then (after a flush, so blocks precede pointers) table entries.
+   * A new block often lies in another block's range, so its own refcount lives in that block:
+   * its entry must not reach the disk before the entry of the block that counts it, or a crash
+   * (or a failed write) in between leaves a listed block whose refcount reads as 0. Entries go
+   * out in rounds, each round only entries whose block is counted by itself or by a block
+   * already listed on disk, with a flush between rounds; any subset of a round may land.
+   */
   async writeBack(): Promise<void> {
     if (this.dirtyBlocks.size) await this.writeBlocks();
-    if (this.reftableDirty.size) {
-      await this.host.file.flush();
-      const idx = [...this.reftableDirty];
-      await Promise.all(idx.map((ri) => this.host.file.write(this.reftable.subarray(ri * 8, ri * 8 + 8), this.reftableOffset + ri * 8)));
-      for (const ri of idx) this.reftableDirty.delete(ri);
+    if (!this.reftableDirty.size) return;
+    await this.host.file.flush();
+    let pending = [...this.reftableDirty];
+    while (pending.length) {
+      const waiting = new Set(pending);
+      let round = pending.filter((ri) => {
+        const counter = Math.floor(this.blockOffset(ri) / this.clusterSize / this.perBlock);
+        return counter === ri || !waiting.has(counter);
+      });
+      // A cycle cannot be made by the allocator; were there one, no order would help.
+      if (!round.length) round = pending;
+      if (round.length < pending.length) await this.writeEntries(round).then(() => this.host.file.flush());
+      else await this.writeEntries(round);
+      const done = new Set(round);
+      pending = pending.filter((ri) => !done.has(ri));
     }
+  }
+
+  private async writeEntries(idx: number[]): Promise<void> {
+    await Promise.all(idx.map((ri) => this.host.file.write(this.reftable.subarray(ri * 8, ri * 8 + 8), this.reftableOffset + ri * 8)));
+    for (const ri of idx) this.reftableDirty.delete(ri);
   }
 }

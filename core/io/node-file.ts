@@ -36,6 +36,8 @@ const WRITEBACK_STEP = 16 * 1024 * 1024;
 
 export interface OpenOptions {
   writable?: boolean;
+  /** Accept a character device (never an image: the tests write to /dev/full to see writes fail). */
+  characterDevice?: boolean;
   /** Create the file: 'new' fails if it exists, 'truncate' empties an existing one. */
   create?: 'new' | 'truncate';
   /**
@@ -92,7 +94,7 @@ export class NodeFile implements BlockFile {
       const st = await fstat(fd);
       if (st.isDirectory()) throw ioError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), path, 'cannot open');
       const kind = fileKind(st);
-      if (kind) throw notAnImageFile(path, kind);
+      if (kind && !(opts.characterDevice && st.isCharacterDevice())) throw notAnImageFile(path, kind);
     } catch (err) {
       await close(fd).catch(() => {});
       throw ioError(err, path, 'cannot open');

@@ -6,6 +6,7 @@
 // 512-byte sector of each write on its own: the disk may have written later ones before
 // earlier ones, and torn any of them.
 import type { BlockFile, HostExtent } from '../../core/io/block-file';
+import type { FileIdentity } from '../../core/io/identity';
 
 export const SECTOR = 512;
 
@@ -152,10 +153,26 @@ export class CrashLog {
 class LoggedFile implements BlockFile {
   readonly extents?: (offset: number, length: number) => Promise<HostExtent[]>;
   readonly allocatedSize?: () => Promise<number>;
+  readonly discard?: (offset: number, length: number) => Promise<void>;
+  readonly zeroRange?: (offset: number, length: number) => Promise<boolean>;
+  readonly identity?: () => Promise<FileIdentity>;
 
   constructor(private readonly inner: BlockFile, private readonly log: CrashLog) {
     if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
     if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
+    if (inner.identity) this.identity = () => inner.identity!();
+    // A punched hole or a zeroed range reads as zeros: for a power cut, a write of zeros.
+    if (inner.discard) this.discard = (o, l) => this.zeros(o, l, async () => { await inner.discard!(o, l); return true; }).then(() => {});
+    if (inner.zeroRange) this.zeroRange = (o, l) => this.zeros(o, l, () => inner.zeroRange!(o, l));
+  }
+
+  private async zeros(offset: number, length: number, op: () => Promise<boolean>): Promise<boolean> {
+    const end = Math.min(offset + length, await this.inner.size());
+    if (end <= offset) return op();
+    const entry = this.log.begin({ kind: 'write', file: this.path, offset, data: Buffer.alloc(end - offset), issued: 0, done: 0 });
+    const done = await op();
+    this.log.end(entry);
+    return done;
   }
 
   get path(): string { return this.inner.path; }

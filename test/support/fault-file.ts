@@ -2,6 +2,7 @@
 // file system does (an error from ioError, naming the file, with ENOSPC or EIO). One injector
 // counts operations over every file it wraps, so "the 17th write" means the 17th write of the
 // whole job, whichever file it went to.
+import type { FileIdentity } from '../../core/io/identity';
 import type { BlockFile, HostExtent } from '../../core/io/block-file';
 import { ioError } from '../../core/errors';
 
@@ -89,6 +90,11 @@ export class FaultInjector {
     if (this.dead || this.plan.flush === n) this.fail(file, 'fsync', 'flush failed');
   }
 
+  /** @internal Discards and zero ranges: not counted (they are hints), but a dead disk refuses them. */
+  beforeHint(file: BlockFile, op: string, offset: number, length: number): void {
+    if (this.plan && this.dead) this.fail(file, op, `${op} of ${length} bytes at offset ${offset} failed`);
+  }
+
   /** @internal */
   beforeTruncate(file: BlockFile, size: number): void {
     this.trace.push({ op: 'truncate', path: file.path, offset: size, length: 0 });
@@ -99,10 +105,16 @@ export class FaultInjector {
 class FaultFile implements BlockFile {
   readonly extents?: (offset: number, length: number) => Promise<HostExtent[]>;
   readonly allocatedSize?: () => Promise<number>;
+  readonly discard?: (offset: number, length: number) => Promise<void>;
+  readonly zeroRange?: (offset: number, length: number) => Promise<boolean>;
+  readonly identity?: () => Promise<FileIdentity>;
 
   constructor(private readonly inner: BlockFile, private readonly inj: FaultInjector) {
     if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
     if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
+    if (inner.identity) this.identity = () => inner.identity!();
+    if (inner.discard) this.discard = async (o, l) => { this.inj.beforeHint(this, 'fallocate', o, l); return this.real(inner.discard!(o, l)); };
+    if (inner.zeroRange) this.zeroRange = async (o, l) => { this.inj.beforeHint(this, 'fallocate', o, l); return this.real(inner.zeroRange!(o, l)); };
   }
 
   get path(): string { return this.inner.path; }

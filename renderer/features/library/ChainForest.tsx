@@ -3,7 +3,7 @@
 // drawn, so hundreds of images scroll smoothly. Arrow keys move through the tree (up/down in
 // reading order, left to the backing file, right to the first overlay), Enter opens details,
 // the context-menu key or a right click opens the actions.
-import { useEffect, useLayoutEffect, useMemo, useRef, useState, type KeyboardEvent, type MouseEvent } from 'react';
+import { memo, useCallback, useEffect, useLayoutEffect, useMemo, useRef, useState, type KeyboardEvent, type MouseEvent } from 'react';
 import { CARD_H, CARD_W, SECTION_H, SECTION_TITLES, layoutGroups, readingOrder, stackGroups, type Filter, type Group, type LaidNode } from './model';
 import { badgesFor } from './badges';
 import { Badge, Icon } from '../../components/ui';
@@ -96,6 +96,12 @@ export function ChainForest({ filter }: { filter: Filter }) {
     }
   };
 
+  // Stable handlers: a click then redraws only the cards whose selection or tab stop changed.
+  const keyRef = useRef(onKey);
+  keyRef.current = onKey;
+  const handleKey = useCallback((e: KeyboardEvent, n: LaidNode) => keyRef.current(e, n), []);
+  const handleMenu = useCallback((image: LibraryImage, e: MouseEvent) => { e.preventDefault(); setMenu({ image, x: e.clientX, y: e.clientY }); }, []);
+
   const visible = stacked.groups.filter((g) => g.top + g.height >= view.top - OVERSCAN && g.top <= view.top + view.height + OVERSCAN);
   const headers = stacked.headers.filter((h) => h.top + SECTION_H >= view.top - OVERSCAN && h.top <= view.top + view.height + OVERSCAN);
 
@@ -115,8 +121,7 @@ export function ChainForest({ filter }: { filter: Filter }) {
         ))}
         <div role="tree" aria-label="Images and their backing chains" className="absolute inset-0">
           {visible.map((g) => (
-            <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={onKey}
-              onMenu={(image, e) => { e.preventDefault(); setMenu({ image, x: e.clientX, y: e.clientY }); }} />
+            <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={handleKey} onMenu={handleMenu} />
           ))}
         </div>
       </div>
@@ -125,7 +130,7 @@ export function ChainForest({ filter }: { filter: Filter }) {
   );
 }
 
-function GroupView({ group, selected, tabStop, onFocusNode, onKey, onMenu }: {
+const GroupView = memo(function GroupView({ group, selected, tabStop, onFocusNode, onKey, onMenu }: {
   group: Group; selected: string | null; tabStop: string | null;
   onFocusNode: (k: string) => void; onKey: (e: KeyboardEvent, n: LaidNode) => void; onMenu: (img: LibraryImage, e: MouseEvent) => void;
 }) {
@@ -145,14 +150,16 @@ function GroupView({ group, selected, tabStop, onFocusNode, onKey, onMenu }: {
       </svg>
       {group.nodes.map((n) => (
         <NodeCard key={n.image.realPath} node={n} selected={selected === n.image.realPath} tabbable={tabStop === n.image.realPath}
-          onFocus={() => onFocusNode(n.image.realPath)} onKeyDown={(e) => onKey(e, n)} onContextMenu={(e) => onMenu(n.image, e)} />
+          onFocusNode={onFocusNode} onKey={onKey} onMenu={onMenu} />
       ))}
     </div>
   );
-}
+});
 
-function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu }: {
-  node: LaidNode; selected: boolean; tabbable: boolean; onFocus: () => void; onKeyDown: (e: KeyboardEvent) => void; onContextMenu: (e: MouseEvent) => void;
+/** Redrawn only when its own image, selection or tab stop changes (a click changes two cards). */
+const NodeCard = memo(function NodeCard({ node, selected, tabbable, onFocusNode, onKey, onMenu }: {
+  node: LaidNode; selected: boolean; tabbable: boolean;
+  onFocusNode: (k: string) => void; onKey: (e: KeyboardEvent, n: LaidNode) => void; onMenu: (img: LibraryImage, e: MouseEvent) => void;
 }) {
   const img = node.image;
   const badges = badgesFor(img);
@@ -169,10 +176,10 @@ function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu 
       data-testid="image-node"
       data-name={name}
       data-parent={node.parent ? baseName(node.parent) : ''}
-      onFocus={onFocus}
-      onKeyDown={onKeyDown}
+      onFocus={() => onFocusNode(img.realPath)}
+      onKeyDown={(e) => onKey(e, node)}
       onClick={() => select(img.realPath)}
-      onContextMenu={onContextMenu}
+      onContextMenu={(e) => onMenu(img, e)}
       className={`absolute flex cursor-pointer flex-col gap-1 overflow-hidden rounded-lg border bg-white px-3 py-2.5 shadow-sm transition-colors dark:bg-slate-900
         ${selected ? 'border-teal-600 ring-2 ring-teal-600/40 dark:border-teal-400' : serious ? 'border-red-300 dark:border-red-800' : 'border-slate-200 hover:border-slate-400 dark:border-slate-700 dark:hover:border-slate-500'}
         ${node.matches ? '' : 'opacity-45'}`}
@@ -203,4 +210,4 @@ function NodeCard({ node, selected, tabbable, onFocus, onKeyDown, onContextMenu 
       </div>
     </div>
   );
-}
+});

@@ -71,6 +71,8 @@ export function Wizard({ op, imagePath, snapshot }: { op: WizardOp; imagePath: s
   const [confirmed, setConfirmed] = useState(false);
   const [running, setRunning] = useState(false);
   const [build, setBuild] = useState<{ fn: Builder }>({ fn: () => null });
+  // Stable, so the choices' effect runs when a choice changes, not at every render.
+  const onBuild = useCallback((fn: Builder) => setBuild({ fn }), []);
 
   // The one-click operations have their description at once.
   const direct = useMemo<JobSpecMessage | null>(() => {
@@ -132,7 +134,7 @@ export function Wizard({ op, imagePath, snapshot }: { op: WizardOp; imagePath: s
   return (
     <Dialog title={`${TITLES[op]}: ${baseName(img.path)}`} onClose={close} footer={footer} wide>
       <p className="mb-4 text-sm text-slate-600 dark:text-slate-300">{ABOUT[op]}</p>
-      {choosing && <Choices op={op} img={img} onBuild={(fn) => setBuild({ fn })} />}
+      {choosing && <Choices op={op} img={img} onBuild={onBuild} />}
       {!choosing && (
         <>
           {op === 'compact' && spec?.op === 'compact' && (

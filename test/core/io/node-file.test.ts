@@ -38,7 +38,7 @@ describe('NodeFile', () => {
   // /dev/full fails every write with ENOSPC.
   const full = existsSync('/dev/full') ? it : it.skip;
   full('a failed write rejects, small (direct) or large (queued)', async () => {
-    const f = await NodeFile.open('/dev/full', { writable: true });
+    const f = await NodeFile.open('/dev/full', { writable: true, characterDevice: true });
     try {
       await expect(f.write(Buffer.alloc(4096, 1), 0)).rejects.toThrow('/dev/full: write of 4096 bytes at offset 0 failed: no space left on the file system');
       // Larger than the direct-write limit: the addon's writer thread (or libuv's pool).
