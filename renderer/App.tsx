@@ -52,7 +52,7 @@ export function App() {
           </div>
           <DetailsPanel />
         </div>
-        {jobsOpen && <Suspense fallback={<div className="h-80 shrink-0 border-t border-slate-200 dark:border-slate-800" />}><JobMonitor /></Suspense>}
+        {jobsOpen && <Suspense fallback={<section id="job-monitor" aria-label="Jobs" aria-busy="true" className="h-80 shrink-0 border-t border-slate-200 dark:border-slate-800" />}><JobMonitor /></Suspense>}
       </main>
       <Suspense fallback={null}>
         {dialog?.kind === 'wizard' && <Wizard key={`${dialog.op}:${dialog.image}:${dialog.snapshot ?? ''}`} op={dialog.op} imagePath={dialog.image} snapshot={dialog.snapshot} />}
