@@ -23,3 +23,13 @@ if (only !== 'cli') {
   await vite.build({ configFile: 'renderer/vite.config.ts', logLevel: 'warn' });
   await build(electronBundleOptions());
 }
+
+// `npm install` runs this as its prepare step: fetch Electron's binary there too, where the
+// machine can (npm runs no dependency's install script unless package.json's allowScripts lists
+// it, and electron's fails the whole install where its download host is unreachable). A failed
+// fetch is one line, never an error: `npm start` then opens the app in the browser instead.
+if (only !== 'cli' && process.env.npm_lifecycle_event === 'prepare' && process.env.ELECTRON_SKIP_BINARY_DOWNLOAD !== '1') {
+  const { fetchElectron } = await import('./electron-binary.mjs');
+  const r = fetchElectron();
+  process.stdout.write(r.bin ? `Electron: ${r.bin}\n` : `Electron: no desktop binary (${r.why}); npm start will open the app in your browser.\n`);
+}

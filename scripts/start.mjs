@@ -3,9 +3,9 @@
 // folders you chose before or, the first time, on a sample library.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { fetchElectron } from './electron-binary.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
@@ -15,27 +15,12 @@ if (!existsSync(join(root, 'dist', 'renderer', 'index.html')) || !existsSync(joi
   if (r.status !== 0) process.exit(r.status ?? 1);
 }
 
-/** The Electron binary's path, or why there is none. Never downloads here (see below). */
-function electronBinary() {
-  const require = createRequire(join(root, 'package.json'));
-  let pkgDir;
-  try { pkgDir = dirname(require.resolve('electron/package.json')); } catch { return { why: 'the electron package is not installed' }; }
-  const pathFile = join(pkgDir, 'path.txt');
-  if (!existsSync(pathFile)) {
-    // Electron fetches its binary on first use; try once, quietly (it fails fast offline).
-    if (process.env.ELECTRON_SKIP_BINARY_DOWNLOAD !== '1') spawnSync(process.execPath, [join(pkgDir, 'install.js')], { stdio: 'ignore', timeout: 120_000 });
-    if (!existsSync(pathFile)) return { why: "Electron's binary could not be downloaded on this machine" };
-  }
-  const bin = join(pkgDir, 'dist', readFileSync(pathFile, 'utf8').trim());
-  return existsSync(bin) ? { bin } : { why: `Electron's binary is missing (${bin})` };
-}
-
 function settingsHaveFolders() {
   const base = process.env.STRATA_DATA_DIR || join(process.env.XDG_CONFIG_HOME || join(process.env.HOME || '/root', '.config'), 'strata');
   try { return JSON.parse(readFileSync(join(base, 'settings.json'), 'utf8')).folders?.length > 0; } catch { return false; }
 }
 
-const e = electronBinary();
+const e = fetchElectron();
 const desktop = !!(process.env.DISPLAY || process.env.WAYLAND_DISPLAY);
 if (e.bin && desktop) {
   const child = spawn(e.bin, [join(root, 'dist', 'electron', 'main.cjs'), ...args], { stdio: 'inherit' });
