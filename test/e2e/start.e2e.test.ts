@@ -17,7 +17,8 @@ describeBrowser('npm start without a desktop window', () => {
   let browser: Browser | undefined;
   afterAll(async () => {
     await browser?.close();
-    if (child && child.exitCode === null) child.kill('SIGKILL');
+    // The whole group: npm start's browser mode is a child of its own.
+    if (child?.pid && child.exitCode === null) try { process.kill(-child.pid, 'SIGKILL'); } catch { /* gone */ }
     t.cleanup();
   });
 
@@ -27,7 +28,7 @@ describeBrowser('npm start without a desktop window', () => {
     const env: NodeJS.ProcessEnv = { ...process.env, STRATA_DATA_DIR: join(t.dir, 'data'), TMPDIR: tmp, ELECTRON_SKIP_BINARY_DOWNLOAD: '1', BROWSER: 'none' };
     delete env.DISPLAY;
     delete env.WAYLAND_DISPLAY;
-    child = spawn(process.execPath, [join(repoRoot, 'scripts', 'start.mjs')], { cwd: repoRoot, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    child = spawn(process.execPath, [join(repoRoot, 'scripts', 'start.mjs')], { cwd: repoRoot, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     let out = '';
     let err = '';
     child.stderr!.on('data', (d) => { err += d; });
