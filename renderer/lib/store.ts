@@ -52,7 +52,8 @@ let state: State = initial;
 const listeners = new Set<() => void>();
 
 function set(patch: Partial<State> | ((s: State) => Partial<State>)): void {
-  state = { ...state, ...(typeof patch === 'function' ? patch(state) : patch) };
+  const p = typeof patch === 'function' ? patch(state) : patch; // before the copy: patch may set() too
+  state = { ...state, ...p };
   for (const l of listeners) l();
 }
 
@@ -82,12 +83,11 @@ export function errorText(err: unknown): string {
 const ACTIVE = new Set(['queued', 'running', 'cancelling']);
 
 function upsertJob(r: JobRecord): void {
-  set((s) => {
-    const before = s.jobs.find((j) => j.id === r.id);
-    const jobs = [r, ...s.jobs.filter((j) => j.id !== r.id)].sort(jobOrder);
-    if (before && ACTIVE.has(before.state) && !ACTIVE.has(r.state)) announce(r);
-    return { jobs };
-  });
+  const before = state.jobs.find((j) => j.id === r.id);
+  set((s) => ({ jobs: [r, ...s.jobs.filter((j) => j.id !== r.id)].sort(jobOrder) }));
+  // A job this page saw running ended, or one it has not seen yet (a job that ends before its
+  // first record arrives, like a rename-only rebase) is already over: either way, say so.
+  if ((!before || ACTIVE.has(before.state)) && !ACTIVE.has(r.state)) announce(r);
 }
 
 /** Running and queued first (oldest first), then finished ones (newest first). */
@@ -100,6 +100,8 @@ function jobOrder(a: JobRecord, b: JobRecord): number {
 
 /** A job ended: a toast in the page (Electron also shows a desktop notification). */
 function announce(r: JobRecord): void {
+  // The end replaces the "started" toast of the same job.
+  set((s) => ({ toasts: s.toasts.filter((t) => t.title !== `${r.title}: started`) }));
   if (r.state === 'succeeded') toast('success', `${r.title}: done`, r.summary ?? '');
   else if (r.state === 'failed') toast('error', `${r.title}: failed`, r.error?.message ?? '');
   else if (r.state === 'cancelled') toast('info', `${r.title}: cancelled`, 'The images are as they were, or consistent where the job had reached.');
