@@ -21,6 +21,16 @@ export function currentRate(samples: Sample[]): number | null {
   return dt > 0 ? (last.bytes - first.bytes) / dt : null;
 }
 
+/** A round top for the rate axis above max (1, 2 or 5 times a power of 1024 times a power of 10). */
+export function niceTop(max: number): number {
+  if (!(max > 0)) return 1;
+  const unit = 1024 ** Math.min(4, Math.floor(Math.log(max) / Math.log(1024)));
+  const v = (max * 1.1) / unit;
+  const p = 10 ** Math.floor(Math.log10(v));
+  const m = [1, 2, 5, 10].find((k) => k * p >= v)!;
+  return m * p * unit;
+}
+
 function ThroughputChart({ samples }: { samples: Sample[] }) {
   const el = useRef<HTMLDivElement>(null);
   const plot = useRef<uPlot | null>(null);
@@ -29,8 +39,9 @@ function ThroughputChart({ samples }: { samples: Sample[] }) {
     const axis = { stroke: dark ? '#94a3b8' : '#475569', grid: { stroke: dark ? '#334155' : '#e2e8f0', width: 1 }, ticks: { show: false }, font: '10px system-ui' };
     plot.current = new uPlot({
       width: 300, height: 90, legend: { show: false }, cursor: { show: false },
-      scales: { x: { time: false }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.15)] } },
-      axes: [{ ...axis, values: (_u, v) => v.map((s) => `${s}s`) }, { ...axis, size: 52, values: (_u, v) => v.map((b) => rate(b)) }],
+      scales: { x: { time: false }, y: { range: (_u, _min, max) => [0, niceTop(max)] } },
+      padding: [8, 8, 0, 0],
+      axes: [{ ...axis, values: (_u, v) => v.map((s) => `${s}s`) }, { ...axis, size: 60, splits: (_u, _i, _min, max) => [0, max / 2, max], values: (_u, v) => v.map((b) => rate(b)) }],
       series: [{}, { stroke: dark ? '#2dd4bf' : '#0f766e', width: 1.5, fill: dark ? 'rgba(45,212,191,0.15)' : 'rgba(15,118,110,0.12)' }],
     }, [[], []], el.current!);
     return () => { plot.current?.destroy(); plot.current = null; };
