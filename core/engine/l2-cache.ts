@@ -39,6 +39,8 @@ export class TableCache {
     }
   }
 
+  has(offset: number): boolean { return this.map.has(offset); }
+
   markDirty(offset: number, table: Buffer): void {
     this.dirty.set(offset, table);
   }

@@ -219,6 +219,20 @@ export class Qcow2Image implements DiskImage {
   }
 
   /**
+   * Starts loading the L2 table of L1 entry `l1Index` if it is not cached: a walk over the
+   * image (map, block status, a copy) asks for the tables in order, and the next one's read
+   * then overlaps this one's decoding instead of waiting its turn in the thread pool. Only for
+   * images opened read-only (a writer's tables change under it). A failed read is not reported
+   * here: the walk meets it again when it gets there, and reports it then.
+   */
+  private readAhead(l1Index: number): void {
+    if (this.file.writable || l1Index >= this.l1Entries) return;
+    const next = decodeL1Entry(this.l1, l1Index).l2Offset;
+    if (next === 0 || next % this.geometry.clusterSize !== 0 || this.l2Cache.has(next)) return;
+    this.l2Table(next).catch(() => {});
+  }
+
+  /**
    * The runs covering [offset, offset+length) in this layer, adjacent runs of the same state
    * (and contiguous host offsets) merged. With `firstOnly`, stops once the first run is known.
    */
@@ -248,6 +262,7 @@ export class Qcow2Image implements DiskImage {
         continue;
       }
       const table = await this.l2Table(l2Offset);
+      if (spanEnd < end || firstOnly) this.readAhead(l1Index + 1);
       const where = () => `of the L2 table at 0x${l2Offset.toString(16)}`;
       const es = g.extendedL2 ? 16 : 8;
       while (pos < spanEnd) {
