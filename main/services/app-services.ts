@@ -59,6 +59,7 @@ export class AppServices {
       chainOf: (p) => this.chainPaths(p),
       log: this.log,
       touched: (paths) => this.library.touched(paths),
+      deferSpare: true,
     });
     this.library.onChange((s) => this.emit('library', s));
     this.jobs.on({ job: (r) => this.emit('job', r), progress: (id, progress) => this.emit('progress', { id, progress }) });
@@ -78,6 +79,11 @@ export class AppServices {
       // The first scan runs while the server starts and the page loads; library.get waits for it.
       void s.library.start();
     }
+    // The spare job process starts once the library is there and the page has had a moment to
+    // draw it: until then it would compete with both for the CPU.
+    void s.library.ready().catch(() => {}).then(() => {
+      setTimeout(() => { void s.jobs.warm().catch(() => {}); }, 1000).unref();
+    });
     return s;
   }
 

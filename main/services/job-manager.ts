@@ -33,6 +33,12 @@ export interface JobManagerOptions {
    * start (default true).
    */
   warmSpare?: boolean;
+  /**
+   * Start the first spare only when warm() is called, not at once: at the app's start the
+   * machine is busy scanning the library and loading the page, and a job process starting
+   * beside them (node and the whole bundle) slows what the person is waiting for.
+   */
+  deferSpare?: boolean;
 }
 
 interface Running {
@@ -117,7 +123,7 @@ export class JobManager {
     this.concurrency = opts.concurrency;
     this.historyFile = join(opts.dataDir, 'history.json');
     this.loadHistory();
-    this.refillSpare();
+    if (!opts.deferSpare) this.refillSpare();
   }
 
   /** A ready (or starting) job process: the spare, replaced at once by a new one. */

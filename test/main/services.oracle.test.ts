@@ -183,4 +183,21 @@ describeOracle('app services (fork job host)', () => {
       await again.close();
     }
   });
+
+  it('starts its spare job process only after the first scan, not beside it', async () => {
+    const spawns: number[] = [];
+    const fork = new ForkJobHost(join(repoRoot, 'bin', 'strata.cjs'));
+    const host = { spawn: () => { spawns.push(Date.now()); return fork.spawn(); } };
+    const s = await AppServices.create({ dataDir: join(t.dir, 'data-spare'), mode: 'browser', host, folders: [pool], libraryOptions: { holdersEveryMs: 0 } });
+    try {
+      expect(spawns, 'no job process while the library is scanned').toEqual([]);
+      await s.library.ready();
+      const scanned = Date.now();
+      await until('the spare job process', () => spawns.length > 0, 15_000);
+      expect(spawns).toHaveLength(1);
+      expect(spawns[0]! - scanned).toBeGreaterThanOrEqual(900);
+    } finally {
+      await s.close();
+    }
+  });
 });
