@@ -6,6 +6,24 @@ export interface CommandIO {
   out: (s: string) => void;
   err: (s: string) => void;
   isTTY: boolean;
+  /**
+   * The name the command was started under. 'qemu-img' (a link of that name to strata, the
+   * drop-in) prints qemu-img's messages under qemu-img's name, as scripts and QEMU's iotests
+   * expect them; 'strata' (the default) prints Strata's, which say what to do.
+   */
+  program?: Program;
+}
+
+export type Program = 'strata' | 'qemu-img';
+
+/** The program a path was started as: qemu-img for a link of that name, else strata. */
+export function programOf(argv1: string): Program {
+  return /(?:^|[\\/])qemu-img$/.test(argv1) ? 'qemu-img' : 'strata';
+}
+
+/** True when the command speaks as qemu-img (see CommandIO.program). */
+export function asQemu(io: CommandIO): boolean {
+  return io.program === 'qemu-img';
 }
 
 // process.stdout and process.stderr are made on first use, and making one loads node's
@@ -59,11 +77,22 @@ export function needPositionals(pos: string[], n: number, usage: string): void {
 /** Maps an error to the CLI's one-line message and exit code. */
 export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
   if (process.env.STRATA_DEBUG === '1' && err instanceof Error) io.err(`${err.stack}\n`);
+  const prog = io.program ?? 'strata';
   if (err instanceof StrataError) {
-    io.err(`strata: ${err.message}\n`);
+    if (asQemu(io)) {
+      // qemu-img's usage errors are its message and a pointer to --help; they exit 1 as any
+      // other failure does.
+      if (err.kind === 'usage') {
+        io.err(`${prog}: ${err.qemu ?? err.message.split('\n')[0]}\nTry 'qemu-img --help' for more information\n`);
+        return 1;
+      }
+      io.err(`${prog}: ${err.qemu ?? err.message}\n`);
+      return exitCode;
+    }
+    io.err(`${prog}: ${err.message}\n`);
     return err.kind === 'usage' ? 2 : exitCode;
   }
   const e = err as NodeJS.ErrnoException;
-  io.err(`strata: ${e?.message ?? String(err)}\n`);
+  io.err(`${prog}: ${e?.message ?? String(err)}\n`);
   return exitCode;
 }
