@@ -80,14 +80,12 @@ export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
   const prog = io.program ?? 'strata';
   if (err instanceof StrataError) {
     if (asQemu(io)) {
-      // qemu-img's usage errors are its message and a pointer to --help; they exit 1 as any
-      // other failure does.
-      if (err.kind === 'usage') {
-        io.err(`${prog}: ${err.qemu ?? err.message.split('\n')[0]}\nTry 'qemu-img --help' for more information\n`);
-        return 1;
-      }
-      io.err(`${prog}: ${err.qemu ?? err.message}\n`);
-      return exitCode;
+      // qemu-img exits 1 for bad usage as for any other failure. A usage error without
+      // qemu-img's own text (options and arguments) gets its pointer to --help.
+      if (err.qemu !== undefined) io.err(`${prog}: ${err.qemu}\n`);
+      else if (err.kind === 'usage') io.err(`${prog}: ${err.message.split('\n')[0]}\nTry 'qemu-img --help' for more information\n`);
+      else io.err(`${prog}: ${err.message}\n`);
+      return err.kind === 'usage' ? 1 : exitCode;
     }
     io.err(`${prog}: ${err.message}\n`);
     return err.kind === 'usage' ? 2 : exitCode;

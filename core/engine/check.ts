@@ -252,6 +252,19 @@ async function loadSnapshots(file: BlockFile, fileSize: number, offset: number, 
   return { snapshots, size: pos - offset };
 }
 
+/**
+ * A repair opens the image for writing, and QEMU's open for writing clears the autoclear bits
+ * it does not know (the structures they vouch for may be stale once anything is written).
+ */
+async function clearUnknownAutoclear(file: BlockFile, h: ImageState['parsed']['header']): Promise<void> {
+  if (h.version < 3 || (h.autoclearFeatures & ~C.AUTOCLEAR_KNOWN) === 0n) return;
+  h.autoclearFeatures &= C.AUTOCLEAR_KNOWN;
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(h.autoclearFeatures);
+  await file.write(b, 88);
+  await file.flush();
+}
+
 async function loadState(file: BlockFile): Promise<ImageState> {
   const parsed = await loadHeader(file);
   const h = parsed.header;
@@ -916,6 +929,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
   let ck: Checker | null = null;
   try {
     const st = await loadState(file);
+    if (fix !== 0) await clearUnknownAutoclear(file, st.parsed.header);
     ck = new Checker(file, st, fix, opts);
     const cs = st.clusterSize;
     await ck.calculate();
