@@ -94,3 +94,32 @@ export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
   io.err(`${prog}: ${e?.message ?? String(err)}\n`);
   return exitCode;
 }
+
+/** QEMU's tdb_hash (qobject/qdict.c), which places a key in one of a QDict's 512 buckets. */
+function qdictBucket(key: string): number {
+  const b = Buffer.from(key, 'utf8');
+  let v = Math.imul(0x238f13af, b.length) >>> 0;
+  for (let i = 0; i < b.length; i++) v = (v + ((b[i]! << ((i * 5) % 24)) >>> 0)) >>> 0;
+  return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512;
+}
+
+/** A value with every object's keys in the order a QEMU QDict holding them iterates. */
+function qdictOrdered(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(qdictOrdered);
+  if (v === null || typeof v !== 'object') return v;
+  // Bucket by bucket; within a bucket the last inserted first (QEMU inserts at the head). The
+  // object's own order is the order QEMU's QAPI visitor inserts the members.
+  const keys = Object.keys(v).map((k, i) => ({ k, i, b: qdictBucket(k) }));
+  keys.sort((x, y) => x.b - y.b || y.i - x.i);
+  const out: Record<string, unknown> = {};
+  for (const { k } of keys) out[k] = qdictOrdered((v as Record<string, unknown>)[k]);
+  return out;
+}
+
+/**
+ * JSON as qemu-img prints a QAPI object (info, check, measure): pretty, four spaces, and the
+ * members in QDict order, which is the order of the keys' hash buckets, not the schema's.
+ */
+export function qapiJson(v: unknown): string {
+  return JSON.stringify(qdictOrdered(v), null, 4);
+}

@@ -29,7 +29,7 @@ Commands (options follow qemu-img):
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
-  compare [-f FMT] [-F FMT] [-s] [-p] A B
+  compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B
   convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
   compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)

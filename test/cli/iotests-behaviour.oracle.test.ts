@@ -2,7 +2,7 @@
 // it comes from in its name). Images are made at test time with qemu-img and qemu-io.
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { describeOracleText, qemuImg, qemuImgRun, tempDir } from '../oracle/qemu';
+import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { asQemuImg, strata } from './run-cli';
 
 describeOracleText('iotests: behaviour as qemu-img', () => {
@@ -80,6 +80,27 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     });
   });
 
+  it('info --output=json --backing-chain: members in qemu-img\'s order (iotest 043)', async () => {
+    const b = t.path('j-base.qcow2');
+    const o = t.path('j-top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', b, '1M');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', b, '-F', 'qcow2', o);
+    qemuImg('snapshot', '-c', 's1', o);
+    for (const args of [['info', '--output=json', o], ['info', '--output=json', '--backing-chain', o]]) {
+      expect((await strata(...args)).out).toBe(qemuImg(...args));
+    }
+  });
+
+  it('a backing chain loop: qemu-img\'s message (iotest 043)', async () => {
+    const f = t.path('loop.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '1M');
+    qemuImg('rebase', '-u', '-b', f, '-F', 'qcow2', f);
+    const q = qemuImgRun('info', '--backing-chain', f);
+    const s = await asQemuImg('info', '--backing-chain', f);
+    expect(q.stderr).toContain('creates an infinite loop');
+    expect([s.code, s.err]).toEqual([q.status, q.stderr]);
+  });
+
   it('check -r all clears autoclear bits it does not know, as qemu-img (iotest 036)', async () => {
     const q = t.path('ac-q.qcow2');
     const s = t.path('ac-s.qcow2');
@@ -96,5 +117,36 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     setBits(s, 88, 1n << 63n);
     expect((await strata('check', s)).code).toBe(0);
     expect(u64(s, 88)).toBe(1n << 63n);
+  });
+
+  describe('compare (iotest 048)', () => {
+    it('-q prints nothing and exits as qemu-img', async () => {
+      const a = t.path('cmp-a.qcow2');
+      const b = t.path('cmp-b.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', a, '1M');
+      qemuImg('create', '-q', '-f', 'qcow2', b, '1M');
+      for (const extra of [[], ['-s']]) {
+        const q = qemuImgRun('compare', '-q', ...extra, a, b);
+        const s = await strata('compare', '-q', ...extra, a, b);
+        expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+      }
+      qemuIo(b, ['write -P 1 4096 512']);
+      const q = qemuImgRun('compare', '-q', a, b);
+      const s = await strata('compare', '-q', a, b);
+      expect(q.status).toBe(1);
+      expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+    });
+    it('the size warning only once the common part compared equal', async () => {
+      const a = t.path('cmp-c.qcow2');
+      const b = t.path('cmp-d.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', a, '1M');
+      qemuImg('create', '-q', '-f', 'qcow2', b, '2M');
+      for (const step of [() => {}, () => qemuIo(b, ['write -P 1 1M 512']), () => qemuIo(b, ['write -P 1 4096 512'])]) {
+        step();
+        const q = qemuImgRun('compare', a, b);
+        const s = await strata('compare', a, b);
+        expect([s.code, s.out]).toEqual([q.status, q.stdout]);
+      }
+    });
   });
 });
