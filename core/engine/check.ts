@@ -956,6 +956,13 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         log('Rebuilding refcount structure');
         final.set(ck.imrt.subarray(0, ck.n));
         for (const [c, k] of ck.structureRefs) final[c] = final[c]! - k;
+        // QEMU's rebuilt structure still counts the old one, which nothing references once the
+        // header points to the new: its leak pass then frees those clusters ("Repairing
+        // cluster N refcount=R reference=0"), discarding them, before the COPIED checks. Here
+        // the new refcounts leave them out from the start; the same lines, the same holes.
+        const { n, imrt } = ck;
+        const oldClusters = [...ck.structureRefs.keys()].filter((c) => c < n && imrt[c]! > final[c]!).sort((a, b) => a - b);
+        for (const c of oldClusters) log(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
         const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
@@ -964,6 +971,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
+        for (const c of oldClusters) if (!final[c]) await file.discard?.(c * cs, cs);
         // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
         const st2 = await loadState(file);
         const again = new Checker(file, st2, 0, {});

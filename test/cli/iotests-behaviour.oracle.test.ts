@@ -1,5 +1,6 @@
 // Behaviour QEMU's iotests showed to differ, each case with qemu-img as the oracle (the iotest
 // it comes from in its name). Images are made at test time with qemu-img and qemu-io.
+import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
@@ -148,5 +149,18 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
         expect([s.code, s.out]).toEqual([q.status, q.stdout]);
       }
     });
+  });
+
+  it('check -r all of a killed lazy-refcounts writer: the rebuild frees the old structure as qemu-img does (iotest 039)', async () => {
+    const q = t.path('dirty-q.qcow2');
+    const s = t.path('dirty-s.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=1.1,lazy_refcounts=on', q, '128M');
+    spawnSync('qemu-io', ['-c', 'write -P 0x5a 0 512', '-c', 'sigraise 9', q]);
+    copyFileSync(q, s);
+    const rq = qemuImgRun('check', '-r', 'all', q);
+    const rs = await strata('check', '-r', 'all', s);
+    expect(rq.stderr).toContain('Repairing cluster 1 refcount=1 reference=0');
+    expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+    expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
   });
 });
