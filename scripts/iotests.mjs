@@ -16,7 +16,7 @@
 // with the package). TEST names tests (001, 122, copy-offloading), default all that qualify.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
-import { homedir } from 'node:os';
+import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needsNoVm, parseTapLine, report } from './iotests-lib.mjs';
@@ -169,6 +169,10 @@ const all = selectTests(iotests);
 const tests = opts.tests.length ? opts.tests : all;
 for (const t of tests) if (!all.includes(t)) die(`${t}: no such test, or it needs a VM`);
 const { stub, strataImg } = tools(cache);
+// The tests' scratch folders: some tests (197, 215) refuse a TEST_DIR with anything but
+// letters, digits, '-', '_' and '/' (a dot in ~/.cache is enough).
+const scratchRoot = join(tmpdir(), 'strata-iotests');
+if (/[^-_a-zA-Z0-9/]/.test(scratchRoot)) die(`the temporary folder ${scratchRoot} has characters some tests refuse: set TMPDIR to a plain path`);
 
 const savedQemu = join(cache, 'qemu-img-results.json');
 let qemu;
@@ -177,7 +181,7 @@ if (opts.side === 'strata') {
   if (!saved || saved.version !== version || tests.some((t) => !(t in saved.results))) die('--side strata needs an earlier run with qemu-img over these tests (--side qemu)');
   qemu = new Map(Object.entries(saved.results));
 } else {
-  qemu = await runCheck(iotests, tests, { label: 'qemu-img', qemuImg: which('qemu-img'), stub, scratch: join(cache, 'run-qemu-img'), jobs: opts.jobs });
+  qemu = await runCheck(iotests, tests, { label: 'qemu-img', qemuImg: which('qemu-img'), stub, scratch: join(scratchRoot, 'qemu-img'), jobs: opts.jobs });
   const prev = existsSync(savedQemu) ? JSON.parse(readFileSync(savedQemu, 'utf8')) : null;
   const merged = prev?.version === version ? prev.results : {};
   for (const [t, s] of qemu) merged[t] = s;
@@ -188,13 +192,14 @@ if (opts.side === 'qemu') {
   process.stdout.write(`qemu-img ${version}: ${pass} of ${tests.length} tests pass\n`);
   process.exit(0);
 }
-const strataScratch = join(cache, 'run-strata');
+const strataScratch = join(scratchRoot, 'strata');
 const strata = await runCheck(iotests, tests, { label: 'strata', qemuImg: strataImg, stub, scratch: strataScratch, jobs: opts.jobs });
 
 const { text, unexplained } = report({
   tests, qemu, strata, known: loadKnown(),
   header: `QEMU iotests, qcow2, tests that need no VM: ${tests.length} (qemu ${version}, ${iotests})`,
-  badFile: (t) => join(strataScratch, 'test', `${t}.out.bad`),
+  // ./check -j N runs each test in a folder of its own.
+  badFile: (t) => [join(strataScratch, 'test', t, `${t}.out.bad`), join(strataScratch, 'test', `${t}.out.bad`)].find(existsSync) ?? `${t}.out.bad`,
 });
 process.stdout.write(text);
 process.exit(unexplained ? 1 : 0);

@@ -163,4 +163,34 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
     expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
   });
+
+  describe('create and convert as qemu-img: sizes and refusals (iotests 049, 054, 079, 111, 112, 114, 214)', () => {
+    const cases: [string, (f: string) => string[]][] = [
+      ['hexadecimal size', (f) => ['create', '-f', 'qcow2', f, '0x10000']],
+      ['hexadecimal cluster_size', (f) => ['create', '-f', 'qcow2', '-o', 'cluster_size=0x10000', f, '2M']],
+      ['negative size', (f) => ['create', '-f', 'qcow2', f, '--', '-1k']],
+      ['a size with a word after it', (f) => ['create', '-f', 'qcow2', f, '--', '1kilobyte']],
+      ['-o size that is no size', (f) => ['create', '-f', 'qcow2', '-o', 'size=foobar', f]],
+      ['the size given twice', (f) => ['create', '-f', 'qcow2', '-o', 'size=10M', f, '20M']],
+      ['a 1 EiB qcow2 image (past 2^53)', (f) => ['create', '-f', 'qcow2', f, '1048576T']],
+      ['a cluster size out of range', (f) => ['create', '-f', 'qcow2', '-o', 'cluster_size=4M', f, '4G']],
+      ['refcount_bits=-1', (f) => ['create', '-f', 'qcow2', '-o', 'refcount_bits=-1', f, '64M']],
+      ['refcount_bits=42', (f) => ['create', '-f', 'qcow2', '-o', 'refcount_bits=42', f, '64M']],
+      ['lazy refcounts on compat=0.10', (f) => ['create', '-f', 'qcow2', '-o', 'compat=0.10,lazy_refcounts=on', f, '64M']],
+      ['an empty backing name', (f) => ['create', '-f', 'qcow2', '-b', '', f, '1M']],
+      ['a missing backing file without -F', (f) => ['create', '-f', 'qcow2', '-b', `${f}.inexistent`, f]],
+      ['convert -B without -F', (f) => ['convert', '-O', 'qcow2', '-B', `${f}.src`, `${f}.src`, f]],
+    ];
+    for (const [name, args] of cases) {
+      it(name, async () => {
+        const fq = t.path(`c-q-${name.replace(/\W+/g, '-')}.qcow2`);
+        const fs = t.path(`c-s-${name.replace(/\W+/g, '-')}.qcow2`);
+        for (const f of [fq, fs]) qemuImg('create', '-q', '-f', 'qcow2', `${f}.src`, '1M');
+        const q = qemuImgRun(...args(fq));
+        const s = await asQemuImg(...args(fs));
+        const same = (x: string) => x.split(fq).join('FILE');
+        expect([s.code, same(s.out.split(fs).join(fq)), same(s.err.split(fs).join(fq))]).toEqual([q.status, same(q.stdout), same(q.stderr)]);
+      });
+    }
+  });
 });
