@@ -193,4 +193,18 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
       });
     }
   });
+
+  it('info of file:NAME whose name has a colon: shown as ./NAME, its backing file relative to . (iotest 126)', async () => {
+    const d = t.path('colon');
+    mkdirSync(d);
+    const cwd = process.cwd();
+    try {
+      process.chdir(d);
+      qemuImg('create', '-q', '-f', 'qcow2', 'base.qcow2', '1M');
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'file:image:top.qcow2');
+      expect((await strata('info', 'file:image:top.qcow2')).out).toBe(qemuImg('info', 'file:image:top.qcow2'));
+    } finally {
+      process.chdir(cwd);
+    }
+  });
 });
