@@ -207,4 +207,24 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
       process.chdir(cwd);
     }
   });
+
+  describe('a virtual size the L1 table cannot cover: qemu-img\'s words (iotests 054, 080)', () => {
+    const setU64 = (f: string, off: number, v: bigint) => { const b = readFileSync(f); b.writeBigUInt64BE(v, off); writeFileSync(f, b); };
+    const setU32 = (f: string, off: number, v: number) => { const b = readFileSync(f); b.writeUInt32BE(v, off); writeFileSync(f, b); };
+    for (const [name, edit] of [
+      ['1 EiB (past 2^53)', (f: string) => setU64(f, 24, 1n << 60n)],
+      ['an L1 table of 0 entries', (f: string) => setU32(f, 36, 0)],
+      ['a size needing more L1 entries than QEMU allows', (f: string) => setU64(f, 24, 1n << 52n)],
+    ] as const) {
+      it(name, async () => {
+        const f = t.path(`l1-${name.replace(/\W+/g, '-')}.qcow2`);
+        qemuImg('create', '-q', '-f', 'qcow2', f, '4G');
+        edit(f);
+        const q = qemuImgRun('info', f);
+        const s = await asQemuImg('info', f);
+        expect(q.status).toBe(1);
+        expect([s.code, s.err]).toEqual([q.status, q.stderr]);
+      });
+    }
+  });
 });
