@@ -2,7 +2,7 @@ import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { compare } from '../core/jobs/compare';
 import type { DiskImage } from '../core/engine/image';
 import { parse, needPositionals, str, type CommandIO } from './common';
-import { progressPrinter } from './progress';
+import { commandProgress } from './progress';
 
 const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] A B';
 
@@ -24,7 +24,7 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
     const lock = values['force-share'] ? 'none' : 'auto';
     a = await openImage(positionals[0]!, { format: fa, lock });
     b = await openImage(positionals[1]!, { format: fb, lock });
-    const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+    const bar = commandProgress(io, !!values.progress, 2, false);
     const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
     bar.end();
     // -q: the exit status only. As qemu-img, the size warning comes once the common part

@@ -2,7 +2,7 @@ import { parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
 import { parseCreateOptions } from '../core/jobs/create';
-import { progressPrinter } from './progress';
+import { commandProgress } from './progress';
 import { PLAN_OPTIONS, optionsRecord, runOrPlan } from './plan-output';
 
 export { parseSnapshotParam } from '../core/jobs/plan';
@@ -39,7 +39,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   }
   const minSparse = values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096;
   const [srcName, dstName] = positionals as [string, string];
-  const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+  const bar = commandProgress(io, !!values.progress, 1, true);
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
     op: 'convert', source: srcName, target: dstName, sourceFormat: parseFormat(str(values.format)), targetFormat: outFmt,
     compress: !!values.compress, options: optionsRecord(o), backing: str(values.backing),

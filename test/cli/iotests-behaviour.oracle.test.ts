@@ -227,4 +227,31 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
       });
     }
   });
+
+  it('rebase -b without -F: qemu-img\'s message (iotest 114)', async () => {
+    const b = t.path('rb-base.qcow2');
+    const o = t.path('rb-top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', b, '1M');
+    qemuImg('create', '-q', '-f', 'qcow2', o, '1M');
+    const q = qemuImgRun('rebase', '-b', b, o);
+    const s = await asQemuImg('rebase', '-b', b, o);
+    expect(q.status).toBe(1);
+    expect([s.code, s.err]).toEqual([q.status, q.stderr]);
+  });
+
+  it('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout (iotest 086)', async () => {
+    const src = t.path('p-src.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', src, '128M');
+    for (const off of ['0', '2M', '4M', '32M']) qemuIo(src, [`write ${off} 1M`]);
+    const q = qemuImgRun('convert', '-p', '-O', 'qcow2', src, t.path('p-q.qcow2'));
+    for (const r of [await strata('convert', '-p', '-O', 'qcow2', src, t.path('p-s.qcow2')), await asQemuImg('convert', '-p', '-O', 'qcow2', src, t.path('p-s2.qcow2'))]) {
+      expect(r.code).toBe(0);
+      expect(r.err).toBe('');
+      // The same first and last lines; in between, Strata's steps (it reports over time).
+      const lines = (x: string) => x.split('\r');
+      expect(lines(r.out)[0]).toBe(lines(q.stdout)[0]);
+      expect(lines(r.out).slice(-3)).toEqual(lines(q.stdout).slice(-3));
+      for (const l of lines(r.out).slice(0, -1)) expect(l).toMatch(/^ {4}\(\d{1,3}\.\d\d\/100%\)$/);
+    }
+  });
 });
