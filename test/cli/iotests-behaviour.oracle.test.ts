@@ -254,4 +254,24 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
       for (const l of lines(r.out).slice(0, -1)) expect(l).toMatch(/^ {4}\(\d{1,3}\.\d\d\/100%\)$/);
     }
   });
+
+  it('map of a data cluster past the end of the file: printed as qemu-img prints it; reads still refuse it', async () => {
+    const f = t.path('past-eof.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '1M');
+    qemuIo(f, ['write 0 64k', 'write 128k 64k']);
+    // Point the first L2 entry at 256 MiB, far past the end of the file.
+    const b = readFileSync(f);
+    const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+    b.writeBigUInt64BE((b.readBigUInt64BE(l2) & 0xff00000000000000n) | 0x10000000n, l2);
+    writeFileSync(f, b);
+    for (const o of ['human', 'json']) {
+      const q = qemuImgRun('map', `--output=${o}`, f);
+      const s = await strata('map', `--output=${o}`, f);
+      expect(q.stdout).toContain(o === 'json' ? '268435456' : '0x10000000');
+      expect([s.code, s.out]).toEqual([q.status, q.stdout]);
+    }
+    const c = await strata('convert', '-O', 'raw', f, t.path('past-eof.raw'));
+    expect(c.code).toBe(1);
+    expect(c.err).toMatch(/past the end of the file/);
+  });
 });
