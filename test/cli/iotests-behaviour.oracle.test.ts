@@ -274,4 +274,20 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(c.code).toBe(1);
     expect(c.err).toMatch(/past the end of the file/);
   });
+
+  it('check shows a 64-bit refcount as the unsigned value stored (iotest 112)', async () => {
+    const f = t.path('rc64.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=64', f, '64M');
+    qemuIo(f, ['write 0 512']);
+    const b = readFileSync(f);
+    const refblock = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(48))));
+    const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+    const data = Number(b.readBigUInt64BE(l2) & 0x00fffffffffffe00n) / 65536;
+    b.writeBigUInt64BE(0xffffffffffffffffn, refblock + data * 8);
+    writeFileSync(f, b);
+    const q = qemuImgRun('check', f);
+    const s = await strata('check', f);
+    expect(q.stderr).toContain('refcount=18446744073709551615');
+    expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+  });
 });
