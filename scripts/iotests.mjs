@@ -16,6 +16,7 @@
 // with the package). TEST names tests (001, 122, copy-offloading), default all that qualify.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -84,6 +85,8 @@ function fetchIotests(cache, version) {
   if (x.status !== 0) die(`dpkg-source -x ${dsc} failed:\n${x.stderr}`);
   renameSync(tmp, dir);
   rmSync(dl, { recursive: true, force: true });
+  // dpkg-source leaves a copy of the upstream tarball beside the folder it unpacked.
+  for (const f of readdirSync(cache)) if (/\.orig\.tar\./.test(f)) rmSync(join(cache, f), { force: true });
   return iotests;
 }
 
@@ -103,14 +106,16 @@ function selectTests(iotests) {
 /** Stand-ins and the strata link, made once per run in the cache. */
 function tools(cache) {
   const bin = join(cache, 'bin');
-  rmSync(bin, { recursive: true, force: true });
+  // Made in place (not removed first): another run may be using them.
   mkdirSync(bin, { recursive: true });
   // ./check asks qemu-system for its default machine even when no test starts one.
   const stub = join(bin, 'qemu-system-stub');
   writeFileSync(stub, '#!/bin/sh\nif [ "$1" = -machine ] && [ "$2" = help ]; then echo "none empty machine (default)"; exit 0; fi\necho "qemu-system is not available to these tests" >&2\nexit 1\n');
   chmodSync(stub, 0o755);
   const link = join(bin, 'qemu-img');
-  symlinkSync(join(root, 'bin', 'strata.cjs'), link);
+  const tmp = `${link}.${process.pid}`;
+  symlinkSync(join(root, 'bin', 'strata.cjs'), tmp);
+  renameSync(tmp, link);
   return { stub, strataImg: link };
 }
 
@@ -171,8 +176,21 @@ for (const t of tests) if (!all.includes(t)) die(`${t}: no such test, or it need
 const { stub, strataImg } = tools(cache);
 // The tests' scratch folders: some tests (197, 215) refuse a TEST_DIR with anything but
 // letters, digits, '-', '_' and '/' (a dot in ~/.cache is enough).
-const scratchRoot = join(tmpdir(), 'strata-iotests');
+// One run at a time per cache: a run empties its scratch folders first.
+const scratchRoot = join(tmpdir(), `strata-iotests-${createHash('sha256').update(cache).digest('hex').slice(0, 8)}`);
 if (/[^-_a-zA-Z0-9/]/.test(scratchRoot)) die(`the temporary folder ${scratchRoot} has characters some tests refuse: set TMPDIR to a plain path`);
+mkdirSync(scratchRoot, { recursive: true });
+const lockFile = join(scratchRoot, 'run.pid');
+try {
+  const other = Number(readFileSync(lockFile, 'utf8'));
+  if (other && other !== process.pid) {
+    let alive = true;
+    try { process.kill(other, 0); } catch { alive = false; }
+    if (alive) die(`another run (pid ${other}) is using ${scratchRoot}; wait for it to end`);
+  }
+} catch { /* no other run */ }
+writeFileSync(lockFile, String(process.pid));
+process.on('exit', () => { try { rmSync(lockFile); } catch { /* gone */ } });
 
 const savedQemu = join(cache, 'qemu-img-results.json');
 let qemu;
