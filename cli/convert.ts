@@ -1,8 +1,8 @@
-import { parseFormat } from '../core/chain/open';
+import { closeChain, openImage, parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { parse, parseSize, needPositionals, str, type CommandIO } from './common';
 import { parseCreateOptions } from '../core/jobs/create';
-import { commandProgress } from './progress';
+import { commandProgress, qemuConvertSteps, qemuStepsPrinter } from './progress';
 import { PLAN_OPTIONS, optionsRecord, runOrPlan } from './plan-output';
 
 export { parseSnapshotParam } from '../core/jobs/plan';
@@ -39,7 +39,16 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   }
   const minSparse = values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096;
   const [srcName, dstName] = positionals as [string, string];
-  const bar = commandProgress(io, !!values.progress, 1, true);
+  let bar = commandProgress(io, !!values.progress, 1, true);
+  // qemu-img's own steps where they can be told in advance (a plain conversion).
+  if (values.progress && (!io.isTTY || io.program === 'qemu-img') && !values['dry-run'] && !values.n && !values.compress && values.backing === undefined && values.snapshot === undefined && values['snapshot-id'] === undefined) {
+    const src = await openImage(srcName, { format: parseFormat(str(values.format)), lock: 'none' });
+    try {
+      bar = qemuStepsPrinter(io.out, await qemuConvertSteps(src, minSparse));
+    } finally {
+      await closeChain(src);
+    }
+  }
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
     op: 'convert', source: srcName, target: dstName, sourceFormat: parseFormat(str(values.format)), targetFormat: outFmt,
     compress: !!values.compress, options: optionsRecord(o), backing: str(values.backing),

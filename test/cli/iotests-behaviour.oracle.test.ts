@@ -5,6 +5,7 @@ import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { asQemuImg, strata } from './run-cli';
+import { printfFixed2 } from '../../cli/progress';
 
 describeOracleText('iotests: behaviour as qemu-img', () => {
   const t = tempDir('strata-iotests-');
@@ -239,20 +240,30 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect([s.code, s.err]).toEqual([q.status, q.stderr]);
   });
 
-  it('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout (iotest 086)', async () => {
+  describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', src, '128M');
-    for (const off of ['0', '2M', '4M', '32M']) qemuIo(src, [`write ${off} 1M`]);
-    const q = qemuImgRun('convert', '-p', '-O', 'qcow2', src, t.path('p-q.qcow2'));
-    for (const r of [await strata('convert', '-p', '-O', 'qcow2', src, t.path('p-s.qcow2')), await asQemuImg('convert', '-p', '-O', 'qcow2', src, t.path('p-s2.qcow2'))]) {
-      expect(r.code).toBe(0);
-      expect(r.err).toBe('');
-      // The same first and last lines; in between, Strata's steps (it reports over time).
-      const lines = (x: string) => x.split('\r');
-      expect(lines(r.out)[0]).toBe(lines(q.stdout)[0]);
-      expect(lines(r.out).slice(-3)).toEqual(lines(q.stdout).slice(-3));
-      for (const l of lines(r.out).slice(0, -1)) expect(l).toMatch(/^ {4}\(\d{1,3}\.\d\d\/100%\)$/);
+    const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
+    for (const [name, writes] of runs) {
+      for (const extra of [[], ['-S', '0']]) {
+        it(`${name} ${extra.join(' ')}`, async () => {
+          qemuImg('create', '-q', '-f', 'qcow2', src, '128M');
+          qemuIo(src, writes);
+          const q = qemuImgRun('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-q.qcow2'));
+          for (const r of [await strata('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-s.qcow2')), await asQemuImg('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-s2.qcow2'))]) {
+            expect([r.code, r.out, r.err]).toEqual([q.status, q.stdout, q.stderr]);
+          }
+        });
+      }
     }
+  });
+
+  it('printf("%.2f") rounds the exact binary value half to even', () => {
+    expect(printfFixed2(3.125)).toBe('3.12');
+    expect(printfFixed2(9.375)).toBe('9.38');
+    expect(printfFixed2(0)).toBe('0.00');
+    expect(printfFixed2(100)).toBe('100.00');
+    expect(printfFixed2(Math.fround(10.9375))).toBe('10.94');
+    expect(printfFixed2(0.005)).toBe('0.01'); // 0.005 is stored a little above 0.005
   });
 
   it('map of a data cluster past the end of the file: printed as qemu-img prints it; reads still refuse it', async () => {
