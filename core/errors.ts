@@ -6,11 +6,22 @@ export type ErrorKind = 'format' | 'corrupt' | 'unsupported' | 'in-use' | 'io' |
 export class StrataError extends Error {
   readonly kind: ErrorKind;
   readonly file: string | undefined;
+  /**
+   * qemu-img's own text for this error (without its "qemu-img: " prefix), when it has one and
+   * it differs: what the CLI prints when it runs as the qemu-img drop-in.
+   */
+  qemu: string | undefined;
   constructor(kind: ErrorKind, message: string, file?: string, options?: { cause?: unknown }) {
     super(file ? `${file}: ${message}` : message, options);
     this.name = 'StrataError';
     this.kind = kind;
     this.file = file;
+  }
+
+  /** Sets qemu-img's text for this error (see `qemu`); returns the error for `throw`. */
+  asQemu(text: string): this {
+    this.qemu = text;
+    return this;
   }
 }
 
@@ -69,7 +80,11 @@ export function ioError(err: unknown, file: string, what: string): StrataError {
   const e = err as NodeJS.ErrnoException;
   const code = e?.code;
   switch (code) {
-    case 'ENOENT': return new NotFoundError(`${what}: no such file`, file);
+    case 'ENOENT': {
+      const nf = new NotFoundError(`${what}: no such file`, file);
+      // qemu-img names the file twice: the format layer's open around the protocol layer's.
+      return what === 'cannot open' ? nf.asQemu(`Could not open '${file}': Could not open '${file}': No such file or directory`) : nf;
+    }
     case 'EACCES': case 'EPERM': return new IoError(`${what}: permission denied`, file, code, err);
     case 'EROFS': return new IoError(`${what}: read-only file system`, file, code, err);
     case 'ENOSPC': return new IoError(`${what}: no space left on the file system`, file, code, err);

@@ -23,7 +23,7 @@
 import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
-import { getRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
+import { getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
 import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
 import { BufferArena } from '../io/buffers';
@@ -252,6 +252,19 @@ async function loadSnapshots(file: BlockFile, fileSize: number, offset: number, 
   return { snapshots, size: pos - offset };
 }
 
+/**
+ * A repair opens the image for writing, and QEMU's open for writing clears the autoclear bits
+ * it does not know (the structures they vouch for may be stale once anything is written).
+ */
+async function clearUnknownAutoclear(file: BlockFile, h: ImageState['parsed']['header']): Promise<void> {
+  if (h.version < 3 || (h.autoclearFeatures & ~C.AUTOCLEAR_KNOWN) === 0n) return;
+  h.autoclearFeatures &= C.AUTOCLEAR_KNOWN;
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(h.autoclearFeatures);
+  await file.write(b, 88);
+  await file.flush();
+}
+
 async function loadState(file: BlockFile): Promise<ImageState> {
   const parsed = await loadHeader(file);
   const h = parsed.header;
@@ -342,6 +355,13 @@ class Checker {
   private readonly max: number;
   /** Increments the refcount table and the refcount blocks contributed, per cluster. */
   readonly structureRefs = new Map<number, number>();
+  /** 64-bit refcounts past 2^53 as stored (the arrays hold them capped), for the messages. */
+  private readonly wideRefs = new Map<number, bigint>();
+
+  /** A refcount as QEMU prints it: unsigned 64-bit. */
+  private shownRef(cluster: number, r: number): number | bigint {
+    return r === Number.MAX_SAFE_INTEGER ? (this.wideRefs.get(cluster) ?? r) : r;
+  }
   /** Clusters past the end of the file (in a window) that something references. */
   readonly pastEofRefs = new Set<number>();
   /** Refcount blocks outside the image that QEMU's -r all would have grown the file for. */
@@ -750,7 +770,10 @@ class Checker {
         if (s === 0) this.rebuild = true;
         else if (s > computed && (fix & FIX_LEAKS)) fixed = 'leak';
         else if (s < computed && (fix & FIX_ERRORS)) fixed = 'corruption';
-        this.log(`${fixed ? 'Repairing' : s < computed ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${s} reference=${computed}`);
+        // A 64-bit refcount is printed as the unsigned value stored (getRefcount caps it).
+        if (s === Number.MAX_SAFE_INTEGER && order === 6 && blk !== 'zero') this.wideRefs.set(i, blk.readBigUInt64BE((i - b * E) * 8));
+        const shown = this.shownRef(i, s);
+        this.log(`${fixed ? 'Repairing' : s < computed ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${shown} reference=${computed}`);
         if (fixed === 'leak') this.res.leaksFixed++;
         else if (fixed === 'corruption') this.res.corruptionsFixed++;
         else if (s < computed) this.res.corruptions++;
@@ -785,7 +808,7 @@ class Checker {
       const r = await refcount(Math.floor(l2Offset / cs));
       if (r !== null && (r === 1) !== ((hi & 0x80000000) !== 0)) {
         this.res.corruptions++;
-        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${r}`);
+        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${this.shownRef(Math.floor(l2Offset / cs), r)}`);
         if (repair) {
           fixes.push({ table: 'l1', offset: st.l1Offset, entryIndex: i, set: r === 1 });
           this.res.corruptions--;
@@ -806,7 +829,7 @@ class Checker {
         if (rc === null) continue;
         if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
           this.res.corruptions++;
-          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${rc}`);
+          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${this.shownRef(cluster, rc)}`);
           if (repair) {
             fixes.push({ table: 'l2', offset: l2Offset, entryIndex: j, set: rc === 1 });
             this.res.corruptions--;
@@ -899,6 +922,102 @@ async function writeRefcountStructure(
   return { reftableOffset: enc.tableOffset, reftableClusters: lay.tableClusters, end: (lay.start + lay.clusters) * cs };
 }
 
+/**
+ * QEMU 7.2's rebuild_refcount_structure: from the computed refcounts (`counts`, the old
+ * structure still counted), refblocks are allocated one by one in the first free cluster (not
+ * below the block they cover), then the refcount table in the first free run, again until
+ * the table stops growing; blocks, then the table, then the header are written. Then QEMU's
+ * leak pass: `freed` (the old structure, referenced by nothing now) drop to `after[c]`, the
+ * blocks holding them are written again and the clusters discarded. Returns the clusters the
+ * new structure covers (for the image end).
+ */
+async function qemuRebuild(file: BlockFile, st: ImageState, counts: RefArray, n: number, freed: [number, number][]): Promise<number> {
+  const cs = st.clusterSize;
+  const order = st.refcountOrder;
+  const E = refcountBlockEntries(st.clusterBits, order);
+  let refs = new Float64Array(Math.max(n, 1));
+  refs.set(counts.subarray(0, n));
+  let size = n;
+  const get = (c: number) => (c < size ? refs[c]! : 0);
+  const grow = (to: number) => {
+    if (to > refs.length) { const r = new Float64Array(Math.max(to, refs.length * 2)); r.set(refs); refs = r; }
+    size = Math.max(size, to);
+  };
+  // alloc_clusters_imrt: the first run of `count` free clusters from *first on.
+  const alloc = (count: number, first: { c: number }): number => {
+    let c = first.c;
+    let run = 0;
+    let firstGap = true;
+    for (; c < size && run < count; c++) {
+      if (!get(c)) {
+        run++;
+        if (firstGap) { first.c = c; firstGap = false; }
+      } else run = 0;
+    }
+    if (run < count) grow(c + count - run);
+    c -= run;
+    for (let i = 0; i < count; i++) refs[c + i] = 1;
+    return c;
+  };
+  const reftable: number[] = [];
+  const writeBlock = async (idx: number) => {
+    const data = Buffer.alloc(cs);
+    for (let j = 0; j < E; j++) { const v = get(idx * E + j); if (v) setRefcount(data, j, order, v); }
+    await file.write(data, reftable[idx]!);
+  };
+  // rebuild_refcounts_write_refblocks: true when the table had to grow.
+  const writeBlocks = async (from: number, to: number): Promise<boolean> => {
+    let grown = false;
+    const first = { c: 0 };
+    let end = to;
+    for (let c = from; c < end; c++) {
+      if (!get(c)) continue;
+      const idx = Math.floor(c / E);
+      const start = idx * E;
+      if (!(idx < reftable.length && reftable[idx])) {
+        if (first.c < start) first.c = start;
+        const b = alloc(1, first);
+        if (b >= end) end = b + 1;
+        if (reftable.length <= idx) {
+          const entries = Math.ceil(((idx + 1) * 8) / cs) * cs / 8;
+          while (reftable.length < entries) reftable.push(0);
+          grown = true;
+        }
+        reftable[idx] = b * cs;
+      }
+      await writeBlock(idx);
+      c = start + E - 1;
+    }
+    return grown;
+  };
+  await writeBlocks(0, size);
+  let tableAt = 0;
+  let tableClusters = 0;
+  for (let changed = true; changed;) {
+    tableClusters = Math.ceil((reftable.length * 8) / cs);
+    tableAt = alloc(tableClusters, { c: 0 });
+    changed = await writeBlocks(tableAt, tableAt + tableClusters);
+  }
+  const table = Buffer.alloc(tableClusters * cs);
+  reftable.forEach((o, i) => table.writeBigUInt64BE(BigInt(o), i * 8));
+  await file.write(table, tableAt * cs);
+  await file.flush();
+  const hdr = Buffer.alloc(12);
+  hdr.writeBigUInt64BE(BigInt(tableAt * cs), 0);
+  hdr.writeUInt32BE(tableClusters, 8);
+  await file.write(hdr, 48);
+  await file.flush();
+  let highest = 0;
+  for (let c = size - 1; c >= 0; c--) if (get(c)) { highest = c; break; }
+  // The leak pass over the old structure.
+  const blocks = new Set<number>();
+  for (const [c, v] of freed) { refs[c] = v; blocks.add(Math.floor(c / E)); }
+  for (const idx of [...blocks].sort((a, b) => a - b)) await writeBlock(idx);
+  await file.flush();
+  for (const [c, v] of freed) if (!v) await file.discard?.(c * cs, cs);
+  return highest + 1;
+}
+
 /** The refcounts `final` describes (0 past it: the new structure covers nothing else). */
 function finalLookup(final: RefArray, n: number, entries: number): RefLookup {
   return { refs: final, n, entries, unreadable: new Set(), beyond: async () => 0 };
@@ -916,6 +1035,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
   let ck: Checker | null = null;
   try {
     const st = await loadState(file);
+    if (fix !== 0) await clearUnknownAutoclear(file, st.parsed.header);
     ck = new Checker(file, st, fix, opts);
     const cs = st.clusterSize;
     await ck.calculate();
@@ -942,12 +1062,19 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         log('Rebuilding refcount structure');
         final.set(ck.imrt.subarray(0, ck.n));
         for (const [c, k] of ck.structureRefs) final[c] = final[c]! - k;
+        // QEMU's rebuilt structure still counts the old one, which nothing references once the
+        // header points to the new: its leak pass then frees those clusters ("Repairing
+        // cluster N refcount=R reference=0"), discarding them, before the COPIED checks. Here
+        // the new refcounts leave them out from the start; the same lines, the same holes.
+        const { n, imrt } = ck;
+        const oldClusters = [...ck.structureRefs.keys()].filter((c) => c < n && imrt[c]! > final[c]!).sort((a, b) => a - b);
+        for (const c of oldClusters) log(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
         const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
         await writeFlagFixes(file, st, fixes, false);
         await file.flush();
-        const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
+        const covered = await qemuRebuild(file, st, imrt, n, oldClusters.map((c) => [c, final[c]!]));
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
         // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
@@ -963,7 +1090,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         res.allocatedClusters = again.res.allocatedClusters;
         res.fragmentedClusters = again.res.fragmentedClusters;
         res.compressedClusters = again.res.compressedClusters;
-        ck.highestCluster = Math.max(ck.highestCluster, Math.ceil(w.end / cs) - 1);
+        ck.highestCluster = Math.max(ck.highestCluster, covered - 1);
         flagFixes = [];
       } else {
         if (ck.rebuild) {
