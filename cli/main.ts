@@ -21,6 +21,7 @@ import { treeCommand } from './tree';
 import { compactCommand } from './compact';
 import { emptyCommand } from './empty';
 import { mergeCommand } from './merge';
+import { ddCommand } from './dd';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -41,6 +42,7 @@ Commands (options follow qemu-img):
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
+  dd [-f FMT] [-O FMT] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
   serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
@@ -86,6 +88,7 @@ const COMMANDS: Record<string, Command> = {
   compact: compactCommand,
   empty: emptyCommand,
   merge: mergeCommand,
+  dd: ddCommand,
   serve: serveCommand,
   // Internal: a job process of the app (started by strata serve or the desktop app).
   '__job-process': jobProcess,

@@ -1,6 +1,6 @@
 import { parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
-import { parse, parseSize, str, type CommandIO } from './common';
+import { parse, parseSize, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
 const USAGE = 'strata resize [--shrink] [-f FMT] [--dry-run [--output=human|json]] [--force] FILE [+|-]SIZE';
@@ -10,6 +10,7 @@ export async function resizeCommand(args: string[], io: CommandIO, signal: Abort
   const sizeArg = args[args.length - 1];
   if (args.length < 2 || sizeArg === undefined) throw new UsageError(`missing argument\nusage: ${USAGE}`);
   const { values, positionals } = parse(args.slice(0, -1), {
+    ...IMAGE_OPTS,
     shrink: { type: 'boolean' },
     format: { type: 'string', short: 'f' },
     ...PLAN_OPTIONS,
@@ -18,6 +19,6 @@ export async function resizeCommand(args: string[], io: CommandIO, signal: Abort
   const sign = sizeArg.startsWith('+') ? 1 : sizeArg.startsWith('-') ? -1 : 0;
   const n = parseSize(sign ? sizeArg.slice(1) : sizeArg);
   return runOrPlan(values, io, { signal }, {
-    op: 'resize', image: positionals[0]!, format: parseFormat(str(values.format)), size: sign ? sign * n : n, relative: sign !== 0, shrink: !!values.shrink,
+    op: 'resize', image: imageArg(positionals[0]!, values), format: parseFormat(str(values.format)), size: sign ? sign * n : n, relative: sign !== 0, shrink: !!values.shrink,
   }, () => io.out('Image resized.\n'));
 }
