@@ -22,6 +22,7 @@ import { compactCommand } from './compact';
 import { emptyCommand } from './empty';
 import { mergeCommand } from './merge';
 import { ddCommand } from './dd';
+import { amendCommand } from './amend';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -42,6 +43,7 @@ Commands (options follow qemu-img):
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
+  amend [-p] [-q] [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,size=SIZE FILE
   dd [-f FMT] [-O FMT] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
@@ -89,6 +91,7 @@ const COMMANDS: Record<string, Command> = {
   empty: emptyCommand,
   merge: mergeCommand,
   dd: ddCommand,
+  amend: amendCommand,
   serve: serveCommand,
   // Internal: a job process of the app (started by strata serve or the desktop app).
   '__job-process': jobProcess,
@@ -96,6 +99,8 @@ const COMMANDS: Record<string, Command> = {
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
 const ERROR_EXIT: Record<string, number> = { compare: 2 };
+/** Commands whose bad usage exits 1, as qemu-img's. */
+const USAGE_EXIT_1 = new Set(['amend', 'bitmap', 'dd']);
 
 export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
   // Before or after the command name, like a global option.
@@ -114,7 +119,9 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
     return await command(rest, io, signal);
   } catch (err) {
     if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
-    return reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+    const code = reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+    // qemu-img exits 1 on bad usage too (error_exit); these commands follow it there.
+    return code === 2 && USAGE_EXIT_1.has(cmd) ? 1 : code;
   } finally {
     allowUnlockedWrites(false);
   }
