@@ -23,6 +23,7 @@ import { emptyCommand } from './empty';
 import { mergeCommand } from './merge';
 import { ddCommand } from './dd';
 import { amendCommand } from './amend';
+import { bitmapCommand } from './bitmap';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -44,6 +45,7 @@ Commands (options follow qemu-img):
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
   amend [-p] [-q] [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,size=SIZE FILE
+  bitmap (--add [-g GRANULARITY] | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F FMT]])... FILE BITMAP
   dd [-f FMT] [-O FMT] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
@@ -92,6 +94,7 @@ const COMMANDS: Record<string, Command> = {
   merge: mergeCommand,
   dd: ddCommand,
   amend: amendCommand,
+  bitmap: bitmapCommand,
   serve: serveCommand,
   // Internal: a job process of the app (started by strata serve or the desktop app).
   '__job-process': jobProcess,
