@@ -9,6 +9,8 @@ import { BME_FLAG_IN_USE } from '../format/bitmaps';
 import { RawImage } from '../engine/raw';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { findOverlays } from './overlays';
+import { preallocateGrow } from '../engine/preallocate';
+import { allocateHoles } from './create';
 import {
   abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
 } from './plan-kit';
@@ -21,6 +23,8 @@ export interface ResizeOptions {
   shrink?: boolean;
   /** Shrink an image other images depend on (they then read zeros past the new end). */
   force?: boolean;
+  /** --preallocation (growing only): as qemu-img resize. */
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
 }
 
 /** The new size, checked as qemu-img checks it. */
@@ -31,6 +35,9 @@ function targetSize(img: DiskImage, path: string, opts: ResizeOptions): number {
   if (to < from && !opts.shrink) {
     throw new UsageError(`${path}: shrinking from ${from} to ${to} bytes deletes everything past the new end; add --shrink if that is what you want`);
   }
+  const pre = opts.preallocation ?? 'off';
+  if (pre !== 'off' && to < from) throw new UsageError('Preallocation can only be used for growing images');
+  if (pre === 'metadata' && img instanceof RawImage) throw new UnsupportedFeatureError('Unsupported preallocation mode: metadata', path);
   if (img instanceof Qcow2Image) {
     if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
     if (to < from && img.snapshots.length) throw new UsageError(`${path}: cannot shrink an image with internal snapshots`);
@@ -52,6 +59,7 @@ export async function planResize(path: string, opts: ResizeOptions): Promise<Job
     const command = ['strata', 'resize'];
     if (opts.shrink) command.push('--shrink');
     if (opts.format) command.push('-f', opts.format);
+    if (opts.preallocation && opts.preallocation !== 'off') command.push(`--preallocation=${opts.preallocation}`);
     command.push(abs(path), sizeArg);
     const plan = newPlan('resize', `Resize ${basename(path)} from ${from} to ${to} bytes`, command);
     plan.writes.push(abs(path));
@@ -97,8 +105,12 @@ export async function resize(path: string, opts: ResizeOptions, planned?: JobPla
     if (img instanceof Qcow2Writable) {
       if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
+      const pre = opts.preallocation ?? 'off';
+      if (to > from && pre !== 'off') await preallocateGrow(img, from, to, pre);
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);
+      const pre = opts.preallocation ?? 'off';
+      if (to > from && (pre === 'falloc' || pre === 'full')) await allocateHoles(img.file, to, pre, from);
       await img.file.flush();
     }
     return { from, to };
