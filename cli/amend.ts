@@ -25,12 +25,12 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
     force: { type: 'boolean' },
   }, USAGE);
   const optList = values.options as string[] | undefined;
-  if (!optList) throw new UsageError("Must specify options (-o)\nTry 'qemu-img --help' for more information");
+  if (!optList) throw new UsageError('Must specify options (-o)').asQemu("Must specify options (-o)\nTry 'qemu-img --help' for more information");
   const o = optList.join(',');
   if (o.split(',').some((kv) => kv === 'help' || kv === '?')) { io.out(AMEND_OPTIONS_HELP); return 0; }
-  if (positionals.length !== 1) throw new UsageError('Expecting one image file name');
+  if (positionals.length !== 1) throw new UsageError('Expecting one image file name').asQemu('Expecting one image file name');
   const cache = str(values.cache);
-  if (cache !== undefined && !['none', 'writeback', 'unsafe', 'directsync', 'writethrough'].includes(cache)) throw new UsageError(`Invalid cache option: ${cache}`);
+  if (cache !== undefined && !['none', 'writeback', 'unsafe', 'directsync', 'writethrough'].includes(cache)) throw new UsageError(`Invalid cache option: ${cache}`).asQemu(`Invalid cache option: ${cache}`);
   const opts = parseAmendOptions(o);
   const bar = progressPrinter(!!values.progress && !values.quiet && io.isTTY, io.err);
   await amend({ signal, progress: bar.onProgress }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)) });

@@ -7,6 +7,24 @@ export interface CommandIO {
   out: (s: string) => void;
   err: (s: string) => void;
   isTTY: boolean;
+  /**
+   * The name the command was started under. 'qemu-img' (a link of that name to strata, the
+   * drop-in) prints qemu-img's messages under qemu-img's name, as scripts and QEMU's iotests
+   * expect them; 'strata' (the default) prints Strata's, which say what to do.
+   */
+  program?: Program;
+}
+
+export type Program = 'strata' | 'qemu-img';
+
+/** The program a path was started as: qemu-img for a link of that name, else strata. */
+export function programOf(argv1: string): Program {
+  return /(?:^|[\\/])qemu-img$/.test(argv1) ? 'qemu-img' : 'strata';
+}
+
+/** True when the command speaks as qemu-img (see CommandIO.program). */
+export function asQemu(io: CommandIO): boolean {
+  return io.program === 'qemu-img';
 }
 
 // process.stdout and process.stderr are made on first use, and making one loads node's
@@ -60,21 +78,59 @@ export function needPositionals(pos: string[], n: number, usage: string): void {
 /** Maps an error to the CLI's one-line message and exit code. */
 export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
   if (process.env.STRATA_DEBUG === '1' && err instanceof Error) io.err(`${err.stack}\n`);
+  const prog = io.program ?? 'strata';
   if (err instanceof StrataError) {
-    io.err(`strata: ${err.message}\n`);
+    if (asQemu(io)) {
+      // qemu-img exits 1 for bad usage as for any other failure. A usage error without
+      // qemu-img's own text (options and arguments) gets its pointer to --help.
+      if (err.qemu !== undefined) io.err(`${prog}: ${err.qemu}\n`);
+      else if (err.kind === 'usage') io.err(`${prog}: ${err.message.split('\n')[0]}\nTry 'qemu-img --help' for more information\n`);
+      else io.err(`${prog}: ${err.message}\n`);
+      return err.kind === 'usage' ? 1 : exitCode;
+    }
+    io.err(`${prog}: ${err.message}\n`);
     return err.kind === 'usage' ? 2 : exitCode;
   }
   const e = err as NodeJS.ErrnoException;
-  io.err(`strata: ${e?.message ?? String(err)}\n`);
+  io.err(`${prog}: ${e?.message ?? String(err)}\n`);
   return exitCode;
 }
 
 /** --image-opts: `name` is an option string; -f cannot go with it (qemu-img's refusal). */
 export function imageArg(name: string, values: Record<string, unknown>, fmtKey = 'format'): string {
   if (!values['image-opts']) return name;
-  if (values[fmtKey] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
+  if (values[fmtKey] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive').asQemu('--image-opts and --format are mutually exclusive');
   return imageOptsName(name);
 }
 
 /** The --image-opts option for parse(). */
 export const IMAGE_OPTS: Options = { 'image-opts': { type: 'boolean' } };
+
+/** QEMU's tdb_hash (qobject/qdict.c), which places a key in one of a QDict's 512 buckets. */
+function qdictBucket(key: string): number {
+  const b = Buffer.from(key, 'utf8');
+  let v = Math.imul(0x238f13af, b.length) >>> 0;
+  for (let i = 0; i < b.length; i++) v = (v + ((b[i]! << ((i * 5) % 24)) >>> 0)) >>> 0;
+  return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512;
+}
+
+/** A value with every object's keys in the order a QEMU QDict holding them iterates. */
+function qdictOrdered(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(qdictOrdered);
+  if (v === null || typeof v !== 'object') return v;
+  // Bucket by bucket; within a bucket the last inserted first (QEMU inserts at the head). The
+  // object's own order is the order QEMU's QAPI visitor inserts the members.
+  const keys = Object.keys(v).map((k, i) => ({ k, i, b: qdictBucket(k) }));
+  keys.sort((x, y) => x.b - y.b || y.i - x.i);
+  const out: Record<string, unknown> = {};
+  for (const { k } of keys) out[k] = qdictOrdered((v as Record<string, unknown>)[k]);
+  return out;
+}
+
+/**
+ * JSON as qemu-img prints a QAPI object (info, check, measure): pretty, four spaces, and the
+ * members in QDict order, which is the order of the keys' hash buckets, not the schema's.
+ */
+export function qapiJson(v: unknown): string {
+  return JSON.stringify(qdictOrdered(v), null, 4);
+}

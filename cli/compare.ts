@@ -4,7 +4,7 @@ import type { DiskImage } from '../core/engine/image';
 import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { progressPrinter } from './progress';
 
-const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-p] [-U] A B';
+const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] A B';
 
 export async function compareCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
@@ -12,6 +12,7 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
     format: { type: 'string', short: 'f' },
     'format-b': { type: 'string', short: 'F' },
     strict: { type: 'boolean', short: 's' },
+    quiet: { type: 'boolean', short: 'q' },
     progress: { type: 'boolean', short: 'p' },
     'force-share': { type: 'boolean', short: 'U' },
   }, USAGE);
@@ -27,12 +28,16 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
     const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
     bar.end();
-    if (r.sizeMismatch && !values.strict) io.out('Warning: Image size mismatch!\n');
-    if (r.identical) { io.out('Images are identical.\n'); return 0; }
+    // -q: the exit status only. As qemu-img, the size warning comes once the common part
+    // compared equal: a mismatch inside it is reported alone.
+    const out = values.quiet ? () => {} : io.out;
+    const common = Math.min(a.virtualSize, b.virtualSize);
+    if (r.sizeMismatch && !values.strict && (r.identical || r.offset >= common)) out('Warning: Image size mismatch!\n');
+    if (r.identical) { out('Images are identical.\n'); return 0; }
     switch (r.reason) {
-      case 'size': io.out('Strict mode: Image size mismatch!\n'); break;
-      case 'status': io.out(`Strict mode: Offset ${r.offset} block status mismatch!\n`); break;
-      case 'content': io.out(`Content mismatch at offset ${r.offset}!\n`); break;
+      case 'size': out('Strict mode: Image size mismatch!\n'); break;
+      case 'status': out(`Strict mode: Offset ${r.offset} block status mismatch!\n`); break;
+      case 'content': out(`Content mismatch at offset ${r.offset}!\n`); break;
     }
     return 1;
   } finally {

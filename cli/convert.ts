@@ -32,9 +32,9 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     ...IMAGE_OPTS,
     ...PLAN_OPTIONS,
   }, USAGE);
-  if (values.compress && values['copy-range']) throw new UsageError('Cannot enable copy offloading when -c is used');
-  if (values.sparse !== undefined && values['copy-range']) throw new UsageError('Cannot enable copy offloading when -S is used');
-  if (values['copy-range'] && values.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode');
+  if (values.compress && values['copy-range']) throw new UsageError('Cannot enable copy offloading when -c is used').asQemu('Cannot enable copy offloading when -c is used');
+  if (values.sparse !== undefined && values['copy-range']) throw new UsageError('Cannot enable copy offloading when -S is used').asQemu('Cannot enable copy offloading when -S is used');
+  if (values['copy-range'] && values.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode').asQemu('Cannot use copy offloading in salvaging mode');
   const cache = str(values.cache) ?? 'unsafe';
   if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`-t must be unsafe or writeback, not '${cache}'`);
   if (positionals.length < 2) needPositionals(positionals, 2, USAGE);
@@ -42,11 +42,11 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     // Several sources, copy offloading, salvaging, option strings: run here, not as a job spec.
     if (values['dry-run']) throw new UsageError('--dry-run is not available with several sources, -C, --salvage or --image-opts');
     const sources = positionals.slice(0, -1).map((n) => imageArg(n, values));
-    if (sources.length > 1 && (values.snapshot !== undefined || values['snapshot-id'] !== undefined)) throw new UsageError('No support for concatenating multiple snapshot');
+    if (sources.length > 1 && (values.snapshot !== undefined || values['snapshot-id'] !== undefined)) throw new UsageError('No support for concatenating multiple snapshot').asQemu('No support for concatenating multiple snapshot');
     const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
     const o = ((values.options as string[] | undefined) ?? []).join(',');
     const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
-    await convertDirect({ signal, progress: bar.onProgress, log: values.quiet ? undefined : (l) => io.err(`strata: ${l}\n`) }, sources, positionals[positionals.length - 1]!, {
+    await convertDirect({ signal, progress: bar.onProgress, log: values.quiet ? undefined : (l) => io.err(`${io.program ?? 'strata'}: ${l}\n`) }, sources, positionals[positionals.length - 1]!, {
       op: 'convert', source: sources[0]!, target: positionals[positionals.length - 1]!, sourceFormat: parseFormat(str(values.format)), targetFormat: outFmt,
       compress: !!values.compress, options: optionsRecord(o), backing: str(values.backing),
       backingFormat: parseFormat(str(values['backing-format']), 'backing format'), existing: !!values.n,

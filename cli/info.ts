@@ -1,6 +1,6 @@
 import { formatInfoHuman, imageInfo, type ImageInfo } from '../core/chain/info';
 import { openImage, openImageFile, closeChain, chainOf, parseFormat } from '../core/chain/open';
-import { outputFormat, parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { outputFormat, parse, needPositionals, qapiJson, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE';
 
@@ -23,7 +23,7 @@ export async function infoCommand(args: string[], io: CommandIO): Promise<number
     const infos: ImageInfo[] = [];
     for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));
     if (fmt === 'json') {
-      io.out(JSON.stringify(chain ? infos : infos[0], null, 4) + '\n');
+      io.out(qapiJson(chain ? infos : infos[0]) + '\n');
     } else {
       io.out(infos.map(formatInfoHuman).join('\n'));
     }

@@ -3,7 +3,7 @@ import { availableParallelism } from 'node:os';
 import { CancelledError } from '../core/errors';
 import { nativeStatus } from '../core/io/native';
 import { allowUnlockedWrites } from '../core/io/locks';
-import { reportError, stdio, type CommandIO } from './common';
+import { asQemu, programOf, reportError, stdio, type CommandIO } from './common';
 import { infoCommand } from './info';
 import { mapCommand } from './map';
 import { compareCommand } from './compare';
@@ -32,7 +32,7 @@ Commands (options follow qemu-img):
   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
-  compare [-f FMT] [-F FMT] [-s] [-p] A B
+  compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B
   convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
   compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
@@ -116,7 +116,11 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
     return 0;
   }
   const command = COMMANDS[cmd];
-  if (!command) { io.err(`strata: unknown command '${cmd}'\n${HELP}`); return 2; }
+  if (!command) {
+    if (asQemu(io)) { io.err(`qemu-img: Command not found: ${cmd}\nTry 'qemu-img --help' for more information\n`); return 1; }
+    io.err(`strata: unknown command '${cmd}'\n${HELP}`);
+    return 2;
+  }
   allowUnlockedWrites(forced);
   try {
     return await command(rest, io, signal);
@@ -148,7 +152,9 @@ export function interruptStatus(signal: AbortSignal): number {
   return signal.reason === 'SIGTERM' ? 143 : 130;
 }
 
-const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.cjs)?|main\.ts)$/.test(process.argv[1]);
+// Started as strata (bin/strata.cjs, the bundle, main.ts under a TypeScript runner) or through a
+// link named qemu-img: the drop-in, which then speaks qemu-img's messages (see programOf).
+const isMain = process.argv[1] !== undefined && /(?:^|[\\/])(?:strata(?:\.cjs)?|main\.ts|qemu-img)$/.test(process.argv[1]);
 if (isMain) {
   // libuv's thread pool reads the copy windows (readScan). Its default of 4 threads is more
   // than a 2-core machine can run beside the JS thread and the writer thread: with 2, a 2 GiB
@@ -169,6 +175,7 @@ if (isMain) {
     return stream;
   };
   const io: CommandIO = {
+    program: programOf(process.argv[1]!),
     out: (s) => { guard(process.stdout).write(s); },
     err: (s) => { guard(process.stderr).write(s); },
     get isTTY() { return stdio.isTTY; },

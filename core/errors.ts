@@ -6,11 +6,22 @@ export type ErrorKind = 'format' | 'corrupt' | 'unsupported' | 'in-use' | 'io' |
 export class StrataError extends Error {
   readonly kind: ErrorKind;
   readonly file: string | undefined;
+  /**
+   * qemu-img's own text for this error (without its "qemu-img: " prefix), when it has one and
+   * it differs: what the CLI prints when it runs as the qemu-img drop-in.
+   */
+  qemu: string | undefined;
   constructor(kind: ErrorKind, message: string, file?: string, options?: { cause?: unknown }) {
     super(file ? `${file}: ${message}` : message, options);
     this.name = 'StrataError';
     this.kind = kind;
     this.file = file;
+  }
+
+  /** Sets qemu-img's text for this error (see `qemu`); returns the error for `throw`. */
+  asQemu(text: string): this {
+    this.qemu = text;
+    return this;
   }
 }
 

@@ -129,7 +129,8 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
     const k = key(await identityOf(localPathOrNull(name) ?? name), name);
     const prev = seen.get(k);
     if (prev !== undefined) {
-      throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename);
+      throw new FormatError(`backing chain loop: '${printable(img.filename)}' has backing file '${printable(name)}', which is already in the chain (as '${printable(prev)}')`, top.filename)
+        .asQemu(`Backing file '${name}' creates an infinite loop.`);
     }
     seen.set(k, name);
     const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });

@@ -252,6 +252,19 @@ async function loadSnapshots(file: BlockFile, fileSize: number, offset: number, 
   return { snapshots, size: pos - offset };
 }
 
+/**
+ * A repair opens the image for writing, and QEMU's open for writing clears the autoclear bits
+ * it does not know (the structures they vouch for may be stale once anything is written).
+ */
+async function clearUnknownAutoclear(file: BlockFile, h: ImageState['parsed']['header']): Promise<void> {
+  if (h.version < 3 || (h.autoclearFeatures & ~C.AUTOCLEAR_KNOWN) === 0n) return;
+  h.autoclearFeatures &= C.AUTOCLEAR_KNOWN;
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(h.autoclearFeatures);
+  await file.write(b, 88);
+  await file.flush();
+}
+
 async function loadState(file: BlockFile): Promise<ImageState> {
   const parsed = await loadHeader(file);
   const h = parsed.header;
@@ -916,6 +929,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
   let ck: Checker | null = null;
   try {
     const st = await loadState(file);
+    if (fix !== 0) await clearUnknownAutoclear(file, st.parsed.header);
     ck = new Checker(file, st, fix, opts);
     const cs = st.clusterSize;
     await ck.calculate();
@@ -942,6 +956,13 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         log('Rebuilding refcount structure');
         final.set(ck.imrt.subarray(0, ck.n));
         for (const [c, k] of ck.structureRefs) final[c] = final[c]! - k;
+        // QEMU's rebuilt structure still counts the old one, which nothing references once the
+        // header points to the new: its leak pass then frees those clusters ("Repairing
+        // cluster N refcount=R reference=0"), discarding them, before the COPIED checks. Here
+        // the new refcounts leave them out from the start; the same lines, the same holes.
+        const { n, imrt } = ck;
+        const oldClusters = [...ck.structureRefs.keys()].filter((c) => c < n && imrt[c]! > final[c]!).sort((a, b) => a - b);
+        for (const c of oldClusters) log(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
         const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
@@ -950,6 +971,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
+        for (const c of oldClusters) if (!final[c]) await file.discard?.(c * cs, cs);
         // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
         const st2 = await loadState(file);
         const again = new Checker(file, st2, 0, {});

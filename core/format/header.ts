@@ -164,6 +164,24 @@ function checkTable(what: string, offset: number, bytes: number, clusterSize: nu
   if (offset + bytes > Number.MAX_SAFE_INTEGER) throw new CorruptImageError(`${what} at ${offset} is out of range`, file);
 }
 
+/**
+ * QEMU's report_unsupported_feature: the names the image's table gives the bits (in table
+ * order, up to the first entry without a name, each name cut at 46 bytes), then the rest as
+ * one hexadecimal mask.
+ */
+function qemuUnsupportedFeatures(p: ParsedHeader, bits: bigint): string {
+  const parts: string[] = [];
+  let mask = bits;
+  for (const f of p.featureNames) {
+    if (f.name === '') break;
+    if (f.type !== C.FEATURE_TYPE_INCOMPATIBLE || f.bit > 63 || !(mask & (1n << BigInt(f.bit)))) continue;
+    parts.push(Buffer.from(f.name, 'utf8').subarray(0, 46).toString('utf8'));
+    mask &= ~(1n << BigInt(f.bit));
+  }
+  if (mask) parts.push(`Unknown incompatible feature: ${mask.toString(16)}`);
+  return `Unsupported qcow2 feature(s): ${parts.join(', ')}`;
+}
+
 /** Names the incompatible features we refuse, using the image's own feature name table when present. */
 export function checkIncompatibleFeatures(p: ParsedHeader, file?: string): void {
   const unknown = p.header.incompatibleFeatures & ~C.INCOMPAT_KNOWN;
@@ -174,7 +192,7 @@ export function checkIncompatibleFeatures(p: ParsedHeader, file?: string): void 
       const n = p.featureNames.find((f) => f.type === C.FEATURE_TYPE_INCOMPATIBLE && f.bit === bit);
       names.push(n ? `${printable(n.name)} (bit ${bit})` : `unknown incompatible feature bit ${bit}`);
     }
-    throw new UnsupportedFeatureError(`unsupported qcow2 feature: ${names.join(', ')}`, file);
+    throw new UnsupportedFeatureError(`unsupported qcow2 feature: ${names.join(', ')}`, file).asQemu(`Could not open '${file}': ${qemuUnsupportedFeatures(p, unknown)}`);
   }
   if (p.header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) {
     throw new UnsupportedFeatureError(`external data files are not supported${p.dataFile ? ` (data file ${p.dataFile})` : ''}`, file);
@@ -230,8 +248,10 @@ function decodeExtension(p: ParsedHeader, type: number, data: Buffer, file?: str
       p.backingFormat = data.toString('utf8');
       break;
     case C.EXT_FEATURE_TABLE:
-      for (let o = 0; o + C.FEATURE_NAME_ENTRY_SIZE <= data.length; o += C.FEATURE_NAME_ENTRY_SIZE) {
-        const nameBytes = data.subarray(o + 2, o + C.FEATURE_NAME_ENTRY_SIZE);
+      // A last entry cut short reads as padded with zeros (QEMU reads the extension into a
+      // zeroed buffer of whole entries).
+      for (let o = 0; o + 2 <= data.length; o += C.FEATURE_NAME_ENTRY_SIZE) {
+        const nameBytes = data.subarray(o + 2, Math.min(o + C.FEATURE_NAME_ENTRY_SIZE, data.length));
         const z = nameBytes.indexOf(0);
         p.featureNames.push({ type: data[o]!, bit: data[o + 1]!, name: nameBytes.toString('utf8', 0, z < 0 ? nameBytes.length : z) });
       }

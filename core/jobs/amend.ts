@@ -33,6 +33,11 @@ import { throwIfCancelled, type JobContext } from './job';
 /** A refusal with qemu-img's text (exit 1, nothing written). */
 export class AmendError extends UnsupportedFeatureError {}
 
+/** Bad -o for amend: a usage error whose text is qemu-img's, hint lines included. */
+function qemuUsage(text: string): UsageError {
+  return new UsageError(text).asQemu(text);
+}
+
 export interface AmendOptions {
   version?: 2 | 3;
   lazyRefcounts?: boolean;
@@ -52,7 +57,7 @@ const CREATE_ONLY = new Set(['encryption', 'cluster_size', 'preallocation', 'com
 function parseBool(key: string, v: string): boolean {
   if (v === 'on' || v === 'yes' || v === 'true' || v === 'y') return true;
   if (v === 'off' || v === 'no' || v === 'false' || v === 'n') return false;
-  throw new UsageError(`Parameter '${key}' expects 'on' or 'off'`);
+  throw qemuUsage(`Parameter '${key}' expects 'on' or 'off'`);
 }
 
 /** QEMU's option syntax: key=value pairs, `,,` a literal comma. */
@@ -84,27 +89,27 @@ export function parseAmendOptions(o: string): AmendOptions {
   const r: AmendOptions = {};
   for (const [key, value] of splitOptions(o)) {
     if (!AMEND_KEYS.has(key)) {
-      if (CREATE_ONLY.has(key) || key.startsWith('encrypt.')) throw new UsageError(`Invalid parameter '${key}'\nThis option is only supported for image creation`);
-      throw new UsageError(`Invalid parameter '${key}'`);
+      if (CREATE_ONLY.has(key) || key.startsWith('encrypt.')) throw qemuUsage(`Invalid parameter '${key}'\nThis option is only supported for image creation`);
+      throw qemuUsage(`Invalid parameter '${key}'`);
     }
     switch (key) {
       case 'compat':
         if (value === '0.10' || value === 'v2') r.version = 2;
         else if (value === '1.1' || value === 'v3') r.version = 3;
-        else throw new UsageError(`Unknown compatibility level ${value}`);
+        else throw qemuUsage(`Unknown compatibility level ${value}`);
         break;
       case 'lazy_refcounts': r.lazyRefcounts = parseBool(key, value); break;
       case 'data_file_raw': r.dataFileRaw = parseBool(key, value); break;
       case 'refcount_bits': {
-        if (!/^\d+$/.test(value)) throw new UsageError(`Parameter '${key}' expects a number`);
+        if (!/^\d+$/.test(value)) throw qemuUsage(`Parameter '${key}' expects a number`);
         const n = Number(value);
-        if (n <= 0 || n > 64 || (n & (n - 1)) !== 0) throw new UsageError('Refcount width must be a power of two and may not exceed 64 bits');
+        if (n <= 0 || n > 64 || (n & (n - 1)) !== 0) throw qemuUsage('Refcount width must be a power of two and may not exceed 64 bits');
         r.refcountBits = n;
         break;
       }
       case 'size': {
         const m = /^(\d+(?:\.\d+)?)([kmgtpe]?)$/i.exec(value);
-        if (!m) throw new UsageError(`Parameter '${key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.`);
+        if (!m) throw qemuUsage(`Parameter '${key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.`);
         const mult = 1024 ** ' kmgtpe'.indexOf((m[2] || ' ').toLowerCase());
         r.size = Math.round(Number(m[1]) * (m[2] ? mult : 1));
         break;

@@ -53,16 +53,16 @@ export async function dependentsOf(base: string, except: string[]): Promise<stri
 async function baseIndexOf(path: string, chain: DiskImage[], base: string | undefined): Promise<number> {
   if (chain.length < 2) throw new UsageError(`${path}: image has no backing file to commit into`);
   if (base === undefined) return 1;
-  // As qemu-img: the name as given (from here), as taken relative to the overlay, or as
-  // recorded in the chain.
-  // Files compared by device and inode: a hard link or symlink to a layer is that layer.
+  // As qemu-img (bdrv_find_backing_image): the name as recorded in the chain, or the file it
+  // names taken relative to the image above each layer (a relative name is never taken from
+  // the working directory). Files compared by device and inode: a hard link or symlink to a
+  // layer is that layer.
   const local = (n: string) => identityOf(localPathOrNull(n) ?? n);
-  const wants = [await local(base), await local(combineBackingPath(path, base))];
   for (let i = 1; i < chain.length; i++) {
     const id = (await chain[i]!.file.identity?.()) ?? null;
-    if (wants.some((w) => sameFile(w, id)) || chain[i - 1]!.backingFile === base) return i;
+    if (chain[i - 1]!.backingFile === base || sameFile(await local(combineBackingPath(chain[i - 1]!.filename, base)), id)) return i;
   }
-  throw new UsageError(`${path}: '${base}' is not in its backing chain`);
+  throw new UsageError(`${path}: '${base}' is not in its backing chain`).asQemu(`Did not find '${base}' in the backing chain of '${path}'`);
 }
 
 /**

@@ -27,6 +27,17 @@ export async function strata(...argv: string[]): Promise<CliResult> {
   return { code, out, err };
 }
 
+/**
+ * Runs ARGS in this process as the qemu-img drop-in (strata started through a link named
+ * qemu-img): qemu-img's messages under qemu-img's name.
+ */
+export async function asQemuImg(...argv: string[]): Promise<CliResult> {
+  let out = '';
+  let err = '';
+  const code = await run(argv, { program: 'qemu-img', out: (s) => { out += s; }, err: (s) => { err += s; }, isTTY: false }, new AbortController().signal);
+  return { code, out, err };
+}
+
 /** Runs `strata ARGS`, expecting success: returns stdout (fails the test with stderr otherwise). */
 export async function strataOk(...argv: string[]): Promise<string> {
   const r = await strata(...argv);
