@@ -2,7 +2,6 @@ import { parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { amend, parseAmendOptions } from '../core/jobs/amend';
 import { parse, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
-import { progressPrinter } from './progress';
 
 const USAGE = 'strata amend [--image-opts] [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS FILE';
 
@@ -32,8 +31,22 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   const cache = str(values.cache);
   if (cache !== undefined && !['none', 'writeback', 'unsafe', 'directsync', 'writethrough'].includes(cache)) throw new UsageError(`Invalid cache option: ${cache}`).asQemu(`Invalid cache option: ${cache}`);
   const opts = parseAmendOptions(o);
-  const bar = progressPrinter(!!values.progress && !values.quiet && io.isTTY, io.err);
-  await amend({ signal, progress: bar.onProgress }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)) });
-  bar.end();
+  // -p: qemu-img's progress lines on stdout, terminal or not ("    (12.50/100%)\r"), printed
+  // when they move by more than 1%, at 0 and at 100.
+  const show = !!values.progress && !values.quiet;
+  let last = 0;
+  let printed = false;
+  const print = (p: number) => {
+    const cur = Math.min(100, p);
+    // The lines overwrite each other: each after the first starts with a carriage return.
+    if (cur > last + 1 || cur < last - 1 || cur === 100 || cur === 0) { last = cur; io.out(`${printed ? '\r' : ''}    (${cur.toFixed(2)}/100%)`); printed = true; }
+  };
+  if (show) print(0);
+  try {
+    await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined });
+    if (show) print(100);
+  } finally {
+    if (show) io.out('\n');
+  }
   return 0;
 }

@@ -33,14 +33,14 @@ Commands (options follow qemu-img):
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B
-  convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  convert [-p] [-q] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-C] [--salvage] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC... DST
   compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
   empty [-p] IMAGE               empty an overlay whose data is already in its backing file (verified first)
   merge [-p] [--folder DIR ...] IMAGE   remove IMAGE from its chain: commit it into its backing file,
                                  point its children (in its folder and each DIR) there, delete it
-  resize [--shrink] FILE [+|-]SIZE
+  resize [-q] [--shrink] [--preallocation=off|metadata|falloc|full] FILE [+|-]SIZE
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
@@ -49,6 +49,8 @@ Commands (options follow qemu-img):
   dd [-f FMT] [-O FMT] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
+  --image-opts  (info, map, check, compare, convert, snapshot, measure, resize, commit, rebase, amend,
+                bitmap, dd) FILE is an option string: driver=qcow2,file.filename=x.qcow2
   serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
 
 Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,

@@ -29,6 +29,10 @@ import { Refcounts } from '../engine/refcounts';
 import { MetadataSwitch } from '../engine/metadata-switch';
 import { encodeStructure, newRefArray, placeStructure } from '../engine/refcount-structure';
 import { throwIfCancelled, type JobContext } from './job';
+import { checkImage } from './check';
+import { parseImageName } from '../chain/names';
+import { NodeFile } from '../io/node-file';
+import { isQcow2Magic } from '../format/header';
 
 /** A refusal with qemu-img's text (exit 1, nothing written). */
 export class AmendError extends UnsupportedFeatureError {}
@@ -122,6 +126,30 @@ export function parseAmendOptions(o: string): AmendOptions {
   return r;
 }
 
+/**
+ * QEMU's amend progress (qcow2_amend_helper_cb): each operation reports its own progress, and
+ * the total is projected from the operations done so far. `report` gets percents.
+ */
+export class AmendProgress {
+  private completed = 0;
+  private offsetCompleted = 0;
+  private lastWork = 0;
+  private last: string | null = null;
+  constructor(private readonly total: number, private readonly report: (percent: number) => void) {}
+
+  status(op: string, offset: number, work: number): void {
+    if (this.total <= 0) return;
+    if (op !== this.last) {
+      if (this.last !== null) { this.offsetCompleted += this.lastWork; this.completed++; }
+      this.last = op;
+    }
+    this.lastWork = work;
+    const current = this.offsetCompleted + work;
+    const projected = Math.floor((current * (this.total - this.completed - 1)) / (this.completed + 1));
+    this.report(Math.fround((100 * (this.offsetCompleted + offset)) / (current + projected)));
+  }
+}
+
 /** What the amend will do, decided (and every refusal found) before anything is written. */
 interface AmendPlan {
   fromVersion: number;
@@ -170,7 +198,6 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
     if (size % 512 !== 0) throw new AmendError('The new size must be a multiple of 512');
     const versionAtResize = Math.max(fromVersion, toVersion);
     if (img.snapshots.length && versionAtResize < 3) throw new AmendError("Can't resize a v2 image which has snapshots");
-    if (size < img.virtualSize && img.snapshots.length) throw new AmendError("Can't shrink an image which has snapshots");
   }
   if (toVersion < fromVersion) {
     if (toOrder !== 4) throw new AmendError('compat=0.10 requires refcount_bits=16');
@@ -188,6 +215,8 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
       throw new AmendError('Cannot downgrade an image with zstd compression type and existing compressed clusters');
     }
   }
+  // QEMU shrinks an image with snapshots; Strata's shrink does not (nothing is changed).
+  if (size !== null && size < img.virtualSize && img.snapshots.length) throw new AmendError("Can't shrink an image which has snapshots");
   return { fromVersion, toVersion, fromOrder, toOrder, lazy, size };
 }
 
@@ -244,7 +273,8 @@ async function writeHeader(img: Qcow2Writable): Promise<void> {
 }
 
 /** v2 → v3: snapshots get v3's extra data; the header its v3 fields. */
-async function upgrade(img: Qcow2Writable): Promise<void> {
+async function upgrade(img: Qcow2Writable, progress?: AmendProgress): Promise<void> {
+  progress?.status('upgrade', 0, 2);
   await img.flush();
   const h = img.header;
   const cs = img.geometry.clusterSize;
@@ -260,6 +290,7 @@ async function upgrade(img: Qcow2Writable): Promise<void> {
     h.snapshotsOffset = at;
     img.snapshotTableSize = table.length;
   }
+  progress?.status('upgrade', 1, 2);
   h.version = 3;
   h.headerLength = C.HEADER_V3_WITH_COMPRESSION_LENGTH;
   h.incompatibleFeatures = 0n;
@@ -270,10 +301,12 @@ async function upgrade(img: Qcow2Writable): Promise<void> {
   h.unknownFields = Buffer.alloc(0);
   await writeHeader(img);
   if (freeOld && freeOld.offset) { img.pendingFrees.push(freeOld); await img.flush(); }
+  progress?.status('upgrade', 2, 2);
 }
 
 /** A new refcount structure of width 2^order, switched to with one header write. */
-async function changeRefcountOrder(img: Qcow2Writable, order: number): Promise<void> {
+async function changeRefcountOrder(img: Qcow2Writable, order: number, progress?: AmendProgress): Promise<void> {
+  progress?.status('refcount', 0, 1);
   await img.flush();
   const cs = img.geometry.clusterSize;
   const h = img.header;
@@ -301,10 +334,11 @@ async function changeRefcountOrder(img: Qcow2Writable, order: number): Promise<v
   const end = Math.max(n, lay.start + lay.clusters);
   img.refcounts = new Refcounts({ ...img.refcounts.hostInfo, refcountOrder: order }, Buffer.from(enc.table), enc.tableOffset, end * cs);
   img.noteAlloc();
+  progress?.status('refcount', 1, 1);
 }
 
 /** qcow2_expand_zero_clusters: no zero clusters left, in the active tables or a snapshot's. */
-async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext): Promise<void> {
+async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?: AmendProgress): Promise<void> {
   await img.flush();
   const cs = img.geometry.clusterSize;
   const g = { clusterBits: img.header.clusterBits, extendedL2: false };
@@ -317,11 +351,15 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext): Promise<
   }
   const done = new Set<number>();
   const zeros = Buffer.alloc(cs);
+  const entries = l1s.reduce((n, t) => n + t.length / 8, 0);
+  let visited = 0;
   for (const l1 of l1s) {
     for (let i = 0; i < l1.length / 8; i++) {
       throwIfCancelled(ctx);
+      // QEMU reports every L1 entry visited (before its table is expanded, when it has none).
       const l2Offset = decodeL1Entry(l1, i).l2Offset;
-      if (!l2Offset || done.has(l2Offset)) continue;
+      if (!l2Offset) { progress?.status('downgrade', ++visited, entries); continue; }
+      if (done.has(l2Offset)) { progress?.status('downgrade', ++visited, entries); continue; }
       done.add(l2Offset);
       const l2Refcount = await img.refcounts.get(l2Offset / cs);
       const t = Buffer.alloc(cs);
@@ -348,7 +386,7 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext): Promise<
         t.writeBigUInt64BE(entry, j * 8);
         dirty = true;
       }
-      if (!dirty) continue;
+      if (!dirty) { progress?.status('downgrade', ++visited, entries); continue; }
       // The new clusters' data and refcounts on disk before the entries that point to them.
       await img.refcounts.writeBack();
       await img.file.flush();
@@ -359,6 +397,7 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext): Promise<
         await img.refcounts.writeBack();
         await img.file.flush();
       }
+      progress?.status('downgrade', ++visited, entries);
     }
   }
   // The cached active tables are stale now: nothing reads them again (the downgrade is the
@@ -375,8 +414,8 @@ async function setLazy(img: Qcow2Writable, on: boolean): Promise<void> {
   await img.file.flush();
 }
 
-async function downgrade(img: Qcow2Writable, ctx: JobContext): Promise<void> {
-  await expandZeroClusters(img, ctx);
+async function downgrade(img: Qcow2Writable, ctx: JobContext, progress?: AmendProgress): Promise<void> {
+  await expandZeroClusters(img, ctx, progress);
   await img.flush();
   const h = img.header;
   h.version = 2;
@@ -389,8 +428,26 @@ async function downgrade(img: Qcow2Writable, ctx: JobContext): Promise<void> {
   await writeHeader(img);
 }
 
-export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat } = {}): Promise<void> {
+/** The dirty bit of a qcow2 image's header (false for anything else). */
+async function isDirty(name: string): Promise<{ dirty: boolean; path: string }> {
+  const p = parseImageName(name);
+  if (p.kind !== 'file') return { dirty: false, path: name };
+  const f = await NodeFile.open(p.path);
+  try {
+    const h = Buffer.alloc(80);
+    await f.read(h, 0);
+    return { dirty: isQcow2Magic(h) && h.readUInt32BE(4) >= 3 && (h.readBigUInt64BE(72) & C.INCOMPAT_DIRTY) !== 0n, path: p.path };
+  } finally {
+    await f.close();
+  }
+}
+
+export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void } = {}): Promise<void> {
   let img: DiskImage | null = null;
+  // As QEMU's writable open: an image left dirty (lazy refcounts) has its refcounts repaired
+  // first (`check -r all`, its report on stderr), then is amended.
+  const d = await isDirty(name);
+  if (d.dirty && opts.format !== 'raw') await checkImage(ctx, d.path, { repair: 'all', format: 'qcow2' });
   try {
     img = await openImageFile(name, { format: opts.format, writable: true });
     if (!(img instanceof Qcow2Writable)) throw new AmendError(`Format driver '${img.format}' does not support option amendment`);
@@ -400,15 +457,17 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
     const lazyNow = (w.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
     // Lazy refcounts off before anything that a v2 header could not record (the dirty bit).
     if (lazyNow && (!plan.lazy || plan.toVersion < plan.fromVersion)) await setLazy(w, false);
-    if (plan.toVersion > plan.fromVersion) await upgrade(w);
-    if (plan.toOrder !== w.header.refcountOrder) await changeRefcountOrder(w, plan.toOrder);
+    const ops = Number(plan.toVersion !== plan.fromVersion) + Number(plan.toOrder !== plan.fromOrder);
+    const progress = opts.percent ? new AmendProgress(ops, opts.percent) : undefined;
+    if (plan.toVersion > plan.fromVersion) await upgrade(w, progress);
+    if (plan.toOrder !== w.header.refcountOrder) await changeRefcountOrder(w, plan.toOrder, progress);
     if (plan.lazy && !lazyNow) await setLazy(w, true);
     if (plan.size !== null && plan.size !== w.virtualSize) {
       if (plan.size > w.virtualSize) await w.growZeroed(plan.size);
       else await w.shrink(plan.size);
       await w.flush();
     }
-    if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx);
+    if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx, progress);
   } finally {
     await closeChain(img);
   }
