@@ -28,6 +28,8 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     cache: { type: 'string', short: 't' },
     'copy-range': { type: 'boolean', short: 'C' },
     salvage: { type: 'boolean' },
+    bitmaps: { type: 'boolean' },
+    'skip-broken-bitmaps': { type: 'boolean' },
     quiet: { type: 'boolean', short: 'q' },
     ...IMAGE_OPTS,
     ...PLAN_OPTIONS,
@@ -38,7 +40,8 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   const cache = str(values.cache) ?? 'unsafe';
   if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`-t must be unsafe or writeback, not '${cache}'`);
   if (positionals.length < 2) needPositionals(positionals, 2, USAGE);
-  if (positionals.length > 2 || values['copy-range'] || values.salvage || values['image-opts']) {
+  if (values['skip-broken-bitmaps'] && !values.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps').asQemu('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (positionals.length > 2 || values['copy-range'] || values.salvage || values['image-opts'] || values.bitmaps) {
     // Several sources, copy offloading, salvaging, option strings: run here, not as a job spec.
     if (values['dry-run']) throw new UsageError('--dry-run is not available with several sources, -C, --salvage or --image-opts');
     const sources = positionals.slice(0, -1).map((n) => imageArg(n, values));
@@ -52,7 +55,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
       backingFormat: parseFormat(str(values['backing-format']), 'backing format'), existing: !!values.n,
       targetIsZero: !!values['target-is-zero'], minSparse: values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096,
       snapshot: str(values.snapshot) ?? str(values['snapshot-id']), cache: (str(values.cache) ?? 'unsafe') as 'unsafe', forceShare: !!values['force-share'],
-    }, { copyOffload: !!values['copy-range'], salvage: !!values.salvage, force: !!values.force });
+    }, { copyOffload: !!values['copy-range'], salvage: !!values.salvage, force: !!values.force, bitmaps: !!values.bitmaps, skipBroken: !!values['skip-broken-bitmaps'] });
     bar.end();
     return 0;
   }

@@ -33,7 +33,7 @@ Commands (options follow qemu-img):
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B
-  convert [-p] [-q] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-C] [--salvage] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC... DST
+  convert [-p] [-q] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-C] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC... DST
   compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE

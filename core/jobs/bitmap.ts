@@ -34,7 +34,7 @@ export class BitmapOpError extends StrataError {
   constructor(op: string, bitmap: string, message: string) { super('unsupported', `Operation ${op} on bitmap ${printable(bitmap)} failed: ${message}`); }
 }
 
-interface Bm {
+export interface Bm {
   entry: BitmapDirectoryEntry;
   /** The bits, loaded (consistent bitmaps) or null (in use on disk: kept as they are). */
   data: Uint8Array | null;
@@ -42,7 +42,7 @@ interface Bm {
   old: { offset: number; length: number; punch?: boolean }[];
 }
 
-async function readBits(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<{ data: Uint8Array; old: { offset: number; length: number; punch?: boolean }[] }> {
+export async function readBits(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<{ data: Uint8Array; old: { offset: number; length: number; punch?: boolean }[] }> {
   const cs = img.geometry.clusterSize;
   const bytes = bitmapDataBytes(img.virtualSize, e.granularityBits);
   const data = new Uint8Array(bytes);
@@ -170,7 +170,7 @@ export async function bitmapJob(ctx: JobContext, name: string, bitmap: string, a
 }
 
 /** Writes the bitmaps anew and switches the header to them (see the top of this file). */
-async function storeBitmaps(img: Qcow2Writable, bms: Bm[], removed: Bm[]): Promise<void> {
+export async function storeBitmaps(img: Qcow2Writable, bms: Bm[], removed: Bm[]): Promise<void> {
   const cs = img.geometry.clusterSize;
   const alloc = (n: number) => img.mutex.run(async () => { const o = await img.refcounts.alloc(n); img.noteAlloc(); return o; });
   const frees: { offset: number; length: number; punch?: boolean }[] = [];

@@ -7,18 +7,77 @@ import { convert } from './convert';
 import type { JobContext } from './job';
 import { convertOptions, convertSource } from './plan';
 import type { SpecOf } from './plan-kit';
-import { assertNotInChain } from '../chain/open';
+import { assertNotInChain, openImageFile } from '../chain/open';
+import { Qcow2Image } from '../engine/qcow2';
+import { Qcow2Writable } from '../engine/qcow2-write';
+import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
+import { UnsupportedFeatureError, printable } from '../errors';
+import { readBits, storeBitmaps, type Bm } from './bitmap';
 
-export async function convertDirect(ctx: JobContext, sources: string[], target: string, spec: SpecOf<'convert'>, extra: { copyOffload: boolean; salvage: boolean; force: boolean }): Promise<void> {
+export interface DirectExtras {
+  copyOffload: boolean;
+  salvage: boolean;
+  force: boolean;
+  /** --bitmaps: the source's persistent bitmaps copied to the target; skipBroken: --skip-broken-bitmaps. */
+  bitmaps?: boolean;
+  skipBroken?: boolean;
+}
+
+const qemuError = (text: string) => new UnsupportedFeatureError(text).asQemu(text);
+
+export async function convertDirect(ctx: JobContext, sources: string[], target: string, spec: SpecOf<'convert'>, extra: DirectExtras): Promise<void> {
   const opts = { ...convertOptions(spec), copyOffload: extra.copyOffload, salvage: extra.salvage, force: extra.force };
   const opened: DiskImage[] = [];
   try {
     for (const s of sources) opened.push(await openImage(s, { format: spec.sourceFormat, lock: spec.forceShare ? 'none' : 'auto' }));
     // Creating the target empties it: none of the sources may be (or read) it.
     for (const img of opened) await assertNotInChain(target, img, 'convert');
+    if (extra.bitmaps) {
+      if (opened.length !== 1) throw qemuError('Copying bitmaps only possible with single source');
+      const s = opened[0]!;
+      if (!(s instanceof Qcow2Image)) throw qemuError('Source lacks bitmap support');
+      // QEMU walks the loaded bitmaps last first: the last inconsistent one is named.
+      const broken = [...(s.bitmaps ?? [])].reverse().find((e) => e.flags & BME_FLAG_IN_USE);
+      if (broken && !extra.skipBroken) {
+        const name = printable(broken.name);
+        throw new UnsupportedFeatureError(`Cannot copy inconsistent bitmap '${name}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`)
+          .asQemu(`Cannot copy inconsistent bitmap '${name}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`);
+      }
+      // Refused before the target is made (qemu-img creates it first).
+      if (spec.targetFormat !== 'qcow2') throw qemuError(`Format driver '${spec.targetFormat}' does not support bitmaps`);
+    }
     const src = opened.length === 1 ? await convertSource(opened[0]!, spec.snapshot, sources[0]!) : new ConcatImage(opened);
     await convert(ctx, src, target, opts);
+    if (extra.bitmaps) await copyAllBitmaps(ctx, opened[0] as Qcow2Image, target, !!extra.skipBroken);
   } finally {
     for (const img of opened) await closeChain(img).catch(() => {});
+  }
+}
+
+/**
+ * convert --bitmaps: each persistent bitmap of the source is added to the target with its
+ * granularity and enabled state and its bits merged in (qemu-img's convert_copy_bitmaps), in
+ * the source directory's order; inconsistent ones are skipped with
+ * a warning under --skip-broken-bitmaps.
+ */
+async function copyAllBitmaps(ctx: JobContext, src: Qcow2Image, target: string, skipBroken: boolean): Promise<void> {
+  const dst = await openImageFile(target, { format: 'qcow2', writable: true });
+  try {
+    if (!(dst instanceof Qcow2Writable)) throw qemuError("Format driver 'raw' does not support bitmaps");
+    const bms: Bm[] = [];
+    for (const e of dst.bitmaps ?? []) bms.push(e.flags & BME_FLAG_IN_USE ? { entry: { ...e }, data: null, old: [] } : { entry: { ...e }, ...(await readBits(dst, e)) });
+    // Warned about in QEMU's walk order (last first); stored in the source's order.
+    for (const e of [...(src.bitmaps ?? [])].reverse()) {
+      if (e.flags & BME_FLAG_IN_USE && skipBroken) ctx.log?.(`warning: Skipping inconsistent bitmap '${printable(e.name)}'`);
+    }
+    for (const e of src.bitmaps ?? []) {
+      if (e.flags & BME_FLAG_IN_USE) continue;
+      if (bms.some((b) => b.entry.name === e.name)) throw qemuError(`Failed to create bitmap ${printable(e.name)}: Bitmap already exists: ${printable(e.name)}`);
+      const { data } = await readBits(src, e);
+      bms.push({ entry: { ...e, flags: e.flags & BME_FLAG_AUTO, bitmapTableOffset: 0, bitmapTableSize: 0 }, data, old: [] });
+    }
+    await storeBitmaps(dst, bms, []);
+  } finally {
+    await dst.close();
   }
 }
