@@ -35,11 +35,10 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   // when they move by more than 1%, at 0 and at 100.
   const show = !!values.progress && !values.quiet;
   let last = 0;
-  let printed = false;
   const print = (p: number) => {
     const cur = Math.min(100, p);
-    // The lines overwrite each other: each after the first starts with a carriage return.
-    if (cur > last + 1 || cur < last - 1 || cur === 100 || cur === 0) { last = cur; io.out(`${printed ? '\r' : ''}    (${cur.toFixed(2)}/100%)`); printed = true; }
+    // The lines overwrite each other: each ends with a carriage return, as qemu-img's.
+    if (cur > last + 1 || cur < last - 1 || cur === 100 || cur === 0) { last = cur; io.out(`    (${cur.toFixed(2)}/100%)\r`); }
   };
   if (show) print(0);
   try {

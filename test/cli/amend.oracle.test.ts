@@ -165,4 +165,39 @@ describeOracle('strata amend (as qemu-img amend)', () => {
     expect((await strata('amend', '--image-opts', '-o', 'compat=1.1', `driver=qcow2,file.filename=${f}`)).code).toBe(0);
     expect(JSON.parse(qemuImg('info', '--output=json', f))['format-specific'].data.compat).toBe('1.1');
   });
+
+  it('an image left dirty (lazy refcounts) is repaired first, as qemu-img amend does, with the same report', async () => {
+    const mk = (f: string) => {
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=1.1,lazy_refcounts=on', f, '64M');
+      const { spawnSync } = require('node:child_process') as typeof import('node:child_process');
+      spawnSync('qemu-io', ['-c', 'write -P 0x2a 0 128k', '-c', 'abort', f], { stdio: 'ignore' });
+    };
+    const theirs = t.path('dirty-q.qcow2');
+    const ours = t.path('dirty-s.qcow2');
+    mk(theirs);
+    mk(ours);
+    expect(JSON.parse(qemuImg('info', '--output=json', '-U', ours))['dirty-flag']).toBe(true);
+    const q = qemuImgRun('amend', '-o', 'compat=0.10', theirs);
+    const r = await strata('amend', '-o', 'compat=0.10', ours);
+    expect(r.code, r.err).toBe(q.status);
+    expect(r.err).toBe(q.stderr);
+    expect(qemuImgRun('check', ours).status).toBe(0);
+    expect(infoOf(ours)).toStrictEqual(infoOf(theirs));
+    expect(qemuImgRun('compare', ours, theirs).status).toBe(0);
+  });
+
+  it('-p prints qemu-img\'s progress lines (a downgrade over 8 L1 entries)', async () => {
+    const theirs = t.path('p-q.qcow2');
+    const ours = t.path('p-s.qcow2');
+    for (const f of [theirs, ours]) {
+      qemuImg('create', '-q', '-f', 'qcow2', f, '4G');
+      qemuIo(f, ['write -z 0 64k', 'write -z 1G 64k', 'write -z 3G 64k']);
+    }
+    const q = qemuImgRun('amend', '-p', '-o', 'compat=0.10', theirs);
+    const r = await strata('amend', '-p', '-o', 'compat=0.10', ours);
+    expect(r.code).toBe(0);
+    expect(r.out).toBe(q.stdout);
+    expect(r.out).toContain('(12.50/100%)');
+    expect(await sha256(ours)).toBe(await sha256(theirs));
+  });
 });

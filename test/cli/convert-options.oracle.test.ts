@@ -106,3 +106,39 @@ describeOracle('strata convert: several sources, -C, --salvage, --image-opts (as
     expect(await sha256(b)).toBe(before);
   });
 });
+
+describeOracle('strata convert --bitmaps (as qemu-img)', () => {
+  const t = tempDir('strata-convert-bitmaps-');
+  afterAll(() => t.cleanup());
+
+  it('copies every bitmap with its granularity, state and bits; skips inconsistent ones only when asked', async () => {
+    const src = t.path('src.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', src, '10M');
+    qemuIo(src, ['write 0 1M']);
+    qemuImg('bitmap', '--add', '-g', '512k', src, 'b1');
+    qemuImg('bitmap', '--add', '--disable', src, 'b2');
+    qemuIo(src, ['write 3M 1M']);
+    qemuImg('bitmap', '--enable', src, 'b2');
+    qemuImg('bitmap', '--disable', src, 'b1');
+    qemuIo(src, ['write 5M 64k']);
+    const theirs = t.path('q.qcow2');
+    const ours = t.path('s.qcow2');
+    expect(qemuImgRun('convert', '--bitmaps', '-O', 'qcow2', src, theirs).status).toBe(0);
+    const r = await strata('convert', '--bitmaps', '-O', 'qcow2', src, ours);
+    expect(r.code, r.err).toBe(0);
+    const bitmaps = (f: string) => JSON.parse(qemuImg('info', '--output=json', f))['format-specific'].data.bitmaps;
+    expect(bitmaps(ours)).toStrictEqual(bitmaps(theirs));
+    expect(qemuImgRun('check', ours).status).toBe(0);
+    expect(qemuImgRun('compare', ours, theirs).status).toBe(0);
+    const { dirtyRanges, haveNbd } = await import('../oracle/qemu');
+    if (haveNbd) for (const b of ['b1', 'b2']) expect(dirtyRanges(ours, b)).toStrictEqual(dirtyRanges(theirs, b));
+    // A raw target cannot hold bitmaps: refused, nothing created.
+    const raw = t.path('never.raw');
+    const q = qemuImgRun('convert', '--bitmaps', '-O', 'raw', src, t.path('q.raw'));
+    const rr = await strata('convert', '--bitmaps', '-O', 'raw', src, raw);
+    expect(rr.code).toBe(1);
+    expect(rr.err).toContain(q.stderr.trim().replace('qemu-img: ', ''));
+    expect(existsSync(raw)).toBe(false);
+    expect((await strata('convert', '--skip-broken-bitmaps', '-O', 'qcow2', src, t.path('x.qcow2'))).code).not.toBe(0);
+  });
+});
