@@ -868,7 +868,9 @@ export class Qcow2Writable extends Qcow2Image {
         const table = await this.writableL2(l1Index);
         const l2Offset = decodeL1Entry(this.l1, l1Index).l2Offset;
         const { entry } = this.entryAt(table, l2Index);
-        if (entry.kind !== 'unallocated' && keepUntil > guest) {
+        // The head before the old end: the cluster's own data, or the backing file's (QEMU's
+        // copy-on-write start); an unallocated cluster without a backing file reads zeros.
+        if ((entry.kind !== 'unallocated' || this.hasBacking) && keepUntil > guest) {
           const head = Buffer.alloc(keepUntil - guest);
           await this.read(head, guest);
           await this.file.write(head, host);

@@ -105,9 +105,13 @@ export async function resize(path: string, opts: ResizeOptions, planned?: JobPla
     const from = img.virtualSize;
     const to = targetSize(img, path, opts);
     if (img instanceof Qcow2Writable) {
-      if (to > from) await img.growZeroed(to);
-      else if (to < from) await img.shrink(to);
       const pre = opts.preallocation ?? 'off';
+      // falloc, full: the new clusters are data clusters over a zeroed file area, so nothing
+      // needs zero flags first (QEMU's truncate lets the file driver zero the new area);
+      // bitmaps need growZeroed's handling.
+      if (to > from && (pre === 'falloc' || pre === 'full') && !img.bitmaps?.length) await img.grow(to);
+      else if (to > from) await img.growZeroed(to);
+      else if (to < from) await img.shrink(to);
       if (to > from && pre !== 'off') await preallocateGrow(img, from, to, pre);
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);

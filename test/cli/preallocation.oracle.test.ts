@@ -66,6 +66,23 @@ describeOracle('preallocation (create -o preallocation, extent_size_hint; resize
     }
   }
 
+  it('resize --preallocation=falloc|full over a longer backing file (iotest 125): the same file, the backing data kept, zeros after', async () => {
+    const base = t.path('base.raw');
+    qemuImg('create', '-q', '-f', 'raw', base, '128k');
+    qemuIo(base, ['write -q -P 1 0 128k'], { format: 'raw' });
+    for (const mode of ['falloc', 'full']) {
+      for (const from of ['31k', '33k']) {
+        const theirs = t.path(`bk-${mode}-${from}.q`);
+        const ours = t.path(`bk-${mode}-${from}.s`);
+        for (const f of [theirs, ours]) qemuImg('create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', base, '-o', 'cluster_size=64k', f, from);
+        expect(qemuImgRun('resize', '-f', 'qcow2', `--preallocation=${mode}`, theirs, '96k').status).toBe(0);
+        expect((await strata('resize', '-f', 'qcow2', `--preallocation=${mode}`, ours, '96k')).code).toBe(0);
+        await expectSameImage(ours, theirs, 'qcow2');
+        expect(statSync(ours).size).toBe(65536 * 7);
+      }
+    }
+  });
+
   it('resize --preallocation=falloc|full of a raw image', async () => {
     for (const mode of ['falloc', 'full']) {
       const theirs = t.path(`raw-${mode}.q`);
