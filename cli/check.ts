@@ -1,3 +1,4 @@
+import { parseImageName, protocolRefusal } from '../core/chain/names';
 // strata check: qemu-img check's options, output (human and JSON) and exit codes:
 // 0 clean, 1 the check failed to run, 2 corruptions, 3 only leaks, 63 format without checks.
 import { UsageError } from '../core/errors';
@@ -133,7 +134,17 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
   let result: CheckResult;
   try {
     if (values['force-share'] && repair) throw new UsageError('-U (force share) cannot be used with -r (repairs need the image to themselves)');
-    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, imageArg(positionals[0]!, values), { repair, format, forceShare: !!values['force-share'] });
+    // --image-opts: the file the option string names, checked as the format it names; the
+    // report names the image as given, as qemu-img's does.
+    let path = positionals[0]!;
+    if (values['image-opts']) {
+      const n = parseImageName(imageArg(path, values));
+      if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);
+      path = n.path;
+      format = parseFormat(n.format) ?? format;
+    }
+    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, path, { repair, format, forceShare: !!values['force-share'] });
+    if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {
       io.err(`strata: ${err.message}\n`);
