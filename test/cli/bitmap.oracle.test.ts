@@ -142,4 +142,21 @@ describeOracle('strata bitmap (as qemu-img bitmap)', () => {
     expect(r.err).toContain('Cannot store dirty bitmaps in qcow2 v2 files');
     expect(await sha256(f)).toBe(before);
   });
+
+  it('an image in use (held by qemu-io) is refused and left as it was', async () => {
+    const f = t.path('busy.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '1M');
+    const before = await sha256(f);
+    const { spawn } = await import('node:child_process');
+    const holder = spawn('qemu-io', [f], { stdio: ['pipe', 'ignore', 'ignore'] });
+    try {
+      await new Promise((res) => setTimeout(res, 500));
+      const r = await strata('bitmap', '--add', f, 'x');
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/in use|lock/i);
+    } finally {
+      holder.kill();
+    }
+    expect(await sha256(f)).toBe(before);
+  });
 });
