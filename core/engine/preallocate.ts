@@ -56,7 +56,8 @@ export async function preallocateGrow(img: Qcow2Writable, from: number, to: numb
     await img.flush();
     return;
   }
-  // falloc, full
+  // falloc, full. A longer backing file would show through unallocated subclusters.
+  const backingShows = img.backing !== null && img.backing.virtualSize > from;
   const order = img.header.refcountOrder;
   const perBlock = refcountBlockEntries(img.header.clusterBits, order);
   const fileSize = await img.file.size();
@@ -131,7 +132,7 @@ export async function preallocateGrow(img: Qcow2Writable, from: number, to: numb
   let left = nbData;
   while (left) {
     const n = Math.min(left, g.l2Entries - ((guest / cs) % g.l2Entries));
-    await img.linkClusters(guest, host, n, from);
+    await img.linkClusters(guest, host, n, from, backingShows);
     guest += n * cs;
     host += n * cs;
     left -= n;

@@ -855,8 +855,9 @@ export class Qcow2Writable extends Qcow2Image {
    * [guestOffset, +n clusters) now point at host clusters [hostOffset, ...), whose refcounts
    * the caller has raised and flushed. A cluster that was allocated before keeps its data up
    * to `keepUntil` (copied over, as QEMU's copy-on-write does) and loses its reference.
+   * `allocSubclusters`: extended L2 entries get every subcluster allocated.
    */
-  async linkClusters(guestOffset: number, hostOffset: number, n: number, keepUntil = 0): Promise<void> {
+  async linkClusters(guestOffset: number, hostOffset: number, n: number, keepUntil = 0, allocSubclusters = false): Promise<void> {
     const g = this.geometry;
     await this.mutex.run(async () => {
       await this.beforeChange();
@@ -876,7 +877,9 @@ export class Qcow2Writable extends Qcow2Image {
           await this.file.write(head, host);
         }
         if (entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });
-        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? { alloc: 0, zero: 0 } : undefined);
+        // Extended L2: subclusters stay unallocated (QEMU's prealloc), unless a backing file would
+        // show through them: then they are allocated, over the zeroed file area.
+        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? { alloc: allocSubclusters ? 0xffffffff : 0, zero: 0 } : undefined);
       }
     });
     await this.flush();

@@ -109,10 +109,17 @@ export async function resize(path: string, opts: ResizeOptions, planned?: JobPla
       // falloc, full: the new clusters are data clusters over a zeroed file area, so nothing
       // needs zero flags first (QEMU's truncate lets the file driver zero the new area);
       // bitmaps need growZeroed's handling.
-      if (to > from && (pre === 'falloc' || pre === 'full') && !img.bitmaps?.length) await img.grow(to);
+      // metadata with extended L2 over a longer backing file: preallocated first, zeroed after.
+      const zeroAfter = pre === 'metadata' && img.geometry.extendedL2 && img.backing !== null && img.backing.virtualSize > from;
+      if (to > from && (pre === 'falloc' || pre === 'full' || zeroAfter) && !img.bitmaps?.length) await img.grow(to);
       else if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
-      if (to > from && pre !== 'off') await preallocateGrow(img, from, to, pre);
+      if (to > from && pre !== 'off') {
+        await preallocateGrow(img, from, to, pre);
+        // metadata over a longer backing file, extended L2: the preallocated subclusters get
+        // their "all zeroes" bits (QEMU zeroizes after preallocating).
+        if (zeroAfter) await img.writeZeroes(from, to - from);
+      }
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);
       const pre = opts.preallocation ?? 'off';
