@@ -43,7 +43,7 @@ export async function bitmapCommand(args: string[], io: CommandIO, signal: Abort
   if (values['source-format'] !== undefined && values['source-file'] === undefined) throw new UsageError('-F only supported with -b').asQemu('-F only supported with -b');
   if (values['source-file'] !== undefined && !merge) throw new UsageError('Merge bitmap source file only supported with --merge').asQemu('Merge bitmap source file only supported with --merge');
   if (positionals.length !== 2) throw new UsageError('Expecting filename and bitmap name').asQemu('Expecting filename and bitmap name');
-  await bitmapJob({ signal }, imageArg(positionals[0]!, values), positionals[1]!, actions, {
+  await bitmapJob({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), positionals[1]!, actions, {
     format: parseFormat(str(values.format)), granularity, sourceFile: str(values['source-file']), sourceFormat: parseFormat(str(values['source-format'])),
   });
   return 0;

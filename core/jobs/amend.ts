@@ -429,7 +429,7 @@ async function downgrade(img: Qcow2Writable, ctx: JobContext, progress?: AmendPr
 }
 
 /** The dirty bit of a qcow2 image's header (false for anything else). */
-async function isDirty(name: string): Promise<{ dirty: boolean; path: string }> {
+export async function isDirty(name: string): Promise<{ dirty: boolean; path: string }> {
   const p = parseImageName(name);
   if (p.kind !== 'file') return { dirty: false, path: name };
   const f = await NodeFile.open(p.path);

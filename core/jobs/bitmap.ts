@@ -19,6 +19,8 @@ import { Qcow2Image } from '../engine/qcow2';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { switchBitmapsExtension } from '../engine/bitmaps';
 import { throwIfCancelled, type JobContext } from './job';
+import { isDirty } from './amend';
+import { checkImage } from './check';
 
 export type BitmapAction = { act: 'add' | 'remove' | 'clear' | 'enable' | 'disable' } | { act: 'merge'; source: string };
 
@@ -87,6 +89,9 @@ const inconsistent = (name: string) => `Bitmap '${printable(name)}' is inconsist
 export async function bitmapJob(ctx: JobContext, name: string, bitmap: string, actions: BitmapAction[], o: BitmapJobOptions = {}): Promise<void> {
   let img: DiskImage | null = null;
   let src: DiskImage | null = null;
+  // An image left dirty is repaired first, as QEMU's writable open does (see amend).
+  const d = await isDirty(name);
+  if (d.dirty && o.format !== 'raw') await checkImage(ctx, d.path, { repair: 'all', format: 'qcow2' });
   try {
     // No backing chain: bitmaps are changed without reference to the image's contents.
     img = await openImageFile(name, { format: o.format, writable: true });

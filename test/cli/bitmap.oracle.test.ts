@@ -159,4 +159,19 @@ describeOracle('strata bitmap (as qemu-img bitmap)', () => {
     }
     expect(await sha256(f)).toBe(before);
   });
+
+  it('an image left dirty (lazy refcounts) is repaired first, with qemu-img\'s report, then gets its bitmap', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const out: string[] = [];
+    for (const who of ['q', 's']) {
+      const f = t.path(`dirty-${who}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f, '64M');
+      spawnSync('qemu-io', ['-c', 'write 0 128k', '-c', 'abort', f], { stdio: 'ignore' });
+      if (who === 'q') out.push(qemuImgRun('bitmap', '--add', f, 'b').stderr);
+      else { const r = await strata('bitmap', '--add', f, 'b'); expect(r.code).toBe(0); out.push(r.err); }
+      expect(qemuImgRun('check', f).status).toBe(0);
+      expect(bitmapsOf(f)).toStrictEqual([{ flags: ['auto'], name: 'b', granularity: 65536 }]);
+    }
+    expect(out[1]).toBe(out[0]);
+  });
 });
