@@ -1,5 +1,5 @@
 import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
-import { progressPrinter } from './progress';
+import { commandProgress } from './progress';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
 const USAGE = 'strata commit [-p] [-b BASE] [-d] [--dry-run [--output=human|json]] [--force] FILE';
@@ -14,7 +14,7 @@ export async function commitCommand(args: string[], io: CommandIO, signal: Abort
     ...PLAN_OPTIONS,
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
-  const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+  const bar = commandProgress(io, !!values.progress, 1, true);
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, { op: 'commit', image: imageArg(positionals[0]!, values), base: str(values.base), keep: !!values.drop }, (r) => {
     bar.end();
     // Only with --force: the images that now read the committed data.

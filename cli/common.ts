@@ -2,6 +2,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { StrataError, UsageError } from '../core/errors';
 import { imageOptsName } from '../core/chain/names';
+import { strtosz } from '../core/chain/size-str';
 
 export interface CommandIO {
   out: (s: string) => void;
@@ -49,14 +50,30 @@ export function parse(args: string[], options: Options, usage: string): { values
 
 const SUFFIXES: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
-/** qemu-img sizes: 512, 64k, 1M, 4G, 1T (binary suffixes; K/KiB/k alike). */
-export function parseSize(text: string, what = 'size'): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(text);
-  if (!m) throw new UsageError(`invalid ${what} '${text}' (examples: 512, 64k, 1M, 4G)`);
-  const mult = SUFFIXES[m[2]!.toLowerCase()]!;
-  const v = Number(m[1]) * mult;
-  if (!Number.isFinite(v) || v > Number.MAX_SAFE_INTEGER) throw new UsageError(`${what} '${text}' is too large`);
-  if (!Number.isInteger(v)) throw new UsageError(`${what} '${text}' is not a whole number of bytes`);
+/**
+ * qemu-img sizes (QEMU's qemu_strtosz): 512, 64k, 1M, 4G, 1T, 0x10000, 1.5G; Strata also takes
+ * 64KiB. Values past 2^53 are taken where a double holds them exactly (1E, 2^60). Errors carry
+ * qemu-img's cvtnum text, naming `qemuName`.
+ */
+export function parseSize(text: string, what = 'size', qemuName = 'image size'): number {
+  const r = strtosz(text);
+  const invalid = () => new UsageError(`invalid ${what} '${text}' (examples: 512, 64k, 1M, 4G, 0x10000)`)
+    .asQemu(`Invalid ${qemuName} specified. You may use k, M, G, T, P or E suffixes for\nqemu-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`);
+  const range = () => new UsageError(`${what} '${text}' is too large`)
+    .asQemu(`Invalid ${qemuName} specified. Must be between 0 and 9223372036854775807.`);
+  if (r === 'range') throw range();
+  if (r === 'invalid') {
+    // Strata's own spelling with an IEC unit (64KiB, 1 MiB).
+    const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)i?b\s*$/i.exec(text);
+    if (!m) throw invalid();
+    const v = Number(m[1]) * SUFFIXES[m[2]!.toLowerCase()]!;
+    if (!Number.isInteger(v)) throw new UsageError(`${what} '${text}' is not a whole number of bytes`);
+    if (v > Number.MAX_SAFE_INTEGER) throw range();
+    return v;
+  }
+  if (r > (1n << 63n) - 1n) throw range();
+  const v = Number(r);
+  if (BigInt(v) !== r) throw new UsageError(`${what} '${text}' cannot be handled exactly (sizes past 2^53 must be multiples of a large power of two)`);
   return v;
 }
 

@@ -2,7 +2,7 @@ import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { compare } from '../core/jobs/compare';
 import type { DiskImage } from '../core/engine/image';
 import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
-import { progressPrinter } from './progress';
+import { commandProgress } from './progress';
 
 const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] A B';
 
@@ -25,7 +25,7 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
     const lock = values['force-share'] ? 'none' : 'auto';
     a = await openImage(imageArg(positionals[0]!, values), { format: fa, lock });
     b = await openImage(imageArg(positionals[1]!, values), { format: fb, lock });
-    const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+    const bar = commandProgress(io, !!values.progress, 2, false);
     const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
     bar.end();
     // -q: the exit status only. As qemu-img, the size warning comes once the common part

@@ -1,9 +1,9 @@
-import { parseFormat } from '../core/chain/open';
+import { closeChain, openImage, parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { parse, parseSize, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { convertDirect } from '../core/jobs/convert-direct';
 import { parseCreateOptions } from '../core/jobs/create';
-import { progressPrinter } from './progress';
+import { commandProgress, qemuConvertSteps, qemuStepsPrinter } from './progress';
 import { PLAN_OPTIONS, optionsRecord, runOrPlan } from './plan-output';
 
 export { parseSnapshotParam } from '../core/jobs/plan';
@@ -48,7 +48,7 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
     if (sources.length > 1 && (values.snapshot !== undefined || values['snapshot-id'] !== undefined)) throw new UsageError('No support for concatenating multiple snapshot').asQemu('No support for concatenating multiple snapshot');
     const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
     const o = ((values.options as string[] | undefined) ?? []).join(',');
-    const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+    const bar = commandProgress(io, !!values.progress, 1, true);
     await convertDirect({ signal, progress: bar.onProgress, log: values.quiet ? undefined : (l) => io.err(`${io.program ?? 'strata'}: ${l}\n`) }, sources, positionals[positionals.length - 1]!, {
       op: 'convert', source: sources[0]!, target: positionals[positionals.length - 1]!, sourceFormat: parseFormat(str(values.format)), targetFormat: outFmt,
       compress: !!values.compress, options: optionsRecord(o), backing: str(values.backing),
@@ -63,9 +63,21 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   const o = ((values.options as string[] | undefined) ?? []).join(',');
   parseCreateOptions(o); // checked before anything is opened
   if (values.n && values.options) throw new UsageError('-o cannot be used with -n (the target exists already)');
+  if (values.backing !== undefined && values['backing-format'] === undefined && !/(?:^|,)backing_fmt=/.test(o)) {
+    throw new UsageError('a backing file (-B) needs its format: add -F qcow2 or -F raw').asQemu('Use of backing file requires explicit backing format');
+  }
   const minSparse = values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096;
   const [srcName, dstName] = positionals as [string, string];
-  const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+  let bar = commandProgress(io, !!values.progress, 1, true);
+  // qemu-img's own steps where they can be told in advance (a plain conversion).
+  if (values.progress && (!io.isTTY || io.program === 'qemu-img') && !values['dry-run'] && !values.n && !values.compress && values.backing === undefined && values.snapshot === undefined && values['snapshot-id'] === undefined) {
+    const src = await openImage(srcName, { format: parseFormat(str(values.format)), lock: 'none' });
+    try {
+      bar = qemuStepsPrinter(io.out, await qemuConvertSteps(src, minSparse));
+    } finally {
+      await closeChain(src);
+    }
+  }
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
     op: 'convert', source: srcName, target: dstName, sourceFormat: parseFormat(str(values.format)), targetFormat: outFmt,
     compress: !!values.compress, options: optionsRecord(o), backing: str(values.backing),

@@ -1,9 +1,9 @@
-import { UsageError } from '../core/errors';
+import { StrataError, UsageError } from '../core/errors';
 import {
-  CREATE_OPTIONS_HELP, createPlanned, formattingLine, isOptionsHelp, parseCreateOptions, planCreate, resolveCreate,
+  CREATE_OPTIONS_HELP, REPORTED_AFTER_FORMATTING, createPlanned, formattingLine, isOptionsHelp, parseCreateOptions, planCreate, resolveCreate,
   type CreateFormat, type CreateOptions,
 } from '../core/jobs/create';
-import { parse, parseSize, str, type CommandIO } from './common';
+import { asQemu, parse, parseSize, str, type CommandIO } from './common';
 import { progressPrinter } from './progress';
 import { PLAN_OPTIONS, printPlan } from './plan-output';
 
@@ -28,15 +28,37 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   if (positionals.length < 1) throw new UsageError(`missing FILE\nusage: ${USAGE}`);
   if (positionals.length > 2) throw new UsageError(`unexpected argument '${positionals[2]}'\nusage: ${USAGE}`);
   const [file, sizeArg] = positionals as [string, string | undefined];
-  const opts: CreateOptions = parseCreateOptions(o);
-  // -o size wins over the SIZE argument, as in qemu-img.
-  if (sizeArg !== undefined && opts.size === undefined) opts.size = parseSize(sizeArg);
+  // The SIZE argument is read first (qemu-img's cvtnum), then -o (errors naming the file).
+  const sizeGiven = sizeArg !== undefined ? parseSize(sizeArg) : undefined;
+  let opts: CreateOptions;
+  try {
+    opts = parseCreateOptions(o);
+  } catch (err) {
+    if (err instanceof StrataError && err.qemu !== undefined) err.qemu = `${file}: ${err.qemu}`;
+    throw err;
+  }
+  if (sizeGiven !== undefined) {
+    if (opts.size !== undefined) {
+      throw new UsageError(`${file}: the size is given twice (-o size=${opts.given?.size} and ${sizeArg}): give it once`)
+        .asQemu(`${file}: The image size must be specified only once`);
+    }
+    opts.size = sizeGiven;
+  }
   const b = str(values.backing);
   const bf = str(values['backing-format']);
   if (b !== undefined) opts.backingFile = b;
   if (bf !== undefined) opts.backingFormat = bf;
   opts.unsafe = !!values.unsafe;
-  const resolved = await resolveCreate(file, format as CreateFormat, opts);
+  let resolved;
+  try {
+    resolved = await resolveCreate(file, format as CreateFormat, opts);
+  } catch (err) {
+    // qemu-img reports the format driver's refusals after its "Formatting" line.
+    if (asQemu(io) && !values.quiet && !values['dry-run'] && err instanceof Error && REPORTED_AFTER_FORMATTING.has(err)) {
+      io.out(formattingLine({ path: file, format: format as CreateFormat, size: opts.size ?? 0, sizeGiven: opts.size ?? 0, preallocation: opts.preallocation ?? 'off', qcow2: null, opts }) + '\n');
+    }
+    throw err;
+  }
   if (values['dry-run']) return printPlan(await planCreate(resolved), values, io);
   if (values.output !== undefined) throw new UsageError('--output goes with --dry-run here (the plan as JSON)');
   if (!values.quiet) io.out(formattingLine(resolved) + '\n');

@@ -1,4 +1,6 @@
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
+import { Qcow2Image } from '../core/engine/qcow2';
+import type { DiskImage } from '../core/engine/image';
 import { mapImage, mapEntryJson, formatMapHuman } from '../core/chain/map';
 import { mapSummary, mapSummaryJson, mapSummaryText } from '../core/chain/map-summary';
 import { sizeToStr } from '../core/chain/size-str';
@@ -24,6 +26,8 @@ export async function mapCommand(args: string[], io: CommandIO, signal?: AbortSi
   }
   // Like `qemu-img info`, map needs no consistent-read permission, so it works on images in use.
   const top = await openImage(imageArg(positionals[0]!, values), { format: parseFormat(str(values.format)), lock: 'none' });
+  // qemu-img map prints data clusters past the end of the file as any other (only reads fail).
+  for (let img: DiskImage | null = top; img; img = img.backing) if (img instanceof Qcow2Image) img.mapPastEof = true;
   try {
     if (buckets !== null) {
       const m = await mapSummary(top, buckets, signal);

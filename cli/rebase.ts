@@ -1,7 +1,7 @@
 import { parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
-import { progressPrinter } from './progress';
+import { commandProgress } from './progress';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
 const USAGE = 'strata rebase [-p] [-u] [-f FMT] -b BACKING [-F FMT] [--dry-run [--output=human|json]] FILE   (-b "" flattens)';
@@ -20,7 +20,7 @@ export async function rebaseCommand(args: string[], io: CommandIO, signal: Abort
   const backing = str(values.backing);
   if (backing === undefined) throw new UsageError(`-b BACKING is required ('' to flatten)\nusage: ${USAGE}`);
   if (values.format !== undefined && parseFormat(str(values.format)) !== 'qcow2') throw new UsageError('rebase works on qcow2 images');
-  const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
+  const bar = commandProgress(io, !!values.progress, 2, true);
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
     op: 'rebase', image: imageArg(positionals[0]!, values), backing, backingFormat: parseFormat(str(values['backing-format']), 'backing format'), unsafe: !!values.unsafe,
   }, () => bar.end());

@@ -80,7 +80,11 @@ export function ioError(err: unknown, file: string, what: string): StrataError {
   const e = err as NodeJS.ErrnoException;
   const code = e?.code;
   switch (code) {
-    case 'ENOENT': return new NotFoundError(`${what}: no such file`, file);
+    case 'ENOENT': {
+      const nf = new NotFoundError(`${what}: no such file`, file);
+      // qemu-img names the file twice: the format layer's open around the protocol layer's.
+      return what === 'cannot open' ? nf.asQemu(`Could not open '${file}': Could not open '${file}': No such file or directory`) : nf;
+    }
     case 'EACCES': case 'EPERM': return new IoError(`${what}: permission denied`, file, code, err);
     case 'EROFS': return new IoError(`${what}: read-only file system`, file, code, err);
     case 'ENOSPC': return new IoError(`${what}: no space left on the file system`, file, code, err);

@@ -16,7 +16,8 @@
 // with the package). TEST names tests (001, 122, copy-offloading), default all that qualify.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
-import { homedir } from 'node:os';
+import { createHash } from 'node:crypto';
+import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { needsNoVm, parseTapLine, report } from './iotests-lib.mjs';
@@ -84,6 +85,8 @@ function fetchIotests(cache, version) {
   if (x.status !== 0) die(`dpkg-source -x ${dsc} failed:\n${x.stderr}`);
   renameSync(tmp, dir);
   rmSync(dl, { recursive: true, force: true });
+  // dpkg-source leaves a copy of the upstream tarball beside the folder it unpacked.
+  for (const f of readdirSync(cache)) if (/\.orig\.tar\./.test(f)) rmSync(join(cache, f), { force: true });
   return iotests;
 }
 
@@ -103,14 +106,16 @@ function selectTests(iotests) {
 /** Stand-ins and the strata link, made once per run in the cache. */
 function tools(cache) {
   const bin = join(cache, 'bin');
-  rmSync(bin, { recursive: true, force: true });
+  // Made in place (not removed first): another run may be using them.
   mkdirSync(bin, { recursive: true });
   // ./check asks qemu-system for its default machine even when no test starts one.
   const stub = join(bin, 'qemu-system-stub');
   writeFileSync(stub, '#!/bin/sh\nif [ "$1" = -machine ] && [ "$2" = help ]; then echo "none empty machine (default)"; exit 0; fi\necho "qemu-system is not available to these tests" >&2\nexit 1\n');
   chmodSync(stub, 0o755);
   const link = join(bin, 'qemu-img');
-  symlinkSync(join(root, 'bin', 'strata.cjs'), link);
+  const tmp = `${link}.${process.pid}`;
+  symlinkSync(join(root, 'bin', 'strata.cjs'), tmp);
+  renameSync(tmp, link);
   return { stub, strataImg: link };
 }
 
@@ -169,6 +174,23 @@ const all = selectTests(iotests);
 const tests = opts.tests.length ? opts.tests : all;
 for (const t of tests) if (!all.includes(t)) die(`${t}: no such test, or it needs a VM`);
 const { stub, strataImg } = tools(cache);
+// The tests' scratch folders: some tests (197, 215) refuse a TEST_DIR with anything but
+// letters, digits, '-', '_' and '/' (a dot in ~/.cache is enough).
+// One run at a time per cache: a run empties its scratch folders first.
+const scratchRoot = join(tmpdir(), `strata-iotests-${createHash('sha256').update(cache).digest('hex').slice(0, 8)}`);
+if (/[^-_a-zA-Z0-9/]/.test(scratchRoot)) die(`the temporary folder ${scratchRoot} has characters some tests refuse: set TMPDIR to a plain path`);
+mkdirSync(scratchRoot, { recursive: true });
+const lockFile = join(scratchRoot, 'run.pid');
+try {
+  const other = Number(readFileSync(lockFile, 'utf8'));
+  if (other && other !== process.pid) {
+    let alive = true;
+    try { process.kill(other, 0); } catch { alive = false; }
+    if (alive) die(`another run (pid ${other}) is using ${scratchRoot}; wait for it to end`);
+  }
+} catch { /* no other run */ }
+writeFileSync(lockFile, String(process.pid));
+process.on('exit', () => { try { rmSync(lockFile); } catch { /* gone */ } });
 
 const savedQemu = join(cache, 'qemu-img-results.json');
 let qemu;
@@ -177,7 +199,7 @@ if (opts.side === 'strata') {
   if (!saved || saved.version !== version || tests.some((t) => !(t in saved.results))) die('--side strata needs an earlier run with qemu-img over these tests (--side qemu)');
   qemu = new Map(Object.entries(saved.results));
 } else {
-  qemu = await runCheck(iotests, tests, { label: 'qemu-img', qemuImg: which('qemu-img'), stub, scratch: join(cache, 'run-qemu-img'), jobs: opts.jobs });
+  qemu = await runCheck(iotests, tests, { label: 'qemu-img', qemuImg: which('qemu-img'), stub, scratch: join(scratchRoot, 'qemu-img'), jobs: opts.jobs });
   const prev = existsSync(savedQemu) ? JSON.parse(readFileSync(savedQemu, 'utf8')) : null;
   const merged = prev?.version === version ? prev.results : {};
   for (const [t, s] of qemu) merged[t] = s;
@@ -188,13 +210,14 @@ if (opts.side === 'qemu') {
   process.stdout.write(`qemu-img ${version}: ${pass} of ${tests.length} tests pass\n`);
   process.exit(0);
 }
-const strataScratch = join(cache, 'run-strata');
+const strataScratch = join(scratchRoot, 'strata');
 const strata = await runCheck(iotests, tests, { label: 'strata', qemuImg: strataImg, stub, scratch: strataScratch, jobs: opts.jobs });
 
 const { text, unexplained } = report({
   tests, qemu, strata, known: loadKnown(),
   header: `QEMU iotests, qcow2, tests that need no VM: ${tests.length} (qemu ${version}, ${iotests})`,
-  badFile: (t) => join(strataScratch, 'test', `${t}.out.bad`),
+  // ./check -j N runs each test in a folder of its own.
+  badFile: (t) => [join(strataScratch, 'test', t, `${t}.out.bad`), join(strataScratch, 'test', `${t}.out.bad`)].find(existsSync) ?? `${t}.out.bad`,
 });
 process.stdout.write(text);
 process.exit(unexplained ? 1 : 0);

@@ -35,7 +35,12 @@ export function parseImageName(name: string): ImageName {
   if (!hasProtocol(name)) return { kind: 'file', path: name };
   const colon = name.indexOf(':');
   const protocol = name.slice(0, colon);
-  if (LOCAL_PROTOCOLS.has(protocol)) return { kind: 'file', path: name.slice(colon + 1) };
+  if (LOCAL_PROTOCOLS.has(protocol)) {
+    // A path that would itself read as a protocol is named ./PATH, as QEMU names it (and
+    // backing names are then taken relative to '.').
+    const path = name.slice(colon + 1);
+    return { kind: 'file', path: hasProtocol(path) ? `./${path}` : path };
+  }
   if (protocol !== 'json') return { kind: 'protocol', protocol };
   let raw: unknown;
   try {

@@ -355,6 +355,13 @@ class Checker {
   private readonly max: number;
   /** Increments the refcount table and the refcount blocks contributed, per cluster. */
   readonly structureRefs = new Map<number, number>();
+  /** 64-bit refcounts past 2^53 as stored (the arrays hold them capped), for the messages. */
+  private readonly wideRefs = new Map<number, bigint>();
+
+  /** A refcount as QEMU prints it: unsigned 64-bit. */
+  private shownRef(cluster: number, r: number): number | bigint {
+    return r === Number.MAX_SAFE_INTEGER ? (this.wideRefs.get(cluster) ?? r) : r;
+  }
   /** Clusters past the end of the file (in a window) that something references. */
   readonly pastEofRefs = new Set<number>();
   /** Refcount blocks outside the image that QEMU's -r all would have grown the file for. */
@@ -763,7 +770,10 @@ class Checker {
         if (s === 0) this.rebuild = true;
         else if (s > computed && (fix & FIX_LEAKS)) fixed = 'leak';
         else if (s < computed && (fix & FIX_ERRORS)) fixed = 'corruption';
-        this.log(`${fixed ? 'Repairing' : s < computed ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${s} reference=${computed}`);
+        // A 64-bit refcount is printed as the unsigned value stored (getRefcount caps it).
+        if (s === Number.MAX_SAFE_INTEGER && order === 6 && blk !== 'zero') this.wideRefs.set(i, blk.readBigUInt64BE((i - b * E) * 8));
+        const shown = this.shownRef(i, s);
+        this.log(`${fixed ? 'Repairing' : s < computed ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${shown} reference=${computed}`);
         if (fixed === 'leak') this.res.leaksFixed++;
         else if (fixed === 'corruption') this.res.corruptionsFixed++;
         else if (s < computed) this.res.corruptions++;
@@ -798,7 +808,7 @@ class Checker {
       const r = await refcount(Math.floor(l2Offset / cs));
       if (r !== null && (r === 1) !== ((hi & 0x80000000) !== 0)) {
         this.res.corruptions++;
-        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${r}`);
+        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${this.shownRef(Math.floor(l2Offset / cs), r)}`);
         if (repair) {
           fixes.push({ table: 'l1', offset: st.l1Offset, entryIndex: i, set: r === 1 });
           this.res.corruptions--;
@@ -819,7 +829,7 @@ class Checker {
         if (rc === null) continue;
         if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
           this.res.corruptions++;
-          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${rc}`);
+          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${this.shownRef(cluster, rc)}`);
           if (repair) {
             fixes.push({ table: 'l2', offset: l2Offset, entryIndex: j, set: rc === 1 });
             this.res.corruptions--;

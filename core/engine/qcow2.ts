@@ -222,6 +222,12 @@ export class Qcow2Image implements DiskImage {
    * The runs covering [offset, offset+length) in this layer, adjacent runs of the same state
    * (and contiguous host offsets) merged. With `firstOnly`, stops once the first run is known.
    */
+  /**
+   * Set by `map` only: data clusters past the end of the file are reported where the L2 table
+   * puts them, as qemu-img map prints them. Reads (and every job) still refuse them.
+   */
+  mapPastEof = false;
+
   async runs(offset: number, length: number, firstOnly = false): Promise<Run[]> {
     const g = this.geometry;
     const out: Run[] = [];
@@ -342,7 +348,7 @@ export class Qcow2Image implements DiskImage {
     if (entry.hostOffset < this.geometry.clusterSize) {
       throw new CorruptImageError(`guest offset ${guest} maps into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
     }
-    if (entry.hostOffset < this.fileSize) return undefined;
+    if (entry.hostOffset < this.fileSize || this.mapPastEof) return undefined;
     return (async () => {
       this.fileSize = await this.file.size();
       if (entry.hostOffset >= this.fileSize) {

@@ -1,7 +1,7 @@
 // The qcow2 header and its extensions: pure decode/encode with validation. Nothing here does I/O.
 import * as C from './constants';
 import { CorruptImageError, FormatError, UnsupportedFeatureError } from '../errors';
-import { readU64 } from './u64';
+import { readU64, toSafeNumber } from './u64';
 import { printable } from '../errors';
 
 export interface Qcow2Header {
@@ -63,6 +63,27 @@ export function isQcow2Magic(buf: Uint8Array): boolean {
   return buf.length >= 4 && Buffer.from(buf.buffer, buf.byteOffset, 4).readUInt32BE(0) === C.QCOW_MAGIC;
 }
 
+/** QEMU's words for a virtual size its L1 table cannot cover (size_to_l1 past INT_MAX, or past l1_size). */
+function qemuL1Text(file: string | undefined, needed: bigint): string {
+  return `Could not open '${file}': ${needed > 0x7fffffffn ? 'Image is too big' : 'L1 table is too small'}`;
+}
+
+/** The L1 entries a virtual size needs (QEMU's size_to_l1). */
+function sizeToL1(size: bigint, clusterBits: number, extendedL2: boolean): bigint {
+  const shift = BigInt(clusterBits + clusterBits - (extendedL2 ? 4 : 3));
+  return (size + (1n << shift) - 1n) >> shift;
+}
+
+function readVirtualSize(buf: Buffer, clusterBits: number, file?: string): number {
+  const v = buf.readBigUInt64BE(24);
+  try {
+    return toSafeNumber(v, 'virtual size', file);
+  } catch (err) {
+    const extL2 = buf.length >= 80 && buf.readUInt32BE(4) >= 3 && (buf.readBigUInt64BE(72) & C.INCOMPAT_EXTL2) !== 0n;
+    throw (err as CorruptImageError).asQemu(qemuL1Text(file, sizeToL1(v, clusterBits, extL2)));
+  }
+}
+
 /** Decodes and validates the fixed fields. `buf` must hold at least the first 112 bytes (or the whole file if shorter). */
 export function decodeHeaderFields(buf: Buffer, file?: string): Qcow2Header {
   if (buf.length < C.HEADER_V2_LENGTH) throw new FormatError(`not a qcow2 image: file is only ${buf.length} bytes, shorter than a qcow2 header`, file);
@@ -78,7 +99,7 @@ export function decodeHeaderFields(buf: Buffer, file?: string): Qcow2Header {
     backingFileOffset: readU64(buf, 8, 'backing_file_offset', file),
     backingFileSize: buf.readUInt32BE(16),
     clusterBits,
-    size: readU64(buf, 24, 'virtual size', file),
+    size: readVirtualSize(buf, clusterBits, file),
     cryptMethod: buf.readUInt32BE(32),
     l1Size: buf.readUInt32BE(36),
     l1TableOffset: readU64(buf, 40, 'l1_table_offset', file),
@@ -140,8 +161,9 @@ function validateHeader(h: Qcow2Header, file?: string): void {
   const l2Entries = clusterSize / ((h.incompatibleFeatures & C.INCOMPAT_EXTL2) ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL);
   const bytesPerL1 = l2Entries * clusterSize;
   const neededL1 = Math.ceil(h.size / bytesPerL1);
-  if (neededL1 > C.MAX_L1_SIZE_BYTES / 8) throw new FormatError(`virtual size ${h.size} is too large for cluster size ${clusterSize}`, file);
-  if (h.l1Size < neededL1) throw new CorruptImageError(`L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size} bytes (needs ${neededL1})`, file);
+  const qemuText = qemuL1Text(file, BigInt(neededL1));
+  if (neededL1 > C.MAX_L1_SIZE_BYTES / 8) throw new FormatError(`virtual size ${h.size} is too large for cluster size ${clusterSize}`, file).asQemu(qemuText);
+  if (h.l1Size < neededL1) throw new CorruptImageError(`L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size} bytes (needs ${neededL1})`, file).asQemu(qemuText);
   checkTable('L1 table', h.l1TableOffset, h.l1Size * 8, clusterSize, file, h.l1Size > 0);
   if (h.refcountTableClusters === 0) throw new CorruptImageError('refcount table is empty (refcount_table_clusters is 0)', file);
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_SIZE_BYTES) {

@@ -12,6 +12,7 @@ import type { BlockFile } from '../io/block-file';
 import { interposeWritable } from '../io/interpose';
 import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type LockMode } from '../io/locks';
 import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
+import { strtosz } from '../chain/size-str';
 import { localPath, localPathOrNull } from '../chain/names';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { qcow2PreallocSize } from './measure';
@@ -69,12 +70,22 @@ export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only siz
 
 /** qemu's size syntax for option values: a number with an optional k/M/G/T/P/E suffix. */
 function parseSizeValue(key: string, v: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(v);
-  if (!m) throw new UsageError(`invalid value '${v}' for ${key} (a size such as 512, 64k or 2M)`);
-  const mult = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 }[m[2]!.toLowerCase()]!;
-  const n = Number(m[1]) * mult;
-  if (!Number.isInteger(n)) throw new UsageError(`invalid value '${v}' for ${key}: not a whole number of bytes`);
-  if (n > Number.MAX_SAFE_INTEGER) throw new UsageError(`value '${v}' for ${key} is too large`);
+  // QEMU's parse_option_size (qemu_strtosz); Strata also takes an IEC unit (64KiB).
+  const r = strtosz(v);
+  if (r === 'range') throw new UsageError(`value '${v}' for ${key} is too large`).asQemu(`Value '${v}' is out of range for parameter '${key}'`);
+  if (r === 'invalid') {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)i?b\s*$/i.exec(v);
+    if (!m) {
+      throw new UsageError(`invalid value '${v}' for ${key} (a size such as 512, 64k, 2M or 0x10000)`)
+        .asQemu(`Parameter '${key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.`);
+    }
+    const n = Number(m[1]) * { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 }[m[2]!.toLowerCase()]!;
+    if (!Number.isInteger(n)) throw new UsageError(`invalid value '${v}' for ${key}: not a whole number of bytes`);
+    if (n > Number.MAX_SAFE_INTEGER) throw new UsageError(`value '${v}' for ${key} is too large`);
+    return n;
+  }
+  const n = Number(r);
+  if (BigInt(n) !== r) throw new UsageError(`value '${v}' for ${key} cannot be handled exactly (sizes past 2^53 must be multiples of a large power of two)`);
   return n;
 }
 
@@ -149,7 +160,8 @@ export function parseCreateOptions(o: string): CreateOptions {
         r.compressionType = value;
         break;
       case 'refcount_bits': {
-        if (!/^\d+$/.test(value)) throw new UsageError(`refcount_bits must be a number (1, 2, 4, 8, 16, 32 or 64), not '${value}'`);
+        // A number as strtoull reads it (-1 too); the width is checked with the other options.
+        if (!/^[-+]?\d+$/.test(value)) throw new UsageError(`refcount_bits must be a number (1, 2, 4, 8, 16, 32 or 64), not '${value}'`);
         r.refcountBits = Number(value);
         break;
       }
@@ -193,6 +205,24 @@ export interface ResolvedCreate {
 
 function fail(path: string, msg: string): never { throw new UsageError(`${path}: ${msg}`); }
 
+/** fail() with qemu-img's text (after the file name, as qemu-img create prints its errors). */
+function qemuFail(path: string, msg: string, qemu: string): never { throw new UsageError(`${path}: ${msg}`).asQemu(`${path}: ${qemu}`); }
+
+/**
+ * Errors qemu-img reports from the format driver, after its "Formatting" line: the CLI speaking
+ * as qemu-img prints that line first (see driverFail).
+ */
+export const REPORTED_AFTER_FORMATTING = new WeakSet<object>();
+
+/** A refusal of the qcow2 driver: Strata's message, qemu-img's text, reported after "Formatting". */
+function driverFail(path: string, msg: string, qemu: string): never {
+  const err = new UsageError(`${path}: ${msg}`).asQemu(`${path}: ${qemu}`);
+  REPORTED_AFTER_FORMATTING.add(err);
+  throw err;
+}
+
+const USE_V3 = '1.1 and above (use version=v3 or greater)';
+
 /** Everything qemu-img create checks, plus opening the backing file for its size. */
 export async function resolveCreate(path: string, format: CreateFormat, opts: CreateOptions): Promise<ResolvedCreate> {
   localPath(path); // a protocol name (nbd:, http:, ...) is refused before anything else
@@ -218,25 +248,25 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     const cs = opts.clusterSize ?? 2 ** C.DEFAULT_CLUSTER_BITS;
     const clusterBits = Math.log2(cs);
     if (!Number.isInteger(clusterBits) || clusterBits < C.MIN_CLUSTER_BITS || clusterBits > C.MAX_CLUSTER_BITS) {
-      fail(path, `invalid cluster size ${cs}: it must be a power of two between 512 and 2M`);
+      driverFail(path, `invalid cluster size ${cs}: it must be a power of two between 512 and 2M`, 'Cluster size must be a power of two between 512 and 2048k');
     }
     const extendedL2 = opts.extendedL2 ?? false;
     const refcountBits = opts.refcountBits ?? 16;
     const refcountOrder = Math.log2(refcountBits);
     if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > C.MAX_REFCOUNT_ORDER) {
-      fail(path, `invalid refcount_bits ${refcountBits}: it must be a power of two no larger than 64 (1, 2, 4, 8, 16, 32, 64)`);
+      driverFail(path, `invalid refcount_bits ${opts.given?.refcount_bits ?? refcountBits}: it must be a power of two no larger than 64 (1, 2, 4, 8, 16, 32, 64)`, 'Refcount width must be a power of two and may not exceed 64 bits');
     }
     const zstd = opts.compressionType === 'zstd';
     const lazy = opts.lazyRefcounts ?? false;
     if (version === 2) {
-      const needV3 = (what: string) => fail(path, `${what} needs compat=1.1 (qcow2 v3); compat=0.10 images cannot have it`);
-      if (lazy) needV3('lazy_refcounts=on');
-      if (extendedL2) needV3('extended_l2=on');
-      if (zstd) needV3('compression_type=zstd');
-      if (refcountBits !== 16) needV3(`refcount_bits=${refcountBits} (compat=0.10 only has 16-bit refcounts)`);
+      const needV3 = (what: string, qemu: string) => driverFail(path, `${what} needs compat=1.1 (qcow2 v3); compat=0.10 images cannot have it`, qemu);
+      if (extendedL2) needV3('extended_l2=on', `Extended L2 entries are only supported with compatibility level ${USE_V3}`);
+      if (lazy) needV3('lazy_refcounts=on', `Lazy refcounts only supported with compatibility level ${USE_V3}`);
+      if (refcountBits !== 16) needV3(`refcount_bits=${refcountBits} (compat=0.10 only has 16-bit refcounts)`, 'Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
+      if (zstd) needV3('compression_type=zstd', `Non-zlib compression type is only supported with compatibility level ${USE_V3}`);
     }
     if (extendedL2 && clusterBits < C.MIN_CLUSTER_BITS_EXTENDED_L2) {
-      fail(path, `extended_l2=on needs a cluster size of at least 16k (cluster_size is ${cs})`);
+      driverFail(path, `extended_l2=on needs a cluster size of at least 16k (cluster_size is ${cs})`, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
     }
     spec = {
       size: 0, clusterBits, version, refcountOrder, extendedL2,
@@ -251,19 +281,25 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     fail(path, `preallocation=${preallocation} with a backing file needs extended_l2=on (otherwise the preallocated clusters would hide the backing file's data)`);
   }
   if (backingFile !== null) {
-    if (backingFile === '') fail(path, 'the backing file name is empty');
-    if (backingFile === path) fail(path, 'the backing file is the image being created (give a different -b)');
+    if (backingFile === path) qemuFail(path, 'the backing file is the image being created (give a different -b)', 'Error: Trying to create an image with the same filename as the backing file');
+    if (backingFile === '') qemuFail(path, 'the backing file name is empty', 'Expected backing file name, got empty string');
     if (Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) fail(path, `the backing file name is too long (${Buffer.byteLength(backingFile)} bytes, at most ${C.MAX_BACKING_FILE_NAME})`);
     if (backingFormat === null) {
       // qemu-img 7.2 never records a probed format; like it, name what the file looks like.
       let hint = '';
+      let qemu = `${path}: Backing file specified without backing format`;
       if (!opts.unsafe) {
+        const full = combineBackingPath(localPath(path), backingFile);
         try {
-          const f = await NodeFile.open(localPath(combineBackingPath(localPath(path), backingFile)));
+          const f = await NodeFile.open(localPath(full));
           try { hint = `\nDetected format of ${await probeFormat(f)}.`; } finally { await f.close(); }
-        } catch { /* the missing file is reported with -F given */ }
+          qemu += hint;
+        } catch (err) {
+          // qemu-img opens the backing file first: a missing one is what it reports.
+          if (err instanceof NotFoundError || (err as NodeJS.ErrnoException)?.code === 'ENOENT') qemu = `${path}: Could not open '${full}': No such file or directory\nCould not open backing image.`;
+        }
       }
-      fail(path, `Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`);
+      throw new UsageError(`${path}: Backing file specified without backing format (give it with -F qcow2 or -F raw)${hint}`).asQemu(qemu);
     }
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') fail(path, `unsupported backing format '${backingFormat}' (qcow2 or raw)`);
     const full = combineBackingPath(localPath(path), backingFile);
@@ -298,7 +334,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       : 'missing SIZE (give the virtual size, e.g. 10G, or a backing file with -b -F to take its size)');
   }
   const rounded = Math.ceil(size / 512) * 512;
-  if (rounded > Number.MAX_SAFE_INTEGER) fail(path, `size ${size} is too large`);
+  if (rounded > Number.MAX_SAFE_INTEGER && !spec) fail(path, `size ${size} is too large`);
   if (spec) {
     spec.size = rounded;
     // The header cluster must hold the extensions and the backing name: check it now.
@@ -309,8 +345,12 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     }
     const l1 = l1EntriesFor(rounded, spec.clusterBits, spec.extendedL2);
     if (l1 > C.MAX_L1_SIZE_BYTES / 8) {
-      throw new FormatError(`the image size is too large for qcow2 with ${2 ** spec.clusterBits}-byte clusters${spec.extendedL2 ? ' and extended L2 entries' : ''} (try a larger cluster_size)`, path);
+      const err = new FormatError(`the image size is too large for qcow2 with ${2 ** spec.clusterBits}-byte clusters${spec.extendedL2 ? ' and extended L2 entries' : ''} (try a larger cluster_size)`, path)
+        .asQemu(`${path}: The image size is too large for file format 'qcow2' (try using a larger cluster size)`);
+      REPORTED_AFTER_FORMATTING.add(err);
+      throw err;
     }
+    if (rounded > Number.MAX_SAFE_INTEGER) fail(path, `size ${size} is too large`);
   }
   return { path, format, size: rounded, sizeGiven: size, preallocation, qcow2: spec, opts };
 }
@@ -321,7 +361,7 @@ export function formattingLine(r: ResolvedCreate): string {
   const g = o.given ?? {};
   const parts: string[] = [`fmt=${r.format}`];
   if (r.format === 'raw') {
-    parts.push(`size=${r.sizeGiven}`);
+    parts.push(`size=${BigInt(r.sizeGiven)}`);
     if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
     if (o.extentSizeHint !== undefined) parts.push(`extent_size_hint=${o.extentSizeHint}`);
   } else {
@@ -329,7 +369,7 @@ export function formattingLine(r: ResolvedCreate): string {
     parts.push(`extended_l2=${o.extendedL2 ? 'on' : 'off'}`);
     if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
     parts.push(`compression_type=${o.compressionType ?? 'zlib'}`);
-    parts.push(`size=${r.sizeGiven}`);
+    parts.push(`size=${BigInt(r.sizeGiven)}`);
     if (g.compat !== undefined) parts.push(`compat=${g.compat}`);
     if (o.backingFile !== undefined) parts.push(`backing_file=${o.backingFile.replace(/,/g, ',,')}`);
     if (o.backingFormat !== undefined) parts.push(`backing_fmt=${o.backingFormat}`);

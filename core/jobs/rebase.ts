@@ -45,7 +45,8 @@ export interface RebaseResult {
  */
 function requireBackingFormat(path: string, opts: RebaseOptions): void {
   if (opts.backing && !opts.backingFormat) {
-    throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path);
+    throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path)
+      .asQemu(`Could not change the backing file to '${opts.backing}': backing format must be specified`);
   }
 }
 

@@ -5,6 +5,7 @@ import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { asQemuImg, strata } from './run-cli';
+import { printfFixed2 } from '../../cli/progress';
 
 describeOracleText('iotests: behaviour as qemu-img', () => {
   const t = tempDir('strata-iotests-');
@@ -162,5 +163,142 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(rq.stderr).toContain('Repairing cluster 1 refcount=1 reference=0');
     expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
     expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
+  });
+
+  describe('create and convert as qemu-img: sizes and refusals (iotests 049, 054, 079, 111, 112, 114, 214)', () => {
+    const cases: [string, (f: string) => string[]][] = [
+      ['hexadecimal size', (f) => ['create', '-f', 'qcow2', f, '0x10000']],
+      ['hexadecimal cluster_size', (f) => ['create', '-f', 'qcow2', '-o', 'cluster_size=0x10000', f, '2M']],
+      ['negative size', (f) => ['create', '-f', 'qcow2', f, '--', '-1k']],
+      ['a size with a word after it', (f) => ['create', '-f', 'qcow2', f, '--', '1kilobyte']],
+      ['-o size that is no size', (f) => ['create', '-f', 'qcow2', '-o', 'size=foobar', f]],
+      ['the size given twice', (f) => ['create', '-f', 'qcow2', '-o', 'size=10M', f, '20M']],
+      ['a 1 EiB qcow2 image (past 2^53)', (f) => ['create', '-f', 'qcow2', f, '1048576T']],
+      ['a cluster size out of range', (f) => ['create', '-f', 'qcow2', '-o', 'cluster_size=4M', f, '4G']],
+      ['refcount_bits=-1', (f) => ['create', '-f', 'qcow2', '-o', 'refcount_bits=-1', f, '64M']],
+      ['refcount_bits=42', (f) => ['create', '-f', 'qcow2', '-o', 'refcount_bits=42', f, '64M']],
+      ['lazy refcounts on compat=0.10', (f) => ['create', '-f', 'qcow2', '-o', 'compat=0.10,lazy_refcounts=on', f, '64M']],
+      ['an empty backing name', (f) => ['create', '-f', 'qcow2', '-b', '', f, '1M']],
+      ['a missing backing file without -F', (f) => ['create', '-f', 'qcow2', '-b', `${f}.inexistent`, f]],
+      ['convert -B without -F', (f) => ['convert', '-O', 'qcow2', '-B', `${f}.src`, `${f}.src`, f]],
+    ];
+    for (const [name, args] of cases) {
+      it(name, async () => {
+        const fq = t.path(`c-q-${name.replace(/\W+/g, '-')}.qcow2`);
+        const fs = t.path(`c-s-${name.replace(/\W+/g, '-')}.qcow2`);
+        for (const f of [fq, fs]) qemuImg('create', '-q', '-f', 'qcow2', `${f}.src`, '1M');
+        const q = qemuImgRun(...args(fq));
+        const s = await asQemuImg(...args(fs));
+        const same = (x: string) => x.split(fq).join('FILE');
+        expect([s.code, same(s.out.split(fs).join(fq)), same(s.err.split(fs).join(fq))]).toEqual([q.status, same(q.stdout), same(q.stderr)]);
+      });
+    }
+  });
+
+  it('info of file:NAME whose name has a colon: shown as ./NAME, its backing file relative to . (iotest 126)', async () => {
+    const d = t.path('colon');
+    mkdirSync(d);
+    const cwd = process.cwd();
+    try {
+      process.chdir(d);
+      qemuImg('create', '-q', '-f', 'qcow2', 'base.qcow2', '1M');
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'file:image:top.qcow2');
+      expect((await strata('info', 'file:image:top.qcow2')).out).toBe(qemuImg('info', 'file:image:top.qcow2'));
+    } finally {
+      process.chdir(cwd);
+    }
+  });
+
+  describe('a virtual size the L1 table cannot cover: qemu-img\'s words (iotests 054, 080)', () => {
+    const setU64 = (f: string, off: number, v: bigint) => { const b = readFileSync(f); b.writeBigUInt64BE(v, off); writeFileSync(f, b); };
+    const setU32 = (f: string, off: number, v: number) => { const b = readFileSync(f); b.writeUInt32BE(v, off); writeFileSync(f, b); };
+    for (const [name, edit] of [
+      ['1 EiB (past 2^53)', (f: string) => setU64(f, 24, 1n << 60n)],
+      ['an L1 table of 0 entries', (f: string) => setU32(f, 36, 0)],
+      ['a size needing more L1 entries than QEMU allows', (f: string) => setU64(f, 24, 1n << 52n)],
+    ] as const) {
+      it(name, async () => {
+        const f = t.path(`l1-${name.replace(/\W+/g, '-')}.qcow2`);
+        qemuImg('create', '-q', '-f', 'qcow2', f, '4G');
+        edit(f);
+        const q = qemuImgRun('info', f);
+        const s = await asQemuImg('info', f);
+        expect(q.status).toBe(1);
+        expect([s.code, s.err]).toEqual([q.status, q.stderr]);
+      });
+    }
+  });
+
+  it('rebase -b without -F: qemu-img\'s message (iotest 114)', async () => {
+    const b = t.path('rb-base.qcow2');
+    const o = t.path('rb-top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', b, '1M');
+    qemuImg('create', '-q', '-f', 'qcow2', o, '1M');
+    const q = qemuImgRun('rebase', '-b', b, o);
+    const s = await asQemuImg('rebase', '-b', b, o);
+    expect(q.status).toBe(1);
+    expect([s.code, s.err]).toEqual([q.status, q.stderr]);
+  });
+
+  describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
+    const src = t.path('p-src.qcow2');
+    const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
+    for (const [name, writes] of runs) {
+      for (const extra of [[], ['-S', '0']]) {
+        it(`${name} ${extra.join(' ')}`, async () => {
+          qemuImg('create', '-q', '-f', 'qcow2', src, '128M');
+          qemuIo(src, writes);
+          const q = qemuImgRun('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-q.qcow2'));
+          for (const r of [await strata('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-s.qcow2')), await asQemuImg('convert', '-p', ...extra, '-O', 'qcow2', src, t.path('p-s2.qcow2'))]) {
+            expect([r.code, r.out, r.err]).toEqual([q.status, q.stdout, q.stderr]);
+          }
+        });
+      }
+    }
+  });
+
+  it('printf("%.2f") rounds the exact binary value half to even', () => {
+    expect(printfFixed2(3.125)).toBe('3.12');
+    expect(printfFixed2(9.375)).toBe('9.38');
+    expect(printfFixed2(0)).toBe('0.00');
+    expect(printfFixed2(100)).toBe('100.00');
+    expect(printfFixed2(Math.fround(10.9375))).toBe('10.94');
+    expect(printfFixed2(0.005)).toBe('0.01'); // 0.005 is stored a little above 0.005
+  });
+
+  it('map of a data cluster past the end of the file: printed as qemu-img prints it; reads still refuse it', async () => {
+    const f = t.path('past-eof.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '1M');
+    qemuIo(f, ['write 0 64k', 'write 128k 64k']);
+    // Point the first L2 entry at 256 MiB, far past the end of the file.
+    const b = readFileSync(f);
+    const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+    b.writeBigUInt64BE((b.readBigUInt64BE(l2) & 0xff00000000000000n) | 0x10000000n, l2);
+    writeFileSync(f, b);
+    for (const o of ['human', 'json']) {
+      const q = qemuImgRun('map', `--output=${o}`, f);
+      const s = await strata('map', `--output=${o}`, f);
+      expect(q.stdout).toContain(o === 'json' ? '268435456' : '0x10000000');
+      expect([s.code, s.out]).toEqual([q.status, q.stdout]);
+    }
+    const c = await strata('convert', '-O', 'raw', f, t.path('past-eof.raw'));
+    expect(c.code).toBe(1);
+    expect(c.err).toMatch(/past the end of the file/);
+  });
+
+  it('check shows a 64-bit refcount as the unsigned value stored (iotest 112)', async () => {
+    const f = t.path('rc64.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=64', f, '64M');
+    qemuIo(f, ['write 0 512']);
+    const b = readFileSync(f);
+    const refblock = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(48))));
+    const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+    const data = Number(b.readBigUInt64BE(l2) & 0x00fffffffffffe00n) / 65536;
+    b.writeBigUInt64BE(0xffffffffffffffffn, refblock + data * 8);
+    writeFileSync(f, b);
+    const q = qemuImgRun('check', f);
+    const s = await strata('check', f);
+    expect(q.stderr).toContain('refcount=18446744073709551615');
+    expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
   });
 });

@@ -13,7 +13,9 @@ describe('parseImageName', () => {
 
   it('file: and host_device: name paths (the rest may hold colons)', () => {
     expect(parseImageName('file:sub/base.qcow2')).toEqual({ kind: 'file', path: 'sub/base.qcow2' });
-    expect(parseImageName('file:a:b')).toEqual({ kind: 'file', path: 'a:b' });
+    // A path that would read as a protocol is named ./PATH, as QEMU names it.
+    expect(parseImageName('file:a:b')).toEqual({ kind: 'file', path: './a:b' });
+    expect(parseImageName('file:/x/a:b')).toEqual({ kind: 'file', path: '/x/a:b' });
     expect(parseImageName('host_device:/dev/sdb')).toEqual({ kind: 'file', path: '/dev/sdb' });
   });
 

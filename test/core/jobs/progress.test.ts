@@ -141,11 +141,19 @@ describe('job progress events', () => {
     return { code, out, err };
   }
 
+  it('strata mirror -p prints nothing when stdout is not a TTY', async () => {
+    const r = await cli(['mirror', '-p', '-O', 'qcow2', src, t.path('mirror-p.qcow2')], false);
+    expect(r).toEqual({ code: 0, out: '', err: '' });
+  });
+
+  it('strata convert -p when stdout is not a TTY prints qemu-img\'s (NN.NN/100%) lines on stdout', async () => {
+    const r = await cli(['convert', '-p', '-O', 'qcow2', src, t.path('convert-p.qcow2')], false);
+    expect(r.code).toBe(0);
+    expect(r.err).toBe('');
+    expect(r.out).toMatch(/^ {4}\(0\.00\/100%\)\r( {4}\(\d{1,3}\.\d\d\/100%\)\r)* {4}\(100\.00\/100%\)\r\n$/);
+  });
+
   for (const cmd of ['convert', 'mirror'] as const) {
-    it(`strata ${cmd} -p prints nothing when stdout is not a TTY`, async () => {
-      const r = await cli([cmd, '-p', '-O', 'qcow2', src, t.path(`${cmd}-p.qcow2`)], false);
-      expect(r).toEqual({ code: 0, out: '', err: '' });
-    });
 
     it(`strata ${cmd} -p on a TTY shows a bar that ends at 100%`, async () => {
       const r = await cli([cmd, '-p', '-O', 'qcow2', src, t.path(`${cmd}-p-tty.qcow2`)], true);
