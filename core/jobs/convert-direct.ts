@@ -2,7 +2,8 @@
 // -C (copy offloading), --salvage, --image-opts names. The same convert, opened here.
 import { closeChain, openImage } from '../chain/open';
 import { ConcatImage } from '../chain/concat';
-import type { DiskImage } from '../engine/image';
+import type { DiskImage, LayerStatus } from '../engine/image';
+import { chainBlockStatus } from '../chain/block-status';
 import { convert } from './convert';
 import type { JobContext } from './job';
 import { convertOptions, convertSource } from './plan';
@@ -46,7 +47,8 @@ export async function convertDirect(ctx: JobContext, sources: string[], target: 
       // Refused before the target is made (qemu-img creates it first).
       if (spec.targetFormat !== 'qcow2') throw qemuError(`Format driver '${spec.targetFormat}' does not support bitmaps`);
     }
-    const src = opened.length === 1 ? await convertSource(opened[0]!, spec.snapshot, sources[0]!) : new ConcatImage(opened);
+    let src: DiskImage = opened.length === 1 ? await convertSource(opened[0]!, spec.snapshot, sources[0]!) : new ConcatImage(opened);
+    if (extra.salvage) src = new SalvageImage(src, ctx.log);
     await convert(ctx, src, target, opts);
     if (extra.bitmaps) await copyAllBitmaps(ctx, opened[0] as Qcow2Image, target, !!extra.skipBroken);
   } finally {
@@ -80,4 +82,56 @@ async function copyAllBitmaps(ctx: JobContext, src: Qcow2Image, target: string, 
   } finally {
     await dst.close();
   }
+}
+
+/**
+ * --salvage's view of a source: a block status that fails is taken as one sector of data
+ * (qemu-img retries on ever shorter ranges down to one sector, warns, and reads it), with
+ * qemu-img's warning once per sector; reads go through read(), whose failures convert's
+ * salvage read turns into zeros.
+ */
+export class SalvageImage implements DiskImage {
+  readonly format: DiskImage['format'];
+  readonly backingFile = null;
+  readonly backingFormat = null;
+  backing: DiskImage | null = null;
+  private readonly warned = new Set<number>();
+
+  constructor(private readonly inner: DiskImage, private readonly log?: (line: string) => void) {
+    this.format = inner.format;
+  }
+
+  get filename(): string { return this.inner.filename; }
+  get file() { return this.inner.file; }
+  get virtualSize(): number { return this.inner.virtualSize; }
+
+  read(buf: Uint8Array, offset: number): Promise<void> { return this.inner.read(buf, offset); }
+
+  async blockStatus(offset: number, bytes: number): Promise<LayerStatus> {
+    // As qemu-img: a failing range is asked again a quarter as long, down to one sector.
+    let n = Math.max(1, Math.ceil(bytes / 512));
+    for (;;) {
+      try {
+        const st = await chainBlockStatus(this.inner, offset, Math.min(bytes, n * 512));
+        return { length: st.length, allocated: true, data: st.data, zero: st.zero, offset: null, compressed: st.compressed };
+      } catch (err) {
+        if (n > 1) { n = Math.ceil(n / 4); continue; }
+        return this.failed(offset, bytes, err);
+      }
+    }
+  }
+
+  private failed(offset: number, bytes: number, err: unknown): LayerStatus {
+    {
+      const sector = Math.floor(offset / 512) * 512;
+      if (!this.warned.has(sector)) {
+        this.warned.add(sector);
+        const code = (err as NodeJS.ErrnoException).code;
+        this.log?.(`warning: error while reading block status at offset ${sector}: ${code && code !== 'EIO' ? (err as Error).message : 'Input/output error'}`);
+      }
+      return { length: Math.min(bytes, sector + 512 - offset), allocated: true, data: true, zero: false, offset: null, compressed: false };
+    }
+  }
+
+  close(): Promise<void> { return Promise.resolve(); }
 }

@@ -82,6 +82,33 @@ describeOracle('strata convert: several sources, -C, --salvage, --image-opts (as
     expect((await strata('convert', '-q', '--salvage', '-O', 'raw', c, ours)).err).toBe('');
   });
 
+  it('--salvage over metadata that cannot be read (an unaligned L2 table): the same output and read warnings as qemu-img', async () => {
+    const c = t.path('l2.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', c, '2M');
+    qemuIo(c, ['write -P 7 0 1M', 'write -P 8 1536k 64k']);
+    const fd = openSync(c, 'r+');
+    const h = Buffer.alloc(104);
+    readSync(fd, h, 0, 104, 0);
+    // L1[0] (the only L2 table) moved off its cluster boundary: nothing in it can be read.
+    const e = Buffer.alloc(8);
+    readSync(fd, e, 0, 8, Number(h.readBigUInt64BE(40)));
+    e.writeBigUInt64BE(e.readBigUInt64BE(0) + 0x200n);
+    writeSync(fd, e, 0, 8, Number(h.readBigUInt64BE(40)));
+    closeSync(fd);
+    const theirs = t.path('l2.q.raw');
+    const ours = t.path('l2.s.raw');
+    expect(qemuImgRun('convert', '-O', 'raw', c, theirs).status).toBe(1);
+    expect((await strata('convert', '-O', 'raw', c, ours)).code).toBe(1);
+    const q = qemuImgRun('convert', '--salvage', '-O', 'raw', c, theirs);
+    const r = await strata('convert', '--salvage', '-O', 'raw', c, ours);
+    expect(r.code).toBe(q.status);
+    expect(r.code).toBe(0);
+    expect(await sha256(ours)).toBe(await sha256(theirs));
+    const reads = (s: string) => s.split('\n').filter((l) => l.includes('error while reading offset')).map((l) => l.replace(/^[a-z-]+: /, ''));
+    expect(reads(r.err)).toStrictEqual(reads(q.stderr));
+    expect(reads(r.err).length).toBe(4096);
+  });
+
   for (const bad of [['-C', '-c'], ['-C', '-S', '4k'], ['-C', '--salvage']]) {
     it(`refuses ${bad.join(' ')} as qemu-img, writing nothing`, async () => {
       const out = t.path(`never-${bad.join('')}.qcow2`);
