@@ -23,7 +23,7 @@
 import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
-import { getRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
+import { getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
 import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
 import { BufferArena } from '../io/buffers';
@@ -922,6 +922,102 @@ async function writeRefcountStructure(
   return { reftableOffset: enc.tableOffset, reftableClusters: lay.tableClusters, end: (lay.start + lay.clusters) * cs };
 }
 
+/**
+ * QEMU 7.2's rebuild_refcount_structure: from the computed refcounts (`counts`, the old
+ * structure still counted), refblocks are allocated one by one in the first free cluster (not
+ * below the block they cover), then the refcount table in the first free run, again until
+ * the table stops growing; blocks, then the table, then the header are written. Then QEMU's
+ * leak pass: `freed` (the old structure, referenced by nothing now) drop to `after[c]`, the
+ * blocks holding them are written again and the clusters discarded. Returns the clusters the
+ * new structure covers (for the image end).
+ */
+async function qemuRebuild(file: BlockFile, st: ImageState, counts: RefArray, n: number, freed: [number, number][]): Promise<number> {
+  const cs = st.clusterSize;
+  const order = st.refcountOrder;
+  const E = refcountBlockEntries(st.clusterBits, order);
+  let refs = new Float64Array(Math.max(n, 1));
+  refs.set(counts.subarray(0, n));
+  let size = n;
+  const get = (c: number) => (c < size ? refs[c]! : 0);
+  const grow = (to: number) => {
+    if (to > refs.length) { const r = new Float64Array(Math.max(to, refs.length * 2)); r.set(refs); refs = r; }
+    size = Math.max(size, to);
+  };
+  // alloc_clusters_imrt: the first run of `count` free clusters from *first on.
+  const alloc = (count: number, first: { c: number }): number => {
+    let c = first.c;
+    let run = 0;
+    let firstGap = true;
+    for (; c < size && run < count; c++) {
+      if (!get(c)) {
+        run++;
+        if (firstGap) { first.c = c; firstGap = false; }
+      } else run = 0;
+    }
+    if (run < count) grow(c + count - run);
+    c -= run;
+    for (let i = 0; i < count; i++) refs[c + i] = 1;
+    return c;
+  };
+  const reftable: number[] = [];
+  const writeBlock = async (idx: number) => {
+    const data = Buffer.alloc(cs);
+    for (let j = 0; j < E; j++) { const v = get(idx * E + j); if (v) setRefcount(data, j, order, v); }
+    await file.write(data, reftable[idx]!);
+  };
+  // rebuild_refcounts_write_refblocks: true when the table had to grow.
+  const writeBlocks = async (from: number, to: number): Promise<boolean> => {
+    let grown = false;
+    const first = { c: 0 };
+    let end = to;
+    for (let c = from; c < end; c++) {
+      if (!get(c)) continue;
+      const idx = Math.floor(c / E);
+      const start = idx * E;
+      if (!(idx < reftable.length && reftable[idx])) {
+        if (first.c < start) first.c = start;
+        const b = alloc(1, first);
+        if (b >= end) end = b + 1;
+        if (reftable.length <= idx) {
+          const entries = Math.ceil(((idx + 1) * 8) / cs) * cs / 8;
+          while (reftable.length < entries) reftable.push(0);
+          grown = true;
+        }
+        reftable[idx] = b * cs;
+      }
+      await writeBlock(idx);
+      c = start + E - 1;
+    }
+    return grown;
+  };
+  await writeBlocks(0, size);
+  let tableAt = 0;
+  let tableClusters = 0;
+  for (let changed = true; changed;) {
+    tableClusters = Math.ceil((reftable.length * 8) / cs);
+    tableAt = alloc(tableClusters, { c: 0 });
+    changed = await writeBlocks(tableAt, tableAt + tableClusters);
+  }
+  const table = Buffer.alloc(tableClusters * cs);
+  reftable.forEach((o, i) => table.writeBigUInt64BE(BigInt(o), i * 8));
+  await file.write(table, tableAt * cs);
+  await file.flush();
+  const hdr = Buffer.alloc(12);
+  hdr.writeBigUInt64BE(BigInt(tableAt * cs), 0);
+  hdr.writeUInt32BE(tableClusters, 8);
+  await file.write(hdr, 48);
+  await file.flush();
+  let highest = 0;
+  for (let c = size - 1; c >= 0; c--) if (get(c)) { highest = c; break; }
+  // The leak pass over the old structure.
+  const blocks = new Set<number>();
+  for (const [c, v] of freed) { refs[c] = v; blocks.add(Math.floor(c / E)); }
+  for (const idx of [...blocks].sort((a, b) => a - b)) await writeBlock(idx);
+  await file.flush();
+  for (const [c, v] of freed) if (!v) await file.discard?.(c * cs, cs);
+  return highest + 1;
+}
+
 /** The refcounts `final` describes (0 past it: the new structure covers nothing else). */
 function finalLookup(final: RefArray, n: number, entries: number): RefLookup {
   return { refs: final, n, entries, unreadable: new Set(), beyond: async () => 0 };
@@ -978,10 +1074,9 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const flagsFixed = fixes.length;
         await writeFlagFixes(file, st, fixes, false);
         await file.flush();
-        const w = await writeRefcountStructure(file, st, final, ck.n, ck.pastEofRefs, ck.structureRefs);
+        const covered = await qemuRebuild(file, st, imrt, n, oldClusters.map((c) => [c, final[c]!]));
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
-        for (const c of oldClusters) if (!final[c]) await file.discard?.(c * cs, cs);
         // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
         const st2 = await loadState(file);
         const again = new Checker(file, st2, 0, {});
@@ -995,7 +1090,7 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         res.allocatedClusters = again.res.allocatedClusters;
         res.fragmentedClusters = again.res.fragmentedClusters;
         res.compressedClusters = again.res.compressedClusters;
-        ck.highestCluster = Math.max(ck.highestCluster, Math.ceil(w.end / cs) - 1);
+        ck.highestCluster = Math.max(ck.highestCluster, covered - 1);
         flagFixes = [];
       } else {
         if (ck.rebuild) {

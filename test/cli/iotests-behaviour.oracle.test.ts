@@ -301,4 +301,22 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(q.stderr).toContain('refcount=18446744073709551615');
     expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
   });
+
+  for (const [name, clusters] of [['an emptied refcount table', '1M'], ['an emptied refcount table, 512-byte clusters', '16k']] as const) {
+    it(`check -r all rebuilds from ${name} as qemu-img does: the same messages and the same bytes`, async () => {
+      const q = t.path(`empty-rt-q-${clusters}.qcow2`);
+      const s = t.path(`empty-rt-s-${clusters}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', clusters === '16k' ? 'cluster_size=512' : 'cluster_size=65536', q, '64M');
+      qemuIo(q, [`write 0 ${clusters}`, 'write 32M 64k']);
+      const b = readFileSync(q);
+      b.fill(0, Number(b.readBigUInt64BE(48)), Number(b.readBigUInt64BE(48)) + 8);
+      writeFileSync(q, b);
+      copyFileSync(q, s);
+      const rq = qemuImgRun('check', '-r', 'all', q);
+      const rs = await strata('check', '-r', 'all', s);
+      expect(rq.stderr).toContain('Rebuilding refcount structure');
+      expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+      expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
+    });
+  }
 });
