@@ -1,10 +1,11 @@
+import { parseImageName, protocolRefusal } from '../core/chain/names';
 // strata check: qemu-img check's options, output (human and JSON) and exit codes:
 // 0 clean, 1 the check failed to run, 2 corruptions, 3 only leaks, 63 format without checks.
 import { UsageError } from '../core/errors';
 import { checkImage, CheckNotSupportedError, planCheck, type CheckResult } from '../core/jobs/check';
 import { printPlan } from './plan-output';
 import { parseFormat } from '../core/chain/open';
-import { outputFormat, parse, needPositionals, reportError, str, type CommandIO } from './common';
+import { outputFormat, parse, needPositionals, reportError, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata check [--output=human|json] [-r leaks|all [--dry-run]] [-f FMT] [-q] [-U] FILE';
 
@@ -104,6 +105,7 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
   let format: 'qcow2' | 'raw' | undefined;
   try {
     ({ values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
       output: { type: 'string' },
       repair: { type: 'string', short: 'r' },
       format: { type: 'string', short: 'f' },
@@ -127,12 +129,22 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
   const quiet = !!values.quiet;
   if (values['dry-run']) {
     if (!repair) { reportError(new UsageError('a check without -r writes nothing: --dry-run goes with -r'), io); return 1; }
-    return printPlan(await planCheck(positionals[0]!, { repair, format }), values, io);
+    return printPlan(await planCheck(imageArg(positionals[0]!, values), { repair, format }), values, io);
   }
   let result: CheckResult;
   try {
     if (values['force-share'] && repair) throw new UsageError('-U (force share) cannot be used with -r (repairs need the image to themselves)');
-    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, positionals[0]!, { repair, format, forceShare: !!values['force-share'] });
+    // --image-opts: the file the option string names, checked as the format it names; the
+    // report names the image as given, as qemu-img's does.
+    let path = positionals[0]!;
+    if (values['image-opts']) {
+      const n = parseImageName(imageArg(path, values));
+      if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);
+      path = n.path;
+      format = parseFormat(n.format) ?? format;
+    }
+    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, path, { repair, format, forceShare: !!values['force-share'] });
+    if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {
       io.err(`strata: ${err.message}\n`);

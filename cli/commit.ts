@@ -1,4 +1,4 @@
-import { parse, needPositionals, str, type CommandIO } from './common';
+import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { commandProgress } from './progress';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
@@ -6,6 +6,7 @@ const USAGE = 'strata commit [-p] [-b BASE] [-d] [--dry-run [--output=human|json
 
 export async function commitCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     progress: { type: 'boolean', short: 'p' },
     base: { type: 'string', short: 'b' },
     drop: { type: 'boolean', short: 'd' },
@@ -14,7 +15,7 @@ export async function commitCommand(args: string[], io: CommandIO, signal: Abort
   }, USAGE);
   needPositionals(positionals, 1, USAGE);
   const bar = commandProgress(io, !!values.progress, 1, true);
-  return runOrPlan(values, io, { signal, progress: bar.onProgress }, { op: 'commit', image: positionals[0]!, base: str(values.base), keep: !!values.drop }, (r) => {
+  return runOrPlan(values, io, { signal, progress: bar.onProgress }, { op: 'commit', image: imageArg(positionals[0]!, values), base: str(values.base), keep: !!values.drop }, (r) => {
     bar.end();
     // Only with --force: the images that now read the committed data.
     for (const a of r.plan.affected) io.err(`strata: warning: ${a.filename} ${a.reason.replace('would read', 'now reads')}\n`);

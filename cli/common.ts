@@ -1,6 +1,7 @@
 // Shared CLI plumbing: argument parsing in qemu-img's spelling, sizes, errors, output.
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { StrataError, UsageError } from '../core/errors';
+import { imageOptsName } from '../core/chain/names';
 import { strtosz } from '../core/chain/size-str';
 
 export interface CommandIO {
@@ -111,6 +112,16 @@ export function reportError(err: unknown, io: CommandIO, exitCode = 1): number {
   io.err(`${prog}: ${e?.message ?? String(err)}\n`);
   return exitCode;
 }
+
+/** --image-opts: `name` is an option string; -f cannot go with it (qemu-img's refusal). */
+export function imageArg(name: string, values: Record<string, unknown>, fmtKey = 'format'): string {
+  if (!values['image-opts']) return name;
+  if (values[fmtKey] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive').asQemu('--image-opts and --format are mutually exclusive');
+  return imageOptsName(name);
+}
+
+/** The --image-opts option for parse(). */
+export const IMAGE_OPTS: Options = { 'image-opts': { type: 'boolean' } };
 
 /** QEMU's tdb_hash (qobject/qdict.c), which places a key in one of a QDict's 512 buckets. */
 function qdictBucket(key: string): number {

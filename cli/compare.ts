@@ -1,13 +1,14 @@
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
 import { compare } from '../core/jobs/compare';
 import type { DiskImage } from '../core/engine/image';
-import { parse, needPositionals, str, type CommandIO } from './common';
+import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { commandProgress } from './progress';
 
 const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] A B';
 
 export async function compareCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     format: { type: 'string', short: 'f' },
     'format-b': { type: 'string', short: 'F' },
     strict: { type: 'boolean', short: 's' },
@@ -22,8 +23,8 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
   let b: DiskImage | null = null;
   try {
     const lock = values['force-share'] ? 'none' : 'auto';
-    a = await openImage(positionals[0]!, { format: fa, lock });
-    b = await openImage(positionals[1]!, { format: fb, lock });
+    a = await openImage(imageArg(positionals[0]!, values), { format: fa, lock });
+    b = await openImage(imageArg(positionals[1]!, values), { format: fb, lock });
     const bar = commandProgress(io, !!values.progress, 2, false);
     const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
     bar.end();

@@ -1,11 +1,12 @@
 import { formatInfoHuman, imageInfo, type ImageInfo } from '../core/chain/info';
 import { openImage, openImageFile, closeChain, chainOf, parseFormat } from '../core/chain/open';
-import { outputFormat, parse, needPositionals, qapiJson, str, type CommandIO } from './common';
+import { outputFormat, parse, needPositionals, qapiJson, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE';
 
 export async function infoCommand(args: string[], io: CommandIO): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     output: { type: 'string' },
     'backing-chain': { type: 'boolean' },
     'force-share': { type: 'boolean', short: 'U' },
@@ -16,8 +17,8 @@ export async function infoCommand(args: string[], io: CommandIO): Promise<number
   const format = parseFormat(str(values.format));
   const chain = !!values['backing-chain'];
   const top = chain
-    ? await openImage(positionals[0]!, { format, lock: 'none' })
-    : await openImageFile(positionals[0]!, { format, lock: 'none' });
+    ? await openImage(imageArg(positionals[0]!, values), { format, lock: 'none' })
+    : await openImageFile(imageArg(positionals[0]!, values), { format, lock: 'none' });
   try {
     const infos: ImageInfo[] = [];
     for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));

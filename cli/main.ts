@@ -21,6 +21,9 @@ import { treeCommand } from './tree';
 import { compactCommand } from './compact';
 import { emptyCommand } from './empty';
 import { mergeCommand } from './merge';
+import { ddCommand } from './dd';
+import { amendCommand } from './amend';
+import { bitmapCommand } from './bitmap';
 
 const HELP = `usage: strata COMMAND [options] ...
 
@@ -30,19 +33,24 @@ Commands (options follow qemu-img):
   map [--output=human|json] [--summary N] [-f FMT] FILE
   check [--output=human|json] [-r leaks|all] [-f FMT] [-q] FILE
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B
-  convert [-p] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC DST
+  convert [-p] [-q] [-f FMT] -O qcow2|raw [-o OPTS] [-c] [-C] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [-B BACKING [-F FMT]] [-n] [-S SIZE] [--target-is-zero] [-l snapshot.name=NAME] SRC... DST
   compact [-p] [-c] IMAGE        rewrite IMAGE with only its live data (same options, backing file, bitmaps)
   rebase [-p] [-u] -b BACKING [-F FMT] FILE   (-b '' flattens)
   commit [-p] [-b BASE] [-d] FILE
   empty [-p] IMAGE               empty an overlay whose data is already in its backing file (verified first)
   merge [-p] [--folder DIR ...] IMAGE   remove IMAGE from its chain: commit it into its backing file,
                                  point its children (in its folder and each DIR) there, delete it
-  resize [--shrink] FILE [+|-]SIZE
+  resize [-q] [--shrink] [--preallocation=off|metadata|falloc|full] FILE [+|-]SIZE
   mirror [-p] [-f FMT] [-O FMT] [--sync full|top] [-n] SRC DST
   measure [--output=human|json] -O FMT [-o OPTS] (FILE | --size SIZE)
   snapshot -l | -c NAME | -a NAME | -d NAME FILE
+  amend [-p] [-q] [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,size=SIZE FILE
+  bitmap (--add [-g GRANULARITY] | --remove | --clear | --enable | --disable | --merge SRC [-b SRC_FILE [-F FMT]])... FILE BITMAP
+  dd [-f FMT] [-O FMT] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT
   io [-f FMT] -c CMD [-c CMD ...] FILE   (write [-P PAT] [-z] [-c] OFF LEN | read [-P PAT] OFF LEN | discard OFF LEN)
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
+  --image-opts  (info, map, check, compare, convert, snapshot, measure, resize, commit, rebase, amend,
+                bitmap, dd) FILE is an option string: driver=qcow2,file.filename=x.qcow2
   serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
 
 Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,
@@ -86,6 +94,9 @@ const COMMANDS: Record<string, Command> = {
   compact: compactCommand,
   empty: emptyCommand,
   merge: mergeCommand,
+  dd: ddCommand,
+  amend: amendCommand,
+  bitmap: bitmapCommand,
   serve: serveCommand,
   // Internal: a job process of the app (started by strata serve or the desktop app).
   '__job-process': jobProcess,
@@ -93,6 +104,8 @@ const COMMANDS: Record<string, Command> = {
 
 /** Exit codes a command uses for "failed to run" where qemu-img has its own (compare: 2). */
 const ERROR_EXIT: Record<string, number> = { compare: 2 };
+/** Commands whose bad usage exits 1, as qemu-img's. */
+const USAGE_EXIT_1 = new Set(['amend', 'bitmap', 'dd']);
 
 export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSignal = new AbortController().signal): Promise<number> {
   // Before or after the command name, like a global option.
@@ -115,7 +128,9 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
     return await command(rest, io, signal);
   } catch (err) {
     if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
-    return reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+    const code = reportError(err, io, ERROR_EXIT[cmd] ?? 1);
+    // qemu-img exits 1 on bad usage too (error_exit); these commands follow it there.
+    return code === 2 && USAGE_EXIT_1.has(cmd) ? 1 : code;
   } finally {
     allowUnlockedWrites(false);
   }

@@ -5,12 +5,13 @@ import { mapImage, mapEntryJson, formatMapHuman } from '../core/chain/map';
 import { mapSummary, mapSummaryJson, mapSummaryText } from '../core/chain/map-summary';
 import { sizeToStr } from '../core/chain/size-str';
 import { UsageError } from '../core/errors';
-import { outputFormat, parse, needPositionals, str, type CommandIO } from './common';
+import { outputFormat, parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata map [--output=human|json] [--summary N] [-U] [-f FMT] FILE';
 
 export async function mapCommand(args: string[], io: CommandIO, signal?: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     output: { type: 'string' },
     summary: { type: 'string' },
     'force-share': { type: 'boolean', short: 'U' },
@@ -24,7 +25,7 @@ export async function mapCommand(args: string[], io: CommandIO, signal?: AbortSi
     if (!/^\d+$/.test(String(values.summary)) || buckets < 1 || buckets > 1 << 20) throw new UsageError(`--summary takes a bucket count from 1 to ${1 << 20}, not '${String(values.summary)}'`);
   }
   // Like `qemu-img info`, map needs no consistent-read permission, so it works on images in use.
-  const top = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), lock: 'none' });
+  const top = await openImage(imageArg(positionals[0]!, values), { format: parseFormat(str(values.format)), lock: 'none' });
   // qemu-img map prints data clusters past the end of the file as any other (only reads fail).
   for (let img: DiskImage | null = top; img; img = img.backing) if (img instanceof Qcow2Image) img.mapPastEof = true;
   try {

@@ -3,12 +3,13 @@ import { measure } from '../core/jobs/measure';
 import { parseCreateOptions } from '../core/jobs/create';
 import type { DiskImage } from '../core/engine/image';
 import { UsageError } from '../core/errors';
-import { outputFormat, parse, parseSize, str, type CommandIO } from './common';
+import { outputFormat, parse, parseSize, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata measure [--output=human|json] -O FMT [-o OPTS] [-f FMT] [-U] (FILE | --size SIZE)';
 
 export async function measureCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     output: { type: 'string' },
     'output-format': { type: 'string', short: 'O' },
     options: { type: 'string', short: 'o', multiple: true },
@@ -29,7 +30,7 @@ export async function measureCommand(args: string[], io: CommandIO, signal: Abor
   if ((positionals.length === 1) === (values.size !== undefined)) throw new UsageError(`give either FILE or --size SIZE\nusage: ${USAGE}`);
   let src: DiskImage | null = null;
   try {
-    if (positionals.length) src = await openImage(positionals[0]!, { format: parseFormat(str(values.format)), lock: values['force-share'] ? 'none' : 'auto' });
+    if (positionals.length) src = await openImage(imageArg(positionals[0]!, values), { format: parseFormat(str(values.format)), lock: values['force-share'] ? 'none' : 'auto' });
     const r = await measure({ signal }, {
       format: outFmt,
       clusterSize: o.clusterSize ?? 65536,

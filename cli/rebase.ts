@@ -1,6 +1,6 @@
 import { parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
-import { parse, needPositionals, str, type CommandIO } from './common';
+import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { commandProgress } from './progress';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
@@ -8,6 +8,7 @@ const USAGE = 'strata rebase [-p] [-u] [-f FMT] -b BACKING [-F FMT] [--dry-run [
 
 export async function rebaseCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     progress: { type: 'boolean', short: 'p' },
     unsafe: { type: 'boolean', short: 'u' },
     backing: { type: 'string', short: 'b' },
@@ -21,6 +22,6 @@ export async function rebaseCommand(args: string[], io: CommandIO, signal: Abort
   if (values.format !== undefined && parseFormat(str(values.format)) !== 'qcow2') throw new UsageError('rebase works on qcow2 images');
   const bar = commandProgress(io, !!values.progress, 2, true);
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
-    op: 'rebase', image: positionals[0]!, backing, backingFormat: parseFormat(str(values['backing-format']), 'backing format'), unsafe: !!values.unsafe,
+    op: 'rebase', image: imageArg(positionals[0]!, values), backing, backingFormat: parseFormat(str(values['backing-format']), 'backing format'), unsafe: !!values.unsafe,
   }, () => bar.end());
 }

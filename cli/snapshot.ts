@@ -2,13 +2,14 @@ import { openImageFile, closeChain, parseFormat } from '../core/chain/open';
 import { formatSnapshotTable, snapshotInfo } from '../core/chain/info';
 import { Qcow2Image } from '../core/engine/qcow2';
 import { UsageError } from '../core/errors';
-import { parse, needPositionals, str, type CommandIO } from './common';
+import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
 const USAGE = 'strata snapshot -l | -c NAME | -a NAME | -d NAME [-U] [-f FMT] [--dry-run [--output=human|json]] [--force] FILE';
 
 export async function snapshotCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
+    ...IMAGE_OPTS,
     list: { type: 'boolean', short: 'l' },
     create: { type: 'string', short: 'c' },
     apply: { type: 'string', short: 'a' },
@@ -23,7 +24,7 @@ export async function snapshotCommand(args: string[], io: CommandIO, signal: Abo
   const format = parseFormat(str(values.format));
   if (values.list) {
     if (values['dry-run']) throw new UsageError('-l writes nothing: --dry-run goes with -c, -a or -d');
-    const img = await openImageFile(positionals[0]!, { format, lock: values['force-share'] ? 'none' : 'auto' });
+    const img = await openImageFile(imageArg(positionals[0]!, values), { format, lock: values['force-share'] ? 'none' : 'auto' });
     try {
       if (!(img instanceof Qcow2Image)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
       if (img.snapshots.length) io.out('Snapshot list:\n' + formatSnapshotTable(img.snapshots.map(snapshotInfo)));
@@ -35,5 +36,5 @@ export async function snapshotCommand(args: string[], io: CommandIO, signal: Abo
   if (values['force-share']) throw new UsageError('-U (force share) is only allowed with -l');
   if (format === 'raw') throw new UsageError(`${positionals[0]}: raw images have no internal snapshots`);
   const action = actions[0] as 'create' | 'apply' | 'delete';
-  return runOrPlan(values, io, { signal }, { op: 'snapshot', image: positionals[0]!, action, name: str(values[action])! }, () => {});
+  return runOrPlan(values, io, { signal }, { op: 'snapshot', image: imageArg(positionals[0]!, values), action, name: str(values[action])! }, () => {});
 }

@@ -104,3 +104,49 @@ export function localPathOrNull(name: string): string | null {
     return null;
   }
 }
+
+/**
+ * qemu-img's --image-opts: the name is an option string (`driver=qcow2,file.filename=x.qcow2`,
+ * `,,` for a comma inside a value; a bare first part is the `file` option, as QEMU's "source"
+ * options have it). Returned as the equivalent json: name, which the openers read as they
+ * read any json: name.
+ */
+export function imageOptsName(opts: string): string {
+  const o: Record<string, string> = {};
+  let i = 0;
+  while (i < opts.length) {
+    let key = '';
+    while (i < opts.length && opts[i] !== '=' && opts[i] !== ',') key += opts[i++];
+    let value = '';
+    if (opts[i] !== '=') {
+      // Only the first part may leave its key out (QEMU's implied "file").
+      if (i - key.length !== 0) throw new FormatError(`Invalid parameter '${printable(key)}'`);
+      i -= key.length;
+      key = 'file';
+    } else {
+      i++;
+    }
+    while (i < opts.length) {
+      if (opts[i] === ',') {
+        if (opts[i + 1] === ',') { value += ','; i += 2; continue; }
+        break;
+      }
+      value += opts[i++];
+    }
+    i++;
+    if (key === '') throw new FormatError(`Invalid parameter ''`);
+    o[key] = value;
+  }
+  // Nest dotted keys as QEMU's qdict_crumple does.
+  const nested: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) {
+    const parts = k.split('.');
+    let at = nested;
+    for (const p of parts.slice(0, -1)) {
+      if (typeof at[p] !== 'object' || at[p] === null) at[p] = {};
+      at = at[p] as Record<string, unknown>;
+    }
+    at[parts[parts.length - 1]!] = v;
+  }
+  return `json:${JSON.stringify(nested)}`;
+}

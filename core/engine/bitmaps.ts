@@ -223,7 +223,7 @@ export class BitmapTracker {
  * first and set again last (each write flushed), as QEMU updates the extension, so a torn
  * update can only make the bitmaps inconsistent, never point them at the wrong directory.
  */
-async function switchBitmapsExtension(img: Qcow2Writable, ext: BitmapsExtension): Promise<void> {
+export async function switchBitmapsExtension(img: Qcow2Writable, ext: BitmapsExtension): Promise<void> {
   const h = img.header;
   const cs = img.geometry.clusterSize;
   const field = Buffer.alloc(8);

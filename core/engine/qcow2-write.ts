@@ -841,6 +841,50 @@ export class Qcow2Writable extends Qcow2Image {
     await this.refcounts.writeBack();
   }
 
+  /** @internal The L2 table covering `guestOffset` allocated (QEMU's get_cluster_table, before a data allocation). */
+  async prepareL2(guestOffset: number): Promise<void> {
+    const g = this.geometry;
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      await this.writableL2(Math.floor(guestOffset / (g.l2Entries * g.clusterSize)));
+    });
+  }
+
+  /**
+   * @internal Preallocation (QEMU's qcow2_alloc_cluster_link_l2 with prealloc): guest clusters
+   * [guestOffset, +n clusters) now point at host clusters [hostOffset, ...), whose refcounts
+   * the caller has raised and flushed. A cluster that was allocated before keeps its data up
+   * to `keepUntil` (copied over, as QEMU's copy-on-write does) and loses its reference.
+   * `allocSubclusters`: extended L2 entries get every subcluster allocated.
+   */
+  async linkClusters(guestOffset: number, hostOffset: number, n: number, keepUntil = 0, allocSubclusters = false): Promise<void> {
+    const g = this.geometry;
+    await this.mutex.run(async () => {
+      await this.beforeChange();
+      for (let i = 0; i < n; i++) {
+        const guest = guestOffset + i * g.clusterSize;
+        const host = hostOffset + i * g.clusterSize;
+        const l1Index = Math.floor(guest / (g.l2Entries * g.clusterSize));
+        const l2Index = Math.floor(guest / g.clusterSize) % g.l2Entries;
+        const table = await this.writableL2(l1Index);
+        const l2Offset = decodeL1Entry(this.l1, l1Index).l2Offset;
+        const { entry } = this.entryAt(table, l2Index);
+        // The head before the old end: the cluster's own data, or the backing file's (QEMU's
+        // copy-on-write start); an unallocated cluster without a backing file reads zeros.
+        if ((entry.kind !== 'unallocated' || this.hasBacking) && keepUntil > guest) {
+          const head = Buffer.alloc(keepUntil - guest);
+          await this.read(head, guest);
+          await this.file.write(head, host);
+        }
+        if (entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });
+        // Extended L2: subclusters stay unallocated (QEMU's prealloc), unless a backing file would
+        // show through them: then they are allocated, over the zeroed file area.
+        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? { alloc: allocSubclusters ? 0xffffffff : 0, zero: 0 } : undefined);
+      }
+    });
+    await this.flush();
+  }
+
   /** @internal Writes the header's size field durably and adopts it. */
   async setVirtualSize(size: number): Promise<void> {
     const b = Buffer.alloc(8);

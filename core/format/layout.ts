@@ -503,6 +503,35 @@ export class QemuAllocator {
   }
 
   /**
+   * qcow2_co_truncate(0 → size) with preallocation=falloc|full: a refcount area after the last
+   * cluster in use, sized for every data cluster and their L2 tables, then all data clusters
+   * in one run right after it, linked into L2 tables that the normal allocator places.
+   * Returns the data run [start, end): the file driver preallocates it (falloc or zeros).
+   */
+  preallocateData(size: number): { start: number; end: number } {
+    const cs = this.cs;
+    let last = Math.ceil(this.fileLength / cs) - 1;
+    while (last >= 0 && this.getRefcount(last) === 0) last--;
+    const oldFileSize = (last + 1) * cs;
+    let nbData = Math.ceil(size / cs);
+    const nbL2 = Math.ceil(nbData / this.l2Size) + 1;
+    const start = this.refcountArea(oldFileSize, nbData + nbL2, true, 0, 0);
+    this.allocClustersAt(start, nbData);
+    const end = start + nbData * cs;
+    if (end > this.fileLength) this.fileLength = end;
+    let host = start;
+    let guest = 0;
+    while (nbData) {
+      const n = Math.min(nbData, this.l2Size - ((guest / cs) % this.l2Size));
+      this.linkL2({ guestOffset: guest, hostOffset: host, nbClusters: n });
+      guest += n * cs;
+      host += n * cs;
+      nbData -= n;
+    }
+    return { start, end };
+  }
+
+  /**
    * preallocate_co(0, size) for metadata preallocation, one qcow2_alloc_host_offset step
    * at a time (so a caller can write finished L2 tables out and check for cancellation).
    */

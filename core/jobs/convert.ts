@@ -45,6 +45,14 @@ export interface ConvertOptions extends TargetSpec {
   parallel?: number;
   /** Replace a target other images depend on (they then read different data). */
   force?: boolean;
+  /**
+   * -C (copy offloading): data runs are copied whole, as qemu-img's copy_range copies them,
+   * without looking for zeros inside them (runs that read as zero by block status are still
+   * skipped). The bytes are the same; the copy takes what the source has as data.
+   */
+  copyOffload?: boolean;
+  /** --salvage: a read that fails is retried sector by sector; sectors that fail become zeros, with a warning each. */
+  salvage?: boolean;
 }
 
 export interface ConvertResult {
@@ -94,7 +102,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const baseBufs = below ? ioBuffers(width, chunk) : [];
     // A raw target that reads as zero wherever nothing is written takes each window's data
     // where the source has it: read, zero scan and write in one request (readScannedInto).
-    const direct = !q && !below && scan && target.zeroInitialized && img.file instanceof NodeFile ? img.file : null;
+    const direct = !q && !below && scan && !opts.salvage && !opts.copyOffload && target.zeroInitialized && img.file instanceof NodeFile ? img.file : null;
 
     // Each window yielded gets the next turn number (skipped ranges take none).
     async function* windows(): AsyncGenerator<{ off: number; turn: number; hasData: boolean }> {
@@ -148,8 +156,21 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         progress.add(len);
         return;
       } else {
-        await readScanned(src, buf, off, unit, dataUnits);
+        try {
+          await readScanned(src, buf, off, unit, dataUnits);
+        } catch (err) {
+          if (!opts.salvage) throw err;
+          await salvageRead(ctx, src, buf, off, unit, dataUnits);
+        }
         result.bytesRead += len;
+      }
+      if (opts.copyOffload && dataUnits) {
+        // Every unit that block status calls data is copied, zeros or not.
+        for (let p = off; p < off + len;) {
+          const st = await chainBlockStatus(src, p, off + len - p);
+          if (!st.zero) for (let u = Math.floor((p - off) / unit); u * unit < p - off + st.length; u++) dataUnits[u] = 1;
+          p += st.length;
+        }
       }
       let base: Buffer | null = null;
       if (below) {
@@ -239,6 +260,23 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
 
 async function closeBelow(img: DiskImage | null): Promise<void> {
   for (let l = img; l; l = l.backing) await l.close().catch(() => {});
+}
+
+/**
+ * --salvage: the window read again sector by sector (as qemu-img's convert_co_read retries);
+ * a sector that cannot be read becomes zeros, with qemu-img's warning.
+ */
+async function salvageRead(ctx: JobContext, src: DiskImage, buf: Buffer, off: number, unit: number, dataUnits: Uint8Array | null): Promise<void> {
+  for (let p = 0; p < buf.length; p += 512) {
+    const s = buf.subarray(p, Math.min(buf.length, p + 512));
+    try {
+      await src.read(s, off + p);
+    } catch (err) {
+      ctx.log?.(`warning: error while reading offset ${off + p}: ${(err as NodeJS.ErrnoException).code === 'EIO' || !(err as NodeJS.ErrnoException).code ? 'Input/output error' : (err as Error).message}`);
+      s.fill(0);
+    }
+  }
+  if (dataUnits) for (let i = 0, p = 0; p < buf.length; p += unit, i++) dataUnits[i] = buf.subarray(p, Math.min(buf.length, p + unit)).some((b) => b !== 0) ? 1 : 0;
 }
 
 function padTo(data: Buffer, n: number): Buffer {

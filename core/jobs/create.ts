@@ -20,7 +20,7 @@ import { findOverlays } from './overlays';
 import { abs, addAffected, addSpace, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan } from './plan-kit';
 
 export type CreateFormat = 'qcow2' | 'raw';
-export type Preallocation = 'off' | 'metadata';
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
 
 /** What `-o key=value,...` (and -b/-F/-u, SIZE) can set. Everything is optional. */
 export interface CreateOptions {
@@ -34,6 +34,8 @@ export interface CreateOptions {
   /** '0.10' (v2) or '1.1' (v3). */
   compat?: '0.10' | '1.1';
   preallocation?: Preallocation;
+  /** extent_size_hint (file protocol): recorded as qemu-img does (an XFS hint; ext4 has none). */
+  extentSizeHint?: number;
   /** Recorded as given: a relative name stays relative (to the new image's directory). */
   backingFile?: string;
   backingFormat?: string;
@@ -45,7 +47,7 @@ export interface CreateOptions {
 
 export const CREATE_OPTION_NAMES = [
   'size', 'cluster_size', 'extended_l2', 'compression_type', 'refcount_bits', 'lazy_refcounts',
-  'compat', 'preallocation', 'backing_file', 'backing_fmt',
+  'compat', 'preallocation', 'backing_file', 'backing_fmt', 'extent_size_hint',
 ] as const;
 export type CreateOptionName = typeof CREATE_OPTION_NAMES[number];
 
@@ -59,7 +61,9 @@ export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only siz
   compression_type=zlib|zstd compression method for compressed clusters (default zlib)
   lazy_refcounts=on|off      postpone refcount updates (needs compat=1.1)
   refcount_bits=N            1, 2, 4, 8, 16, 32 or 64 (default 16; compat=0.10 needs 16)
-  preallocation=off|metadata allocate every L2 table and data cluster up front (qcow2)
+  preallocation=off|metadata|falloc|full  metadata: every L2 table and data cluster up front (qcow2);
+                             falloc: and the file's blocks allocated; full: and zeros written
+  extent_size_hint=SIZE      the file system's extent size hint (XFS; default 1M)
 `;
 
 // ---- parsing ----
@@ -167,12 +171,17 @@ export function parseCreateOptions(o: string): CreateOptions {
         else throw new UsageError(`compat must be 0.10 or 1.1 (or v2, v3), not '${value}'`);
         break;
       case 'preallocation':
-        if (value === 'off' || value === 'metadata') r.preallocation = value;
-        else if (value === 'falloc' || value === 'full') throw new UsageError(`preallocation=${value} is not supported (use off, or metadata for qcow2)`);
-        else throw new UsageError(`preallocation must be off or metadata, not '${value}'`);
+        if (value === 'off' || value === 'metadata' || value === 'falloc' || value === 'full') r.preallocation = value;
+        else throw new UsageError(`Invalid parameter '${value}'`);
         break;
       case 'backing_file': r.backingFile = value; break;
       case 'backing_fmt': r.backingFormat = value; break;
+      case 'extent_size_hint': {
+        const v = parseSizeValue(k, value);
+        if (v > 0xffffffff) throw new UsageError('Extent size hint is too large');
+        r.extentSizeHint = v;
+        break;
+      }
       default: { const never: never = k; throw new UsageError(`unknown option '${String(never)}'`); }
     }
   }
@@ -230,7 +239,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     const set = qcow2Only.find(([k, v]) => v !== undefined || opts.given?.[k] !== undefined);
     if (set) fail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`);
     if (backingFile !== null || backingFormat !== null) fail(path, 'raw images cannot have a backing file (use -f qcow2)');
-    if (preallocation !== 'off') fail(path, `preallocation=${preallocation} is for qcow2 images; raw images support preallocation=off`);
+    if (preallocation === 'metadata') fail(path, 'Unsupported preallocation mode: metadata');
   }
 
   let spec: Qcow2CreateSpec | null = null;
@@ -262,7 +271,8 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     spec = {
       size: 0, clusterBits, version, refcountOrder, extendedL2,
       compressionType: zstd ? C.COMPRESSION_ZSTD : C.COMPRESSION_DEFLATE,
-      lazyRefcounts: lazy, backingFile, backingFormat, preallocation,
+      // falloc and full: laid out by preallocateData (QEMU's truncate), not as metadata.
+      lazyRefcounts: lazy, backingFile, backingFormat, preallocation: preallocation === 'metadata' ? 'metadata' : 'off',
     };
   }
 
@@ -353,6 +363,7 @@ export function formattingLine(r: ResolvedCreate): string {
   if (r.format === 'raw') {
     parts.push(`size=${BigInt(r.sizeGiven)}`);
     if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
+    if (o.extentSizeHint !== undefined) parts.push(`extent_size_hint=${o.extentSizeHint}`);
   } else {
     parts.push(`cluster_size=${o.clusterSize ?? 65536}`);
     parts.push(`extended_l2=${o.extendedL2 ? 'on' : 'off'}`);
@@ -364,6 +375,7 @@ export function formattingLine(r: ResolvedCreate): string {
     if (o.backingFormat !== undefined) parts.push(`backing_fmt=${o.backingFormat}`);
     parts.push(`lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'}`);
     parts.push(`refcount_bits=${o.refcountBits ?? 16}`);
+    if (o.extentSizeHint !== undefined) parts.push(`extent_size_hint=${o.extentSizeHint}`);
   }
   return `Formatting '${r.path}', ${parts.join(' ')}`;
 }
@@ -397,7 +409,7 @@ export async function planCreate(r: ResolvedCreate): Promise<JobPlan> {
   }
   let bytes = 0;
   if (r.qcow2) {
-    if (r.preallocation === 'metadata') {
+    if (r.preallocation !== 'off') {
       // Metadata for every cluster; the data clusters stay holes.
       const cs = 2 ** r.qcow2.clusterBits;
       bytes = qcow2PreallocSize(r.size, cs, r.qcow2.refcountOrder, r.qcow2.extendedL2) - Math.ceil(r.size / cs) * cs;
@@ -511,6 +523,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     emptied = true;
     if (!spec || !alloc) {
       await out.truncate(r.size);
+      if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(out, r.size, r.preallocation);
     } else {
       const cs = alloc.cs;
       const progress = new ProgressReporter(ctx, spec.preallocation === 'metadata' ? spec.size : 0);
@@ -531,6 +544,8 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
           last = guestOffset;
         }
       }
+      let dataRun: { start: number; end: number } | null = null;
+      if (r.preallocation === 'falloc' || r.preallocation === 'full') dataRun = alloc.preallocateData(spec.size);
       throwIfCancelled(ctx);
       finishQcow2Layout(spec, alloc);
       const end = alloc.fileLength;
@@ -539,7 +554,11 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
       for (const idx of [...alloc.clusters.keys()].sort((a, b) => a - b)) {
         const off = idx * cs;
         if (off >= end) continue;
-        const data = alloc.clusters.get(idx)!.subarray(0, Math.min(cs, end - off));
+        let data = alloc.clusters.get(idx)!.subarray(0, Math.min(cs, end - off));
+        // QEMU writes the L1 table's bytes, not its whole last cluster: the file system
+        // allocates as much as it does (the same disk size with falloc and full).
+        const l1End = alloc.l1TableOffset + alloc.l1Size * 8;
+        if (dataRun && off < l1End && l1End < off + data.length && off >= alloc.l1TableOffset) data = data.subarray(0, l1End - off);
         if (idx === 0) header = data;
         else items.push({ offset: off, data });
       }
@@ -549,6 +568,8 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
       await out.flush();
       if (header) await out.write(header, 0);
       if ((await out.size()) !== end) await out.truncate(end);
+      // falloc, full: the file's blocks behind every cluster, as QEMU's file-level preallocation.
+      if (dataRun && (r.preallocation === 'falloc' || r.preallocation === 'full')) await allocateHoles(out, dataRun.end, r.preallocation, dataRun.start);
       progress.done();
     }
     await out.flush();
@@ -561,4 +582,21 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
   }
   releaseLock();
   await out.close();
+}
+
+/**
+ * Allocates every hole of [0, end) of the file: with falloc as unwritten extents (they read as
+ * zero, fallocate's ZERO_RANGE; zeros written where that is not available), with full by
+ * writing zeros, as QEMU's file driver preallocates.
+ */
+export async function allocateHoles(file: BlockFile, end: number, mode: 'falloc' | 'full', start = 0): Promise<void> {
+  const holes = file.extents ? (await file.extents(start, end - start)).filter((e) => !e.data) : [{ offset: start, length: end - start, data: false }];
+  const chunk = Buffer.alloc(1 << 20);
+  for (const h of holes) {
+    if (mode === 'falloc' && file.zeroRange && (await file.zeroRange(h.offset, h.length))) continue;
+    for (let p = h.offset; p < h.offset + h.length; p += chunk.length) {
+      await file.write(chunk.subarray(0, Math.min(chunk.length, h.offset + h.length - p)), p);
+    }
+  }
+  await file.flush();
 }

@@ -30,7 +30,7 @@ export type JobSpec =
     sourceFormat?: Fmt; options?: Record<string, string>; forceShare?: boolean;
   }
   | { op: 'snapshot'; image: string; action: 'create' | 'apply' | 'delete'; name: string }
-  | { op: 'resize'; image: string; size: number; shrink?: boolean; /** size is a delta (+N/-N) */ relative?: boolean; format?: Fmt }
+  | { op: 'resize'; image: string; size: number; shrink?: boolean; /** size is a delta (+N/-N) */ relative?: boolean; format?: Fmt; preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }
   | { op: 'check'; image: string; repair: 'leaks' | 'all'; format?: Fmt }
   | {
     op: 'create'; image: string; format: Fmt; size?: number; backing?: string; backingFormat?: Fmt; options?: Record<string, string>;

@@ -73,7 +73,7 @@ export async function runJob(ctx: JobContext, spec: JobSpec, opts: { force?: boo
       return done(`snapshot '${spec.name}' ${spec.action === 'create' ? 'created' : spec.action === 'apply' ? 'applied' : 'deleted'}`, 0, [spec.image]);
     }
     case 'resize': {
-      const r = await resize(spec.image, { size: spec.size, shrink: spec.shrink, relative: spec.relative, format: spec.format, force }, plan);
+      const r = await resize(spec.image, { size: spec.size, shrink: spec.shrink, relative: spec.relative, format: spec.format, preallocation: spec.preallocation, force }, plan);
       return done(`resized ${basename(spec.image)} from ${r.from} to ${r.to} bytes`, 0, [spec.image]);
     }
     case 'check': {

@@ -9,6 +9,8 @@ import { BME_FLAG_IN_USE } from '../format/bitmaps';
 import { RawImage } from '../engine/raw';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { findOverlays } from './overlays';
+import { preallocateGrow } from '../engine/preallocate';
+import { allocateHoles } from './create';
 import {
   abs, addAffected, addSpace, bitmapWarning, chainLinks, checkSpace, enforcePlan, newPlan, permissionProblems, probeAll, type JobPlan,
 } from './plan-kit';
@@ -21,6 +23,8 @@ export interface ResizeOptions {
   shrink?: boolean;
   /** Shrink an image other images depend on (they then read zeros past the new end). */
   force?: boolean;
+  /** --preallocation (growing only): as qemu-img resize. */
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
 }
 
 /** The new size, checked as qemu-img checks it. */
@@ -31,9 +35,14 @@ function targetSize(img: DiskImage, path: string, opts: ResizeOptions): number {
   if (to < from && !opts.shrink) {
     throw new UsageError(`${path}: shrinking from ${from} to ${to} bytes deletes everything past the new end; add --shrink if that is what you want`);
   }
+  const pre = opts.preallocation ?? 'off';
+  if (pre !== 'off' && to < from) throw new UsageError('Preallocation can only be used for growing images');
+  if (pre === 'metadata' && img instanceof RawImage) throw new UnsupportedFeatureError('Unsupported preallocation mode: metadata', path);
   if (img instanceof Qcow2Image) {
     if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
     if (to < from && img.snapshots.length) throw new UsageError(`${path}: cannot shrink an image with internal snapshots`);
+    // QEMU's qcow2_co_truncate: v2 snapshots need not record their size, so none may change.
+    if (to !== from && img.snapshots.length && img.header.version < 3) throw new UnsupportedFeatureError("Can't resize a v2 image which has snapshots (upgrade it with `amend -o compat=1.1` first)", path).asQemu("Can't resize a v2 image which has snapshots");
   }
   return to;
 }
@@ -52,6 +61,7 @@ export async function planResize(path: string, opts: ResizeOptions): Promise<Job
     const command = ['strata', 'resize'];
     if (opts.shrink) command.push('--shrink');
     if (opts.format) command.push('-f', opts.format);
+    if (opts.preallocation && opts.preallocation !== 'off') command.push(`--preallocation=${opts.preallocation}`);
     command.push(abs(path), sizeArg);
     const plan = newPlan('resize', `Resize ${basename(path)} from ${from} to ${to} bytes`, command);
     plan.writes.push(abs(path));
@@ -95,10 +105,25 @@ export async function resize(path: string, opts: ResizeOptions, planned?: JobPla
     const from = img.virtualSize;
     const to = targetSize(img, path, opts);
     if (img instanceof Qcow2Writable) {
-      if (to > from) await img.growZeroed(to);
+      const pre = opts.preallocation ?? 'off';
+      // falloc, full: the new clusters are data clusters over a zeroed file area, so nothing
+      // needs zero flags first (QEMU's truncate lets the file driver zero the new area);
+      // bitmaps need growZeroed's handling.
+      // metadata with extended L2 over a longer backing file: preallocated first, zeroed after.
+      const zeroAfter = pre === 'metadata' && img.geometry.extendedL2 && img.backing !== null && img.backing.virtualSize > from;
+      if (to > from && (pre === 'falloc' || pre === 'full' || zeroAfter) && !img.bitmaps?.length) await img.grow(to);
+      else if (to > from) await img.growZeroed(to);
       else if (to < from) await img.shrink(to);
+      if (to > from && pre !== 'off') {
+        await preallocateGrow(img, from, to, pre);
+        // metadata over a longer backing file, extended L2: the preallocated subclusters get
+        // their "all zeroes" bits (QEMU zeroizes after preallocating).
+        if (zeroAfter) await img.writeZeroes(from, to - from);
+      }
     } else if (img instanceof RawImage) {
       await img.file.truncate(to);
+      const pre = opts.preallocation ?? 'off';
+      if (to > from && (pre === 'falloc' || pre === 'full')) await allocateHoles(img.file, to, pre, from);
       await img.file.flush();
     }
     return { from, to };

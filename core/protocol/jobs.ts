@@ -25,7 +25,7 @@ export const JobSpecSchema = z.discriminatedUnion('op', [
     sourceFormat: format.optional(), options: options.optional(), forceShare: z.boolean().optional(),
   }),
   z.strictObject({ op: z.literal('snapshot'), image: path, action: z.enum(['create', 'apply', 'delete']), name: z.string().min(1).max(1024) }),
-  z.strictObject({ op: z.literal('resize'), image: path, size: z.number().int().min(-Number.MAX_SAFE_INTEGER).max(Number.MAX_SAFE_INTEGER), shrink: z.boolean().optional(), relative: z.boolean().optional(), format: format.optional() }),
+  z.strictObject({ op: z.literal('resize'), image: path, size: z.number().int().min(-Number.MAX_SAFE_INTEGER).max(Number.MAX_SAFE_INTEGER), shrink: z.boolean().optional(), relative: z.boolean().optional(), format: format.optional(), preallocation: z.enum(['off', 'metadata', 'falloc', 'full']).optional() }),
   z.strictObject({ op: z.literal('check'), image: path, repair: z.enum(['leaks', 'all']), format: format.optional() }),
   z.strictObject({ op: z.literal('create'), image: path, format, size: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER).optional(), backing: z.string().max(4096).optional(), backingFormat: format.optional(), options: options.optional(), unsafe: z.boolean().optional() }),
 ]);

@@ -255,4 +255,46 @@ export const CASES: SweepCase[] = [
     views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'out.qcow2', rule: 'result' }],
     createdTargets: ['out.qcow2'],
   },
+  {
+    name: 'amend -o compat=0.10 (zero clusters expanded, a snapshot)',
+    build: (d) => {
+      const base = create(d, 'base.qcow2', '1M');
+      qemuIo(base, ['write -P 0x11 0 1M']);
+      const p = create(d, 'img.qcow2', '1M', 'cluster_size=4k', 'base.qcow2');
+      qemuIo(p, ['write -P 0x51 0 64k', 'write -z 64k 64k', 'write -P 0x52 128k 16k']);
+      qemuImg('snapshot', '-c', 's1', p);
+      qemuIo(p, ['write -z 128k 16k', 'write -z 512k 32k']);
+    },
+    argv: (d) => ['amend', '-o', 'compat=0.10', join(d, 'img.qcow2')],
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged' }, { file: 'img.qcow2', snapshots: true, rule: 'unchanged' }],
+  },
+  {
+    name: 'amend -o refcount_bits=1 (a new refcount structure, one header write)',
+    build: (d) => { const p = create(d, 'img.qcow2', '2M'); qemuIo(p, ['write -P 0x61 0 1M', 'write -P 0x62 1536k 64k']); },
+    argv: (d) => ['amend', '-o', 'refcount_bits=1', join(d, 'img.qcow2')],
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged' }],
+  },
+  {
+    name: 'amend -o compat=1.1 of a v2 image with a snapshot (a new snapshot table)',
+    build: (d) => { const p = create(d, 'img.qcow2', '1M', 'cluster_size=4k,compat=0.10'); qemuIo(p, ['write -P 0x71 0 256k']); qemuImg('snapshot', '-c', 's1', p); qemuIo(p, ['write -P 0x72 0 4k']); },
+    argv: (d) => ['amend', '-o', 'compat=1.1', join(d, 'img.qcow2')],
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged' }, { file: 'img.qcow2', snapshots: true, rule: 'unchanged' }],
+  },
+  {
+    name: 'bitmap --add --merge (bitmaps stored anew, the header switched)',
+    build: (d) => { const p = create(d, 'img.qcow2', '1M'); qemuImg('bitmap', '--add', p, 'a'); qemuIo(p, ['write -P 0x81 0 128k']); },
+    argv: (d) => ['bitmap', '--add', '--merge', 'a', join(d, 'img.qcow2'), 'b'],
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged' }],
+  },
+  {
+    name: 'resize --preallocation=full (a refcount area, one data run)',
+    build: (d) => { const p = create(d, 'img.qcow2', '1M'); qemuIo(p, ['write -P 0x91 0 100k']); },
+    argv: (d) => ['resize', '--preallocation=full', join(d, 'img.qcow2'), '3M'],
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged', range: [0, MiB] }],
+  },
 ];

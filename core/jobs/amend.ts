@@ -1,0 +1,474 @@
+// amend: qemu-img amend on qcow2 images (compat=0.10|1.1 both ways, lazy_refcounts,
+// refcount_bits, size), with QEMU's order of steps (upgrade first, then the refcount width,
+// the header, lazy refcounts, the size, and the downgrade last) and QEMU's refusals. Every
+// refusal is found before the first write (QEMU finds some of them half-way): a refused
+// amend leaves the file byte for byte as it was.
+//
+// Crash safety, step by step:
+// - upgrade: a snapshot table that needs v3's extra data is written to new clusters (its
+//   refcounts first, flushed), then the header (version 3, the new table) in one write; the
+//   old table is freed after that.
+// - refcount width: a complete refcount structure of the new width is written where nothing
+//   lives and flushed; one header write (refcount_order, the table's offset and size, all in
+//   the first sector) switches to it. Before it the old structure is in force, after it the
+//   new one; the old one's clusters are free in the new one.
+// - downgrade: zero clusters become data clusters (allocated and zeroed, their refcounts
+//   flushed, before the L2 entry changes) or unallocated ones, as QEMU's
+//   qcow2_expand_zero_clusters; only then does the header say version 2.
+import * as C from '../format/constants';
+import { QEMU_FEATURE_NAMES } from '../format/layout';
+import { encodeHeader, type HeaderExtension } from '../format/header';
+import { decodeL1Entry, decodeL2Entry } from '../format/l2';
+import { encodeSnapshotTable } from '../format/snapshot';
+import { maxRefcount } from '../format/refcount';
+import { UnsupportedFeatureError, UsageError } from '../errors';
+import { closeChain, openImageFile } from '../chain/open';
+import type { DiskImage, ImageFormat } from '../engine/image';
+import { Qcow2Writable } from '../engine/qcow2-write';
+import { Refcounts } from '../engine/refcounts';
+import { MetadataSwitch } from '../engine/metadata-switch';
+import { encodeStructure, newRefArray, placeStructure } from '../engine/refcount-structure';
+import { throwIfCancelled, type JobContext } from './job';
+import { checkImage } from './check';
+import { parseImageName } from '../chain/names';
+import { NodeFile } from '../io/node-file';
+import { isQcow2Magic } from '../format/header';
+
+/** A refusal with qemu-img's text (exit 1, nothing written). */
+export class AmendError extends UnsupportedFeatureError {}
+
+/** Bad -o for amend: a usage error whose text is qemu-img's, hint lines included. */
+function qemuUsage(text: string): UsageError {
+  return new UsageError(text).asQemu(text);
+}
+
+export interface AmendOptions {
+  version?: 2 | 3;
+  lazyRefcounts?: boolean;
+  refcountBits?: number;
+  size?: number;
+  backingFile?: string;
+  backingFormat?: string;
+  dataFile?: string;
+  dataFileRaw?: boolean;
+}
+
+/** Options qemu-img amend takes for qcow2 (qcow2_amend_opts). */
+const AMEND_KEYS = new Set(['compat', 'size', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits', 'data_file', 'data_file_raw']);
+/** Options that only qemu-img create takes: refused with QEMU's hint. */
+const CREATE_ONLY = new Set(['encryption', 'cluster_size', 'preallocation', 'compression_type', 'extended_l2', 'encrypt.format', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time', 'encrypt.slot', 'encrypt.state', 'encrypt.new-secret', 'encrypt.keysecret', 'encrypt.key-secret', 'encrypt.old-secret', 'encrypt.secret', 'data_file_raw']);
+
+function parseBool(key: string, v: string): boolean {
+  if (v === 'on' || v === 'yes' || v === 'true' || v === 'y') return true;
+  if (v === 'off' || v === 'no' || v === 'false' || v === 'n') return false;
+  throw qemuUsage(`Parameter '${key}' expects 'on' or 'off'`);
+}
+
+/** QEMU's option syntax: key=value pairs, `,,` a literal comma. */
+export function splitOptions(o: string): [string, string][] {
+  const out: [string, string][] = [];
+  let i = 0;
+  while (i < o.length) {
+    let key = '';
+    while (i < o.length && o[i] !== '=' && o[i] !== ',') key += o[i++];
+    let value = '';
+    if (o[i] === '=') {
+      i++;
+      while (i < o.length) {
+        if (o[i] === ',') { if (o[i + 1] === ',') { value += ','; i += 2; continue; } break; }
+        value += o[i++];
+      }
+    } else {
+      // A bare key is a boolean "on" (QEMU's opts parsing).
+      value = 'on';
+    }
+    i++;
+    if (key) out.push([key, value]);
+  }
+  return out;
+}
+
+/** -o for amend, checked as qemu-img checks it. */
+export function parseAmendOptions(o: string): AmendOptions {
+  const r: AmendOptions = {};
+  for (const [key, value] of splitOptions(o)) {
+    if (!AMEND_KEYS.has(key)) {
+      if (CREATE_ONLY.has(key) || key.startsWith('encrypt.')) throw qemuUsage(`Invalid parameter '${key}'\nThis option is only supported for image creation`);
+      throw qemuUsage(`Invalid parameter '${key}'`);
+    }
+    switch (key) {
+      case 'compat':
+        if (value === '0.10' || value === 'v2') r.version = 2;
+        else if (value === '1.1' || value === 'v3') r.version = 3;
+        else throw qemuUsage(`Unknown compatibility level ${value}`);
+        break;
+      case 'lazy_refcounts': r.lazyRefcounts = parseBool(key, value); break;
+      case 'data_file_raw': r.dataFileRaw = parseBool(key, value); break;
+      case 'refcount_bits': {
+        if (!/^\d+$/.test(value)) throw qemuUsage(`Parameter '${key}' expects a number`);
+        const n = Number(value);
+        if (n <= 0 || n > 64 || (n & (n - 1)) !== 0) throw qemuUsage('Refcount width must be a power of two and may not exceed 64 bits');
+        r.refcountBits = n;
+        break;
+      }
+      case 'size': {
+        const m = /^(\d+(?:\.\d+)?)([kmgtpe]?)$/i.exec(value);
+        if (!m) throw qemuUsage(`Parameter '${key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.`);
+        const mult = 1024 ** ' kmgtpe'.indexOf((m[2] || ' ').toLowerCase());
+        r.size = Math.round(Number(m[1]) * (m[2] ? mult : 1));
+        break;
+      }
+      case 'backing_file': r.backingFile = value; break;
+      case 'backing_fmt': r.backingFormat = value; break;
+      case 'data_file': r.dataFile = value; break;
+    }
+  }
+  return r;
+}
+
+/**
+ * QEMU's amend progress (qcow2_amend_helper_cb): each operation reports its own progress, and
+ * the total is projected from the operations done so far. `report` gets percents.
+ */
+export class AmendProgress {
+  private completed = 0;
+  private offsetCompleted = 0;
+  private lastWork = 0;
+  private last: string | null = null;
+  constructor(private readonly total: number, private readonly report: (percent: number) => void) {}
+
+  status(op: string, offset: number, work: number): void {
+    if (this.total <= 0) return;
+    if (op !== this.last) {
+      if (this.last !== null) { this.offsetCompleted += this.lastWork; this.completed++; }
+      this.last = op;
+    }
+    this.lastWork = work;
+    const current = this.offsetCompleted + work;
+    const projected = Math.floor((current * (this.total - this.completed - 1)) / (this.completed + 1));
+    this.report(Math.fround((100 * (this.offsetCompleted + offset)) / (current + projected)));
+  }
+}
+
+/** What the amend will do, decided (and every refusal found) before anything is written. */
+interface AmendPlan {
+  fromVersion: number;
+  toVersion: number;
+  fromOrder: number;
+  toOrder: number;
+  lazy: boolean;
+  size: number | null;
+}
+
+/** The checks QEMU makes along the way, all made up front. */
+async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan> {
+  const h = img.header;
+  const fromVersion = h.version;
+  const toVersion = o.version ?? fromVersion;
+  const fromOrder = h.refcountOrder;
+  const bits = o.refcountBits ?? 2 ** fromOrder;
+  const toOrder = Math.log2(bits);
+  const lazyNow = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+  const lazy = o.lazyRefcounts ?? lazyNow;
+  if (o.dataFile !== undefined && o.dataFile !== '' && !img.parsed.dataFile) throw new AmendError('data-file can only be set for images that use an external data file');
+  if (o.dataFileRaw) throw new AmendError('data-file-raw cannot be set on existing images');
+  if (toOrder !== fromOrder && toVersion < 3 && bits !== 16) {
+    throw new AmendError('Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+  }
+  if (toOrder < fromOrder) {
+    // qcow2_change_refcount_order: every refcount must fit the narrower width.
+    const max = maxRefcount(toOrder);
+    const sw = await MetadataSwitch.begin(img, img.refcounts);
+    const n = Math.ceil((await img.file.size()) / img.geometry.clusterSize);
+    for (let c = 0; c < Math.max(n, img.refcounts.allocEnd); c++) {
+      const v = sw.get(c);
+      if (v > max) throw new AmendError(`Cannot decrease refcount entry width to ${bits} bits: Cluster at offset 0x${(c * img.geometry.clusterSize).toString(16)} has a refcount of ${v}`);
+    }
+  }
+  if (o.backingFile !== undefined || o.backingFormat !== undefined) {
+    if ((o.backingFile ?? null) !== img.parsed.backingFile || (o.backingFormat ?? null) !== img.parsed.backingFormat) {
+      throw new AmendError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
+    }
+  }
+  if (lazy !== lazyNow && lazy && toVersion < 3) {
+    throw new AmendError('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+  }
+  const size = o.size !== undefined && o.size !== 0 ? o.size : null;
+  if (size !== null) {
+    if (size % 512 !== 0) throw new AmendError('The new size must be a multiple of 512');
+    const versionAtResize = Math.max(fromVersion, toVersion);
+    if (img.snapshots.length && versionAtResize < 3) throw new AmendError("Can't resize a v2 image which has snapshots");
+  }
+  if (toVersion < fromVersion) {
+    if (toOrder !== 4) throw new AmendError('compat=0.10 requires refcount_bits=16');
+    if (img.parsed.dataFile) throw new AmendError('Cannot downgrade an image with a data file');
+    const sizeAfter = size ?? img.virtualSize;
+    for (const s of img.snapshots) {
+      if (s.vmStateSize > 0xffffffff || (s.diskSize ?? sizeAfter) !== sizeAfter) throw new AmendError('Internal snapshots prevent downgrade of image');
+    }
+    const other = h.incompatibleFeatures & ~C.INCOMPAT_COMPRESSION & ~C.INCOMPAT_DIRTY;
+    if (other) throw new AmendError(`Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);
+    // A deliberate difference: QEMU downgrades and leaves the bitmaps in a v2 header, where
+    // they are inconsistent and their clusters leak.
+    if (img.bitmaps?.length) throw new AmendError('Cannot downgrade an image with persistent bitmaps (a compat=0.10 image cannot keep them); remove them first with `qemu-img bitmap --remove`');
+    if (h.incompatibleFeatures & C.INCOMPAT_COMPRESSION && await hasCompressedClusters(img)) {
+      throw new AmendError('Cannot downgrade an image with zstd compression type and existing compressed clusters');
+    }
+  }
+  // QEMU shrinks an image with snapshots; Strata's shrink does not (nothing is changed).
+  if (size !== null && size < img.virtualSize && img.snapshots.length) throw new AmendError("Can't shrink an image which has snapshots");
+  return { fromVersion, toVersion, fromOrder, toOrder, lazy, size };
+}
+
+/** The L2 tables of the active L1 table. */
+async function activeL2Offsets(img: Qcow2Writable): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < img.l1.length / 8; i++) {
+    const e = decodeL1Entry(img.l1, i);
+    if (e.l2Offset) out.push(e.l2Offset);
+  }
+  return out;
+}
+
+async function hasCompressedClusters(img: Qcow2Writable): Promise<boolean> {
+  const cs = img.geometry.clusterSize;
+  const g = { clusterBits: img.header.clusterBits, extendedL2: false };
+  const t = Buffer.alloc(cs);
+  for (const off of await activeL2Offsets(img)) {
+    await img.file.read(t, off);
+    for (let j = 0; j < cs / 8; j++) if (decodeL2Entry(t, j, g, undefined, img.filename).kind === 'compressed') return true;
+  }
+  return false;
+}
+
+/** The header cluster with QEMU's extensions, in qcow2_update_header's order. */
+function headerCluster(img: Qcow2Writable): Buffer {
+  const p = img.parsed;
+  const h = p.header;
+  const cs = img.geometry.clusterSize;
+  const known = new Set([C.EXT_BACKING_FORMAT, C.EXT_FEATURE_TABLE, C.EXT_BITMAPS, C.EXT_DATA_FILE, C.EXT_CRYPTO_HEADER]);
+  const exts: HeaderExtension[] = [];
+  const keep = (type: number) => { for (const e of p.extensions) if (e.type === type) exts.push(e); };
+  keep(C.EXT_DATA_FILE);
+  keep(C.EXT_CRYPTO_HEADER);
+  if (h.version === 3) keep(C.EXT_BITMAPS);
+  if (h.version === 3 && cs > 4096) {
+    const table = Buffer.alloc(QEMU_FEATURE_NAMES.length * C.FEATURE_NAME_ENTRY_SIZE);
+    QEMU_FEATURE_NAMES.forEach((f, i) => {
+      const o = i * C.FEATURE_NAME_ENTRY_SIZE;
+      table[o] = f.type;
+      table[o + 1] = f.bit;
+      table.write(f.name, o + 2, 'utf8');
+    });
+    exts.push({ type: C.EXT_FEATURE_TABLE, data: table });
+  }
+  for (const e of p.extensions) if (!known.has(e.type)) exts.push(e);
+  p.extensions = exts;
+  return encodeHeader(p, img.filename);
+}
+
+async function writeHeader(img: Qcow2Writable): Promise<void> {
+  await img.file.write(headerCluster(img), 0);
+  await img.file.flush();
+}
+
+/** v2 → v3: snapshots get v3's extra data; the header its v3 fields. */
+async function upgrade(img: Qcow2Writable, progress?: AmendProgress): Promise<void> {
+  progress?.status('upgrade', 0, 2);
+  await img.flush();
+  const h = img.header;
+  const cs = img.geometry.clusterSize;
+  let freeOld: { offset: number; length: number } | null = null;
+  if (img.snapshots.some((s) => s.extraData.length < 16)) {
+    for (const s of img.snapshots) if (s.diskSize === null) s.diskSize = img.virtualSize;
+    const table = encodeSnapshotTable(img.snapshots);
+    const at = await img.mutex.run(async () => { const o = await img.refcounts.alloc(Math.ceil(table.length / cs)); img.noteAlloc(); return o; });
+    await img.file.write(table, at);
+    await img.refcounts.writeBack();
+    await img.file.flush();
+    freeOld = { offset: h.snapshotsOffset, length: Math.ceil(img.snapshotTableSize / cs) * cs };
+    h.snapshotsOffset = at;
+    img.snapshotTableSize = table.length;
+  }
+  progress?.status('upgrade', 1, 2);
+  h.version = 3;
+  h.headerLength = C.HEADER_V3_WITH_COMPRESSION_LENGTH;
+  h.incompatibleFeatures = 0n;
+  h.compatibleFeatures = 0n;
+  h.autoclearFeatures = 0n;
+  h.refcountOrder = 4;
+  h.compressionType = 0;
+  h.unknownFields = Buffer.alloc(0);
+  await writeHeader(img);
+  if (freeOld && freeOld.offset) { img.pendingFrees.push(freeOld); await img.flush(); }
+  progress?.status('upgrade', 2, 2);
+}
+
+/** A new refcount structure of width 2^order, switched to with one header write. */
+async function changeRefcountOrder(img: Qcow2Writable, order: number, progress?: AmendProgress): Promise<void> {
+  progress?.status('refcount', 0, 1);
+  await img.flush();
+  const cs = img.geometry.clusterSize;
+  const h = img.header;
+  const sw = await MetadataSwitch.begin(img, img.refcounts);
+  const n = Math.max(img.refcounts.allocEnd, Math.ceil((await img.file.size()) / cs));
+  const old = new Set(img.refcounts.structureClusters());
+  const counts = newRefArray(order, n + 64);
+  const wasFree = new Uint8Array(n);
+  for (let c = 0; c < n; c++) {
+    const v = old.has(c) ? 0 : sw.get(c);
+    counts[c] = v;
+    if (sw.get(c) === 0) wasFree[c] = 1;
+  }
+  const g = { clusterBits: h.clusterBits, refcountOrder: order };
+  // Only clusters free before (not the old structure's: it stays in force until the switch).
+  const free = (c: number) => c > 0 && (c >= n || wasFree[c] === 1);
+  const lay = placeStructure(counts, n, g, free, n, n);
+  const enc = encodeStructure(counts, n, lay, g);
+  await Promise.all([...enc.blocks.map((b) => img.file.write(b.data, b.offset)), img.file.write(enc.table, enc.tableOffset)]);
+  await img.file.flush();
+  h.refcountOrder = order;
+  h.refcountTableOffset = enc.tableOffset;
+  h.refcountTableClusters = lay.tableClusters;
+  await writeHeader(img);
+  const end = Math.max(n, lay.start + lay.clusters);
+  img.refcounts = new Refcounts({ ...img.refcounts.hostInfo, refcountOrder: order }, Buffer.from(enc.table), enc.tableOffset, end * cs);
+  img.noteAlloc();
+  progress?.status('refcount', 1, 1);
+}
+
+/** qcow2_expand_zero_clusters: no zero clusters left, in the active tables or a snapshot's. */
+async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?: AmendProgress): Promise<void> {
+  await img.flush();
+  const cs = img.geometry.clusterSize;
+  const g = { clusterBits: img.header.clusterBits, extendedL2: false };
+  const backed = img.parsed.backingFile !== null;
+  const l1s: Buffer[] = [img.l1];
+  for (const s of img.snapshots) {
+    const t = Buffer.alloc(s.l1Size * 8);
+    await img.file.read(t, s.l1TableOffset);
+    l1s.push(t);
+  }
+  const done = new Set<number>();
+  const zeros = Buffer.alloc(cs);
+  const entries = l1s.reduce((n, t) => n + t.length / 8, 0);
+  let visited = 0;
+  for (const l1 of l1s) {
+    for (let i = 0; i < l1.length / 8; i++) {
+      throwIfCancelled(ctx);
+      // QEMU reports every L1 entry visited (before its table is expanded, when it has none).
+      const l2Offset = decodeL1Entry(l1, i).l2Offset;
+      if (!l2Offset) { progress?.status('downgrade', ++visited, entries); continue; }
+      if (done.has(l2Offset)) { progress?.status('downgrade', ++visited, entries); continue; }
+      done.add(l2Offset);
+      const l2Refcount = await img.refcounts.get(l2Offset / cs);
+      const t = Buffer.alloc(cs);
+      await img.file.read(t, l2Offset);
+      let dirty = false;
+      const release: number[] = [];
+      for (let j = 0; j < cs / 8; j++) {
+        const e = decodeL2Entry(t, j, g, undefined, img.filename);
+        if (e.kind !== 'zero') continue;
+        let offset = e.hostOffset;
+        // A preallocated zero cluster that other tables reference too (a snapshot's, as data
+        // or as zero) is not zeroed in place (QEMU 7.2 does, and marks it COPIED: its check
+        // then finds an error, and a snapshot that still reads it as data loses it): it is
+        // replaced by a new zeroed cluster, and loses this table's references afterwards.
+        const shared = offset !== 0 && (await img.refcounts.get(offset / cs)) > l2Refcount;
+        if (shared) release.push(offset);
+        if (!offset || shared) {
+          if (!offset && !backed) { t.writeBigUInt64BE(0n, j * 8); dirty = true; continue; }
+          offset = await img.mutex.run(async () => { const o = await img.refcounts.alloc(1); img.noteAlloc(); return o; });
+          if (l2Refcount > 1) await img.refcounts.change(offset, cs, l2Refcount - 1);
+        }
+        await img.file.write(zeros, offset);
+        const entry = BigInt(offset) | (l2Refcount === 1 ? C.QCOW_OFLAG_COPIED : 0n);
+        t.writeBigUInt64BE(entry, j * 8);
+        dirty = true;
+      }
+      if (!dirty) { progress?.status('downgrade', ++visited, entries); continue; }
+      // The new clusters' data and refcounts on disk before the entries that point to them.
+      await img.refcounts.writeBack();
+      await img.file.flush();
+      await img.file.write(t, l2Offset);
+      await img.file.flush();
+      if (release.length) {
+        for (const off of release) await img.refcounts.change(off, cs, -l2Refcount);
+        await img.refcounts.writeBack();
+        await img.file.flush();
+      }
+      progress?.status('downgrade', ++visited, entries);
+    }
+  }
+  // The cached active tables are stale now: nothing reads them again (the downgrade is the
+  // last step, and the image is closed after it with no dirty tables to write).
+}
+
+async function setLazy(img: Qcow2Writable, on: boolean): Promise<void> {
+  const h = img.header;
+  if (on) h.compatibleFeatures |= C.COMPAT_LAZY_REFCOUNTS;
+  else h.compatibleFeatures &= ~C.COMPAT_LAZY_REFCOUNTS;
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(h.compatibleFeatures);
+  await img.file.write(b, 80);
+  await img.file.flush();
+}
+
+async function downgrade(img: Qcow2Writable, ctx: JobContext, progress?: AmendProgress): Promise<void> {
+  await expandZeroClusters(img, ctx, progress);
+  await img.flush();
+  const h = img.header;
+  h.version = 2;
+  h.incompatibleFeatures = 0n;
+  h.compatibleFeatures = 0n;
+  h.autoclearFeatures = 0n;
+  h.compressionType = 0;
+  h.headerLength = C.HEADER_V2_LENGTH;
+  h.unknownFields = Buffer.alloc(0);
+  await writeHeader(img);
+}
+
+/** The dirty bit of a qcow2 image's header (false for anything else). */
+export async function isDirty(name: string): Promise<{ dirty: boolean; path: string }> {
+  const p = parseImageName(name);
+  if (p.kind !== 'file') return { dirty: false, path: name };
+  const f = await NodeFile.open(p.path);
+  try {
+    const h = Buffer.alloc(80);
+    await f.read(h, 0);
+    return { dirty: isQcow2Magic(h) && h.readUInt32BE(4) >= 3 && (h.readBigUInt64BE(72) & C.INCOMPAT_DIRTY) !== 0n, path: p.path };
+  } finally {
+    await f.close();
+  }
+}
+
+export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void } = {}): Promise<void> {
+  let img: DiskImage | null = null;
+  // As QEMU's writable open: an image left dirty (lazy refcounts) has its refcounts repaired
+  // first (`check -r all`, its report on stderr), then is amended.
+  const d = await isDirty(name);
+  if (d.dirty && opts.format !== 'raw') await checkImage(ctx, d.path, { repair: 'all', format: 'qcow2' });
+  try {
+    img = await openImageFile(name, { format: opts.format, writable: true });
+    if (!(img instanceof Qcow2Writable)) throw new AmendError(`Format driver '${img.format}' does not support option amendment`);
+    const w = img;
+    const plan = await planAmend(w, o);
+    throwIfCancelled(ctx);
+    const lazyNow = (w.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+    // Lazy refcounts off before anything that a v2 header could not record (the dirty bit).
+    if (lazyNow && (!plan.lazy || plan.toVersion < plan.fromVersion)) await setLazy(w, false);
+    const ops = Number(plan.toVersion !== plan.fromVersion) + Number(plan.toOrder !== plan.fromOrder);
+    const progress = opts.percent ? new AmendProgress(ops, opts.percent) : undefined;
+    if (plan.toVersion > plan.fromVersion) await upgrade(w, progress);
+    if (plan.toOrder !== w.header.refcountOrder) await changeRefcountOrder(w, plan.toOrder, progress);
+    if (plan.lazy && !lazyNow) await setLazy(w, true);
+    if (plan.size !== null && plan.size !== w.virtualSize) {
+      if (plan.size > w.virtualSize) await w.growZeroed(plan.size);
+      else await w.shrink(plan.size);
+      await w.flush();
+    }
+    if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx, progress);
+  } finally {
+    await closeChain(img);
+  }
+}
