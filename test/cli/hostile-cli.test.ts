@@ -85,8 +85,10 @@ describeOracle('hostile images through the strata command (in-process)', () => {
       check('info', await cli(['info', ...f, b.image]), want.info);
       check('info --backing-chain', await cli(['info', '--backing-chain', '--output=json', ...f, b.image]), want.infoChain);
       const map = await cli(['map', '--output=json', ...f, b.image]);
-      check('map --output=json', map, want.map);
+      check('map --output=json', map, c.mapLists ? 'ok' : want.map);
       if (map.code === 0) expect(JSON.parse(map.out)).toBeInstanceOf(Array);
+      // Past-EOF data clusters: listed as qemu-img lists them, byte for byte.
+      if (c.mapLists) expect(map.out).toBe(qemuImg('map', '--output=json', ...f, b.image));
 
       const dst = join(dir, 'out.raw');
       const conv = await cli(['convert', ...f, '-O', 'raw', b.image, dst]);
