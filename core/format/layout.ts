@@ -47,6 +47,22 @@ export const QEMU_FEATURE_NAMES: ReadonlyArray<{ type: number; bit: number; name
 
 /** QEMU omits the feature table for clusters this small (it would crowd out the backing name). */
 const FEATURE_TABLE_MIN_CLUSTER = 4096;
+
+/**
+ * The feature name table QEMU writes into a v3 header (create and amend alike), or null where
+ * it writes none (v2, and clusters of 4 KiB or less, where the header has no room to spare).
+ */
+export function featureTableExtension(version: number, clusterSize: number): HeaderExtension | null {
+  if (version !== 3 || clusterSize <= FEATURE_TABLE_MIN_CLUSTER) return null;
+  const table = Buffer.alloc(QEMU_FEATURE_NAMES.length * C.FEATURE_NAME_ENTRY_SIZE);
+  QEMU_FEATURE_NAMES.forEach((f, i) => {
+    const o = i * C.FEATURE_NAME_ENTRY_SIZE;
+    table[o] = f.type;
+    table[o + 1] = f.bit;
+    table.write(f.name, o + 2, 'utf8');
+  });
+  return { type: C.EXT_FEATURE_TABLE, data: table };
+}
 /** sizeof(QCowHeader) in QEMU: the v3 header with the compression type byte, padded. */
 const QEMU_HEADER_SIZE = C.HEADER_V3_WITH_COMPRESSION_LENGTH;
 /** QCOW_MAX_REFTABLE_SIZE in entries... QEMU compares entry counts against the byte limit. */
@@ -82,16 +98,8 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   if (spec.compressionType !== C.COMPRESSION_DEFLATE) incompat |= C.INCOMPAT_COMPRESSION;
   if (spec.extendedL2) incompat |= C.INCOMPAT_EXTL2;
   const extensions: HeaderExtension[] = [];
-  if (spec.version === 3 && cs > FEATURE_TABLE_MIN_CLUSTER) {
-    const table = Buffer.alloc(QEMU_FEATURE_NAMES.length * C.FEATURE_NAME_ENTRY_SIZE);
-    QEMU_FEATURE_NAMES.forEach((f, i) => {
-      const o = i * C.FEATURE_NAME_ENTRY_SIZE;
-      table[o] = f.type;
-      table[o + 1] = f.bit;
-      table.write(f.name, o + 2, 'utf8');
-    });
-    extensions.push({ type: C.EXT_FEATURE_TABLE, data: table });
-  }
+  const table = featureTableExtension(spec.version, cs);
+  if (table) extensions.push(table);
   return encodeHeader({
     header: {
       version: spec.version, backingFileOffset: 0, backingFileSize: 0, clusterBits: spec.clusterBits,

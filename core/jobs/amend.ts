@@ -16,7 +16,7 @@
 //   flushed, before the L2 entry changes) or unallocated ones, as QEMU's
 //   qcow2_expand_zero_clusters; only then does the header say version 2.
 import * as C from '../format/constants';
-import { QEMU_FEATURE_NAMES } from '../format/layout';
+import { featureTableExtension } from '../format/layout';
 import { encodeHeader, type HeaderExtension } from '../format/header';
 import { decodeL1Entry, decodeL2Entry } from '../format/l2';
 import { encodeSnapshotTable } from '../format/snapshot';
@@ -252,16 +252,8 @@ function headerCluster(img: Qcow2Writable): Buffer {
   keep(C.EXT_DATA_FILE);
   keep(C.EXT_CRYPTO_HEADER);
   if (h.version === 3) keep(C.EXT_BITMAPS);
-  if (h.version === 3 && cs > 4096) {
-    const table = Buffer.alloc(QEMU_FEATURE_NAMES.length * C.FEATURE_NAME_ENTRY_SIZE);
-    QEMU_FEATURE_NAMES.forEach((f, i) => {
-      const o = i * C.FEATURE_NAME_ENTRY_SIZE;
-      table[o] = f.type;
-      table[o + 1] = f.bit;
-      table.write(f.name, o + 2, 'utf8');
-    });
-    exts.push({ type: C.EXT_FEATURE_TABLE, data: table });
-  }
+  const table = featureTableExtension(h.version, cs);
+  if (table) exts.push(table);
   for (const e of p.extensions) if (!known.has(e.type)) exts.push(e);
   p.extensions = exts;
   return encodeHeader(p, img.filename);

@@ -3,6 +3,7 @@
 // change nothing.
 import { copyFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
+import { startHolder } from '../oracle/holders';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { sha256, strata } from './run-cli';
 
@@ -145,15 +146,13 @@ describeOracle('strata amend (as qemu-img amend)', () => {
       const f = t.path('busy.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', f, '1M');
       const before = await sha256(f);
-      const { spawn } = await import('node:child_process');
-      const holder = spawn('qemu-io', [f], { stdio: ['pipe', 'ignore', 'ignore'] });
+      const holder = await startHolder('qemu-io', f, '');
       try {
-        await new Promise((res) => setTimeout(res, 500));
         const r = await strata('amend', '-o', 'compat=0.10', f);
         expect(r.code).toBe(1);
         expect(r.err).toMatch(/in use|lock/i);
       } finally {
-        holder.kill();
+        await holder.stop();
       }
       expect(await sha256(f)).toBe(before);
     });
