@@ -9,10 +9,10 @@ import { closeSync, mkdtempSync, openSync, rmSync, statfsSync, writeSync } from 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { describeOracle, qemuIo } from '../../oracle/qemu';
+import { describeOracle } from '../../oracle/qemu';
 import { Sweep, spread, type SweepCase } from '../../support/sweep';
 import { FaultInjector } from '../../support/fault-file';
-import { chain, create } from './sweep-cases';
+import { CHAIN_CASES, create } from './sweep-cases';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -61,28 +61,7 @@ const CASES: SweepCase[] = [
     images: ['img.qcow2'],
     views: [{ file: 'img.qcow2', rule: 'guest', written: [[0, 2 * MiB], [3 * MiB, 4 * MiB]] }],
   },
-  {
-    name: 'commit',
-    build: (d) => { chain(d); qemuIo(join(d, 'top.qcow2'), ['write -P 0x35 1536k 384k']); },
-    argv: (d) => ['commit', join(d, 'top.qcow2')],
-    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
-  },
-  {
-    name: 'rebase -b base.qcow2',
-    build: (d) => { chain(d); },
-    argv: (d) => ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
-    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
-  },
-  {
-    name: 'convert -O qcow2',
-    build: (d) => { chain(d); },
-    argv: (d) => ['convert', '-O', 'qcow2', '-o', 'cluster_size=4k', join(d, 'top.qcow2'), join(d, 'out.qcow2')],
-    images: ['top.qcow2', 'out.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'out.qcow2', rule: 'result' }],
-    createdTargets: ['out.qcow2'],
-  },
+  ...CHAIN_CASES,
 ];
 
 /** Bytes left free when the tmpfs is filled. */

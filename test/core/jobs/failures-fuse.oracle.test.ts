@@ -10,8 +10,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { describeOracle } from '../../oracle/qemu';
 import { Sweep, type SweepCase } from '../../support/sweep';
 import { faultFsUnavailable, startFaultFs, type FaultFs } from '../../support/faultfs';
-import { chain, create } from './sweep-cases';
-import { qemuIo } from '../../oracle/qemu';
+import { CHAIN_CASES, chain, create } from './sweep-cases';
 
 const MiB = 1024 * 1024;
 
@@ -23,28 +22,7 @@ const CASES: SweepCase[] = [
     images: ['img.qcow2'],
     views: [{ file: 'img.qcow2', rule: 'guest', written: [[0, MiB]] }],
   },
-  {
-    name: 'commit',
-    build: (d) => { chain(d); qemuIo(join(d, 'top.qcow2'), ['write -P 0x35 1536k 384k']); },
-    argv: (d) => ['commit', join(d, 'top.qcow2')],
-    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
-  },
-  {
-    name: 'rebase -b base.qcow2',
-    build: (d) => { chain(d); },
-    argv: (d) => ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
-    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
-  },
-  {
-    name: 'convert -O qcow2',
-    build: (d) => { chain(d); },
-    argv: (d) => ['convert', '-O', 'qcow2', '-o', 'cluster_size=4k', join(d, 'top.qcow2'), join(d, 'out.qcow2')],
-    images: ['top.qcow2', 'out.qcow2'],
-    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'out.qcow2', rule: 'result' }],
-    createdTargets: ['out.qcow2'],
-  },
+  ...CHAIN_CASES,
   {
     // Raw targets take the addon's read-scan-write path.
     name: 'convert -O raw',

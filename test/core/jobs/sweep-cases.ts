@@ -54,6 +54,35 @@ function damaged(dir: string, name: string, kind: 'leak' | 'low'): void {
 /** What check prints of its findings on stderr (as qemu-img), before any error line. */
 const CHECK_REPORT = /^(Leaked cluster|Repairing|ERROR|Rebuilding)/;
 
+/**
+ * commit, safe rebase and convert over the three-deep chain, as the real file stack runs them
+ * (the FUSE fault sweep and the disk-full runs share them; CASES has its own variants).
+ */
+export const CHAIN_CASES: SweepCase[] = [
+  {
+    name: 'commit',
+    build: (d) => { chain(d); qemuIo(join(d, 'top.qcow2'), ['write -P 0x35 1536k 384k']); },
+    argv: (d) => ['commit', join(d, 'top.qcow2')],
+    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
+  },
+  {
+    name: 'rebase -b base.qcow2',
+    build: (d) => { chain(d); },
+    argv: (d) => ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
+    images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'top.qcow2', alone: true, rule: 'result' }],
+  },
+  {
+    name: 'convert -O qcow2',
+    build: (d) => { chain(d); },
+    argv: (d) => ['convert', '-O', 'qcow2', '-o', 'cluster_size=4k', join(d, 'top.qcow2'), join(d, 'out.qcow2')],
+    images: ['top.qcow2', 'out.qcow2'],
+    views: [{ file: 'top.qcow2', rule: 'unchanged' }, { file: 'out.qcow2', rule: 'result' }],
+    createdTargets: ['out.qcow2'],
+  },
+];
+
 export const CASES: SweepCase[] = [
   {
     name: "io -c 'write -P 9 0 1M' (4 KiB clusters)",
