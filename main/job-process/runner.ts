@@ -10,6 +10,18 @@ import { openImage, closeChain } from '../../core/chain/open';
 import { mapSummary } from '../../core/chain/map-summary';
 import { checkImage } from '../../core/jobs/check';
 import type { JobSpec } from '../../core/jobs/plan';
+import { getPriority, setPriority } from 'node:os';
+
+/**
+ * The nice value of a process running a job or a heavy read: a long copy must not make the
+ * window slow to answer on a busy machine. It only matters when the CPU is contended; alone on
+ * the machine the job runs as fast as at the default priority.
+ */
+export const JOB_NICE = 10;
+
+function lowerPriority(): void {
+  try { setPriority(Math.max(getPriority(), JOB_NICE)); } catch { /* not allowed here: keep the default priority */ }
+}
 
 export interface JobPort {
   post(msg: FromJob): void;
@@ -44,6 +56,7 @@ export function serveJob(port: JobPort): Promise<void> {
       if (msg.type === 'exit') { void busy.then(finish); return; }
       // One at a time, in order; a run or a read is the last thing this process does.
       const last = msg.type === 'run' || msg.type === 'read';
+      if (last) lowerPriority();
       busy = busy.then(() => handle(msg, port, ac.signal).then((reply) => port.post(reply), (err) => port.post(errorOf(err)))).then(() => { if (last) finish(); });
     });
     ac.signal.addEventListener('abort', () => { void busy.then(() => { if (!done) finish(); }); });
