@@ -16,7 +16,7 @@ import type { Holder, ImageRecord, LibrarySnapshot } from './types';
 /** Folders deeper than this below a scanned folder are not walked (a guard, not a feature). */
 const MAX_DEPTH = 16;
 /** Entries handled between two turns of the event loop, so a scan never freezes a server. */
-const YIELD_EVERY = 128;
+const YIELD_EVERY = 16;
 
 /** Temporary files of Strata's own jobs (compaction), never shown as images. */
 const OWN_TEMP = /\.strata-[a-z]+-[A-Za-z0-9]+$/;

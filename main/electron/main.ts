@@ -5,7 +5,7 @@ import { app, BrowserWindow, dialog, ipcMain, MessageChannelMain, Notification, 
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { extname, join, resolve, sep } from 'node:path';
 import { AppServices } from '../services/app-services';
-import { createDispatcher } from '../services/rpc';
+import { Connection, createDispatcher } from '../services/rpc';
 import { parseFromJob, type JobExit, type JobHandle, type JobHost } from '../services/job-host';
 import type { FromJob, ToJob } from '../../core/protocol/job-process';
 import { APP_ORIGIN, CSP, trustedSender, windowOptions } from './window-options';
@@ -76,13 +76,14 @@ async function start(): Promise<void> {
 
   const services = await AppServices.create({ dataDir: app.getPath('userData'), mode: 'electron', host: new UtilityJobHost(join(__dirname, 'job-process.cjs')), demo: process.argv.includes('--demo'), log });
   const dispatch = createDispatcher(services, log);
+  const conn = new Connection(dispatch, (text) => { if (win && !win.isDestroyed()) win.webContents.send('strata:event', text); });
 
   ipcMain.handle('strata:request', async (event, text: unknown) => {
     if (!win || event.sender !== win.webContents || !trustedSender(event.senderFrame?.url, event.senderFrame === win.webContents.mainFrame)) {
       return JSON.stringify({ type: 'response', id: null, ok: false, error: { kind: 'protocol', message: 'request from an untrusted frame' } });
     }
     const s = typeof text === 'string' ? text : '';
-    return JSON.stringify(await dispatch(typeof text === 'string' ? s : { notText: true }, Buffer.byteLength(s)));
+    return new Promise<string>((deliver) => { void conn.request(typeof text === 'string' ? s : { notText: true }, Buffer.byteLength(s), deliver); });
   });
   ipcMain.handle('strata:choose', async (event, kind: unknown) => {
     if (!win || event.sender !== win.webContents) return null;
@@ -97,7 +98,7 @@ async function start(): Promise<void> {
         new Notification({ title: `${r.title}: ${r.state === 'succeeded' ? 'done' : 'failed'}`, body: r.error?.message ?? r.summary ?? '' }).show();
       }
     }
-    if (win && !win.isDestroyed()) win.webContents.send('strata:event', JSON.stringify({ type: 'event', event, data }));
+    conn.event(event, data, () => JSON.stringify({ type: 'event', event, data }));
   });
 
   win = new BrowserWindow(windowOptions(join(__dirname, 'preload.cjs')));

@@ -4,7 +4,7 @@
 // (and, for the WebSocket and any cross-origin request, an Origin) naming this server.
 // Everything else gets 401 or 403. A page from another site can neither read nor drive it.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import { createReadStream, existsSync, realpathSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, realpathSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { extname, join, resolve, sep } from 'node:path';
@@ -12,7 +12,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { MAX_REQUEST_BYTES } from '../../core/protocol/rpc';
 import { NotFoundError } from '../../core/errors';
 import type { AppServices } from '../services/app-services';
-import { createDispatcher } from '../services/rpc';
+import { Connection, createDispatcher, once } from '../services/rpc';
 
 export const TOKEN_COOKIE = 'strata_token';
 
@@ -72,11 +72,28 @@ function sameToken(a: string | null, b: string): boolean {
   return x.length === y.length && timingSafeEqual(x, y);
 }
 
+/** Every file under `root` (the built renderer) by its absolute path. */
+function loadFiles(root: string): Map<string, Buffer> {
+  const files = new Map<string, Buffer>();
+  const walk = (dir: string, depth: number) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const p = join(dir, e.name);
+      if (e.isDirectory() && depth < 8) walk(p, depth + 1);
+      else if (e.isFile()) files.set(p, readFileSync(p));
+    }
+  };
+  walk(root, 0);
+  return files;
+}
+
 export async function startServer(opts: ServeOptions): Promise<RunningServer> {
   const log = opts.log ?? (() => {});
   const token = opts.token ?? randomBytes(24).toString('base64url');
   if (!existsSync(join(opts.root, 'index.html'))) throw new NotFoundError('the app\'s pages are not built here; run `npm run build`', resolve(opts.root));
   const root = realpathSync(resolve(opts.root));
+  // The built pages, read once now (a few hundred KiB): served from memory, a page load never
+  // waits behind the library scan's file reads in libuv's thread pool, which it shares.
+  const files = loadFiles(root);
   const dispatch = createDispatcher(opts.services, log);
   let port = 0;
   const hosts = () => new Set([`127.0.0.1:${port}`, `localhost:${port}`]);
@@ -114,9 +131,11 @@ export async function startServer(opts: ServeOptions): Promise<RunningServer> {
     if (!sameToken(cookieToken(req), token)) return deny(res, 401, 'Unauthorized: open the URL strata serve printed (it carries the token)');
     const rel = url.pathname === '/' ? 'index.html' : decodeURIComponent(url.pathname).replace(/^\/+/, '');
     const file = resolve(root, rel);
-    if (!file.startsWith(root + sep) || !existsSync(file) || !statSync(file).isFile()) return deny(res, 404, 'Not found');
+    const body = file.startsWith(root + sep) ? files.get(file) : undefined;
+    if (!body) return deny(res, 404, 'Not found');
     res.writeHead(200, {
       'content-type': TYPES[extname(file)] ?? 'application/octet-stream',
+      'content-length': body.length,
       'content-security-policy': contentSecurityPolicy(port),
       'x-content-type-options': 'nosniff',
       'referrer-policy': 'no-referrer',
@@ -124,12 +143,11 @@ export async function startServer(opts: ServeOptions): Promise<RunningServer> {
       'cross-origin-resource-policy': 'same-origin',
       'cache-control': rel === 'index.html' ? 'no-store' : 'max-age=3600',
     });
-    if (req.method === 'HEAD') { res.end(); return; }
-    createReadStream(file).pipe(res);
+    res.end(req.method === 'HEAD' ? undefined : body);
   });
 
   const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_REQUEST_BYTES });
-  const clients = new Set<WebSocket>();
+  const clients = new Map<WebSocket, Connection>();
   server.on('upgrade', (req, socket, head) => {
     const refuse = (status: number, text: string) => {
       socket.end(`HTTP/1.1 ${status} ${text}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
@@ -138,15 +156,15 @@ export async function startServer(opts: ServeOptions): Promise<RunningServer> {
     if (new URL(req.url ?? '/', 'http://x').pathname !== '/ws') return refuse(404, 'Not Found');
     if (!sameToken(cookieToken(req), token)) return refuse(401, 'Unauthorized');
     wss.handleUpgrade(req, socket, head, (ws) => {
-      clients.add(ws);
+      const send = (text: string) => { if (ws.readyState === ws.OPEN) ws.send(text); };
+      const conn = new Connection(dispatch, send);
+      clients.set(ws, conn);
       ws.on('close', () => clients.delete(ws));
       ws.on('error', () => clients.delete(ws));
       ws.on('message', (data, isBinary) => {
         const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength;
         const text = isBinary ? '' : data.toString();
-        void dispatch(isBinary ? { binary: true } : text, size).then((reply) => {
-          if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(reply));
-        });
+        void conn.request(isBinary ? { binary: true } : text, size, send);
       });
     });
   });
@@ -155,8 +173,8 @@ export async function startServer(opts: ServeOptions): Promise<RunningServer> {
 
   const off = opts.services.on((event, data) => {
     if (!clients.size) return;
-    const text = JSON.stringify({ type: 'event', event, data });
-    for (const ws of clients) if (ws.readyState === ws.OPEN) ws.send(text);
+    const text = once(() => JSON.stringify({ type: 'event', event, data }));
+    for (const conn of clients.values()) conn.event(event, data, text);
   });
 
   await new Promise<void>((resolveListen, reject) => {
@@ -169,7 +187,7 @@ export async function startServer(opts: ServeOptions): Promise<RunningServer> {
     url, port, token, server,
     close: () => new Promise<void>((done) => {
       off();
-      for (const ws of clients) ws.terminate();
+      for (const ws of clients.keys()) ws.terminate();
       wss.close();
       server.close(() => done());
       server.closeAllConnections();

@@ -48,3 +48,57 @@ export function createDispatcher(services: Pick<AppServices, 'handlers'>, log: (
 }
 
 export type { Method };
+
+const LIBRARY_METHODS = new Set(['library.get', 'library.rescan']);
+
+/** Whether a raw request asks for the library (its reply is the whole snapshot). */
+function asksLibrary(raw: unknown): boolean {
+  if (typeof raw !== 'string') return false;
+  try { return LIBRARY_METHODS.has((JSON.parse(raw) as { method?: unknown })?.method as string); } catch { return false; }
+}
+
+/**
+ * One window or page on the protocol: its requests, their replies and the events it gets, in
+ * order. A library event is held back while the page waits for a library reply, which carries the
+ * latest snapshot anyway: at start a page asks for the library while the first scan runs, and
+ * would otherwise receive, parse and draw the whole library twice (1.7 MB for 2,000 images) when
+ * the scan ends. A held event that the reply did not carry follows the reply.
+ */
+export class Connection {
+  private asking = 0;
+  private held: { event: string; data: unknown; text: () => string } | null = null;
+
+  constructor(private readonly dispatch: Dispatcher, private readonly sendEvent: (text: string) => void) {}
+
+  /** Handles one request; `deliver` gets the reply's text (and is called once). */
+  async request(raw: unknown, size: number, deliver: (text: string) => void): Promise<void> {
+    const library = asksLibrary(raw);
+    if (library) this.asking++;
+    let reply: Response;
+    try {
+      reply = await this.dispatch(raw, size);
+    } finally {
+      if (library) this.asking--;
+    }
+    deliver(JSON.stringify(reply));
+    const held = this.held;
+    if (held && this.asking === 0) {
+      this.held = null;
+      // After the reply has gone out (Electron sends an invoke's reply a moment after `deliver`).
+      if (!(reply.ok && reply.result === held.data)) setImmediate(() => this.sendEvent(held.text()));
+    }
+  }
+
+  /** An event for this page; `text` is its message (made once for every page). */
+  event(event: string, data: unknown, text: () => string): void {
+    if (event === 'library' && this.asking > 0) { this.held = { event, data, text }; return; }
+    this.sendEvent(text());
+  }
+}
+
+/** A function that makes `f()` once, when first asked. */
+export function once<T>(f: () => T): () => T {
+  let done = false;
+  let v: T;
+  return () => { if (!done) { v = f(); done = true; } return v; };
+}

@@ -2,6 +2,26 @@
 // browser mode, a WebSocket to `strata serve`. Every reply and event is checked against the
 // protocol's schemas before the UI sees it.
 import { EVENTS, METHODS, ServerMessageSchema, describeIssues, isEvent, type EventData, type EventName, type Method, type Params, type Result } from '../../core/protocol/rpc';
+import { checkLibrarySnapshot, LibraryCheckError } from '../../core/protocol/library-check';
+
+/**
+ * Replies and events checked by hand instead of by their zod schema: the library, the one large
+ * message (a property test holds the hand-written check to the schema).
+ */
+type Checked = { success: true; data: unknown } | { success: false; error: string };
+function checkLibrary(v: unknown): Checked {
+  try { return { success: true, data: checkLibrarySnapshot(v) }; } catch (err) {
+    if (err instanceof LibraryCheckError) return { success: false, error: err.message };
+    throw err;
+  }
+}
+const FAST_RESULTS: Partial<Record<Method, (v: unknown) => Checked>> = { 'library.get': checkLibrary, 'library.rescan': checkLibrary };
+const FAST_EVENTS: Partial<Record<EventName, (v: unknown) => Checked>> = { library: checkLibrary };
+function checked(schema: { safeParse(v: unknown): { success: true; data: unknown } | { success: false; error: Parameters<typeof describeIssues>[0] } }, fast: ((v: unknown) => Checked) | undefined, v: unknown): Checked {
+  if (fast) return fast(v);
+  const r = schema.safeParse(v);
+  return r.success ? r : { success: false, error: describeIssues(r.error) };
+}
 
 /** What the Electron preload exposes as window.strata (see main/electron/preload.ts). */
 export interface StrataBridge {
@@ -117,8 +137,8 @@ export class Client {
     const m = parsed.data;
     if (m.type === 'event') {
       if (!isEvent(m.event)) return this.complain(`an unknown event '${m.event}'`);
-      const data = EVENTS[m.event].safeParse(m.data);
-      if (!data.success) return this.complain(`a malformed '${m.event}' event (${describeIssues(data.error)})`);
+      const data = checked(EVENTS[m.event], FAST_EVENTS[m.event], m.data);
+      if (!data.success) return this.complain(`a malformed '${m.event}' event (${data.error})`);
       for (const l of this.eventListeners.get(m.event) ?? []) (l as (d: unknown) => void)(data.data);
       return;
     }
@@ -127,8 +147,8 @@ export class Client {
     if (!p) return;
     this.pending.delete(m.id);
     if (!m.ok) { p.reject(new ProtocolError(m.error.kind, m.error.message)); return; }
-    const result = METHODS[p.method].result.safeParse(m.result);
-    if (!result.success) { p.reject(new ProtocolError('protocol', `malformed reply to ${p.method}: ${describeIssues(result.error)}`)); return; }
+    const result = checked(METHODS[p.method].result, FAST_RESULTS[p.method], m.result);
+    if (!result.success) { p.reject(new ProtocolError('protocol', `malformed reply to ${p.method}: ${result.error}`)); return; }
     p.resolve(result.data);
   }
 
