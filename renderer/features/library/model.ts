@@ -62,6 +62,37 @@ function sectionOf(root: LibraryImage): Section {
 
 const SECTION_ORDER: Section[] = ['chains', 'broken', 'standalone'];
 
+/** A tree's nodes with their places: x down the tree (depth), y across it, from 0. */
+export interface Placed { image: LibraryImage; x: number; y: number; depth: number; parent: LibraryImage | null }
+
+/** d3-hierarchy's tree layout, for trees that branch. */
+export function placeWithD3(root: LibraryImage, byReal: Map<string, LibraryImage>): Placed[] {
+  const h = hierarchy<LibraryImage>(root, (img) => img.children.map((c) => byReal.get(c)!).filter(Boolean));
+  const all = tree<LibraryImage>().nodeSize([ROW_H, COL_W]).separation(() => 1)(h).descendants();
+  const minX = Math.min(...all.map((n: HierarchyPointNode<LibraryImage>) => n.x));
+  return all.map((n) => ({ image: n.data, x: n.y, y: n.x - minX, depth: n.depth, parent: n.parent ? n.parent.data : null }));
+}
+
+/**
+ * Where every node of the tree under `root` goes. Most trees do not branch (a standalone
+ * image, a base with one overlay, a chain): those are a row, placed here directly, as d3 would
+ * place them; a library of thousands of them is laid out in a few milliseconds instead of tens.
+ */
+export function placeTree(root: LibraryImage, byReal: Map<string, LibraryImage>): Placed[] {
+  const row: Placed[] = [];
+  const seen = new Set<LibraryImage>();
+  for (let n: LibraryImage | undefined = root, parent: LibraryImage | null = null; n; ) {
+    if (seen.has(n)) break;
+    seen.add(n);
+    row.push({ image: n, x: row.length * COL_W, y: 0, depth: row.length, parent });
+    const kids: string[] = n.children.filter((c) => byReal.has(c));
+    if (kids.length > 1) return placeWithD3(root, byReal);
+    parent = n;
+    n = kids.length ? byReal.get(kids[0]!) : undefined;
+  }
+  return row;
+}
+
 /** Lays every tree out; a tree without a node that matches the filter is left out. */
 export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
   const byReal = new Map(snap.images.map((i) => [i.realPath, i as LibraryImage]));
@@ -69,20 +100,15 @@ export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
   for (const rootKey of snap.treeRoots) {
     const root = byReal.get(rootKey);
     if (!root) continue;
-    const h = hierarchy<LibraryImage>(root, (img) => img.children.map((c) => byReal.get(c)!).filter(Boolean));
-    const layout = tree<LibraryImage>().nodeSize([ROW_H, COL_W]).separation(() => 1)(h);
-    const all = layout.descendants();
-    if (!all.some((n) => matches(n.data, filter))) continue;
-    const minX = Math.min(...all.map((n) => n.x));
-    const toNode = (n: HierarchyPointNode<LibraryImage>): LaidNode => ({
-      image: n.data, x: n.y, y: n.x - minX, depth: n.depth, parent: n.parent ? n.parent.data.realPath : null, matches: matches(n.data, filter),
-    });
-    const laid = new Map(all.map((n) => [n, toNode(n)]));
-    const nodes = all.map((n) => laid.get(n)!);
-    const edges = all.filter((n) => n.parent).map((n) => ({ from: laid.get(n.parent!)!, to: laid.get(n)! }));
-    const maxDepth = Math.max(...nodes.map((n) => n.depth));
-    const height = Math.max(...nodes.map((n) => n.y)) + CARD_H;
-    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height, top: 0, left: 0 });
+    const placed = placeTree(root, byReal);
+    const nodes: LaidNode[] = placed.map((p) => ({ image: p.image, x: p.x, y: p.y, depth: p.depth, parent: p.parent ? p.parent.realPath : null, matches: matches(p.image, filter) }));
+    if (!nodes.some((n) => n.matches)) continue;
+    const laid = new Map(nodes.map((n) => [n.image, n]));
+    const edges = placed.filter((p) => p.parent).map((p) => ({ from: laid.get(p.parent!)!, to: laid.get(p.image)! }));
+    let maxDepth = 0;
+    let maxY = 0;
+    for (const n of nodes) { if (n.depth > maxDepth) maxDepth = n.depth; if (n.y > maxY) maxY = n.y; }
+    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height: maxY + CARD_H, top: 0, left: 0 });
   }
   groups.sort((a, b) => SECTION_ORDER.indexOf(a.section) - SECTION_ORDER.indexOf(b.section));
   return groups;
