@@ -52,8 +52,8 @@ export type { Method };
 const LIBRARY_METHODS = new Set(['library.get', 'library.rescan']);
 
 /** Whether a raw request asks for the library (its reply is the whole snapshot). */
-function asksLibrary(raw: unknown): boolean {
-  if (typeof raw !== 'string') return false;
+function asksLibrary(raw: unknown, size: number): boolean {
+  if (typeof raw !== 'string' || size > MAX_REQUEST_BYTES) return false;
   try { return LIBRARY_METHODS.has((JSON.parse(raw) as { method?: unknown })?.method as string); } catch { return false; }
 }
 
@@ -72,7 +72,7 @@ export class Connection {
 
   /** Handles one request; `deliver` gets the reply's text (and is called once). */
   async request(raw: unknown, size: number, deliver: (text: string) => void): Promise<void> {
-    const library = asksLibrary(raw);
+    const library = asksLibrary(raw, size);
     if (library) this.asking++;
     let reply: Response;
     try {
