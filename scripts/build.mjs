@@ -1,7 +1,8 @@
 // Builds everything `npm start`, `strata` and the tests need:
 //   - the native addon (optional: never fails the build),
 //   - the CLI bundle dist/strata.cjs with its V8 code cache (it is also the job process),
-//   - the renderer (Vite: React + Tailwind) into dist/renderer,
+//   - the renderer (Vite: React + Tailwind) into dist/renderer, after describing the protocol's
+//     schemas for its checks (scripts/gen-checks.mjs),
 //   - the Electron main process and preload into dist/electron.
 // `node scripts/build.mjs cli` builds only the first two (what the engine's tests need).
 import { buildNative } from './build-native.mjs'; await buildNative(); // optional addon; never fails the build
@@ -19,6 +20,7 @@ rmSync('dist/strata.cjs.cache', { force: true }); // made again for this bundle
 warmCodeCache('bin/strata.cjs');
 
 if (only !== 'cli') {
+  await import('./gen-checks.mjs'); // the page's checks, from the protocol's schemas
   const vite = await import('vite');
   await vite.build({ configFile: 'renderer/vite.config.ts', logLevel: 'warn' });
   await build(electronBundleOptions());

@@ -1,27 +1,15 @@
 // The renderer's only way out: the typed protocol, over Electron's preload bridge or, in
 // browser mode, a WebSocket to `strata serve`. Every reply and event is checked against the
 // protocol's schemas before the UI sees it.
-import { EVENTS, METHODS, ServerMessageSchema, describeIssues, isEvent, type EventData, type EventName, type Method, type Params, type Result } from '../../core/protocol/rpc';
-import { checkLibrarySnapshot, LibraryCheckError } from '../../core/protocol/library-check';
+import type { EventData, EventMessage, EventName, Method, Params, Response, Result } from '../../core/protocol/rpc';
+import { compileChecks, type CheckFailure } from '../../core/protocol/checks';
+import { PROTOCOL } from '../../core/protocol/checks.generated';
 
-/**
- * Replies and events checked by hand instead of by their zod schema: the library, the one large
- * message (a property test holds the hand-written check to the schema).
- */
-type Checked = { success: true; data: unknown } | { success: false; error: string };
-function checkLibrary(v: unknown): Checked {
-  try { return { success: true, data: checkLibrarySnapshot(v) }; } catch (err) {
-    if (err instanceof LibraryCheckError) return { success: false, error: err.message };
-    throw err;
-  }
-}
-const FAST_RESULTS: Partial<Record<Method, (v: unknown) => Checked>> = { 'library.get': checkLibrary, 'library.rescan': checkLibrary };
-const FAST_EVENTS: Partial<Record<EventName, (v: unknown) => Checked>> = { library: checkLibrary };
-function checked(schema: { safeParse(v: unknown): { success: true; data: unknown } | { success: false; error: Parameters<typeof describeIssues>[0] } }, fast: ((v: unknown) => Checked) | undefined, v: unknown): Checked {
-  if (fast) return fast(v);
-  const r = schema.safeParse(v);
-  return r.success ? r : { success: false, error: describeIssues(r.error) };
-}
+// Replies, events and the envelope are checked against the protocol's schemas, described as data
+// at build time (core/protocol/describe.ts): zod itself is not loaded in the page.
+const checks = compileChecks(PROTOCOL);
+const has = (o: object, k: string) => Object.prototype.hasOwnProperty.call(o, k);
+const said = (f: CheckFailure) => `${f.path.length ? f.path.join('.') : 'message'}: ${f.what}`;
 
 /** What the Electron preload exposes as window.strata (see main/electron/preload.ts). */
 export interface StrataBridge {
@@ -132,14 +120,14 @@ export class Client {
   private receive(raw: unknown): void {
     let msg: unknown;
     try { msg = typeof raw === 'string' ? JSON.parse(raw) : raw; } catch { return this.complain('a message that is not JSON'); }
-    const parsed = ServerMessageSchema.safeParse(msg);
-    if (!parsed.success) return this.complain(`a malformed message (${describeIssues(parsed.error)})`);
-    const m = parsed.data;
+    const bad = checks.check(PROTOCOL.envelope, msg);
+    if (bad) return this.complain(`a malformed message (${said(bad)})`);
+    const m = msg as Response | EventMessage;
     if (m.type === 'event') {
-      if (!isEvent(m.event)) return this.complain(`an unknown event '${m.event}'`);
-      const data = checked(EVENTS[m.event], FAST_EVENTS[m.event], m.data);
-      if (!data.success) return this.complain(`a malformed '${m.event}' event (${data.error})`);
-      for (const l of this.eventListeners.get(m.event) ?? []) (l as (d: unknown) => void)(data.data);
+      if (!has(PROTOCOL.events, m.event)) return this.complain(`an unknown event '${m.event}'`);
+      const badData = checks.check(PROTOCOL.events[m.event]!, m.data);
+      if (badData) return this.complain(`a malformed '${m.event}' event (${said(badData)})`);
+      for (const l of this.eventListeners.get(m.event as EventName) ?? []) (l as (d: unknown) => void)(m.data);
       return;
     }
     if (m.id === null) return this.complain(`an error: ${m.ok ? '' : m.error.message}`);
@@ -147,9 +135,9 @@ export class Client {
     if (!p) return;
     this.pending.delete(m.id);
     if (!m.ok) { p.reject(new ProtocolError(m.error.kind, m.error.message)); return; }
-    const result = checked(METHODS[p.method].result, FAST_RESULTS[p.method], m.result);
-    if (!result.success) { p.reject(new ProtocolError('protocol', `malformed reply to ${p.method}: ${result.error}`)); return; }
-    p.resolve(result.data);
+    const badResult = checks.check(PROTOCOL.results[p.method]!, m.result);
+    if (badResult) { p.reject(new ProtocolError('protocol', `malformed reply to ${p.method}: ${said(badResult)}`)); return; }
+    p.resolve(m.result);
   }
 
   private warned = new Set<string>();
