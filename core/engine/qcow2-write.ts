@@ -274,6 +274,14 @@ export class Qcow2Writable extends Qcow2Image {
     this.l2Cache.markDirty(l2Offset, table);
   }
 
+  /** Offsets of the data file clusters with a discard in pendingFrees. */
+  private readonly pendingDataPunch = new Set<number>();
+
+  private cancelDataPunch(host: number): void {
+    if (!this.pendingDataPunch.delete(host)) return;
+    this.pendingFrees = this.pendingFrees.filter((f) => !(f.dataFile && f.offset === host));
+  }
+
   private freeEntry(entry: L2Entry, punch = false): void {
     if (this.geometry.externalData) {
       // Clusters of an external data file have no refcounts: freeing one only passes the
@@ -281,6 +289,7 @@ export class Qcow2Writable extends Qcow2Image {
       // to it any more.
       if (punch && (entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset))) {
         this.pendingFrees.push({ offset: entry.hostOffset, length: this.cs, punch: true, dataFile: true });
+        this.pendingDataPunch.add(entry.hostOffset);
       }
       return;
     }
@@ -355,8 +364,12 @@ export class Qcow2Writable extends Qcow2Image {
           while (j + 1 < plans.length && plans[j + 1]!.needsAlloc) j++;
           if (g.externalData) {
             // An external data file holds each guest cluster at its guest offset, without
-            // refcounts (QEMU's do_alloc_cluster_offset).
-            for (let k = i; k <= j; k++) plans[k]!.host = plans[k]!.cluster * cs;
+            // refcounts (QEMU's do_alloc_cluster_offset). A discard of that place still
+            // waiting for the next write-back must not punch the new data: it is dropped.
+            for (let k = i; k <= j; k++) {
+              plans[k]!.host = plans[k]!.cluster * cs;
+              this.cancelDataPunch(plans[k]!.host);
+            }
             i = j + 1;
             continue;
           }
@@ -1068,6 +1081,7 @@ export class Qcow2Writable extends Qcow2Image {
    */
   async releaseRef(f: { offset: number; length: number; punch?: boolean; dataFile?: boolean }): Promise<void> {
     if (f.dataFile) {
+      this.pendingDataPunch.delete(f.offset);
       if (!this.dataFile.discard) return;
       const last = this.toPunchData[this.toPunchData.length - 1];
       if (last && last[1] === f.offset) last[1] += f.length;
