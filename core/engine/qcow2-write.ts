@@ -1056,7 +1056,8 @@ export class Qcow2Writable extends Qcow2Image {
         if (e.kind === 'compressed') {
           const r = compressedRange(e.hostOffset, e.sectors);
           drop(r.start, r.end - r.start);
-        } else if ((e.kind === 'normal' || e.kind === 'zero') && e.hostOffset) {
+        } else if ((e.kind === 'normal' || e.kind === 'zero') && e.hostOffset && !g.externalData) {
+          // (Clusters of an external data file have no refcounts to drop.)
           drop(e.hostOffset, cs);
         }
       }

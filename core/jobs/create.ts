@@ -612,6 +612,9 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
       // The data file as long as the disk (QEMU's truncate of it); falloc and full allocate it.
       if (data) {
         await data.out.truncate(spec.size);
+        // QEMU's file driver, growing an empty file, writes its first block (zeros) to speed up
+        // its alignment probing later: the same blocks on disk.
+        if (spec.size > 0) await data.out.write(Buffer.alloc(spec.size < 4096 ? 512 : 4096), 0);
         if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(data.out, spec.size, r.preallocation);
         await data.out.flush();
       }
