@@ -9,7 +9,7 @@ import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { DATA_FILE_READ_LOCK, DATA_FILE_WRITE_LOCK, lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { interposeWritable } from '../io/interpose';
 import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
 
@@ -152,7 +152,7 @@ export async function openExternalDataFile(image: string, name: string | null, o
     throw err;
   }
   try {
-    if (opts.lock !== 'none') await lockImage(file.fd, name, opts.writable ? WRITE_LOCK : READ_LOCK);
+    if (opts.lock !== 'none') await lockImage(file.fd, name, opts.writable ? DATA_FILE_WRITE_LOCK : DATA_FILE_READ_LOCK);
     return await interposeWritable(file);
   } catch (err) {
     await file.close();

@@ -1,7 +1,7 @@
 // check: consistency check and repair of one image, as qemu-img check. A repair that fixed
 // something is followed by a second, read-only pass whose findings are the result (with the
 // fixed counts of the first pass), exactly like qemu-img's "Double checking the fixed image".
-import { StrataError } from '../errors';
+import { StrataError, UsageError } from '../errors';
 import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import * as C from '../format/constants';
@@ -23,6 +23,8 @@ export interface CheckJobOptions {
   format?: 'qcow2' | 'raw';
   /** -U: check without taking QEMU's locks (read-only checks only). */
   forceShare?: boolean;
+  /** The external data file given with the image's options (data-file.filename), if any. */
+  dataFile?: string;
 }
 
 export interface CheckResult extends CheckCounts {
@@ -110,7 +112,7 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
     }
     if (format === 'raw') throw new CheckNotSupportedError();
     // qemu-img opens the image, its external data file included, before checking it.
-    dataFile = await openDataFileOf(f, path, { writable: !!opts.repair, lock: !opts.forceShare || opts.repair ? 'auto' : 'none' });
+    dataFile = await openDataFileOf(f, path, { writable: !!opts.repair, lock: !opts.forceShare || opts.repair ? 'auto' : 'none', override: opts.dataFile });
     const progress = new ProgressReporter(ctx, 0);
     const hooks = {
       log: ctx.log,
@@ -142,10 +144,16 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
 }
 
 /** The external data file of the qcow2 image in `f`, opened and locked, or null when it has none. */
-async function openDataFileOf(f: BlockFile, path: string, opts: { writable: boolean; lock: 'auto' | 'none' }): Promise<BlockFile | null> {
+async function openDataFileOf(f: BlockFile, path: string, opts: { writable: boolean; lock: 'auto' | 'none'; override?: string }): Promise<BlockFile | null> {
   const head = Buffer.alloc(C.HEADER_V3_WITH_COMPRESSION_LENGTH);
   const got = await f.read(head, 0);
-  if (got < head.length || head.readUInt32BE(4) < 3 || (head.readBigUInt64BE(72) & C.INCOMPAT_DATA_FILE) === 0n) return null;
+  if (got < head.length || head.readUInt32BE(4) < 3 || (head.readBigUInt64BE(72) & C.INCOMPAT_DATA_FILE) === 0n) {
+    if (opts.override !== undefined) {
+      throw new UsageError(`${path}: a data file ('${opts.override}') was given, but the image has no external data file`)
+        .asQemu(`Could not open '${path}': 'data-file' can only be set for images with an external data file`);
+    }
+    return null;
+  }
   const bits = head.readUInt32BE(20);
   let parsed;
   try {
@@ -154,5 +162,5 @@ async function openDataFileOf(f: BlockFile, path: string, opts: { writable: bool
   } catch {
     return null; // the check reports a header it cannot read
   }
-  return openExternalDataFile(path, parsed.dataFile, opts);
+  return openExternalDataFile(path, opts.override ?? parsed.dataFile, opts);
 }
