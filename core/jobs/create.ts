@@ -457,6 +457,12 @@ export async function planCreate(r: ResolvedCreate): Promise<JobPlan> {
     await permissionProblems(plan, [], [dirname(abs(r.path))]);
   }
   addSpace(plan, r.path, bytes, `the new image ${abs(r.path)}`);
+  const dataPath = r.qcow2?.dataFile;
+  if (dataPath) {
+    // The data file is created (or emptied) too; falloc and full allocate all of it.
+    plan.creates.push(abs(dataPath));
+    if (r.preallocation === 'falloc' || r.preallocation === 'full') addSpace(plan, dataPath, r.size, `the data file ${abs(dataPath)}`);
+  }
   checkSpace(plan);
   return plan;
 }

@@ -2,11 +2,11 @@
 // guest I/O through qemu-io on one image and `strata io` on another gives the same content, the
 // same map and the same data file; both pass qemu-img check, and each side reads what the
 // other wrote. Guest clusters live in the data file at their guest offset, without refcounts.
-import { readFileSync, statSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { expect, it } from 'vitest';
 import { rng } from '../jobs/helpers';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
-import { strata } from '../../cli/run-cli';
+import { asQemuImg, strata } from '../../cli/run-cli';
 
 async function strataIo(file: string, cmds: string[]): Promise<string> {
   const r = await strata('io', ...cmds.flatMap((c) => ['-c', c]), file);
@@ -113,6 +113,43 @@ describeOracle('external data files against qemu-io', () => {
       expect(r.err).toMatch(/compressed clusters cannot be written to an image with an external data file/);
       expect(readFileSync(img).equals(before)).toBe(true);
       expect(qemuImgRun('check', img).status).toBe(0);
+    } finally {
+      t.cleanup();
+    }
+  });
+
+  it('check reports what qemu-img check reports: data clusters without refcounts, a compressed entry is an error', async () => {
+    const t = tempDir();
+    try {
+      const img = t.path('img.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', `data_file=${t.path('img.data')}`, img, '4M');
+      qemuIo(img, ['write -P 1 0 64k', 'write -P 2 1M 128k']);
+      const same = async () => {
+        for (const args of [['check'], ['check', '--output=json']]) {
+          const q = qemuImgRun(...args, img);
+          const s = await asQemuImg(...args, img);
+          expect(s.code).toBe(q.status);
+          expect(s.out).toBe(q.stdout);
+          expect(s.err).toBe(q.stderr);
+        }
+      };
+      await same();
+      // Entry 16 (guest 1M) of the first L2 table turned into a compressed descriptor.
+      const fd = openSync(img, 'r+');
+      try {
+        const h = Buffer.alloc(48);
+        readSync(fd, h, 0, 48, 0);
+        const l1 = Buffer.alloc(8);
+        readSync(fd, l1, 0, 8, Number(h.readBigUInt64BE(40)));
+        const l2 = Number(l1.readBigUInt64BE(0) & 0x00fffffffffffe00n);
+        const e = Buffer.alloc(8);
+        e.writeBigUInt64BE(0x4000000000100000n);
+        writeSync(fd, e, 0, 8, l2 + 16 * 8);
+      } finally {
+        closeSync(fd);
+      }
+      await same();
+      expect(qemuImgRun('check', img).stderr).toContain('ERROR compressed cluster 16 with data file');
     } finally {
       t.cleanup();
     }
