@@ -502,8 +502,9 @@ export class Qcow2Image implements DiskImage {
         const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: r.hostOffset, compressed: false };
         // As QEMU does for images it takes for metadata-preallocated: ask the host file
         // whether the run is backed by data or by a hole.
-        if (this.dataFile.extents && (await this.metadataPreallocated())) {
-          const ext = (await this.dataFile.extents(r.hostOffset!, r.length))[0];
+        // (Never with an external data file: its clusters have no refcounts to count.)
+        if (!this.geometry.externalData && this.file.extents && (await this.metadataPreallocated())) {
+          const ext = (await this.file.extents(r.hostOffset!, r.length))[0];
           if (ext) { st.length = ext.length; st.zero = !ext.data; }
         }
         return st;
@@ -526,7 +527,6 @@ export class Qcow2Image implements DiskImage {
    */
   metadataPreallocated(): Promise<boolean> {
     this.preallocCheck ??= (async () => {
-      // Data clusters in an external data file have no refcounts: never more than the file.
       if (!this.file.allocatedSize || this.geometry.externalData) return false;
       const cs = this.geometry.clusterSize;
       const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
