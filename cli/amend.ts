@@ -10,7 +10,9 @@ export const AMEND_OPTIONS_HELP = `Amend options for qcow2:
   lazy_refcounts=on|off    postpone refcount updates (compat=1.1 only)
   refcount_bits=1..64      refcount width, a power of two (other than 16: compat=1.1 only)
   size=SIZE                a new virtual size
-  backing_file, backing_fmt, data_file, data_file_raw   only their current values (use rebase)
+  data_file=NAME           another name for the external data file (empty: none recorded)
+  data_file_raw=off        the data file need no longer be a raw image of the disk
+  backing_file, backing_fmt  only their current values (use rebase)
 `;
 
 export async function amendCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {

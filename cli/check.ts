@@ -137,13 +137,15 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     // --image-opts: the file the option string names, checked as the format it names; the
     // report names the image as given, as qemu-img's does.
     let path = positionals[0]!;
+    let dataFile: string | undefined;
     if (values['image-opts']) {
       const n = parseImageName(imageArg(path, values));
       if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);
       path = n.path;
       format = parseFormat(n.format) ?? format;
+      dataFile = n.dataFile;
     }
-    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, path, { repair, format, forceShare: !!values['force-share'] });
+    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, path, { repair, format, forceShare: !!values['force-share'], dataFile });
     if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {

@@ -17,8 +17,8 @@ export async function infoCommand(args: string[], io: CommandIO): Promise<number
   const format = parseFormat(str(values.format));
   const chain = !!values['backing-chain'];
   const top = chain
-    ? await openImage(imageArg(positionals[0]!, values), { format, lock: 'none' })
-    : await openImageFile(imageArg(positionals[0]!, values), { format, lock: 'none' });
+    ? await openImage(imageArg(positionals[0]!, values), { format, lock: 'none', dataFile: 'skip' })
+    : await openImageFile(imageArg(positionals[0]!, values), { format, lock: 'none', dataFile: 'skip' });
   try {
     const infos: ImageInfo[] = [];
     for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));

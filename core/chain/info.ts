@@ -3,6 +3,7 @@ import * as C from '../format/constants';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
+import { hasRawExternalData } from '../format/header';
 import type { SnapshotEntry } from '../format/snapshot';
 import { combineBackingPath } from './open';
 import { sizeToStr } from './size-str';
@@ -64,6 +65,11 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
       if (bitmaps) data.bitmaps = bitmaps;
     }
     data['refcount-bits'] = 2 ** h.refcountOrder;
+    if (img.geometry.externalData) {
+      // As qemu-img: the name the image records (none once cleared), and the raw flag.
+      if (img.parsed.dataFile) data['data-file'] = img.parsed.dataFile;
+      data['data-file-raw'] = hasRawExternalData(h);
+    }
     if (h.version === 3) {
       data.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
       data['extended-l2'] = img.geometry.extendedL2;

@@ -2,6 +2,7 @@
 import type { DiskImage } from '../engine/image';
 import { UnsupportedFeatureError } from '../errors';
 import { chainBlockStatus } from './block-status';
+import { Qcow2Image } from '../engine/qcow2';
 
 export interface MapEntry {
   start: number;
@@ -32,7 +33,11 @@ export async function* mapImage(top: DiskImage, start = 0, end = top.virtualSize
     signal?.throwIfAborted();
     const st = await chainBlockStatus(top, pos, Math.min(1 << 30, end - pos));
     const next: MapEntry = { start: pos, length: st.length, depth: st.depth, present: st.present, zero: st.zero, data: st.data };
-    if (st.offset !== null) { next.offset = st.offset; next.filename = st.image.filename; }
+    if (st.offset !== null) {
+      next.offset = st.offset;
+      // Offsets of an image with an external data file are in the data file (QEMU's *file).
+      next.filename = st.image instanceof Qcow2Image && st.image.hasDataFile ? st.image.dataFile.path : st.image.filename;
+    }
     pos += st.length;
     if (cur && mergeable(cur, next)) { cur.length += next.length; continue; }
     if (cur) yield cur;

@@ -8,7 +8,7 @@ import { FormatError, UnsupportedFeatureError, printable } from '../errors';
 
 export type ImageName =
   /** A local file or block device: `path` is what QEMU would open, relative to the cwd. */
-  | { kind: 'file'; path: string; format?: string; noBacking?: boolean }
+  | { kind: 'file'; path: string; format?: string; noBacking?: boolean; dataFile?: string }
   | { kind: 'protocol'; protocol: string };
 
 /** QEMU's path_has_protocol: a ':' before any '/' (or '\'). */
@@ -68,7 +68,33 @@ export function parseImageName(name: string): ImageName {
   if (!LOCAL_PROTOCOLS.has(fileDriver)) return { kind: 'protocol', protocol: fileDriver };
   const filename = o['file.filename'];
   if (typeof filename !== 'string') throw new FormatError(`'${printable(name)}': the JSON options name no file (no file.filename)`);
-  return { kind: 'file', path: filename, format: driver, noBacking };
+  const dataFile = dataFileOption(name, o);
+  if (dataFile !== undefined && typeof dataFile !== 'string') return dataFile;
+  return { kind: 'file', path: filename, format: driver, noBacking, ...(dataFile !== undefined ? { dataFile } : {}) };
+}
+
+/**
+ * The qcow2 `data-file` option of a json: name: a file node (`data-file.filename`, or a raw
+ * node over one, `data-file.file.filename`), whose path then replaces the name the image
+ * records. Any other driver is a protocol Strata does not open.
+ */
+function dataFileOption(name: string, o: Record<string, unknown>): string | { kind: 'protocol'; protocol: string } | undefined {
+  const keys = Object.keys(o).filter((k) => k === 'data-file' || k.startsWith('data-file.'));
+  if (keys.length === 0) return undefined;
+  if (typeof o['data-file'] === 'string') {
+    throw new FormatError(`'${printable(name)}': Cannot find device='${printable(o['data-file'] as string)}' nor node-name='${printable(o['data-file'] as string)}' (give "data-file": {"driver": "file", "filename": ...})`);
+  }
+  let driver = o['data-file.driver'] ?? 'file';
+  let prefix = 'data-file.';
+  if (driver === 'raw') {
+    driver = o['data-file.file.driver'] ?? 'file';
+    prefix = 'data-file.file.';
+  }
+  if (typeof driver !== 'string') throw new FormatError(`'${printable(name)}': 'data-file.driver' must be a string`);
+  if (!LOCAL_PROTOCOLS.has(driver)) return { kind: 'protocol', protocol: driver };
+  const filename = o[`${prefix}filename`];
+  if (typeof filename !== 'string') throw new FormatError(`'${printable(name)}': the data-file option names no file (no data-file.filename)`);
+  return filename;
 }
 
 /** QEMU's block drivers that are protocols or filters (not a typo for a file name). */

@@ -9,7 +9,7 @@ import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { RawImage } from '../engine/raw';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
+import { DATA_FILE_READ_LOCK, DATA_FILE_WRITE_LOCK, lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { interposeWritable } from '../io/interpose';
 import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
 
@@ -32,6 +32,8 @@ export interface OpenImageOptions {
   backing?: boolean;
   /** Images (by file) the chain must not reach: reaching one is a loop (rebase onto a chain holding the overlay). */
   avoid?: DiskImage[];
+  /** 'skip': external data files are not opened (info; see openImageFile). */
+  dataFile?: 'open' | 'skip';
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -62,7 +64,14 @@ export async function probeFormat(file: BlockFile): Promise<ImageFormat> {
  * Opens one image (no backing chain). `filename` may be in QEMU's other syntaxes (file:,
  * json:); the image is then known by the file's own path, as qemu-img shows it.
  */
-export async function openImageFile(name: string, opts: { format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean }): Promise<DiskImage> {
+export async function openImageFile(name: string, opts: {
+  format?: ImageFormat; writable?: boolean; probeRaw?: boolean; wantedBy?: string; lock?: LockPolicy; unsafe?: boolean;
+  /**
+   * 'skip': do not open a qcow2 image's external data file (qemu-img info, which opens with
+   * BDRV_O_NO_IO, so that an untrusted image can be inspected without opening what it names).
+   */
+  dataFile?: 'open' | 'skip';
+}): Promise<DiskImage> {
   const parsed = parseImageName(name);
   if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
   const filename = parsed.path;
@@ -93,7 +102,58 @@ export async function openImageFile(name: string, opts: { format?: ImageFormat; 
       raw.probed = probed;
       return raw;
     }
-    return opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
+    const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
+    // On a failure it has closed what it opened; the image file is closed below.
+    await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
+    return img;
+  } catch (err) {
+    await file.close();
+    throw err;
+  }
+}
+
+/**
+ * Opens and attaches a qcow2 image's external data file, as QEMU's qcow2_do_open: the name
+ * given with the image's options (`data-file.filename`) wins over the one the image records;
+ * the name is used as it is (a relative name is relative to the working directory, as in
+ * QEMU, not to the image). It is opened and locked as the image is (read-only or writable,
+ * the same permissions), since the guest's data is in it.
+ */
+async function openDataFile(img: Qcow2Image, override: string | undefined, opts: { writable?: boolean; lock?: LockPolicy; dataFile?: 'open' | 'skip' }): Promise<void> {
+  if (opts.dataFile === 'skip') return;
+  const image = img.filename;
+  if (!img.geometry.externalData) {
+    if (override !== undefined) {
+      throw new UsageError(`${printable(image)}: a data file ('${printable(override)}') was given, but the image has no external data file`)
+        .asQemu(`Could not open '${image}': 'data-file' can only be set for images with an external data file`);
+    }
+    return;
+  }
+  img.attachDataFile(await openExternalDataFile(image, override ?? img.parsed.dataFile, opts));
+}
+
+/**
+ * Opens (and locks, unless lock is 'none') the external data file `name` of `image` as QEMU
+ * does: one line naming both when the name is missing or the file does not exist.
+ */
+export async function openExternalDataFile(image: string, name: string | null, opts: { writable?: boolean; lock?: LockPolicy }): Promise<BlockFile> {
+  if (name === null || name === '') {
+    throw new FormatError(`its guest data is in an external data file, but the image records no name for it (give one with --image-opts data-file.filename=PATH,file.filename=${printable(image)}, or record one with \`strata amend -o data_file=PATH\`)`, image)
+      .asQemu(`Could not open '${image}': 'data-file' is required for this image`);
+  }
+  let file: NodeFile;
+  try {
+    file = await NodeFile.open(name, { writable: opts.writable });
+  } catch (err) {
+    if (err instanceof NotFoundError) {
+      throw new NotFoundError(`its external data file '${printable(name)}' does not exist (a relative name is taken from the working directory; fix the name with \`strata amend -o data_file=PATH\`)`, image)
+        .asQemu(`Could not open '${image}': Could not open '${name}': No such file or directory`);
+    }
+    throw err;
+  }
+  try {
+    if (opts.lock !== 'none') await lockImage(file.fd, name, opts.writable ? DATA_FILE_WRITE_LOCK : DATA_FILE_READ_LOCK);
+    return await interposeWritable(file);
   } catch (err) {
     await file.close();
     throw err;
@@ -102,12 +162,12 @@ export async function openImageFile(name: string, opts: { format?: ImageFormat; 
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile });
   // json:{..., "backing": null} opens the image alone.
   const name = parseImageName(filename);
   if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
-    await openBackingChain(top, opts.lock, opts.avoid);
+    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -115,7 +175,7 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = []): Promise<void> {
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip'): Promise<void> {
   // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
   const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
@@ -133,7 +193,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
         .asQemu(`Backing file '${name}' creates an infinite loop.`);
     }
     seen.set(k, name);
-    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock });
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile });
     img.backing = next;
     img = next;
   }

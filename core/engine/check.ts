@@ -22,7 +22,7 @@
 // the in-memory refcounts cover the file's clusters (plus one), never an on-disk count.
 import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
-import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
+import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, hasExternalData, type ParsedHeader } from '../format/header';
 import { getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
 import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
@@ -129,6 +129,11 @@ interface ImageState {
   snapshots: SnapshotInfo[];
   /** Bytes of the snapshot table as QEMU measures it (the last entry unpadded). */
   snapshotsSize: number;
+  /**
+   * Guest data is in an external data file: data clusters have no refcounts (their L2
+   * entries always have COPIED set, offset 0 included), and compressed clusters are errors.
+   */
+  externalData: boolean;
 }
 
 function emptyCounts(): CheckCounts {
@@ -283,6 +288,7 @@ async function loadState(file: BlockFile): Promise<ImageState> {
     reftableOffset: h.refcountTableOffset, reftable, reftableEntries: reftableBytes / 8,
     l1Offset: h.l1TableOffset, l1Size: h.l1Size, l1,
     snapshots: snaps.snapshots, snapshotsSize: snaps.size,
+    externalData: hasExternalData(h),
   };
 }
 
@@ -471,6 +477,10 @@ class Checker {
     const cs = this.cs;
     this.inc(0, cs);
     await this.checkL1(st.l1Offset, st.l1Size, true, true);
+    if (st.externalData && st.snapshots.length) {
+      this.log(`ERROR ${st.snapshots.length} snapshots in image with data file`);
+      this.res.corruptions++;
+    }
     for (const sn of st.snapshots) {
       if (sn.l1Offset % BigInt(cs) !== 0n) {
         this.log(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${altHex(sn.l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
@@ -547,11 +557,12 @@ class Checker {
     const imrt = this.imrt;
     const max = this.max;
     const clustersInFile = Math.ceil(st.fileSize / cs);
+    const external = st.externalData;
     for (let i = 0; i < st.l2Entries; i++) {
       const o = i * es;
       let hi = u32(table, o);
       const lo = u32(table, o + 4);
-      if (!ext && (hi & 0x7f000000) === 0 && (lo & 0x1ff) === 0 && (hi | lo) !== 0) {
+      if (!ext && !external && (hi & 0x7f000000) === 0 && (lo & 0x1ff) === 0 && (hi | lo) !== 0) {
         const offset = (hi & 0x00ffffff) * TWO32 + lo;
         const k = offset / cs;
         if (k === Math.floor(k) && k < clustersInFile) {
@@ -585,6 +596,11 @@ class Checker {
           hi &= 0x7fffffff;
           this.res.corruptions++;
         }
+        if (external) {
+          this.log(`ERROR compressed cluster ${i} with data file, entry=0x${hex64(hi, lo)}`);
+          this.res.corruptions++;
+          continue;
+        }
         if (bmZero !== 0 || bmAlloc !== 0) {
           this.log(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`);
           this.res.corruptions++;
@@ -602,7 +618,8 @@ class Checker {
       }
       const offset = entryOffset(hi, lo);
       const zeroFlag = !ext && (lo & 1) !== 0;
-      if (offset === 0) {
+      // With a data file, offset 0 and COPIED is guest cluster 0's data (QEMU's cluster type).
+      if (offset === 0 && !(external && !zeroFlag && (hi & 0x80000000) !== 0)) {
         // ZERO_PLAIN or UNALLOCATED
         if (!zeroFlag && ext && bmAlloc !== 0) {
           this.res.corruptions++;
@@ -636,7 +653,8 @@ class Checker {
         if (nextContiguous && offset !== nextContiguous) this.res.fragmentedClusters++;
         nextContiguous = offset + cs;
       }
-      this.inc(offset, cs);
+      // Clusters of an external data file are not counted in the image's refcounts.
+      if (!external) this.inc(offset, cs);
     }
   }
 
@@ -822,10 +840,12 @@ class Checker {
         const elo = u32(table, j * es + 4);
         if (ehi & 0x40000000) continue; // compressed
         const dataOffset = entryOffset(ehi, elo);
-        if (dataOffset === 0) continue; // unallocated or plain zero
+        // Unallocated or plain zero (with a data file, offset 0 with COPIED is a data cluster).
+        if (dataOffset === 0 && !(st.externalData && (ehi & 0x80000000) !== 0 && (st.extendedL2 || (elo & 1) === 0))) continue;
         // Millions of entries: a plain array lookup for the clusters the passes counted.
         const cluster = Math.floor(dataOffset / cs);
-        const rc = cluster < knownN && !anyUnreadable ? known[cluster]! : await refcount(cluster);
+        // Clusters of an external data file have refcount 1, as far as QEMU's check goes.
+        const rc = st.externalData ? 1 : cluster < knownN && !anyUnreadable ? known[cluster]! : await refcount(cluster);
         if (rc === null) continue;
         if ((rc === 1) !== ((ehi & 0x80000000) !== 0)) {
           this.res.corruptions++;

@@ -12,7 +12,7 @@ export type EmptyMethod = 'fresh-metadata' | 'discard';
 export function fastEmptyObstacle(img: Qcow2Writable): string | null {
   if (img.snapshots.length) return 'it has internal snapshots';
   if (img.parsed.bitmaps) return 'it has persistent bitmaps';
-  if (img.parsed.dataFile) return 'it has an external data file';
+  if (img.geometry.externalData) return 'it has an external data file';
   if (img.header.version === 2) return 'it is compat 0.10';
   return null;
 }

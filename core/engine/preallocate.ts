@@ -31,6 +31,10 @@ export async function preallocateGrow(img: Qcow2Writable, from: number, to: numb
   const cs = g.clusterSize;
   await img.flush();
   const first = Math.floor(from / cs) * cs;
+  if (g.externalData) {
+    await preallocateExternal(img, first, to, mode);
+    return;
+  }
   if (mode === 'metadata') {
     let fileEnd = 0;
     for (let guest = first; guest < to;) {
@@ -136,6 +140,38 @@ export async function preallocateGrow(img: Qcow2Writable, from: number, to: numb
     guest += n * cs;
     host += n * cs;
     left -= n;
+  }
+  await img.flush();
+}
+
+/**
+ * With an external data file (QEMU's preallocate_co for every mode): each new cluster is
+ * linked to its own guest offset in the data file (no refcounts, nothing allocated in the
+ * image file but L2 tables); the data file then grows to the new end, its new blocks
+ * allocated (falloc) or written with zeros (full), as QEMU's truncate of the data file with
+ * that preallocation does. Tables are written only after the data file has its new length.
+ */
+async function preallocateExternal(img: Qcow2Writable, first: number, to: number, mode: GrowPreallocation): Promise<void> {
+  const g = img.geometry;
+  const cs = g.clusterSize;
+  const data = img.dataFile;
+  const oldSize = await data.size();
+  if (oldSize < to) {
+    await data.truncate(to);
+    if (mode !== 'metadata') await fillHoles(data, oldSize, to, mode);
+    await data.flush();
+  }
+  for (let guest = first; guest < to;) {
+    const l2End = Math.min(to, (Math.floor(guest / (g.l2Entries * cs)) + 1) * g.l2Entries * cs);
+    for (const r of await img.runs(guest, l2End - guest)) {
+      const a = Math.floor(r.offset / cs) * cs;
+      const b = Math.ceil((r.offset + r.length) / cs) * cs;
+      if (r.state !== 'unallocated' && !(r.state === 'zero' && r.hostOffset === null)) continue;
+      if (b <= a) continue;
+      await img.prepareL2(a);
+      await img.linkClusters(a, a, (b - a) / cs);
+    }
+    guest = l2End;
   }
   await img.flush();
 }

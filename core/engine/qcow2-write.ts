@@ -31,6 +31,8 @@ import { Refcounts } from './refcounts';
 import { Mutex, RangeLock } from './mutex';
 import { BitmapTracker, inconsistentBitmap } from './bitmaps';
 import { BME_FLAG_IN_USE } from '../format/bitmaps';
+import { hasRawExternalData } from '../format/header';
+import { preallocateGrow } from './preallocate';
 
 export interface WriteStats {
   /** Guest data writes issued to the image file (requests, bytes). */
@@ -75,14 +77,18 @@ interface Segment {
  * kept, and every later one throws it without touching the file (the failed state, above).
  */
 class GuardedFile implements BlockFile {
-  failure: unknown = null;
+  get failure(): unknown { return this.state.failure; }
   readonly extents?: (offset: number, length: number) => Promise<HostExtent[]>;
   readonly allocatedSize?: () => Promise<number>;
   readonly discard?: (offset: number, length: number) => Promise<void>;
   readonly zeroRange?: (offset: number, length: number) => Promise<boolean>;
   readonly identity?: () => Promise<FileIdentity>;
 
-  constructor(private readonly inner: BlockFile) {
+  /**
+   * `state` is shared by the image file and its external data file: a failure of either puts
+   * the image in the failed state (its data and its metadata are one image).
+   */
+  constructor(private readonly inner: BlockFile, readonly state: { failure: unknown } = { failure: null }) {
     // Every optional call the file has, the guarded file has: those that change the file are
     // guarded like writes.
     if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
@@ -106,7 +112,7 @@ class GuardedFile implements BlockFile {
     let p: Promise<T>;
     try { p = op(); } catch (err) { p = Promise.reject(err); }
     return p.catch((err: unknown) => {
-      this.failure ??= err;
+      this.state.failure ??= err;
       throw err;
     });
   }
@@ -124,7 +130,7 @@ export class Qcow2Writable extends Qcow2Image {
    * clusters that become free are handed back to the file system (QEMU passes these discards
    * down by default: guest discards and unmapping zero writes, snapshot deletion, shrinking).
    */
-  pendingFrees: { offset: number; length: number; punch?: boolean }[] = [];
+  pendingFrees: { offset: number; length: number; punch?: boolean; dataFile?: boolean }[] = [];
   private markedDirty = false;
   private headerAdjusted = false;
   /** @internal Keeps the persistent bitmaps valid once the image changes. */
@@ -158,6 +164,17 @@ export class Qcow2Writable extends Qcow2Image {
   /** The error that put the image in the failed state (see the top of this file), or null. */
   get failure(): unknown { return (this.file as GuardedFile).failure; }
 
+  /** The external data file is guarded with the image file: one failed state for both. */
+  override attachDataFile(f: BlockFile): void {
+    super.attachDataFile(new GuardedFile(f, (this.file as GuardedFile).state));
+  }
+
+  /** Flushes the image file, and the external data file first when there is one. */
+  private async flushAll(): Promise<void> {
+    if (this.geometry.externalData) await this.dataFile.flush();
+    await this.file.flush();
+  }
+
   /** QEMU's bs->backing: the image has a backing file (whether or not it is opened). */
   private get hasBacking(): boolean { return this.backing !== null || this.parsed.backingFile !== null; }
 
@@ -171,7 +188,8 @@ export class Qcow2Writable extends Qcow2Image {
     if (!this.headerAdjusted) {
       // Persistent bitmaps are kept valid (BitmapTracker); the spec has us clear the autoclear
       // bits of anything else we do not maintain before writing.
-      const keep = this.bitmaps ? C.AUTOCLEAR_BITMAPS : 0n;
+      // The raw external data bit is kept too: writes keep the data file a raw image.
+      const keep = (this.bitmaps ? C.AUTOCLEAR_BITMAPS : 0n) | (this.geometry.externalData ? C.AUTOCLEAR_DATA_FILE_RAW : 0n);
       if (h.version === 3 && (h.autoclearFeatures & ~keep) !== 0n) {
         h.autoclearFeatures &= keep;
         const b = Buffer.alloc(8);
@@ -256,7 +274,25 @@ export class Qcow2Writable extends Qcow2Image {
     this.l2Cache.markDirty(l2Offset, table);
   }
 
+  /** Offsets of the data file clusters with a discard in pendingFrees. */
+  private readonly pendingDataPunch = new Set<number>();
+
+  private cancelDataPunch(host: number): void {
+    if (!this.pendingDataPunch.delete(host)) return;
+    this.pendingFrees = this.pendingFrees.filter((f) => !(f.dataFile && f.offset === host));
+  }
+
   private freeEntry(entry: L2Entry, punch = false): void {
+    if (this.geometry.externalData) {
+      // Clusters of an external data file have no refcounts: freeing one only passes the
+      // discard down to the data file (QEMU's qcow2_free_any_cluster), once no entry points
+      // to it any more.
+      if (punch && (entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset))) {
+        this.pendingFrees.push({ offset: entry.hostOffset, length: this.cs, punch: true, dataFile: true });
+        this.pendingDataPunch.add(entry.hostOffset);
+      }
+      return;
+    }
     switch (entry.kind) {
       case 'normal':
       case 'zero':
@@ -326,6 +362,17 @@ export class Qcow2Writable extends Qcow2Image {
           if (!plans[i]!.needsAlloc) { i++; continue; }
           let j = i;
           while (j + 1 < plans.length && plans[j + 1]!.needsAlloc) j++;
+          if (g.externalData) {
+            // An external data file holds each guest cluster at its guest offset, without
+            // refcounts (QEMU's do_alloc_cluster_offset). A discard of that place still
+            // waiting for the next write-back must not punch the new data: it is dropped.
+            for (let k = i; k <= j; k++) {
+              plans[k]!.host = plans[k]!.cluster * cs;
+              this.cancelDataPunch(plans[k]!.host);
+            }
+            i = j + 1;
+            continue;
+          }
           const base = await this.refcounts.alloc(j - i + 1);
           for (let k = i; k <= j; k++) plans[k]!.host = base + (k - i) * cs;
           i = j + 1;
@@ -419,6 +466,8 @@ export class Qcow2Writable extends Qcow2Image {
         segs.push({ host, guest: p.fa, length: p.fb - p.fa, fresh: p.needsAlloc });
       }
     }
+    // Guest data goes to the external data file when the image has one.
+    const target = this.dataFile;
     await Promise.all(segs.map(async (s) => {
       let data: Buffer;
       if (s.guest >= offset && s.guest + s.length <= end) {
@@ -431,11 +480,11 @@ export class Qcow2Writable extends Qcow2Image {
         // QEMU's handle_alloc_space: new clusters whose copy-on-write parts hold nothing in
         // the whole chain are zeroed by the file system (fallocate ZERO_RANGE), and only the
         // guest's data is written (the same blocks on disk as QEMU's).
-        if (s.fresh && this.file.zeroRange && (await this.unallocatedAbove(s.guest, headLen)) &&
-            (await this.unallocatedAbove(tailStart, s.guest + s.length - tailStart)) && (await this.file.zeroRange(s.host, s.length))) {
+        if (s.fresh && target.zeroRange && (await this.unallocatedAbove(s.guest, headLen)) &&
+            (await this.unallocatedAbove(tailStart, s.guest + s.length - tailStart)) && (await target.zeroRange(s.host, s.length))) {
           this.stats.dataWrites++;
           this.stats.dataWriteBytes += to - from;
-          await this.file.write(buf.subarray(from - offset, to - offset), s.host + (from - s.guest));
+          await target.write(buf.subarray(from - offset, to - offset), s.host + (from - s.guest));
           return;
         }
         data = Buffer.allocUnsafe(s.length);
@@ -448,7 +497,7 @@ export class Qcow2Writable extends Qcow2Image {
       }
       this.stats.dataWrites++;
       this.stats.dataWriteBytes += s.length;
-      await this.file.write(data, s.host);
+      await target.write(data, s.host);
     }));
 
     await this.mutex.run(async () => {
@@ -579,6 +628,9 @@ export class Qcow2Writable extends Qcow2Image {
   /** Zero flags (bits) over unit-aligned [A, B) (B may be the unaligned end of the image). */
   private async zeroUnits(A: number, B: number, unmap: boolean, explicit: [number, number][]): Promise<void> {
     const g = this.geometry;
+    // A raw external data file stays a raw image of the disk: zeroed first (QEMU's
+    // qcow2_subcluster_zeroize), then the tables.
+    if (g.externalData && hasRawExternalData(this.header)) await this.zeroDataFile(A, B - A);
     const unit = g.extendedL2 ? g.subclusterSize : g.clusterSize;
     const first = Math.floor(A / g.clusterSize);
     const last = Math.floor((B - 1) / g.clusterSize);
@@ -622,6 +674,14 @@ export class Qcow2Writable extends Qcow2Image {
     } finally {
       release();
     }
+  }
+
+  /** Zeros in [offset, offset+length) of the external data file (by the file system where it can). */
+  private async zeroDataFile(offset: number, length: number): Promise<void> {
+    const data = this.dataFile;
+    if (data.zeroRange && (await data.zeroRange(offset, length))) return;
+    const zero = Buffer.alloc(Math.min(length, 4 << 20));
+    for (let p = 0; p < length; p += zero.length) await data.write(zero.subarray(0, Math.min(zero.length, length - p)), offset + p);
   }
 
   private async writeZeroData(offset: number, length: number): Promise<void> {
@@ -720,6 +780,11 @@ export class Qcow2Writable extends Qcow2Image {
 
   /** Stores already-compressed data for the cluster at guest `offset`. */
   async writeCompressedCluster(packed: Uint8Array, offset: number): Promise<void> {
+    if (this.geometry.externalData) {
+      // QEMU: compressed clusters cannot live in an external data file (-ENOTSUP).
+      throw new UnsupportedFeatureError('compressed clusters cannot be written to an image with an external data file (write without -c)', this.filename)
+        .asQemu(`error while writing at byte ${offset}: Operation not supported`);
+    }
     const c = Math.floor(offset / this.cs);
     const release = await this.ranges.lock(c, c + 1);
     try {
@@ -810,6 +875,20 @@ export class Qcow2Writable extends Qcow2Image {
       throw err;
     }
     await this.setVirtualSize(newSize);
+    if (this.geometry.externalData) {
+      // QEMU's qcow2_co_truncate: the data file follows the image; a raw data file must stay
+      // a complete raw image, so its new clusters are preallocated (metadata) in the tables.
+      if (hasRawExternalData(this.header)) await preallocateGrow(this, old, newSize, 'metadata');
+      else await this.resizeDataFile(newSize);
+    }
+  }
+
+  /** The external data file truncated (or extended) to `size`, durably. */
+  private async resizeDataFile(size: number): Promise<void> {
+    const data = this.dataFile;
+    if ((await data.size()) === size) return;
+    await data.truncate(size);
+    await data.flush();
   }
 
   /** Grows the L1 table (durably) so it covers `newSize`. Under the metadata mutex. */
@@ -874,9 +953,9 @@ export class Qcow2Writable extends Qcow2Image {
         if ((entry.kind !== 'unallocated' || this.hasBacking) && keepUntil > guest) {
           const head = Buffer.alloc(keepUntil - guest);
           await this.read(head, guest);
-          await this.file.write(head, host);
+          await this.dataFile.write(head, host);
         }
-        if (entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });
+        if ((entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) && !g.externalData) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });
         // Extended L2: subclusters stay unallocated (QEMU's prealloc), unless a backing file would
         // show through them: then they are allocated, over the zeroed file area.
         this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? { alloc: allocSubclusters ? 0xffffffff : 0, zero: 0 } : undefined);
@@ -937,6 +1016,8 @@ export class Qcow2Writable extends Qcow2Image {
         await this.file.flush();
       }
     });
+    // Nothing points past the new end any more: the data file is cut there too (QEMU).
+    if (g.externalData) await this.resizeDataFile(newSize);
   }
 
   /** QEMU refuses to resize an image with a bitmap left in use (inconsistent). */
@@ -975,7 +1056,8 @@ export class Qcow2Writable extends Qcow2Image {
         if (e.kind === 'compressed') {
           const r = compressedRange(e.hostOffset, e.sectors);
           drop(r.start, r.end - r.start);
-        } else if ((e.kind === 'normal' || e.kind === 'zero') && e.hostOffset) {
+        } else if ((e.kind === 'normal' || e.kind === 'zero') && e.hostOffset && !g.externalData) {
+          // (Clusters of an external data file have no refcounts to drop.)
           drop(e.hostOffset, cs);
         }
       }
@@ -990,13 +1072,23 @@ export class Qcow2Writable extends Qcow2Image {
 
   /** Host ranges freed with `punch`, merged, to hand back to the file system (punchFreed). */
   private toPunch: [number, number][] = [];
+  /** The same for clusters of the external data file. */
+  private toPunchData: [number, number][] = [];
 
   /**
    * @internal Drops one reference from each cluster of a pending free; with `punch`, clusters
    * left with none are queued for punchFreed, which the caller runs before the metadata mutex
    * (which it holds) lets anyone allocate them again.
    */
-  async releaseRef(f: { offset: number; length: number; punch?: boolean }): Promise<void> {
+  async releaseRef(f: { offset: number; length: number; punch?: boolean; dataFile?: boolean }): Promise<void> {
+    if (f.dataFile) {
+      this.pendingDataPunch.delete(f.offset);
+      if (!this.dataFile.discard) return;
+      const last = this.toPunchData[this.toPunchData.length - 1];
+      if (last && last[1] === f.offset) last[1] += f.length;
+      else this.toPunchData.push([f.offset, f.offset + f.length]);
+      return;
+    }
     await this.refcounts.change(f.offset, f.length, -1);
     if (!f.punch || !this.file.discard) return;
     const cs = this.cs;
@@ -1016,6 +1108,9 @@ export class Qcow2Writable extends Qcow2Image {
     const ranges = mergeRanges(this.toPunch);
     this.toPunch = [];
     for (const [a, b] of ranges) await this.file.discard!(a, b - a);
+    const data = mergeRanges(this.toPunchData);
+    this.toPunchData = [];
+    for (const [a, b] of data) await this.dataFile.discard!(a, b - a);
   }
 
   private async maybeFlush(): Promise<void> {
@@ -1026,10 +1121,10 @@ export class Qcow2Writable extends Qcow2Image {
   async flush(): Promise<void> {
     await this.mutex.run(async () => {
       const metadata = this.refcounts.hasDirty || this.l2Cache.dirty.size > 0 || this.l1Dirty.size > 0 || this.pendingFrees.length > 0;
-      if (!metadata) { await this.file.flush(); return; }
-      // 1. Data and refcount increments.
+      if (!metadata) { await this.flushAll(); return; }
+      // 1. Data (in the external data file too) and refcount increments.
       await this.refcounts.writeBack();
-      await this.file.flush();
+      await this.flushAll();
       // 2. L2 tables, then (after a flush) the L1 entries that point to new ones.
       const l2 = [...this.l2Cache.dirty.entries()];
       await Promise.all(l2.map(([off, t]) => this.file.write(t, off)));

@@ -2,7 +2,7 @@
 // the chain, report block status the way QEMU does.
 import * as C from '../format/constants';
 import { CorruptImageError, printable } from '../errors';
-import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, type ParsedHeader } from '../format/header';
+import { decodeHeader, checkIncompatibleFeatures, hasExtendedL2, hasExternalData, type ParsedHeader } from '../format/header';
 import { decodeL1Entry, decodeL2Entry, decodeL2Bitmap, subclusterState, compressedRange, type L2Entry } from '../format/l2';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import { countNonZeroRefcounts, decodeReftableEntry, refcountBlockEntries } from '../format/refcount';
@@ -38,6 +38,8 @@ export interface Geometry {
   /** L2 entries per table. */
   l2Entries: number;
   subclusterSize: number;
+  /** Guest data lives in an external data file, cluster for cluster at the guest offset. */
+  externalData: boolean;
 }
 
 export function geometryOf(p: ParsedHeader): Geometry {
@@ -48,6 +50,7 @@ export function geometryOf(p: ParsedHeader): Geometry {
     clusterBits, clusterSize, extendedL2,
     l2Entries: clusterSize / (extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL),
     subclusterSize: extendedL2 ? clusterSize / C.SUBCLUSTERS_PER_CLUSTER : clusterSize,
+    externalData: hasExternalData(p.header),
   };
 }
 
@@ -128,6 +131,24 @@ export class Qcow2Image implements DiskImage {
   }
 
   get header() { return this.parsed.header; }
+
+  private externalDataFile: BlockFile | null = null;
+
+  /**
+   * Where the guest data clusters live: the image file itself, or the external data file
+   * (incompatible feature bit 2) once the opener attached it. Metadata is always in `file`.
+   */
+  get dataFile(): BlockFile {
+    if (!this.geometry.externalData) return this.file;
+    if (!this.externalDataFile) throw new CorruptImageError(`the external data file${this.parsed.dataFile ? ` '${printable(this.parsed.dataFile)}'` : ''} was not opened`, this.filename);
+    return this.externalDataFile;
+  }
+
+  /** True when the image has an external data file and it is opened. */
+  get hasDataFile(): boolean { return this.externalDataFile !== null; }
+
+  /** Attaches the opened external data file (the chain opener does, after open). */
+  attachDataFile(f: BlockFile): void { this.externalDataFile = f; }
   get backingFile(): string | null { return this.parsed.backingFile; }
   get backingFormat(): string | null { return this.parsed.backingFormat; }
   get compressionType(): CompressionType { return this.parsed.header.compressionType as CompressionType; }
@@ -289,7 +310,7 @@ export class Qcow2Image implements DiskImage {
         const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
         const entry = decodeL2Entry(table, l2Index, g, where, this.filename);
         if (entry.kind === 'compressed') {
-          this.checkCompressed(entry, clusterStart);
+          this.checkCompressed(entry, clusterStart, l2Offset, l2Index);
           push(pos, clusterEnd - pos, 'compressed', null, { hostOffset: entry.hostOffset, sectors: entry.sectors, clusterStart });
           pos = clusterEnd;
           continue;
@@ -358,7 +379,14 @@ export class Qcow2Image implements DiskImage {
    * Throws when a data cluster lies in the header or past the end of the file. Synchronous
    * (undefined) in the common case; a promise only when the file size must be asked again.
    */
-  private checkDataCluster(entry: { hostOffset: number }, guest: number): Promise<void> | undefined {
+  private checkDataCluster(entry: { hostOffset: number; kind?: string }, guest: number): Promise<void> | undefined {
+    if (this.geometry.externalData) {
+      // QEMU: "External data file host cluster offset ... does not match guest cluster offset".
+      if (entry.hostOffset !== guest && !(entry.kind === 'zero' && entry.hostOffset === 0)) {
+        throw new CorruptImageError(`guest offset ${guest} maps to host offset 0x${entry.hostOffset.toString(16)} in the external data file, which must be the guest offset`, this.filename);
+      }
+      return undefined;
+    }
     if (entry.hostOffset === 0) return undefined;
     if (entry.hostOffset < this.geometry.clusterSize) {
       throw new CorruptImageError(`guest offset ${guest} maps into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
@@ -372,7 +400,10 @@ export class Qcow2Image implements DiskImage {
     })();
   }
 
-  private checkCompressed(entry: { hostOffset: number; sectors: number }, guest: number): void {
+  private checkCompressed(entry: { hostOffset: number; sectors: number }, guest: number, l2Offset: number, l2Index: number): void {
+    if (this.geometry.externalData) {
+      throw new CorruptImageError(`compressed cluster entry for guest offset ${guest} in an image with an external data file (L2 table at 0x${l2Offset.toString(16)}, entry ${l2Index})`, this.filename);
+    }
     if (entry.hostOffset < this.geometry.clusterSize) {
       throw new CorruptImageError(`compressed cluster for guest offset ${guest} points into the image header (host offset 0x${entry.hostOffset.toString(16)})`, this.filename);
     }
@@ -387,7 +418,7 @@ export class Qcow2Image implements DiskImage {
     for (const r of runs) {
       const sub = buf.subarray(r.offset - offset, r.offset - offset + r.length);
       switch (r.state) {
-        case 'data': pending.push(this.file.read(sub, r.hostOffset!)); break;
+        case 'data': pending.push(this.dataFile.read(sub, r.hostOffset!)); break;
         case 'zero': sub.fill(0); break;
         case 'unallocated': pending.push(this.readBacking(sub, r.offset)); break;
         case 'compressed': pending.push(this.readCompressed(sub, r)); break;
@@ -404,7 +435,7 @@ export class Qcow2Image implements DiskImage {
       for (const r of await this.runs(offset, inside)) {
         const at = r.offset - offset;
         switch (r.state) {
-          case 'data': out.push({ at, length: r.length, file: this.file, offset: r.hostOffset! }); break;
+          case 'data': out.push({ at, length: r.length, file: this.dataFile, offset: r.hostOffset! }); break;
           case 'zero': out.push({ at, length: r.length, file: null, offset: 0 }); break;
           case 'unallocated': {
             // As readBacking: the backing chain, zeros past its end or without one.
@@ -471,7 +502,8 @@ export class Qcow2Image implements DiskImage {
         const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: r.hostOffset, compressed: false };
         // As QEMU does for images it takes for metadata-preallocated: ask the host file
         // whether the run is backed by data or by a hole.
-        if (this.file.extents && (await this.metadataPreallocated())) {
+        // (Never with an external data file: its clusters have no refcounts to count.)
+        if (!this.geometry.externalData && this.file.extents && (await this.metadataPreallocated())) {
           const ext = (await this.file.extents(r.hostOffset!, r.length))[0];
           if (ext) { st.length = ext.length; st.zero = !ext.data; }
         }
@@ -495,7 +527,7 @@ export class Qcow2Image implements DiskImage {
    */
   metadataPreallocated(): Promise<boolean> {
     this.preallocCheck ??= (async () => {
-      if (!this.file.allocatedSize) return false;
+      if (!this.file.allocatedSize || this.geometry.externalData) return false;
       const cs = this.geometry.clusterSize;
       const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
@@ -518,6 +550,11 @@ export class Qcow2Image implements DiskImage {
   }
 
   async close(): Promise<void> {
-    await this.file.close();
+    const data = this.externalDataFile;
+    try {
+      await this.file.close();
+    } finally {
+      if (data) await data.close();
+    }
   }
 }

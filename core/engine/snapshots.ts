@@ -121,6 +121,8 @@ function checkCreate(img: Qcow2Image, name: string): void {
   if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
   if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
   if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+  // QEMU: -ENOTSUP (a snapshot cannot share the clusters of an external data file).
+  if (img.geometry.externalData) throw new UnsupportedFeatureError('internal snapshots are not supported with an external data file', img.filename).asQemu(`Could not create snapshot '${name}': -95 (Operation not supported)`);
 }
 
 /**

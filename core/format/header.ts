@@ -216,10 +216,13 @@ export function checkIncompatibleFeatures(p: ParsedHeader, file?: string): void 
     }
     throw new UnsupportedFeatureError(`unsupported qcow2 feature: ${names.join(', ')}`, file).asQemu(`Could not open '${file}': ${qemuUnsupportedFeatures(p, unknown)}`);
   }
-  if (p.header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) {
-    throw new UnsupportedFeatureError(`external data files are not supported${p.dataFile ? ` (data file ${p.dataFile})` : ''}`, file);
-  }
 }
+
+/** The image keeps its guest data in an external data file (incompatible feature bit 2). */
+export function hasExternalData(h: Qcow2Header): boolean { return (h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) !== 0n; }
+
+/** The external data file is a valid raw image of the guest disk (autoclear bit 1). */
+export function hasRawExternalData(h: Qcow2Header): boolean { return h.version >= 3 && (h.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n; }
 
 /**
  * Decodes the header cluster: fields, extensions and the backing file name.

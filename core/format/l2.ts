@@ -34,6 +34,12 @@ export type L2Entry =
 export interface L2Geometry {
   clusterBits: number;
   extendedL2: boolean;
+  /**
+   * The image has an external data file: host offset 0 is then guest cluster 0's place in it,
+   * and an entry with offset 0 and the COPIED flag is a data cluster (QEMU's
+   * qcow2_get_cluster_type: all such clusters have refcount 1, so COPIED tells them apart).
+   */
+  externalData?: boolean;
 }
 
 /** Decodes entry `index` of an L2 table. Throws CorruptImageError on reserved bits or misalignment. */
@@ -61,7 +67,7 @@ export function decodeL2Entry(table: Buffer, index: number, g: L2Geometry, where
     throw new CorruptImageError(`cluster offset 0x${hostOffset.toString(16)} in L2 entry ${index}${where ? ' ' + where() : ''} is not aligned to the cluster size`, file);
   }
   if ((lo & 1) && !g.extendedL2) return { kind: 'zero', hostOffset, copied };
-  if (hostOffset === 0) return { kind: 'unallocated' };
+  if (hostOffset === 0) return copied && g.externalData ? { kind: 'normal', hostOffset, copied } : { kind: 'unallocated' };
   return { kind: 'normal', hostOffset, copied };
 }
 

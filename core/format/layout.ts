@@ -31,6 +31,13 @@ export interface Qcow2CreateSpec {
   backingFile: string | null;
   backingFormat: string | null;
   preallocation: 'off' | 'metadata';
+  /**
+   * The external data file's name as recorded (header extension 0x44415441, incompatible bit
+   * 2): guest data lives there, each cluster at its guest offset; null: none.
+   */
+  dataFile?: string | null;
+  /** The data file is a raw image of the disk (autoclear bit 1). */
+  dataFileRaw?: boolean;
 }
 
 /** QEMU's feature name table, exactly as qcow2_update_header writes it (v3, clusters > 4 KiB). */
@@ -97,7 +104,11 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   let incompat = 0n;
   if (spec.compressionType !== C.COMPRESSION_DEFLATE) incompat |= C.INCOMPAT_COMPRESSION;
   if (spec.extendedL2) incompat |= C.INCOMPAT_EXTL2;
+  if (spec.dataFile != null) incompat |= C.INCOMPAT_DATA_FILE;
   const extensions: HeaderExtension[] = [];
+  // qcow2_update_header's order: backing format (encodeHeader puts it first), data file,
+  // feature table.
+  if (spec.dataFile != null) extensions.push({ type: C.EXT_DATA_FILE, data: Buffer.from(spec.dataFile, 'utf8') });
   const table = featureTableExtension(spec.version, cs);
   if (table) extensions.push(table);
   return encodeHeader({
@@ -108,12 +119,12 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
       nbSnapshots: 0, snapshotsOffset: 0,
       incompatibleFeatures: spec.version === 3 ? incompat : 0n,
       compatibleFeatures: spec.version === 3 && spec.lazyRefcounts ? C.COMPAT_LAZY_REFCOUNTS : 0n,
-      autoclearFeatures: 0n, refcountOrder: spec.refcountOrder,
+      autoclearFeatures: spec.version === 3 && spec.dataFileRaw ? C.AUTOCLEAR_DATA_FILE_RAW : 0n, refcountOrder: spec.refcountOrder,
       headerLength: spec.version === 3 ? QEMU_HEADER_SIZE : C.HEADER_V2_LENGTH,
       compressionType: spec.compressionType, unknownFields: Buffer.alloc(0),
     },
     extensions, backingFile: spec.backingFile, backingFormat: spec.backingFormat,
-    featureNames: [], bitmaps: null, dataFile: null, cryptoHeader: null,
+    featureNames: [], bitmaps: null, dataFile: spec.dataFile ?? null, cryptoHeader: null,
   });
 }
 
@@ -173,6 +184,12 @@ export class QemuAllocator {
 
   /** Called when preallocation is done with an L2 table (it will not change again). */
   onL2Done: ((offset: number) => void) | null = null;
+
+  /**
+   * Data clusters go to an external data file at their guest offsets: the allocator gives
+   * them no refcounts and the image file does not grow for them (do_alloc_cluster_offset).
+   */
+  externalData = false;
 
   constructor(clusterBits: number, refcountOrder: number, extendedL2: boolean) {
     this.clusterBits = clusterBits;
@@ -482,7 +499,9 @@ export class QemuAllocator {
       nb = Math.min(nb, Math.floor(BDRV_REQUEST_MAX_BYTES / cs));
       this.getClusterTable(start);
       let allocOffset = clusterOffset === INV_OFFSET ? INV_OFFSET : Math.floor(clusterOffset / cs) * cs;
-      if (allocOffset === INV_OFFSET) {
+      if (this.externalData) {
+        allocOffset = Math.floor(start / cs) * cs;
+      } else if (allocOffset === INV_OFFSET) {
         allocOffset = this.allocClusters(nb * cs);
       } else {
         nb = this.allocClustersAt(allocOffset, nb);
@@ -563,6 +582,8 @@ export class QemuAllocator {
       for (; nextDone < done; nextDone++) this.onL2Done?.(this.l1[nextDone]!);
       yield offset;
     }
+    // The data clusters are in the data file: the image file ends with its metadata.
+    if (this.externalData) return;
     // perform_cow: the tail of the last cluster past the end of the request is copied
     // (from nothing: zeros) up to the next subcluster boundary, which writes it.
     const tail = size % this.cs;
@@ -581,6 +602,7 @@ export class QemuAllocator {
  */
 export function startQcow2Layout(spec: Qcow2CreateSpec): QemuAllocator {
   const a = new QemuAllocator(spec.clusterBits, spec.refcountOrder, spec.extendedL2);
+  a.externalData = spec.dataFile != null;
   const cs = a.cs;
   // The header is written last (from the final state); reserve its cluster.
   a.clusterBuf(0);

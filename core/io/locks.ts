@@ -28,6 +28,14 @@ export interface LockMode {
 export const READ_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED] };
 /** What qemu-img takes for writers (commit, rebase, resize, snapshot, check -r). */
 export const WRITE_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE], shared: [PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED] };
+/**
+ * What QEMU takes on a qcow2 image's external data file (the qcow2 driver's permissions for its
+ * data child): the same permissions as on the image, but only resizing is not shared, writes
+ * are (100, 203 read-only; 100, 101, 103, 203 writable). A writer that holds the data file
+ * still refuses our writes; the image file's own locks keep out everything else.
+ */
+export const DATA_FILE_READ_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ], shared: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED] };
+export const DATA_FILE_WRITE_LOCK: LockMode = { perms: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE], shared: [PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED] };
 
 export interface ImageLock {
   readonly mode: LockMode;

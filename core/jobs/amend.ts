@@ -32,7 +32,7 @@ import { throwIfCancelled, type JobContext } from './job';
 import { checkImage } from './check';
 import { parseImageName } from '../chain/names';
 import { NodeFile } from '../io/node-file';
-import { isQcow2Magic } from '../format/header';
+import { hasRawExternalData, isQcow2Magic } from '../format/header';
 
 /** A refusal with qemu-img's text (exit 1, nothing written). */
 export class AmendError extends UnsupportedFeatureError {}
@@ -170,8 +170,10 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
   const toOrder = Math.log2(bits);
   const lazyNow = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
   const lazy = o.lazyRefcounts ?? lazyNow;
-  if (o.dataFile !== undefined && o.dataFile !== '' && !img.parsed.dataFile) throw new AmendError('data-file can only be set for images that use an external data file');
-  if (o.dataFileRaw) throw new AmendError('data-file-raw cannot be set on existing images');
+  // qcow2_amend_options: data_file (even empty) needs an image with an external data file;
+  // data_file_raw can only be kept on or turned off.
+  if (o.dataFile !== undefined && !img.geometry.externalData) throw new AmendError('data-file can only be set for images that use an external data file');
+  if (o.dataFileRaw && !hasRawExternalData(h)) throw new AmendError('data-file-raw cannot be set on existing images');
   if (toOrder !== fromOrder && toVersion < 3 && bits !== 16) {
     throw new AmendError('Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
   }
@@ -257,6 +259,26 @@ function headerCluster(img: Qcow2Writable): Buffer {
   for (const e of p.extensions) if (!known.has(e.type)) exts.push(e);
   p.extensions = exts;
   return encodeHeader(p, img.filename);
+}
+
+/**
+ * data_file=NAME records another name for the external data file (an empty one records none:
+ * it must then be given when the image is opened); data_file_raw=off clears the raw flag.
+ * One header write, as QEMU's qcow2_update_header at the end of its amend.
+ */
+async function setDataFile(img: Qcow2Writable, o: AmendOptions): Promise<void> {
+  const p = img.parsed;
+  const h = p.header;
+  if (o.dataFileRaw === false) h.autoclearFeatures &= ~C.AUTOCLEAR_DATA_FILE_RAW;
+  if (o.dataFile !== undefined) {
+    p.dataFile = o.dataFile === '' ? null : o.dataFile;
+    const i = p.extensions.findIndex((e) => e.type === C.EXT_DATA_FILE);
+    const ext = p.dataFile === null ? [] : [{ type: C.EXT_DATA_FILE, data: Buffer.from(p.dataFile, 'utf8') }];
+    if (i >= 0) p.extensions.splice(i, 1, ...ext);
+    else p.extensions.unshift(...ext);
+  }
+  await img.flush();
+  await writeHeader(img);
 }
 
 async function writeHeader(img: Qcow2Writable): Promise<void> {
@@ -459,6 +481,7 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
       else await w.shrink(plan.size);
       await w.flush();
     }
+    if (o.dataFile !== undefined || (o.dataFileRaw === false && hasRawExternalData(w.header))) await setDataFile(w, o);
     if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx, progress);
   } finally {
     await closeChain(img);

@@ -1,9 +1,12 @@
 // check: consistency check and repair of one image, as qemu-img check. A repair that fixed
 // something is followed by a second, read-only pass whose findings are the result (with the
 // fixed counts of the first pass), exactly like qemu-img's "Double checking the fixed image".
-import { StrataError } from '../errors';
+import { StrataError, UsageError } from '../errors';
 import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
-import { isQcow2Magic } from '../format/header';
+import { decodeHeader, isQcow2Magic } from '../format/header';
+import * as C from '../format/constants';
+import type { BlockFile } from '../io/block-file';
+import { openExternalDataFile } from '../chain/open';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { NodeFile } from '../io/node-file';
 import { interposeWritable } from '../io/interpose';
@@ -20,6 +23,8 @@ export interface CheckJobOptions {
   format?: 'qcow2' | 'raw';
   /** -U: check without taking QEMU's locks (read-only checks only). */
   forceShare?: boolean;
+  /** The external data file given with the image's options (data-file.filename), if any. */
+  dataFile?: string;
 }
 
 export interface CheckResult extends CheckCounts {
@@ -94,6 +99,7 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
   throwIfCancelled(ctx);
   if (opts.repair) enforcePlan(planned ?? await planCheck(path, { repair: opts.repair, format: opts.format }));
   const file = await NodeFile.open(path, { writable: !!opts.repair });
+  let dataFile: BlockFile | null = null;
   try {
     // As qemu-img: checking needs consistent data, repairing needs the image to ourselves.
     if (!opts.forceShare || opts.repair) await lockImage(file.fd, path, opts.repair ? WRITE_LOCK : READ_LOCK);
@@ -105,6 +111,8 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
       format = isQcow2Magic(head) ? 'qcow2' : 'raw';
     }
     if (format === 'raw') throw new CheckNotSupportedError();
+    // qemu-img opens the image, its external data file included, before checking it.
+    dataFile = await openDataFileOf(f, path, { writable: !!opts.repair, lock: !opts.forceShare || opts.repair ? 'auto' : 'none', override: opts.dataFile });
     const progress = new ProgressReporter(ctx, 0);
     const hooks = {
       log: ctx.log,
@@ -131,5 +139,28 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
     return { filename: path, format: 'qcow2', ...rest, repaired };
   } finally {
     await file.close();
+    await dataFile?.close();
   }
+}
+
+/** The external data file of the qcow2 image in `f`, opened and locked, or null when it has none. */
+async function openDataFileOf(f: BlockFile, path: string, opts: { writable: boolean; lock: 'auto' | 'none'; override?: string }): Promise<BlockFile | null> {
+  const head = Buffer.alloc(C.HEADER_V3_WITH_COMPRESSION_LENGTH);
+  const got = await f.read(head, 0);
+  if (got < head.length || head.readUInt32BE(4) < 3 || (head.readBigUInt64BE(72) & C.INCOMPAT_DATA_FILE) === 0n) {
+    if (opts.override !== undefined) {
+      throw new UsageError(`${path}: a data file ('${opts.override}') was given, but the image has no external data file`)
+        .asQemu(`Could not open '${path}': 'data-file' can only be set for images with an external data file`);
+    }
+    return null;
+  }
+  const bits = head.readUInt32BE(20);
+  let parsed;
+  try {
+    const buf = Buffer.alloc(bits >= C.MIN_CLUSTER_BITS && bits <= C.MAX_CLUSTER_BITS ? 2 ** bits : head.length);
+    parsed = decodeHeader(buf.subarray(0, await f.read(buf, 0)), path);
+  } catch {
+    return null; // the check reports a header it cannot read
+  }
+  return openExternalDataFile(path, opts.override ?? parsed.dataFile, opts);
 }

@@ -152,7 +152,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     const oldBase = chain[baseIndex]!;
     // Reopen the base for writing: drop the chain's read-only open (and its lock) first, or
     // our own consistent-read lock would refuse our write lock.
-    await oldBase.file.close();
+    await oldBase.close();
     const baseImg = await openImageFile(oldBase.filename, { format: oldBase.format, writable: true });
     if (!isWritable(baseImg)) throw new UsageError(`${oldBase.filename}: cannot be written`);
     base = baseImg;

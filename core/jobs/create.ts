@@ -41,13 +41,21 @@ export interface CreateOptions {
   backingFormat?: string;
   /** -u: do not open the backing file (it need not exist; SIZE is then required). */
   unsafe?: boolean;
+  /**
+   * data_file: the guest data goes to this file (created, or emptied, as a raw file), each
+   * cluster at its guest offset; the name is recorded as given and, as in QEMU, a relative
+   * name is relative to the working directory of whoever opens the image.
+   */
+  dataFile?: string;
+  /** data_file_raw: the data file is kept a complete raw image of the disk. */
+  dataFileRaw?: boolean;
   /** The option names as the user spelled them, in order (for the "Formatting" line and raw checks). */
   given?: Partial<Record<CreateOptionName, string>>;
 }
 
 export const CREATE_OPTION_NAMES = [
   'size', 'cluster_size', 'extended_l2', 'compression_type', 'refcount_bits', 'lazy_refcounts',
-  'compat', 'preallocation', 'backing_file', 'backing_fmt', 'extent_size_hint',
+  'compat', 'preallocation', 'backing_file', 'backing_fmt', 'extent_size_hint', 'data_file', 'data_file_raw',
 ] as const;
 export type CreateOptionName = typeof CREATE_OPTION_NAMES[number];
 
@@ -64,6 +72,9 @@ export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only siz
   preallocation=off|metadata|falloc|full  metadata: every L2 table and data cluster up front (qcow2);
                              falloc: and the file's blocks allocated; full: and zeros written
   extent_size_hint=SIZE      the file system's extent size hint (XFS; default 1M)
+  data_file=PATH             keep the guest data in this raw file (compat=1.1; created or emptied;
+                             a relative name is relative to the working directory)
+  data_file_raw=on|off       keep the data file a complete raw image (preallocates metadata)
 `;
 
 // ---- parsing ----
@@ -175,6 +186,8 @@ export function parseCreateOptions(o: string): CreateOptions {
         else throw new UsageError(`Invalid parameter '${value}'`);
         break;
       case 'backing_file': r.backingFile = value; break;
+      case 'data_file': r.dataFile = value; break;
+      case 'data_file_raw': r.dataFileRaw = parseBool(k, value); break;
       case 'backing_fmt': r.backingFormat = value; break;
       case 'extent_size_hint': {
         const v = parseSizeValue(k, value);
@@ -235,6 +248,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     const qcow2Only: Array<[CreateOptionName, unknown]> = [
       ['cluster_size', opts.clusterSize], ['extended_l2', opts.extendedL2], ['compression_type', opts.compressionType],
       ['refcount_bits', opts.refcountBits], ['lazy_refcounts', opts.lazyRefcounts], ['compat', opts.compat],
+      ['data_file', opts.dataFile], ['data_file_raw', opts.dataFileRaw],
     ];
     const set = qcow2Only.find(([k, v]) => v !== undefined || opts.given?.[k] !== undefined);
     if (set) fail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`);
@@ -265,6 +279,12 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       if (refcountBits !== 16) needV3(`refcount_bits=${refcountBits} (compat=0.10 only has 16-bit refcounts)`, 'Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
       if (zstd) needV3('compression_type=zstd', `Non-zlib compression type is only supported with compatibility level ${USE_V3}`);
     }
+    const dataFile = opts.dataFile ?? null;
+    const dataFileRaw = opts.dataFileRaw ?? false;
+    if (dataFileRaw && dataFile === null) driverFail(path, 'data_file_raw=on needs a data file (give data_file=PATH)', 'data-file-raw requires data-file');
+    if (dataFileRaw && backingFile !== null) driverFail(path, 'data_file_raw=on cannot go with a backing file (the data file alone would not hold the disk)', 'Backing file and data-file-raw cannot be used at the same time');
+    if (dataFile !== null && version === 2) driverFail(path, `an external data file (data_file) needs compat=1.1 (qcow2 v3)`, `External data files are only supported with compatibility level ${USE_V3}`);
+    if (dataFile === '') fail(path, 'the data file name is empty');
     if (extendedL2 && clusterBits < C.MIN_CLUSTER_BITS_EXTENDED_L2) {
       driverFail(path, `extended_l2=on needs a cluster size of at least 16k (cluster_size is ${cs})`, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
     }
@@ -272,7 +292,11 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       size: 0, clusterBits, version, refcountOrder, extendedL2,
       compressionType: zstd ? C.COMPRESSION_ZSTD : C.COMPRESSION_DEFLATE,
       // falloc and full: laid out by preallocateData (QEMU's truncate), not as metadata.
-      lazyRefcounts: lazy, backingFile, backingFormat, preallocation: preallocation === 'metadata' ? 'metadata' : 'off',
+      lazyRefcounts: lazy, backingFile, backingFormat,
+      // With a data file every mode lays the metadata out (QEMU's preallocate_co); falloc and
+      // full then allocate the data file. data_file_raw needs at least metadata.
+      preallocation: preallocation === 'metadata' || (dataFile !== null && (preallocation !== 'off' || dataFileRaw)) ? 'metadata' : 'off',
+      dataFile, dataFileRaw,
     };
   }
 
@@ -373,6 +397,8 @@ export function formattingLine(r: ResolvedCreate): string {
     if (g.compat !== undefined) parts.push(`compat=${g.compat}`);
     if (o.backingFile !== undefined) parts.push(`backing_file=${o.backingFile.replace(/,/g, ',,')}`);
     if (o.backingFormat !== undefined) parts.push(`backing_fmt=${o.backingFormat}`);
+    if (o.dataFile !== undefined) parts.push(`data_file=${o.dataFile.replace(/,/g, ',,')}`);
+    if (g.data_file_raw !== undefined) parts.push(`data_file_raw=${o.dataFileRaw ? 'on' : 'off'}`);
     parts.push(`lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'}`);
     parts.push(`refcount_bits=${o.refcountBits ?? 16}`);
     if (o.extentSizeHint !== undefined) parts.push(`extent_size_hint=${o.extentSizeHint}`);
@@ -431,6 +457,12 @@ export async function planCreate(r: ResolvedCreate): Promise<JobPlan> {
     await permissionProblems(plan, [], [dirname(abs(r.path))]);
   }
   addSpace(plan, r.path, bytes, `the new image ${abs(r.path)}`);
+  const dataPath = r.qcow2?.dataFile;
+  if (dataPath) {
+    // The data file is created (or emptied) too; falloc and full allocate all of it.
+    plan.creates.push(abs(dataPath));
+    if (r.preallocation === 'falloc' || r.preallocation === 'full') addSpace(plan, dataPath, r.size, `the data file ${abs(dataPath)}`);
+  }
   checkSpace(plan);
   return plan;
 }
@@ -511,16 +543,29 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     throw err;
   }
   const target = localPath(r.path);
+  const dataPath = spec?.dataFile ?? null;
+  if (dataPath !== null && sameFile(await identityOf(dataPath), await identityOf(target))) {
+    fail(r.path, `the data file '${dataPath}' is the image being created (give a different data_file)`);
+  }
   const { file, created } = await openTarget(target);
   let releaseLock = () => {};
   let emptied = created;
   let out: BlockFile = file;
+  // The external data file: created (or emptied) as a raw file, locked as the image is.
+  let data: { file: NodeFile; out: BlockFile; emptied: boolean; release: () => void } | null = null;
   try {
     const lock = await lockImage(file.fd, r.path, CREATE_LOCK);
     releaseLock = lock.release;
     out = await interposeWritable(file);
+    if (dataPath !== null) {
+      const d = await openTarget(dataPath);
+      data = { file: d.file, out: d.file, emptied: d.created, release: () => {} };
+      data.release = (await lockImage(d.file.fd, dataPath, CREATE_LOCK)).release;
+      data.out = await interposeWritable(d.file);
+    }
     await out.truncate(0);
     emptied = true;
+    if (data) { await data.out.truncate(0); data.emptied = true; }
     if (!spec || !alloc) {
       await out.truncate(r.size);
       if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(out, r.size, r.preallocation);
@@ -545,7 +590,7 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
         }
       }
       let dataRun: { start: number; end: number } | null = null;
-      if (r.preallocation === 'falloc' || r.preallocation === 'full') dataRun = alloc.preallocateData(spec.size);
+      if ((r.preallocation === 'falloc' || r.preallocation === 'full') && !data) dataRun = alloc.preallocateData(spec.size);
       throwIfCancelled(ctx);
       finishQcow2Layout(spec, alloc);
       const end = alloc.fileLength;
@@ -570,6 +615,15 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
       if ((await out.size()) !== end) await out.truncate(end);
       // falloc, full: the file's blocks behind every cluster, as QEMU's file-level preallocation.
       if (dataRun && (r.preallocation === 'falloc' || r.preallocation === 'full')) await allocateHoles(out, dataRun.end, r.preallocation, dataRun.start);
+      // The data file as long as the disk (QEMU's truncate of it); falloc and full allocate it.
+      if (data) {
+        await data.out.truncate(spec.size);
+        // QEMU's file driver, growing an empty file, writes its first block (zeros) to speed up
+        // its alignment probing later: the same blocks on disk.
+        if (spec.size > 0) await data.out.write(Buffer.alloc(spec.size < 4096 ? 512 : 4096), 0);
+        if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(data.out, spec.size, r.preallocation);
+        await data.out.flush();
+      }
       progress.done();
     }
     await out.flush();
@@ -577,11 +631,20 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     releaseLock();
     await out.close();
     if (emptied) { try { await unlink(target); } catch { /* best effort */ } }
+    if (data) {
+      data.release();
+      await data.out.close();
+      if (data.emptied && dataPath !== null) { try { await unlink(dataPath); } catch { /* best effort */ } }
+    }
     if (err instanceof FormatError && !err.file) throw new FormatError(err.message, r.path);
     throw err;
   }
   releaseLock();
   await out.close();
+  if (data) {
+    data.release();
+    await data.out.close();
+  }
 }
 
 /**

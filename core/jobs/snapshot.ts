@@ -2,7 +2,7 @@
 // crash-safe steps (core/engine/snapshots.ts). Applying one changes the image's content, so
 // its overlays are affected and the run asks for force.
 import { basename } from 'node:path';
-import { NotFoundError, UsageError } from '../errors';
+import { NotFoundError, UnsupportedFeatureError, UsageError } from '../errors';
 import { openImageFile, openImage, closeChain } from '../chain/open';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
@@ -42,6 +42,8 @@ export async function planSnapshot(path: string, action: SnapshotAction, name: s
       if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
       if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
       if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+      // QEMU: -ENOTSUP (a snapshot cannot share the clusters of an external data file).
+      if (img.geometry.externalData) throw new UnsupportedFeatureError('internal snapshots are not supported with an external data file', img.filename).asQemu(`Could not create snapshot '${name}': -95 (Operation not supported)`);
       // What the switch writes where nothing lives (copies of the L2 tables and the L1, a new
       // snapshot table and refcount structure), laid out as the run will lay it out.
       space = await snapshotGrowth(img, 'create', name);

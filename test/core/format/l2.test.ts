@@ -48,6 +48,12 @@ describe('standard L2 entries', () => {
     expect(decodeL2Entry(u64(0n), 0, g)).toEqual({ kind: 'unallocated' });
     // Offset 0 with the copied flag: unallocated (only external data files make it data).
     expect(decodeL2Entry(u64(C.QCOW_OFLAG_COPIED), 0, g)).toEqual({ kind: 'unallocated' });
+    // With an external data file it is guest cluster 0's data at offset 0 of the data file;
+    // without the copied flag it stays unallocated, with the zero flag a plain zero cluster.
+    const ext = { ...g, externalData: true };
+    expect(decodeL2Entry(u64(C.QCOW_OFLAG_COPIED), 0, ext)).toEqual({ kind: 'normal', hostOffset: 0, copied: true });
+    expect(decodeL2Entry(u64(0n), 0, ext)).toEqual({ kind: 'unallocated' });
+    expect(decodeL2Entry(u64(C.QCOW_OFLAG_COPIED | 1n), 0, ext)).toEqual({ kind: 'zero', hostOffset: 0, copied: true });
     // qemu-io `write -c` into a 4 KiB-cluster image: two compressed clusters packed in one host cluster.
     const t = Buffer.from('4000000000005000' + '4000000000005016', 'hex');
     expect(decodeL2Entry(t, 0, std(12))).toEqual({ kind: 'compressed', hostOffset: 0x5000, sectors: 1 });
