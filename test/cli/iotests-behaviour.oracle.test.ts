@@ -240,6 +240,38 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect([s.code, s.err]).toEqual([q.status, q.stderr]);
   });
 
+  describe('rebase -u -F records any format name qemu-img knows (iotest 031)', () => {
+    for (const fmt of ['host_device', 'file', 'luks', 'vmdk']) {
+      it(`-F ${fmt}: the same header as qemu-img writes, under both names`, async () => {
+        const q = t.path(`fmt-${fmt}-q.qcow2`);
+        qemuImg('create', '-q', '-f', 'qcow2', q, '1M');
+        const rq = qemuImgRun('rebase', '-u', '-b', '/some/backing/file/path', '-F', fmt, q);
+        expect(rq.status).toBe(0);
+        for (const [n, runAs] of [['a', asQemuImg], ['b', strata]] as const) {
+          const s = t.path(`fmt-${fmt}-${n}.qcow2`);
+          qemuImg('create', '-q', '-f', 'qcow2', s, '1M');
+          const rs = await runAs('rebase', '-u', '-b', '/some/backing/file/path', '-F', fmt, s);
+          expect([rs.code, rs.out, rs.err]).toEqual([0, '', '']);
+          // Byte for byte qemu-img's file (check cannot run: the backing file does not exist).
+          expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
+        }
+      });
+    }
+    it('an unknown format name: refused as qemu-img refuses it, nothing written', async () => {
+      const q = t.path('fmt-bad-q.qcow2');
+      const s = t.path('fmt-bad-s.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', q, '1M');
+      copyFileSync(q, s);
+      const before = readFileSync(s);
+      const rq = qemuImgRun('rebase', '-u', '-b', 'x', '-F', 'nosuchfmt', q);
+      const rs = await asQemuImg('rebase', '-u', '-b', 'x', '-F', 'nosuchfmt', s);
+      expect(rq.status).toBe(1);
+      expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+      expect((await strata('rebase', '-u', '-b', 'x', '-F', 'nosuchfmt', s)).code).not.toBe(0);
+      expect(readFileSync(s).equals(before)).toBe(true);
+    });
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
