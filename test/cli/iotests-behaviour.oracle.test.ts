@@ -1,7 +1,7 @@
 // Behaviour QEMU's iotests showed to differ, each case with qemu-img as the oracle (the iotest
 // it comes from in its name). Images are made at test time with qemu-img and qemu-io.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
 import { asQemuImg, strata } from './run-cli';
@@ -270,6 +270,22 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
       expect((await strata('rebase', '-u', '-b', 'x', '-F', 'nosuchfmt', s)).code).not.toBe(0);
       expect(readFileSync(s).equals(before)).toBe(true);
     });
+  });
+
+  it('convert of several sources with a backing file: refused in qemu-img\'s words, nothing created (iotest 122)', async () => {
+    const base = t.path('cat-base.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', base, '1M');
+    const srcs = [1, 2].map((i) => { const f = t.path(`cat-${i}.qcow2`); qemuImg('create', '-q', '-f', 'qcow2', f, '1M'); return f; });
+    for (const extra of [[], ['-c'], ['-F', 'qcow2'], ['-o', 'backing_fmt=qcow2']]) {
+      const q = qemuImgRun('convert', '-O', 'qcow2', ...extra, '-B', base, ...srcs, t.path('cat-q.qcow2'));
+      const s = await asQemuImg('convert', '-O', 'qcow2', ...extra, '-B', base, ...srcs, t.path('cat-s.qcow2'));
+      expect(q.stderr).toBe('qemu-img: Having a backing file for the target makes no sense when concatenating multiple input images\n');
+      expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+      expect(existsSync(t.path('cat-s.qcow2'))).toBe(false);
+    }
+    const r = await strata('convert', '-O', 'qcow2', '-B', base, '-F', 'qcow2', ...srcs, t.path('cat-s.qcow2'));
+    expect(r.code).not.toBe(0);
+    expect(r.err).toMatch(/^strata: .*several sources/);
   });
 
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
