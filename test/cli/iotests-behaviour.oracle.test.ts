@@ -288,6 +288,29 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(r.err).toMatch(/^strata: .*several sources/);
   });
 
+  describe('measure refusals in qemu-img\'s words (iotest 271)', () => {
+    const cases: [string, string[]][] = [
+      ['extended_l2 with 8k clusters', ['--size', '1M', '-O', 'qcow2', '-o', 'cluster_size=8k,extended_l2=on']],
+      ['extended_l2 with 512-byte clusters', ['--size', '1M', '-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=512']],
+      ['1025 TiB with extended_l2', ['--size', '1025T', '-O', 'qcow2', '-o', 'extended_l2=on']],
+      ['a size past the L1 limit without extended_l2', ['--size', '8P', '-O', 'qcow2', '-o', 'cluster_size=512']],
+    ];
+    for (const [name, args] of cases) {
+      it(name, async () => {
+        const q = qemuImgRun('measure', ...args);
+        const s = await asQemuImg('measure', ...args);
+        expect(q.status).toBe(1);
+        expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+        expect((await strata('measure', ...args)).code).not.toBe(0);
+      });
+    }
+    it('1024 TiB with extended_l2 is measured as qemu-img measures it', async () => {
+      const args = ['--size', '1024T', '-O', 'qcow2', '-o', 'extended_l2=on'];
+      const q = qemuImgRun('measure', ...args);
+      expect([(await asQemuImg('measure', ...args)).out, q.status]).toEqual([q.stdout, 0]);
+    });
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
