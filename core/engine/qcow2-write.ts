@@ -902,7 +902,6 @@ export class Qcow2Writable extends Qcow2Image {
    */
   async shrink(newSize: number): Promise<void> {
     if (newSize > this.virtualSize) throw new UsageError(`${this.filename}: shrink to ${newSize} is larger than the current size ${this.virtualSize}`);
-    if (this.snapshots.length) throw new UsageError(`${this.filename}: cannot shrink an image with internal snapshots`);
     const g = this.geometry;
     const from = Math.ceil(newSize / g.clusterSize) * g.clusterSize;
     // Everything that could fail halfway is checked first, so a refusal changes nothing.

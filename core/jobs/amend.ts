@@ -215,8 +215,6 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
       throw new AmendError('Cannot downgrade an image with zstd compression type and existing compressed clusters');
     }
   }
-  // QEMU shrinks an image with snapshots; Strata's shrink does not (nothing is changed).
-  if (size !== null && size < img.virtualSize && img.snapshots.length) throw new AmendError("Can't shrink an image which has snapshots");
   return { fromVersion, toVersion, fromOrder, toOrder, lazy, size };
 }
 

@@ -311,6 +311,51 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     });
   });
 
+  describe('a shrink that meets internal snapshots shrinks, as qemu-img does; the snapshots keep their data (iotest 061)', () => {
+    /** A v3 image with data inside and past 64M, a snapshot of it, then other data in the active layer. */
+    const make = (f: string) => {
+      qemuImg('create', '-q', '-f', 'qcow2', f, '128M');
+      qemuIo(f, ['write -P 0x2a 24M 64k', 'write -P 0x11 100M 1M', 'write -P 0x33 127M 64k']);
+      qemuImg('snapshot', '-c', 'foo', f);
+      qemuIo(f, ['write -P 0x44 100M 64k', 'write -P 0x55 90M 2M', 'write -P 0x66 24M 4k']);
+      qemuImg('snapshot', '-c', 'bar', f);
+      qemuIo(f, ['write -P 0x77 70M 64k']);
+    };
+    const raw = (f: string, snap?: string) => {
+      const out = `${f}.${snap ?? 'active'}.raw`;
+      qemuImg('convert', '-O', 'raw', ...(snap ? ['-l', `snapshot.name=${snap}`] : []), f, out);
+      return readFileSync(out);
+    };
+    const cases: [string, (f: string) => string[]][] = [
+      ['resize --shrink', (f) => ['resize', '--shrink', f, '64M']],
+      ['resize --shrink to a size inside a cluster', (f) => ['resize', '--shrink', f, '33554944']],
+      ['amend -o size=', (f) => ['amend', '-o', 'size=64M', f]],
+    ];
+    for (const [name, args] of cases) {
+      for (const [who, runAs] of [['qemu-img', asQemuImg], ['strata', strata]] as const) {
+        it(`${name}, as ${who}`, async () => {
+          const q = t.path(`shrink-snap-q.qcow2`);
+          const s = t.path(`shrink-snap-s.qcow2`);
+          make(q);
+          make(s);
+          const rq = qemuImgRun(...args(q));
+          const rs = await runAs(...args(s));
+          expect(rq.status).toBe(0);
+          expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+          expect(qemuImgRun('check', s).status).toBe(0);
+          expect(JSON.parse(qemuImg('info', '--output=json', s))['virtual-size']).toBe(JSON.parse(qemuImg('info', '--output=json', q))['virtual-size']);
+          expect(qemuImg('snapshot', '-l', s).replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'DATE')).toBe(qemuImg('snapshot', '-l', q).replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'DATE'));
+          for (const snap of [undefined, 'foo', 'bar']) expect(raw(s, snap).equals(raw(q, snap))).toBe(true);
+          // Going back to a snapshot gives its size and data back.
+          qemuImg('snapshot', '-a', 'foo', q);
+          expect((await strata('snapshot', '-a', 'foo', s)).code).toBe(0);
+          expect(raw(s).equals(raw(q))).toBe(true);
+          expect(qemuImgRun('check', s).status).toBe(0);
+        });
+      }
+    }
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];

@@ -259,6 +259,19 @@ export const CASES: SweepCase[] = [
     views: [{ file: 'img.qcow2', rule: 'result' }, { file: 'img.qcow2', rule: 'unchanged', range: [0, 1536 * KiB] }],
   },
   {
+    name: 'resize --shrink of an image with internal snapshots (tables shared with them)',
+    build: (d) => {
+      const p = create(d, 'img.qcow2', '4M');
+      qemuIo(p, ['write -P 0x64 0 1M', 'write -P 0x65 3M 512k']);
+      qemuImg('snapshot', '-c', 'one', p);
+      qemuIo(p, ['write -P 0x66 3M 64k', 'write -P 0x67 1M 128k']);
+    },
+    argv: (d) => ['resize', '--shrink', join(d, 'img.qcow2'), '1536k'],
+    images: ['img.qcow2'],
+    // The snapshot keeps everything, at every step; of the active layer, what stays.
+    views: [{ file: 'img.qcow2', rule: 'result' }, { file: 'img.qcow2', rule: 'unchanged', range: [0, 1536 * KiB] }, { file: 'img.qcow2', snapshots: true, rule: 'unchanged' }],
+  },
+  {
     name: 'check -r leaks',
     build: (d) => { damaged(d, 'img.qcow2', 'leak'); },
     argv: (d) => ['check', '-r', 'leaks', join(d, 'img.qcow2')],
