@@ -356,6 +356,23 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     }
   });
 
+  it('amend -o compat=0.10 over a snapshot whose L1 table points to an unaligned L2 table: refused in one line, nothing changed (iotest 080)', async () => {
+    const f = t.path('unaligned-snap-l2.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', f, '64M');
+    qemuIo(f, ['write 0 512']);
+    qemuImg('snapshot', '-c', 'test', f);
+    const b = readFileSync(f);
+    const table = Number(b.readBigUInt64BE(64));
+    const snapL1 = Number(b.readBigUInt64BE(table));
+    b.writeBigUInt64BE(0x400200n, snapL1);
+    writeFileSync(f, b);
+    for (const r of [await strata('amend', '-o', 'compat=0.10', f), await asQemuImg('amend', '-o', 'compat=0.10', f)]) {
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/^(strata|qemu-img): .*L2 table offset 0x400200 is not aligned to the cluster size\n$/);
+    }
+    expect(readFileSync(f).equals(b)).toBe(true);
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
