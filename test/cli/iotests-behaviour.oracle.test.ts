@@ -373,6 +373,41 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(readFileSync(f).equals(b)).toBe(true);
   });
 
+  describe('snapshot -c where a refcount would overflow: qemu-img\'s message; refused before writing, so nothing leaks (iotest 112)', () => {
+    const cases: [string, string, (f: string) => void][] = [
+      ['refcount_bits=1', 'refcount_bits=1', () => {}],
+      ['refcount_bits=2, a fourth reference', 'refcount_bits=2', (f) => { qemuImg('snapshot', '-c', 'foo', f); qemuImg('snapshot', '-c', 'bar', f); }],
+      ['refcount_bits=64 at its maximum', 'refcount_bits=64', (f) => {
+        const b = readFileSync(f);
+        const refblock = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(48))));
+        const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+        const data = Number(b.readBigUInt64BE(l2) & 0x00fffffffffffe00n) / 65536;
+        b.writeBigUInt64BE(0xffffffffffffffffn, refblock + data * 8);
+        writeFileSync(f, b);
+      }],
+    ];
+    for (const [name, opt, prepare] of cases) {
+      it(name, async () => {
+        const q = t.path('rc-snap-q.qcow2');
+        const s = t.path('rc-snap-s.qcow2');
+        qemuImg('create', '-q', '-f', 'qcow2', '-o', opt, q, '64M');
+        qemuIo(q, ['write 0 512']);
+        prepare(q);
+        copyFileSync(q, s);
+        const before = readFileSync(s);
+        const rq = qemuImgRun('snapshot', '-c', 'baz', q);
+        const rs = await asQemuImg('snapshot', '-c', 'baz', s);
+        expect(rq.stderr).toBe("qemu-img: Could not create snapshot 'baz': -22 (Invalid argument)\n");
+        expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+        // qemu-img leaks the new L1 table's cluster; Strata refuses before writing anything.
+        expect(readFileSync(s).equals(before)).toBe(true);
+        const r = await strata('snapshot', '-c', 'baz', s);
+        expect(r.code).not.toBe(0);
+        expect(r.err).toMatch(/^strata: .*(refcounts wider than 1 bit|would overflow)/);
+      });
+    }
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
