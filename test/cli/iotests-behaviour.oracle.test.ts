@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { describeOracleText, qemuImg, qemuImgRun, qemuIo, tempDir } from '../oracle/qemu';
-import { asQemuImg, strata } from './run-cli';
+import { asQemuImg, expectSameFile, strata } from './run-cli';
 import { printfFixed2 } from '../../cli/progress';
 
 describeOracleText('iotests: behaviour as qemu-img', () => {
@@ -406,6 +406,118 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
         expect(r.err).toMatch(/^strata: .*(refcounts wider than 1 bit|would overflow)/);
       });
     }
+  });
+
+  describe('check and snapshot tables qemu-img cannot read as they are (iotest 261)', () => {
+    /** The snapshot table's entries as [fixed 40 bytes, extra data, id and name]. */
+    const entries = (b: Buffer) => {
+      const out: [Buffer, Buffer, Buffer][] = [];
+      let p = Number(b.readBigUInt64BE(64));
+      for (let i = 0; i < b.readUInt32BE(60); i++) {
+        p = Math.ceil(p / 8) * 8;
+        const fixed = Buffer.from(b.subarray(p, p + 40));
+        const x = fixed.readUInt32BE(36);
+        const ids = fixed.readUInt16BE(12) + fixed.readUInt16BE(14);
+        out.push([fixed, Buffer.from(b.subarray(p + 40, p + 40 + x)), Buffer.from(b.subarray(p + 40 + x, p + 40 + x + ids))]);
+        p += 40 + x + ids;
+      }
+      return out;
+    };
+    /** Writes entries back at the table's place (8-byte aligned), with their extra data as given. */
+    const writeTable = (b: Buffer, es: [Buffer, Buffer, Buffer][]) => {
+      let p = Number(b.readBigUInt64BE(64));
+      for (const [fixed, extra, ids] of es) {
+        p = Math.ceil(p / 8) * 8;
+        fixed.writeUInt32BE(extra.length, 36);
+        Buffer.concat([fixed, extra, ids]).copy(b, p);
+        p += 40 + extra.length + ids.length;
+      }
+    };
+    /** Three qemu-img snapshots of a v2 image; `edit` changes the table, `v3` makes the header v3. */
+    const make = (f: string, edit: (es: [Buffer, Buffer, Buffer][]) => void, v3: boolean) => {
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', f, '64M');
+      for (const n of ['sn0', 'sn1', 'sn2']) qemuImg('snapshot', '-c', n, f);
+      const b = readFileSync(f);
+      const es = entries(b);
+      edit(es);
+      writeTable(b, es);
+      if (v3) {
+        b.writeUInt32BE(3, 4);
+        b.writeUInt32BE(0x68, 100);
+        b.writeUInt32BE(4, 96);
+      }
+      writeFileSync(f, b);
+    };
+    const short = (es: [Buffer, Buffer, Buffer][]) => {
+      es[0]![1] = Buffer.alloc(0);
+      es[1]![1] = Buffer.concat([es[1]![1].subarray(0, 24), Buffer.from('very important data'), Buffer.alloc(7)]);
+      es[2]![1] = es[2]![1].subarray(0, 8);
+    };
+    const huge = (es: [Buffer, Buffer, Buffer][]) => { es[2]![1] = Buffer.alloc(65536); };
+
+    const same = async (args: string[], f: string, edit: (es: [Buffer, Buffer, Buffer][]) => void, v3: boolean) => {
+      const q = t.path(`snt-q-${f}.qcow2`);
+      const s = t.path(`snt-s-${f}.qcow2`);
+      make(q, edit, v3);
+      copyFileSync(q, s);
+      const rq = qemuImgRun(...args, q);
+      const rs = await asQemuImg(...args, s);
+      expect([rs.code, rs.out, rs.err.replaceAll(s, q)]).toEqual([rq.status, rq.stdout, rq.stderr]);
+      return { q, s, rq };
+    };
+
+    it('check -r all of v3 entries whose extra data is too short: repaired as qemu-img repairs them, the same bytes', async () => {
+      const { q, s, rq } = await same(['check', '-r', 'all'], 'short', short, true);
+      expect(rq.stderr).toBe('Repairing snapshot table entry 0 is incomplete\nRepairing snapshot table entry 2 is incomplete\n');
+      expect(qemuImgRun('check', s).status).toBe(0);
+      await expectSameFile(s, q);
+      // The unknown extra data is kept.
+      expect(readFileSync(s).includes(Buffer.from('very important data'))).toBe(true);
+    });
+
+    it('check of v3 entries whose extra data is too short: reported as qemu-img reports them', async () => {
+      await same(['check'], 'short-ro', short, true);
+    });
+
+    it('check -r leaks of v3 entries whose extra data is too short: reported, not repaired', async () => {
+      await same(['check', '-r', 'leaks'], 'short-leaks', short, true);
+    });
+
+    it('too much extra data: info and check refuse in qemu-img\'s words; check -r all cuts it to 1 KiB as qemu-img does', async () => {
+      await same(['info'], 'huge-info', huge, false);
+      await same(['check'], 'huge-ro', huge, false);
+      const { q, s } = await same(['check', '-r', 'all'], 'huge', huge, false);
+      expect(qemuImgRun('check', s).status).toBe(0);
+      expect(qemuImg('snapshot', '-l', s)).toBe(qemuImg('snapshot', '-l', q));
+      // Under its own name Strata says what to do.
+      const f = t.path('snt-huge-strata.qcow2');
+      make(f, huge, false);
+      const r = await strata('info', f);
+      expect(r.err).toMatch(/^strata: .*Too much extra metadata in snapshot table entry 2 .*check -r all/);
+    });
+
+    it('more snapshots than qemu-img allows: check -r all drops the ones past the limit as qemu-img does', async () => {
+      const q = t.path('snt-many-q.qcow2');
+      const s = t.path('snt-many-s.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', q, '64M');
+      const b = readFileSync(q);
+      b.writeBigUInt64BE(1048576n, 64);
+      b.writeUInt32BE(65536 + 3, 60);
+      writeFileSync(q, Buffer.concat([b, Buffer.alloc(1048576 + 40 * (65536 + 3) - b.length)]));
+      // The table's clusters are in use: refcounts 1 from 1 MiB on (16-bit refcounts in the first block).
+      const f = readFileSync(q);
+      const block = Number(f.readBigUInt64BE(Number(f.readBigUInt64BE(48))));
+      for (let c = 16; c < Math.ceil(f.length / 65536); c++) f.writeUInt16BE(1, block + c * 2);
+      writeFileSync(q, f);
+      copyFileSync(q, s);
+      for (const args of [['info'], ['check'], ['check', '-r', 'all']]) {
+        const rq = qemuImgRun(...args, q);
+        const rs = await asQemuImg(...args, s);
+        expect([rs.code, rs.out, rs.err.replaceAll(s, q)]).toEqual([rq.status, rq.stdout, rq.stderr]);
+      }
+      expect(readFileSync(s).readUInt32BE(60)).toBe(65536);
+      expect(qemuImgRun('check', s).status).toBe(0);
+    });
   });
 
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
