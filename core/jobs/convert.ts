@@ -92,7 +92,10 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
     const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? (compress ? 2 << 20 : 4 << 20)) / unit) * unit);
     const width = opts.parallel ?? 8;
-    const below = img.backing;
+    // The target's backing file counts where -B gave it (qemu-img's target_has_backing): an
+    // existing target's own backing file (-n without -B) is not looked at, and zeros are
+    // written where the source reads zero, as qemu-img writes them.
+    const below = opts.existing && !opts.create?.backingFile ? null : img.backing;
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
     const srcBufs = ioBuffers(width, chunk);

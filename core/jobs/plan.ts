@@ -58,7 +58,7 @@ export function convertOptions(spec: SpecOf<'convert'>): ConvertOptions {
     create.backingFormat = spec.backingFormat ?? create.backingFormat;
   }
   if (spec.compress && spec.targetFormat !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
-  if (spec.existing && spec.options && Object.keys(spec.options).length) throw new UsageError('-o cannot be used with -n (the target exists already)');
+  if (spec.existing && spec.options && Object.keys(spec.options).length) throw new UsageError('-o cannot be used with -n (the target exists already)').asQemu('-o has no effect when skipping image creation');
   if (spec.targetIsZero && !spec.existing) throw new UsageError('--target-is-zero requires -n (an existing target)');
   const cache = spec.cache ?? 'unsafe';
   if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`-t must be unsafe or writeback, not '${String(cache)}'`);

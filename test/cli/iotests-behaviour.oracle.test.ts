@@ -520,6 +520,53 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     });
   });
 
+  describe('convert -n as qemu-img (iotest 122)', () => {
+    for (const compat of ['1.1', '0.10']) {
+      it(`into an empty compat=${compat} image with a backing file: the target's own backing file is not looked at, zeros are written`, async () => {
+        const src = t.path(`n-src-${compat}.qcow2`);
+        const base = t.path(`n-base-${compat}.qcow2`);
+        qemuImg('create', '-q', '-f', 'qcow2', src, '64M');
+        qemuImg('create', '-q', '-f', 'qcow2', base, '64M');
+        const maps: string[] = [];
+        for (const who of ['q', 's']) {
+          const dst = t.path(`n-dst-${compat}-${who}.qcow2`);
+          qemuImg('create', '-q', '-f', 'qcow2', '-o', `compat=${compat}`, '-b', base, '-F', 'qcow2', dst, '64M');
+          if (who === 'q') expect(qemuImgRun('convert', '-O', 'qcow2', '-n', src, dst).status).toBe(0);
+          else expect(await asQemuImg('convert', '-O', 'qcow2', '-n', src, dst)).toEqual({ code: 0, out: '', err: '' });
+          maps.push(qemuImg('map', '--output=json', dst));
+        }
+        expect(maps[1]).toBe(maps[0]);
+      });
+    }
+
+    it('-n -B into an image without a backing file: no backing format asked for, as qemu-img', async () => {
+      const base = t.path('nb-base.qcow2');
+      const src = t.path('nb-src.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', base, '64M');
+      qemuImg('create', '-q', '-f', 'qcow2', src, '64M');
+      const res: unknown[] = [];
+      for (const who of ['q', 's']) {
+        const dst = t.path(`nb-dst-${who}.qcow2`);
+        qemuImg('create', '-q', '-f', 'qcow2', dst, '64M');
+        const r = who === 'q' ? qemuImgRun('convert', '-O', 'qcow2', '-B', base, '-n', src, dst) : await asQemuImg('convert', '-O', 'qcow2', '-B', base, '-n', src, dst);
+        res.push('status' in r ? [r.status, r.stdout, r.stderr] : [r.code, r.out, r.err]);
+        expect(qemuImgRun('check', dst).status).toBe(0);
+      }
+      expect(res[1]).toEqual(res[0]);
+    });
+
+    it('-n with -o: qemu-img\'s words', async () => {
+      const src = t.path('no-src.qcow2');
+      const dst = t.path('no-dst.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', src, '64M');
+      qemuImg('create', '-q', '-f', 'qcow2', dst, '64M');
+      const q = qemuImgRun('convert', '-O', 'qcow2', '-o', 'preallocation=metadata', '-n', src, dst);
+      const s = await asQemuImg('convert', '-O', 'qcow2', '-o', 'preallocation=metadata', '-n', src, dst);
+      expect(q.status).toBe(1);
+      expect([s.code, s.out, s.err]).toEqual([q.status, q.stdout, q.stderr]);
+    });
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
