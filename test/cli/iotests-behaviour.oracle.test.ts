@@ -567,6 +567,29 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     });
   });
 
+  describe('convert -S larger than the target\'s clusters: data runs aligned and short zero runs kept as qemu-img does (iotest 122)', () => {
+    const src = t.path('s-src.qcow2');
+    const writes = ['write -P 0 0 64k', 'write 0 1k', 'write 8k 1k', 'write 17k 1k', 'write -P 0 65k 1k', 'write 200k 3k', 'write 300k 512', 'write 310k 512'];
+    const cases: [string[], string][] = [];
+    for (const sparse of ['4k', '8k', '2k', '16k', '6k']) for (const cluster of ['512', '1k', '2k']) cases.push([['-S', sparse], `cluster_size=${cluster}`]);
+    // Extended L2 entries: 2 KiB subclusters under the default -S of 4 KiB.
+    for (const sparse of [[], ['-S', '8k']]) cases.push([sparse, 'cluster_size=64k,extended_l2=on']);
+    for (const [sparse, o] of cases) {
+      {
+        it(`${sparse.join(' ') || 'default -S'}, ${o}`, async () => {
+          qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=1k', src, '64M');
+          qemuIo(src, writes);
+          const q = t.path('s-q.qcow2');
+          const s = t.path('s-s.qcow2');
+          qemuImg('convert', '-O', 'qcow2', '-o', o, ...sparse, src, q);
+          expect((await strata('convert', '-O', 'qcow2', '-o', o, ...sparse, src, s)).code).toBe(0);
+          expect(qemuImg('map', '--output=json', s)).toBe(qemuImg('map', '--output=json', q));
+          expect(qemuImgRun('compare', s, q).status).toBe(0);
+        });
+      }
+    }
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
