@@ -1204,7 +1204,10 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         log(`${fix & FIX_ERRORS ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
       });
     }
-    ck = new Checker(file, st, fix, opts);
+    // The first pass's lines go through `sink`, which a rebuild holds back while the recount
+    // prints its own (QEMU's order: the recount's findings, then the leak repairs and flags).
+    let sink = log;
+    ck = new Checker(file, st, fix, { ...opts, log: (s) => sink(s) });
     const cs = st.clusterSize;
     await ck.calculate();
     if (fix & FIX_ERRORS) await file.flush(); // entries fix_l2_entry_by_zero rewrote
@@ -1236,7 +1239,9 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         // the new refcounts leave them out from the start; the same lines, the same holes.
         const { n, imrt } = ck;
         const oldClusters = [...ck.structureRefs.keys()].filter((c) => c < n && imrt[c]! > final[c]!).sort((a, b) => a - b);
-        for (const c of oldClusters) log(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
+        const held: string[] = [];
+        sink = (s) => { held.push(s); };
+        for (const c of oldClusters) sink(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
         const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
@@ -1245,10 +1250,13 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const covered = await qemuRebuild(file, st, imrt, n, oldClusters.map((c) => [c, final[c]!]));
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
-        // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
+        // Recount on the rebuilt image, as QEMU's second calculate_refcounts (which prints what
+        // it finds in the tables again, before the leak repairs and the flag checks).
         const st2 = await loadState(file, st);
-        const again = new Checker(file, st2, 0, {});
+        const again = new Checker(file, st2, 0, { log });
         await again.calculate();
+        sink = log;
+        for (const s of held) log(s);
         const res = ck.res;
         res.checkErrors = old.checkErrors + again.res.checkErrors;
         res.corruptions = again.res.corruptions;

@@ -590,6 +590,25 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     }
   });
 
+  it('check -r all that rebuilds the refcounts: the recount prints what it finds again, before the leak repairs (iotest 271)', async () => {
+    const base = t.path('unal-base.raw');
+    qemuImg('create', '-q', '-f', 'raw', base, '128k');
+    qemuIo(base, ['write -q -P 0xff 0 128k'], { format: 'raw' });
+    const q = t.path('unal-q.qcow2');
+    const s = t.path('unal-s.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', base, '-F', 'raw', q);
+    qemuIo(q, ['write -q -P 1 4k 2k']);
+    const b = readFileSync(q);
+    const l2 = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+    b[l2 + 6] = 0x02;
+    writeFileSync(q, b);
+    copyFileSync(q, s);
+    const rq = qemuImgRun('check', '-r', 'all', q);
+    const rs = await asQemuImg('check', '-r', 'all', s);
+    expect(rq.stderr).toContain('Rebuilding refcount structure\nERROR offset=50200');
+    expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+  });
+
   describe('convert -p when stdout is no terminal: qemu-img\'s (NN.NN/100%) lines on stdout, its steps (iotest 086)', () => {
     const src = t.path('p-src.qcow2');
     const runs: [string, string[]][] = [['1 MiB runs', ['write 0 1M', 'write 2M 1M', 'write 4M 1M', 'write 32M 1M']], ['long runs and a zero run', ['write 0 7M', 'write 20M 3M', 'write -z 30M 1M']]];
