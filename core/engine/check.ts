@@ -24,7 +24,7 @@ import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, type ParsedHeader } from '../format/header';
 import { getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
-import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
+import { cString, encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
 import { BufferArena } from '../io/buffers';
@@ -287,9 +287,9 @@ async function loadSnapshots(file: BlockFile, fileSize: number, h: ParsedHeader[
     }
     const extra = Buffer.from(await bytes(pos, extraSize));
     pos += fullExtra;
-    const id = (await bytes(pos, idSize)).toString('utf8');
+    const id = cString((await bytes(pos, idSize)).toString('utf8'));
     pos += idSize;
-    const name = (await bytes(pos, nameSize)).toString('utf8');
+    const name = cString((await bytes(pos, nameSize)).toString('utf8'));
     pos += nameSize;
     tableLength += C.SNAPSHOT_ENTRY_FIXED_SIZE + extraSize + idSize + nameSize;
     if (tableLength > C.MAX_SNAPSHOTS_SIZE || pos - offset > 0x7fffffff) {

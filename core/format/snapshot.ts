@@ -76,14 +76,20 @@ export async function decodeSnapshotTable(
     if (extraSize >= 16) diskSize = readU64(extraData, 8, `snapshot ${i} disk size`, file);
     // Signed: -1 means "icount disabled".
     if (extraSize >= 24) icount = extraData.readBigInt64BE(16);
-    const id = buf.toString('utf8', x + extraSize, x + extraSize + idSize);
-    const name = buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize);
+    const id = cString(buf.toString('utf8', x + extraSize, x + extraSize + idSize));
+    const name = cString(buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize));
     if (l1TableOffset % 2 ** clusterBits !== 0) throw new CorruptImageError(`snapshot ${id || i} L1 table offset ${l1TableOffset} is not cluster-aligned`, file);
     if (l1Size > C.MAX_L1_SIZE_BYTES / 8) throw new CorruptImageError(`snapshot ${id || i} L1 table is too large (${l1Size} entries)`, file);
     entries.push({ l1TableOffset, l1Size, id, name, dateSec, dateNsec, vmClockNsec, vmStateSize, diskSize, icount, extraData });
     off += total;
   }
   return { entries, tableSize: off };
+}
+
+/** An ID or name as QEMU holds it: a C string, ending at its first NUL byte. */
+export function cString(s: string): string {
+  const nul = s.indexOf('\0');
+  return nul < 0 ? s : s.slice(0, nul);
 }
 
 function extraDataFor(e: SnapshotEntry): Buffer {
