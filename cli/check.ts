@@ -5,7 +5,7 @@ import { UsageError } from '../core/errors';
 import { checkImage, CheckNotSupportedError, planCheck, type CheckResult } from '../core/jobs/check';
 import { printPlan } from './plan-output';
 import { parseFormat } from '../core/chain/open';
-import { outputFormat, parse, needPositionals, reportError, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { asQemu, outputFormat, parse, needPositionals, reportError, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata check [--output=human|json] [-r leaks|all [--dry-run]] [-f FMT] [-q] [-U] FILE';
 
@@ -145,7 +145,9 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
       format = parseFormat(n.format) ?? format;
       dataFile = n.dataFile;
     }
-    result = await checkImage({ signal, log: (line) => io.err(`${line}\n`) }, path, { repair, format, forceShare: !!values['force-share'], dataFile });
+    // Lines qemu-img prints through error_report carry its name: Strata's own under strata.
+    const log = (line: string) => io.err(`${asQemu(io) ? line : line.replace(/^qemu-img: /gm, 'strata: ')}\n`);
+    result = await checkImage({ signal, log }, path, { repair, format, forceShare: !!values['force-share'], dataFile });
     if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {

@@ -62,8 +62,9 @@ export async function convertCommand(args: string[], io: CommandIO, signal: Abor
   const outFmt = parseFormat(str(values['output-format']) ?? 'raw', 'output format')!;
   const o = ((values.options as string[] | undefined) ?? []).join(',');
   parseCreateOptions(o); // checked before anything is opened
-  if (values.n && values.options) throw new UsageError('-o cannot be used with -n (the target exists already)');
-  if (values.backing !== undefined && values['backing-format'] === undefined && !/(?:^|,)backing_fmt=/.test(o)) {
+  if (values.n && values.options) throw new UsageError('-o cannot be used with -n (the target exists already)').asQemu('-o has no effect when skipping image creation');
+  // qemu-img asks for the backing format only when it creates the target (not with -n).
+  if (values.backing !== undefined && !values.n && values['backing-format'] === undefined && !/(?:^|,)backing_fmt=/.test(o)) {
     throw new UsageError('a backing file (-B) needs its format: add -F qcow2 or -F raw').asQemu('Use of backing file requires explicit backing format');
   }
   const minSparse = values.sparse !== undefined ? parseSize(str(values.sparse)!, '-S size') : 4096;

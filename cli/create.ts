@@ -63,7 +63,10 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   if (values.output !== undefined) throw new UsageError('--output goes with --dry-run here (the plan as JSON)');
   if (!values.quiet) io.out(formattingLine(resolved) + '\n');
   const bar = progressPrinter(!!values.progress && io.isTTY, io.err);
-  await createPlanned(resolved, { signal, progress: bar.onProgress }, { force: !!values.force });
+  // Replacing a backing file an overlay still uses needs --force from strata. Started as
+  // qemu-img (the drop-in), it writes as qemu-img does: whoever linked it under that name asked
+  // for qemu-img's behaviour (iotests 024, 043, 097, 154).
+  await createPlanned(resolved, { signal, progress: bar.onProgress }, { force: !!values.force || asQemu(io) });
   bar.end();
   return 0;
 }

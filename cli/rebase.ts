@@ -1,4 +1,4 @@
-import { parseFormat } from '../core/chain/open';
+import { QEMU_FORMAT_NAMES, parseFormat } from '../core/chain/open';
 import { UsageError } from '../core/errors';
 import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { commandProgress } from './progress';
@@ -20,8 +20,19 @@ export async function rebaseCommand(args: string[], io: CommandIO, signal: Abort
   const backing = str(values.backing);
   if (backing === undefined) throw new UsageError(`-b BACKING is required ('' to flatten)\nusage: ${USAGE}`);
   if (values.format !== undefined && parseFormat(str(values.format)) !== 'qcow2') throw new UsageError('rebase works on qcow2 images');
+  const fmtName = str(values['backing-format']);
+  // An unsafe rebase only records the name: qemu-img takes any format it knows there
+  // (host_device, file, vmdk...; iotest 031) and refuses others in its own words.
+  let backingFormatName: string | undefined;
+  if (values.unsafe && fmtName && fmtName !== 'qcow2' && fmtName !== 'raw') {
+    if (!QEMU_FORMAT_NAMES.has(fmtName)) {
+      throw new UsageError(`unknown backing format '${fmtName}' (QEMU knows none of that name)`).asQemu(`Invalid format name: '${fmtName}'`);
+    }
+    backingFormatName = fmtName;
+  }
   const bar = commandProgress(io, !!values.progress, 2, true);
   return runOrPlan(values, io, { signal, progress: bar.onProgress }, {
-    op: 'rebase', image: imageArg(positionals[0]!, values), backing, backingFormat: parseFormat(str(values['backing-format']), 'backing format'), unsafe: !!values.unsafe,
+    op: 'rebase', image: imageArg(positionals[0]!, values), backing, unsafe: !!values.unsafe,
+    ...(backingFormatName !== undefined ? { backingFormatName } : { backingFormat: parseFormat(fmtName, 'backing format') }),
   }, () => bar.end());
 }

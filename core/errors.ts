@@ -35,6 +35,14 @@ export class CorruptImageError extends StrataError {
   constructor(message: string, file?: string) { super('corrupt', message, file); this.name = 'CorruptImageError'; }
 }
 
+/**
+ * A refcount would pass what the image's refcount width holds (a snapshot of an image with
+ * 1-bit refcounts, a fourth reference with 2 bits): refused before anything is written.
+ */
+export class RefcountOverflowError extends CorruptImageError {
+  constructor(message: string, file?: string) { super(message, file); this.name = 'RefcountOverflowError'; }
+}
+
 /** A valid image using a feature we do not implement (encryption, unknown incompatible bits). */
 export class UnsupportedFeatureError extends StrataError {
   constructor(message: string, file?: string) { super('unsupported', message, file); this.name = 'UnsupportedFeatureError'; }

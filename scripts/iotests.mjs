@@ -103,9 +103,12 @@ function selectTests(iotests) {
   return out;
 }
 
-/** Stand-ins and the strata link, made once per run in the cache. */
+/**
+ * Stand-ins and the strata link, made once per run in the cache: the link in a folder of this
+ * checkout's own, so that runs from two checkouts sharing the cache each test their own build.
+ */
 function tools(cache) {
-  const bin = join(cache, 'bin');
+  const bin = join(cache, 'bin', createHash('sha256').update(root).digest('hex').slice(0, 8));
   // Made in place (not removed first): another run may be using them.
   mkdirSync(bin, { recursive: true });
   // ./check asks qemu-system for its default machine even when no test starts one.
@@ -177,7 +180,7 @@ const { stub, strataImg } = tools(cache);
 // The tests' scratch folders: some tests (197, 215) refuse a TEST_DIR with anything but
 // letters, digits, '-', '_' and '/' (a dot in ~/.cache is enough).
 // One run at a time per cache: a run empties its scratch folders first.
-const scratchRoot = join(tmpdir(), `strata-iotests-${createHash('sha256').update(cache).digest('hex').slice(0, 8)}`);
+const scratchRoot = join(tmpdir(), `strata-iotests-${createHash('sha256').update(`${cache}\0${root}`).digest('hex').slice(0, 8)}`);
 if (/[^-_a-zA-Z0-9/]/.test(scratchRoot)) die(`the temporary folder ${scratchRoot} has characters some tests refuse: set TMPDIR to a plain path`);
 mkdirSync(scratchRoot, { recursive: true });
 const lockFile = join(scratchRoot, 'run.pid');

@@ -43,6 +43,18 @@ export function parseFormat(name: string | undefined | null, what = 'format'): I
 }
 
 /**
+ * The format names qemu-img 7.2 knows (Debian's build: `qemu-img --help`, "Supported formats",
+ * which counts its modules). An unsafe rebase records any of them as the backing format without
+ * opening anything (qemu-img's bdrv_find_format check), though Strata opens only qcow2 and raw.
+ */
+export const QEMU_FORMAT_NAMES: ReadonlySet<string> = new Set([
+  'blkdebug', 'blklogwrites', 'blkverify', 'bochs', 'cloop', 'compress', 'copy-before-write', 'copy-on-read', 'dmg', 'file',
+  'ftp', 'ftps', 'gluster', 'host_cdrom', 'host_device', 'http', 'https', 'iscsi', 'iser', 'luks', 'nbd', 'nfs', 'null-aio',
+  'null-co', 'nvme', 'parallels', 'preallocate', 'qcow', 'qcow2', 'qed', 'quorum', 'raw', 'rbd', 'replication',
+  'snapshot-access', 'ssh', 'throttle', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat',
+]);
+
+/**
  * QEMU's bdrv_make_absolute_filename: a relative backing name is taken relative to the
  * overlay's directory; absolute names and names with a protocol (file:, json:, nbd:, ...)
  * are used as they are (json: and file: paths are then relative to the working directory,

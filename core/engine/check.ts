@@ -24,6 +24,7 @@ import * as C from '../format/constants';
 import { CorruptImageError, FormatError, StrataError } from '../errors';
 import { checkIncompatibleFeatures, decodeHeader, hasExtendedL2, hasExternalData, type ParsedHeader } from '../format/header';
 import { getRefcount, maxRefcount, refcountBlockEntries, setRefcount } from '../format/refcount';
+import { cString, encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import { activeBitmapsExtension, decodeBitmapDirectory, decodeBitmapTableEntry } from '../format/bitmaps';
 import type { BlockFile } from '../io/block-file';
 import { BufferArena } from '../io/buffers';
@@ -134,6 +135,8 @@ interface ImageState {
    * entries always have COPIED set, offset 0 included), and compressed clusters are errors.
    */
   externalData: boolean;
+  /** The table as read, with what a repair trimmed. */
+  snapshotTable: SnapshotTable;
 }
 
 function emptyCounts(): CheckCounts {
@@ -209,52 +212,188 @@ async function loadHeader(file: BlockFile): Promise<ParsedHeader> {
   const headerBytes = clusterBits >= C.MIN_CLUSTER_BITS && clusterBits <= C.MAX_CLUSTER_BITS ? 2 ** clusterBits : probe.length;
   const buf = Buffer.alloc(Math.max(headerBytes, probe.length));
   const n = await file.read(buf, 0);
-  const parsed = decodeHeader(n < C.HEADER_V2_LENGTH ? buf.subarray(0, Math.min(n, fileSize)) : buf, file.path);
+  const parsed = decodeHeader(n < C.HEADER_V2_LENGTH ? buf.subarray(0, Math.min(n, fileSize)) : buf, file.path, { check: true });
   checkIncompatibleFeatures(parsed, file.path);
   // qcow2_read_extensions refuses to open an image whose bitmaps extension is bad.
   activeBitmapsExtension(parsed, file.path);
   return parsed;
 }
 
+/** The snapshot table as the check read it (and, with -r all, trimmed as QEMU trims it). */
+interface SnapshotTable {
+  snapshots: SnapshotInfo[];
+  /** Bytes from the table's start to the end of the last entry kept (QEMU's snapshots_size). */
+  size: number;
+  /** The kept entries, decoded for a rewrite (null when an L1 offset is past 2^53). */
+  entries: SnapshotEntry[] | null;
+  /** Snapshots dropped off the end (QEMU's nb_clusters_reduced). */
+  reduced: number;
+  /** Entries whose extra data was cut to 1 KiB (QEMU's extra_data_dropped). */
+  dropped: number;
+  /** The extra data size of each kept entry (after any cut). */
+  extraSizes: number[];
+}
+
 /**
- * The snapshot table as QEMU's qcow2_do_read_snapshots reads it in check mode: no validation
- * of the L1 tables (the check reports those), reads past the end of the file give zeros.
+ * The snapshot table as QEMU's check reads it (qcow2_check_read_snapshot_table and
+ * qcow2_do_read_snapshots): no validation of the L1 tables (the check reports those), reads
+ * past the end of the file give zeros. Without `repair` a table QEMU cannot read stops the
+ * check in QEMU's words; with it, too many snapshots and a table past 64 MiB lose the entries
+ * past the limit, and extra data past 1 KiB is cut, each with QEMU's line.
  */
-async function loadSnapshots(file: BlockFile, fileSize: number, offset: number, count: number): Promise<{ snapshots: SnapshotInfo[]; size: number }> {
-  const snapshots: SnapshotInfo[] = [];
-  if (count === 0) return { snapshots, size: 0 };
+async function loadSnapshots(file: BlockFile, fileSize: number, h: ParsedHeader['header'], repair: boolean, log: (s: string) => void): Promise<SnapshotTable> {
+  const out: SnapshotTable = { snapshots: [], size: 0, entries: [], reduced: 0, dropped: 0, extraSizes: [] };
+  let count = h.nbSnapshots;
+  const offset = h.snapshotsOffset;
+  if (count === 0) return out;
+  if (count > C.MAX_SNAPSHOTS && repair) {
+    log(`Discarding ${count - C.MAX_SNAPSHOTS} overhanging snapshots`);
+    out.reduced += count - C.MAX_SNAPSHOTS;
+    count = C.MAX_SNAPSHOTS;
+  }
+  // qcow2_validate_table
+  if (count > C.MAX_SNAPSHOTS) {
+    throw new CheckAbort(`qemu-img: ERROR snapshot table too large\nYou can force-remove all ${count - C.MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all`, 'File too large');
+  }
+  if (offset % (2 ** h.clusterBits) !== 0 || offset + count * C.SNAPSHOT_ENTRY_FIXED_SIZE > Number.MAX_SAFE_INTEGER) {
+    throw new CheckAbort('qemu-img: ERROR snapshot table offset invalid', 'Invalid argument');
+  }
   const WINDOW = 64 * 1024;
   let winStart = -1;
   let win: Buffer = Buffer.alloc(0);
   const bytes = async (pos: number, len: number): Promise<Buffer> => {
+    if (len > WINDOW) return readAt(file, fileSize, pos, len);
     if (winStart < 0 || pos < winStart || pos + len > winStart + win.length) {
       winStart = pos;
-      win = await readAt(file, fileSize, pos, Math.max(len, WINDOW));
+      win = await readAt(file, fileSize, pos, WINDOW);
     }
     return win.subarray(pos - winStart, pos - winStart + len);
   };
+  const failed = (what: string, hint: string) => new CheckAbort(`qemu-img: ERROR failed to read the snapshot table: ${what}\n${hint}`, 'File too large');
   let pos = offset;
+  let tableLength = 0;
   for (let i = 0; i < count; i++) {
+    const pre = pos;
+    tableLength = Math.ceil(tableLength / 8) * 8;
     pos = Math.ceil(pos / 8) * 8;
-    const h = Buffer.from(await bytes(pos, C.SNAPSHOT_ENTRY_FIXED_SIZE));
+    const hd = Buffer.from(await bytes(pos, C.SNAPSHOT_ENTRY_FIXED_SIZE));
     pos += C.SNAPSHOT_ENTRY_FIXED_SIZE;
-    const l1Offset = h.readBigUInt64BE(0);
-    const l1Size = h.readUInt32BE(8);
-    const idSize = h.readUInt16BE(12);
-    const nameSize = h.readUInt16BE(14);
-    const extraSize = h.readUInt32BE(36);
+    const l1Offset = hd.readBigUInt64BE(0);
+    const l1Size = hd.readUInt32BE(8);
+    const idSize = hd.readUInt16BE(12);
+    const nameSize = hd.readUInt16BE(14);
+    let extraSize = hd.readUInt32BE(36);
+    const fullExtra = extraSize;
     if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) {
-      throw new CheckAbort(`Failed to read snapshot table: Too much extra metadata in snapshot table entry ${i}`, 'File too large');
+      if (!repair) throw failed(`Too much extra metadata in snapshot table entry ${i}`, 'You can force-remove this extra metadata with qemu-img check -r all');
+      log(`Discarding too much extra metadata in snapshot table entry ${i} (${extraSize} > ${C.MAX_SNAPSHOT_EXTRA_DATA})`);
+      out.dropped++;
+      extraSize = C.MAX_SNAPSHOT_EXTRA_DATA;
     }
-    pos += extraSize;
-    const id = (await bytes(pos, idSize)).toString('utf8');
+    const extra = Buffer.from(await bytes(pos, extraSize));
+    pos += fullExtra;
+    const id = cString((await bytes(pos, idSize)).toString('utf8'));
     pos += idSize;
-    const name = (await bytes(pos, nameSize)).toString('utf8');
+    const name = cString((await bytes(pos, nameSize)).toString('utf8'));
     pos += nameSize;
-    if (pos - offset > C.MAX_SNAPSHOTS_SIZE) throw new CheckAbort('Failed to read snapshot table: Snapshot table is too big', 'File too large');
-    snapshots.push({ id, name, l1Offset, l1Size });
+    tableLength += C.SNAPSHOT_ENTRY_FIXED_SIZE + extraSize + idSize + nameSize;
+    if (tableLength > C.MAX_SNAPSHOTS_SIZE || pos - offset > 0x7fffffff) {
+      if (!repair) throw failed('Snapshot table is too big', `You can force-remove all ${count - i} overhanging snapshots with qemu-img check -r all`);
+      log(`Discarding ${count - i} overhanging snapshots (snapshot table is too big)`);
+      out.reduced += count - i;
+      pos = pre;
+      break;
+    }
+    out.snapshots.push({ id, name, l1Offset, l1Size });
+    out.extraSizes.push(extraSize);
+    if (out.entries && l1Offset <= BigInt(Number.MAX_SAFE_INTEGER)) {
+      // As QEMU keeps it in memory: what the extra data does not record gets its defaults
+      // (the image's size; icount -1); the 32-bit VM state size unless a 64-bit one is there.
+      out.entries.push({
+        l1TableOffset: Number(l1Offset), l1Size, id, name,
+        dateSec: hd.readUInt32BE(16), dateNsec: hd.readUInt32BE(20), vmClockNsec: hd.readBigUInt64BE(24),
+        vmStateSize: extraSize >= 8 ? Number(extra.readBigUInt64BE(0)) : hd.readUInt32BE(32),
+        diskSize: extraSize >= 16 ? Number(extra.readBigUInt64BE(8)) : h.size,
+        icount: extraSize >= 24 ? extra.readBigInt64BE(16) : -1n,
+        extraData: extra,
+      });
+    } else {
+      out.entries = null;
+    }
   }
-  return { snapshots, size: pos - offset };
+  out.size = pos - offset;
+  return out;
+}
+
+/**
+ * qcow2_write_snapshots after a repair: the kept entries in a new table at the first clusters
+ * free (whose refcounts are taken first), the header switched to it in one write, then the
+ * old table's clusters let go. A crash at any point leaves a leak at worst. The refcounts are
+ * right on disk when this runs (the refcount pass has repaired them).
+ */
+async function rewriteSnapshotTable(file: BlockFile, entries: SnapshotEntry[], oldOffset: number, oldSize: number): Promise<void> {
+  const st = await loadState(file, null);
+  const cs = st.clusterSize;
+  const table = encodeSnapshotTable(entries);
+  const need = Math.ceil(table.length / cs);
+  const E = refcountBlockEntries(st.clusterBits, st.refcountOrder);
+  const blockOf = (c: number): number => {
+    const b = Math.floor(c / E);
+    if (b >= st.reftableEntries) return 0;
+    return Number(st.reftable.readBigUInt64BE(b * 8) & 0x00fffffffffffe00n);
+  };
+  const blocks = new Map<number, Buffer>();
+  const block = async (off: number): Promise<Buffer> => {
+    let b = blocks.get(off);
+    if (!b) { b = await readAt(file, st.fileSize, off, cs); blocks.set(off, b); }
+    return b;
+  };
+  const refOf = async (c: number): Promise<number | null> => {
+    const off = blockOf(c);
+    // A cluster no refcount block covers cannot be taken without allocating one: skipped.
+    if (!off || off % cs !== 0) return null;
+    return getRefcount(await block(off), c % E, st.refcountOrder);
+  };
+  let at = -1;
+  if (need > 0) {
+    const limit = st.reftableEntries * E;
+    for (let c = 1, run = 0; c < limit; c++) {
+      run = (await refOf(c)) === 0 ? run + 1 : 0;
+      if (run === need) { at = c - need + 1; break; }
+    }
+    if (at < 0) throw new CheckAbort('ERROR failed to update snapshot table: No space left on device', 'No space left on device');
+  }
+  const setRefs = async (first: number, n: number, delta: number): Promise<void> => {
+    const touched = new Set<number>();
+    const freed: number[] = [];
+    for (let c = first; c < first + n; c++) {
+      const off = blockOf(c);
+      if (!off || off % cs !== 0) continue;
+      const b = await block(off);
+      const v = getRefcount(b, c % E, st.refcountOrder);
+      if (v + delta < 0) continue;
+      setRefcount(b, c % E, st.refcountOrder, v + delta);
+      touched.add(off);
+      if (v + delta === 0) freed.push(c);
+    }
+    for (const off of touched) await file.write(blocks.get(off)!, off);
+    await file.flush();
+    // What the old table leaves unused goes back to the file system, as QEMU discards it.
+    if (file.discard) for (const c of freed) await file.discard(c * cs, cs);
+  };
+  // 1. The new table's clusters are taken (a crash: leaked), 2. the table written there,
+  // 3. the header switched to it, 4. the old table let go.
+  if (at > 0) {
+    await setRefs(at, need, 1);
+    await file.write(table, at * cs);
+    await file.flush();
+  }
+  const hdr = Buffer.alloc(12);
+  hdr.writeUInt32BE(entries.length, 0);
+  hdr.writeBigUInt64BE(BigInt(at > 0 ? at * cs : 0), 4);
+  await file.write(hdr, 60);
+  await file.flush();
+  if (oldOffset && oldSize > 0) await setRefs(Math.floor(oldOffset / cs), Math.ceil((oldOffset % cs + oldSize) / cs), -1);
 }
 
 /**
@@ -270,7 +409,13 @@ async function clearUnknownAutoclear(file: BlockFile, h: ImageState['parsed']['h
   await file.flush();
 }
 
-async function loadState(file: BlockFile): Promise<ImageState> {
+/**
+ * The image as on disk. `snapshots`: how to take the snapshot table: 'check' reads it as a
+ * check does, 'repair' as -r all does (trimming what QEMU trims, with its lines), an earlier
+ * state reuses that state's table (the recount after a rebuild, as QEMU's in-memory one),
+ * null reads it quietly as a repair would (the table is not looked at).
+ */
+async function loadState(file: BlockFile, snapshots: 'check' | 'repair' | ImageState | null = 'check', log: (s: string) => void = () => {}): Promise<ImageState> {
   const parsed = await loadHeader(file);
   const h = parsed.header;
   const fileSize = await file.size();
@@ -281,13 +426,15 @@ async function loadState(file: BlockFile): Promise<ImageState> {
   const reftableBytes = h.refcountTableClusters * clusterSize;
   const reftable = await readAt(file, fileSize, h.refcountTableOffset, reftableBytes);
   const l1 = await readAt(file, fileSize, h.l1TableOffset, h.l1Size * 8);
-  const snaps = await loadSnapshots(file, fileSize, h.snapshotsOffset, h.nbSnapshots);
+  const snaps = snapshots !== null && typeof snapshots === 'object'
+    ? snapshots.snapshotTable
+    : await loadSnapshots(file, fileSize, h, snapshots !== 'check', snapshots === null ? () => {} : log);
   return {
     parsed, clusterBits, clusterSize, refcountOrder: h.refcountOrder, extendedL2,
     l2Entries: clusterSize / l2EntrySize, l2EntrySize, fileSize,
     reftableOffset: h.refcountTableOffset, reftable, reftableEntries: reftableBytes / 8,
     l1Offset: h.l1TableOffset, l1Size: h.l1Size, l1,
-    snapshots: snaps.snapshots, snapshotsSize: snaps.size,
+    snapshots: snaps.snapshots, snapshotsSize: snaps.size, snapshotTable: snaps,
     externalData: hasExternalData(h),
   };
 }
@@ -1054,9 +1201,33 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
   const log = (s: string) => opts.log?.(s);
   let ck: Checker | null = null;
   try {
-    const st = await loadState(file);
+    const st = await loadState(file, fix & FIX_ERRORS ? 'repair' : 'check', log);
     if (fix !== 0) await clearUnknownAutoclear(file, st.parsed.header);
-    ck = new Checker(file, st, fix, opts);
+    // The snapshot table's own findings (qcow2_check_read_snapshot_table): entries dropped past
+    // QEMU's limits are fixed at once (the header's count), the rest by a rewrite at the end.
+    const table = st.snapshotTable;
+    const snap = { corruptions: table.reduced + table.dropped, fixed: 0 };
+    if (table.reduced) {
+      const b = Buffer.alloc(4);
+      b.writeUInt32BE(st.snapshots.length);
+      await file.write(b, 60);
+      await file.flush();
+      st.parsed.header.nbSnapshots = st.snapshots.length;
+      snap.fixed += table.reduced;
+      snap.corruptions -= table.reduced;
+    }
+    // A v3 entry needs 16 bytes of extra data (the VM state and disk sizes).
+    if (st.parsed.header.version >= 3) {
+      table.extraSizes.forEach((x, i) => {
+        if (x >= 16) return;
+        snap.corruptions++;
+        log(`${fix & FIX_ERRORS ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+      });
+    }
+    // The first pass's lines go through `sink`, which a rebuild holds back while the recount
+    // prints its own (QEMU's order: the recount's findings, then the leak repairs and flags).
+    let sink = log;
+    ck = new Checker(file, st, fix, { ...opts, log: (s) => sink(s) });
     const cs = st.clusterSize;
     await ck.calculate();
     if (fix & FIX_ERRORS) await file.flush(); // entries fix_l2_entry_by_zero rewrote
@@ -1088,7 +1259,9 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         // the new refcounts leave them out from the start; the same lines, the same holes.
         const { n, imrt } = ck;
         const oldClusters = [...ck.structureRefs.keys()].filter((c) => c < n && imrt[c]! > final[c]!).sort((a, b) => a - b);
-        for (const c of oldClusters) log(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
+        const held: string[] = [];
+        sink = (s) => { held.push(s); };
+        for (const c of oldClusters) sink(`Repairing cluster ${c} refcount=${ck.imrt[c]} reference=${final[c]}`);
         // QEMU checks the flags against the rebuilt refcounts (it prints this after the rebuild).
         const fixes = await ck.checkCopiedFlags(finalLookup(final, ck.n, E), true);
         const flagsFixed = fixes.length;
@@ -1097,10 +1270,13 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
         const covered = await qemuRebuild(file, st, imrt, n, oldClusters.map((c) => [c, final[c]!]));
         await writeFlagFixes(file, st, fixes, true);
         await file.flush();
-        // Recount on the rebuilt image (silently, as QEMU's second calculate_refcounts).
-        const st2 = await loadState(file);
-        const again = new Checker(file, st2, 0, {});
+        // Recount on the rebuilt image, as QEMU's second calculate_refcounts (which prints what
+        // it finds in the tables again, before the leak repairs and the flag checks).
+        const st2 = await loadState(file, st);
+        const again = new Checker(file, st2, 0, { log });
         await again.calculate();
+        sink = log;
+        for (const s of held) log(s);
         const res = ck.res;
         res.checkErrors = old.checkErrors + again.res.checkErrors;
         res.corruptions = again.res.corruptions;
@@ -1140,6 +1316,13 @@ export async function checkQcow2(file: BlockFile, opts: CheckOptions = {}): Prom
     }
     const res = ck.res;
     res.imageEndOffset = (ck.highestCluster + 1) * cs;
+    if (snap.corruptions && (fix & FIX_ERRORS) && table.entries) {
+      await rewriteSnapshotTable(file, table.entries, st.parsed.header.snapshotsOffset, st.snapshotsSize);
+      snap.fixed += snap.corruptions;
+      snap.corruptions = 0;
+    }
+    res.corruptions += snap.corruptions;
+    res.corruptionsFixed += snap.fixed;
     if (fix && res.checkErrors === 0 && res.corruptions === 0) {
       const h = st.parsed.header;
       const bits = C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT;

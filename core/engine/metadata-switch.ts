@@ -15,7 +15,7 @@ import { Refcounts } from './refcounts';
 import type { StructureLayout } from './refcount-structure';
 import { encodeStructure, newRefArray, placeStructure, type RefArray } from './refcount-structure';
 import { maxRefcount } from '../format/refcount';
-import { CorruptImageError } from '../errors';
+import { CorruptImageError, RefcountOverflowError } from '../errors';
 
 export interface SwitchHeader {
   l1Offset: number;
@@ -80,7 +80,7 @@ export class MetadataSwitch {
       if (c >= this.len) throw new CorruptImageError(`cluster ${c} (host offset 0x${(c * this.cs).toString(16)}) lies past the end of the image`, this.img.filename);
       const v = this.counts[c]! + delta;
       if (v < 0) throw new CorruptImageError(`refcount of cluster ${c} (host offset 0x${(c * this.cs).toString(16)}) would drop below zero`, this.img.filename);
-      if (v > this.max) throw new CorruptImageError(`refcount of cluster ${c} would overflow ${this.max}`, this.img.filename);
+      if (v > this.max) throw new RefcountOverflowError(`refcount of cluster ${c} would overflow ${this.max}`, this.img.filename);
       this.counts[c] = v;
     }
   }

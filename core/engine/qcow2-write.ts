@@ -947,7 +947,7 @@ export class Qcow2Writable extends Qcow2Image {
         const l2Index = Math.floor(guest / g.clusterSize) % g.l2Entries;
         const table = await this.writableL2(l1Index);
         const l2Offset = decodeL1Entry(this.l1, l1Index).l2Offset;
-        const { entry } = this.entryAt(table, l2Index);
+        const { entry, bitmap } = this.entryAt(table, l2Index);
         // The head before the old end: the cluster's own data, or the backing file's (QEMU's
         // copy-on-write start); an unallocated cluster without a backing file reads zeros.
         if ((entry.kind !== 'unallocated' || this.hasBacking) && keepUntil > guest) {
@@ -956,9 +956,10 @@ export class Qcow2Writable extends Qcow2Image {
           await this.dataFile.write(head, host);
         }
         if ((entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) && !g.externalData) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });
-        // Extended L2: subclusters stay unallocated (QEMU's prealloc), unless a backing file would
-        // show through them: then they are allocated, over the zeroed file area.
-        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? { alloc: allocSubclusters ? 0xffffffff : 0, zero: 0 } : undefined);
+        // Extended L2: the subclusters keep their bitmap (QEMU's prealloc leaves it as it was:
+        // the head copied above stays allocated, the new ones stay unallocated), unless a
+        // backing file would show through them: then all are allocated, over the zeroed file area.
+        this.setEntry(table, l2Offset, l2Index, { kind: 'normal', hostOffset: host, copied: true }, g.extendedL2 ? (allocSubclusters ? { alloc: 0xffffffff, zero: 0 } : bitmap ?? { alloc: 0, zero: 0 }) : undefined);
       }
     });
     await this.flush();
@@ -981,7 +982,6 @@ export class Qcow2Writable extends Qcow2Image {
    */
   async shrink(newSize: number): Promise<void> {
     if (newSize > this.virtualSize) throw new UsageError(`${this.filename}: shrink to ${newSize} is larger than the current size ${this.virtualSize}`);
-    if (this.snapshots.length) throw new UsageError(`${this.filename}: cannot shrink an image with internal snapshots`);
     const g = this.geometry;
     const from = Math.ceil(newSize / g.clusterSize) * g.clusterSize;
     // Everything that could fail halfway is checked first, so a refusal changes nothing.

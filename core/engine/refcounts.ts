@@ -2,7 +2,7 @@
 // the byte allocator for compressed data), growth of blocks and of the table, and write-back.
 // Callers hold the image's metadata mutex.
 import type { BlockFile } from '../io/block-file';
-import { CorruptImageError } from '../errors';
+import { CorruptImageError, RefcountOverflowError } from '../errors';
 import { decodeReftableEntry, encodeReftableEntry, getRefcount, setRefcount, maxRefcount, refcountBlockEntries } from '../format/refcount';
 
 export interface RefcountHost {
@@ -158,7 +158,7 @@ export class Refcounts {
       const cur = await this.get(c);
       const next = cur + delta;
       if (next < 0) throw new CorruptImageError(`refcount of cluster ${c} (host offset 0x${(c * this.clusterSize).toString(16)}) would drop below zero`, this.host.filename);
-      if (next > this.max) throw new CorruptImageError(`refcount of cluster ${c} would overflow ${this.max}`, this.host.filename);
+      if (next > this.max) throw new RefcountOverflowError(`refcount of cluster ${c} would overflow ${this.max}`, this.host.filename);
       await this.set(c, next);
     }
   }

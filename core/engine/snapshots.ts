@@ -2,7 +2,7 @@
 // apply (goto) in QEMU's order, each step durable before the next. A crash at any point
 // leaves at worst leaked clusters, and COPIED flags that agree with the refcounts.
 import * as C from '../format/constants';
-import { NotFoundError, UnsupportedFeatureError, UsageError, printable } from '../errors';
+import { NotFoundError, RefcountOverflowError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
@@ -120,9 +120,19 @@ function checkCreate(img: Qcow2Image, name: string): void {
   if (!name) throw new UsageError('a snapshot needs a name');
   if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
   if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
-  if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+  if (img.header.refcountOrder === 0) {
+    throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit (amend -o refcount_bits=16 first)`).asQemu(snapshotOverflowText(name));
+  }
   // QEMU: -ENOTSUP (a snapshot cannot share the clusters of an external data file).
   if (img.geometry.externalData) throw new UnsupportedFeatureError('internal snapshots are not supported with an external data file', img.filename).asQemu(`Could not create snapshot '${name}': -95 (Operation not supported)`);
+}
+
+/**
+ * qemu-img's words when a snapshot's new references do not fit the refcount width (it fails
+ * with EINVAL from qcow2_update_snapshot_refcount, after allocating; Strata refuses first).
+ */
+export function snapshotOverflowText(name: string): string {
+  return `Could not create snapshot '${name}': -22 (Invalid argument)`;
 }
 
 /**
@@ -247,7 +257,14 @@ export async function createSnapshot(img: Qcow2Writable, name: string, now = Dat
   const entry = newEntry(img, name, now);
   await img.mutex.run(async () => {
     await img.beforeChange();
-    await commitPrepared(img, await prepareCreate(img, img.refcounts, entry));
+    let p: Prepared;
+    try {
+      p = await prepareCreate(img, img.refcounts, entry);
+    } catch (err) {
+      if (err instanceof RefcountOverflowError) err.asQemu(snapshotOverflowText(name));
+      throw err;
+    }
+    await commitPrepared(img, p);
   });
   return entry;
 }
@@ -267,9 +284,15 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
  */
 export async function snapshotGrowth(img: Qcow2Image, action: 'create' | 'delete', name: string): Promise<number> {
   const refcounts = await MetadataSwitch.refcountsOf(img);
-  const p = action === 'create'
-    ? await prepareCreate(img, refcounts, (checkCreate(img, name), newEntry(img, name, Date.now())))
-    : await prepareDelete(img, refcounts, findSnapshot(img, name));
+  let p: Prepared;
+  try {
+    p = action === 'create'
+      ? await prepareCreate(img, refcounts, (checkCreate(img, name), newEntry(img, name, Date.now())))
+      : await prepareDelete(img, refcounts, findSnapshot(img, name));
+  } catch (err) {
+    if (action === 'create' && err instanceof RefcountOverflowError) err.asQemu(snapshotOverflowText(name));
+    throw err;
+  }
   return Math.max(0, p.sw.end * img.geometry.clusterSize - (await img.file.size()));
 }
 

@@ -85,7 +85,7 @@ function readVirtualSize(buf: Buffer, clusterBits: number, file?: string): numbe
 }
 
 /** Decodes and validates the fixed fields. `buf` must hold at least the first 112 bytes (or the whole file if shorter). */
-export function decodeHeaderFields(buf: Buffer, file?: string): Qcow2Header {
+export function decodeHeaderFields(buf: Buffer, file?: string, opts: DecodeHeaderOptions = {}): Qcow2Header {
   if (buf.length < C.HEADER_V2_LENGTH) throw new FormatError(`not a qcow2 image: file is only ${buf.length} bytes, shorter than a qcow2 header`, file);
   if (buf.readUInt32BE(0) !== C.QCOW_MAGIC) throw new FormatError('not a qcow2 image (bad magic)', file);
   const version = buf.readUInt32BE(4);
@@ -134,11 +134,17 @@ export function decodeHeaderFields(buf: Buffer, file?: string): Qcow2Header {
       h.unknownFields = Buffer.from(buf.subarray(C.HEADER_V3_WITH_COMPRESSION_LENGTH, h.headerLength));
     }
   }
-  validateHeader(h, file);
+  validateHeader(h, file, opts);
   return h;
 }
 
-function validateHeader(h: Qcow2Header, file?: string): void {
+/** Options of the header decoders. */
+export interface DecodeHeaderOptions {
+  /** For check: the snapshot count and table are left to the check's own validation. */
+  check?: boolean;
+}
+
+function validateHeader(h: Qcow2Header, file?: string, opts: DecodeHeaderOptions = {}): void {
   const clusterSize = 2 ** h.clusterBits;
   if (h.refcountOrder > C.MAX_REFCOUNT_ORDER) throw new FormatError(`refcount_order ${h.refcountOrder} is out of range (at most 6, i.e. 64-bit refcounts)`, file);
   if (h.cryptMethod !== C.CRYPT_NONE) {
@@ -170,8 +176,14 @@ function validateHeader(h: Qcow2Header, file?: string): void {
     throw new FormatError(`refcount table is too large (${h.refcountTableClusters} clusters, at most ${C.MAX_REFTABLE_SIZE_BYTES} bytes)`, file);
   }
   checkTable('refcount table', h.refcountTableOffset, h.refcountTableClusters * clusterSize, clusterSize, file, true);
-  if (h.nbSnapshots > C.MAX_SNAPSHOTS) throw new FormatError(`snapshot count ${h.nbSnapshots} is too large (at most ${C.MAX_SNAPSHOTS})`, file);
-  if (h.nbSnapshots > 0) checkTable('snapshot table', h.snapshotsOffset, C.SNAPSHOT_ENTRY_FIXED_SIZE * h.nbSnapshots, clusterSize, file, true);
+  // check validates the snapshot table itself, as QEMU's check does (and repairs it).
+  if (!opts.check) {
+    if (h.nbSnapshots > C.MAX_SNAPSHOTS) {
+      throw new FormatError(`snapshot count ${h.nbSnapshots} is too large (at most ${C.MAX_SNAPSHOTS}; \`check -r all\` drops the ones past it)`, file)
+        .asQemu(`Could not open '${file}': Snapshot table too large`);
+    }
+    if (h.nbSnapshots > 0) checkTable('snapshot table', h.snapshotsOffset, C.SNAPSHOT_ENTRY_FIXED_SIZE * h.nbSnapshots, clusterSize, file, true);
+  }
   if (h.backingFileOffset !== 0) {
     if (h.backingFileOffset > clusterSize) throw new CorruptImageError(`backing file name offset ${h.backingFileOffset} lies outside the header cluster`, file);
     const max = Math.min(C.MAX_BACKING_FILE_NAME, clusterSize - h.backingFileOffset);
@@ -228,8 +240,8 @@ export function hasRawExternalData(h: Qcow2Header): boolean { return h.version >
  * Decodes the header cluster: fields, extensions and the backing file name.
  * `buf` holds the first cluster (or the whole file if shorter).
  */
-export function decodeHeader(buf: Buffer, file?: string): ParsedHeader {
-  const header = decodeHeaderFields(buf, file);
+export function decodeHeader(buf: Buffer, file?: string, opts: DecodeHeaderOptions = {}): ParsedHeader {
+  const header = decodeHeaderFields(buf, file, opts);
   const clusterSize = 2 ** header.clusterBits;
   const p: ParsedHeader = {
     header, extensions: [], backingFile: null, backingFormat: null, featureNames: [],

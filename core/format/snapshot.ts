@@ -39,7 +39,9 @@ export async function decodeSnapshotTable(
   let off = 0;
   // QEMU's limit on the table (QCOW_MAX_SNAPSHOTS_SIZE), checked before an entry is read, so
   // nothing past it is ever asked for.
-  const tooBig = () => new CorruptImageError(`Snapshot table is too big (more than ${C.MAX_SNAPSHOTS_SIZE} bytes; \`qemu-img check -r all\` drops the snapshots past the limit)`, file);
+  let i = 0;
+  const tooBig = () => new CorruptImageError(`Snapshot table is too big (more than ${C.MAX_SNAPSHOTS_SIZE} bytes; \`qemu-img check -r all\` drops the snapshots past the limit)`, file)
+    .asQemu(`Could not open '${file}': Snapshot table is too big\nYou can force-remove all ${count - i} overhanging snapshots with qemu-img check -r all`);
   const need = async (n: number) => {
     if (off + n > C.MAX_SNAPSHOTS_SIZE) throw tooBig();
     if (off + n <= buf.length) return;
@@ -47,7 +49,7 @@ export async function decodeSnapshotTable(
     if (!next || next.length < off + n) throw new CorruptImageError('snapshot table lies past the end of the file', file);
     buf = next;
   };
-  for (let i = 0; i < count; i++) {
+  for (; i < count; i++) {
     await need(C.SNAPSHOT_ENTRY_FIXED_SIZE);
     const l1TableOffset = readU64(buf, off, `snapshot ${i} L1 table offset`, file);
     const l1Size = buf.readUInt32BE(off + 8);
@@ -58,7 +60,10 @@ export async function decodeSnapshotTable(
     const vmClockNsec = buf.readBigUInt64BE(off + 24);
     let vmStateSize = buf.readUInt32BE(off + 32);
     const extraSize = buf.readUInt32BE(off + 36);
-    if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) throw new CorruptImageError(`Too much extra metadata in snapshot table entry ${i} (${extraSize} bytes of extra data, at most ${C.MAX_SNAPSHOT_EXTRA_DATA})`, file);
+    if (extraSize > C.MAX_SNAPSHOT_EXTRA_DATA) {
+      throw new CorruptImageError(`Too much extra metadata in snapshot table entry ${i} (${extraSize} bytes of extra data, at most ${C.MAX_SNAPSHOT_EXTRA_DATA}; \`check -r all\` drops it)`, file)
+        .asQemu(`Could not open '${file}': Too much extra metadata in snapshot table entry ${i}\nYou can force-remove this extra metadata with qemu-img check -r all`);
+    }
     const unpadded = C.SNAPSHOT_ENTRY_FIXED_SIZE + extraSize + idSize + nameSize;
     // QEMU pads entries to 8 bytes but the file may end before the last entry's padding.
     await need(unpadded);
@@ -71,14 +76,20 @@ export async function decodeSnapshotTable(
     if (extraSize >= 16) diskSize = readU64(extraData, 8, `snapshot ${i} disk size`, file);
     // Signed: -1 means "icount disabled".
     if (extraSize >= 24) icount = extraData.readBigInt64BE(16);
-    const id = buf.toString('utf8', x + extraSize, x + extraSize + idSize);
-    const name = buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize);
+    const id = cString(buf.toString('utf8', x + extraSize, x + extraSize + idSize));
+    const name = cString(buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize));
     if (l1TableOffset % 2 ** clusterBits !== 0) throw new CorruptImageError(`snapshot ${id || i} L1 table offset ${l1TableOffset} is not cluster-aligned`, file);
     if (l1Size > C.MAX_L1_SIZE_BYTES / 8) throw new CorruptImageError(`snapshot ${id || i} L1 table is too large (${l1Size} entries)`, file);
     entries.push({ l1TableOffset, l1Size, id, name, dateSec, dateNsec, vmClockNsec, vmStateSize, diskSize, icount, extraData });
     off += total;
   }
   return { entries, tableSize: off };
+}
+
+/** An ID or name as QEMU holds it: a C string, ending at its first NUL byte. */
+export function cString(s: string): string {
+  const nul = s.indexOf('\0');
+  return nul < 0 ? s : s.slice(0, nul);
 }
 
 function extraDataFor(e: SnapshotEntry): Buffer {

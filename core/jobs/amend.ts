@@ -21,7 +21,7 @@ import { encodeHeader, type HeaderExtension } from '../format/header';
 import { decodeL1Entry, decodeL2Entry } from '../format/l2';
 import { encodeSnapshotTable } from '../format/snapshot';
 import { maxRefcount } from '../format/refcount';
-import { UnsupportedFeatureError, UsageError } from '../errors';
+import { CorruptImageError, UnsupportedFeatureError, UsageError } from '../errors';
 import { closeChain, openImageFile } from '../chain/open';
 import type { DiskImage, ImageFormat } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
@@ -217,8 +217,6 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
       throw new AmendError('Cannot downgrade an image with zstd compression type and existing compressed clusters');
     }
   }
-  // QEMU shrinks an image with snapshots; Strata's shrink does not (nothing is changed).
-  if (size !== null && size < img.virtualSize && img.snapshots.length) throw new AmendError("Can't shrink an image which has snapshots");
   return { fromVersion, toVersion, fromOrder, toOrder, lazy, size };
 }
 
@@ -362,6 +360,16 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?
     const t = Buffer.alloc(s.l1Size * 8);
     await img.file.read(t, s.l1TableOffset);
     l1s.push(t);
+  }
+  // Every table the walk will read, checked before anything is written: a damaged one (a
+  // snapshot's L1 entry pointing inside a cluster) refuses the amend with nothing changed.
+  const fileSize = await img.file.size();
+  for (const l1 of l1s) {
+    for (let i = 0; i < l1.length / 8; i++) {
+      const l2Offset = decodeL1Entry(l1, i).l2Offset;
+      if (l2Offset % cs !== 0) throw new CorruptImageError(`L2 table offset 0x${l2Offset.toString(16)} is not aligned to the cluster size`, img.filename);
+      if (l2Offset + cs > fileSize) throw new CorruptImageError(`L2 table at offset 0x${l2Offset.toString(16)} lies past the end of the file (${fileSize} bytes)`, img.filename);
+    }
   }
   const done = new Set<number>();
   const zeros = Buffer.alloc(cs);

@@ -48,6 +48,7 @@ export class CheckFailedError extends StrataError {
   constructor(reason: string, file: string) {
     super('corrupt', `Check failed: ${reason}`, file);
     this.name = 'CheckFailedError';
+    this.asQemu(`Check failed: ${reason}`);
   }
 }
 

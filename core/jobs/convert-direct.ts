@@ -12,7 +12,7 @@ import { assertNotInChain, openImageFile } from '../chain/open';
 import { Qcow2Image } from '../engine/qcow2';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
-import { UnsupportedFeatureError, printable } from '../errors';
+import { UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { readBits, storeBitmaps, type Bm } from './bitmap';
 
 export interface DirectExtras {
@@ -33,6 +33,11 @@ export async function convertDirect(ctx: JobContext, sources: string[], target: 
     for (const s of sources) opened.push(await openImage(s, { format: spec.sourceFormat, lock: spec.forceShare ? 'none' : 'auto' }));
     // Creating the target empties it: none of the sources may be (or read) it.
     for (const img of opened) await assertNotInChain(target, img, 'convert');
+    // qemu-img's refusal, after opening the sources and before anything else of the target.
+    if (opened.length > 1 && (spec.backing !== undefined || spec.options?.backing_file !== undefined)) {
+      throw new UsageError('several sources are joined into one target: a backing file for it (-B, backing_file=) makes no sense; convert them without one')
+        .asQemu('Having a backing file for the target makes no sense when concatenating multiple input images');
+    }
     if (extra.bitmaps) {
       if (opened.length !== 1) throw qemuError('Copying bitmaps only possible with single source');
       const s = opened[0]!;

@@ -91,8 +91,37 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
     // The unit zeros are judged in: what the target allocates (cluster/subcluster), or -S.
     const unit = q ? (compress || !q.geometry.extendedL2 ? q.geometry.clusterSize : q.geometry.subclusterSize) : Math.max(512, minSparse || 512);
     const chunk = Math.max(unit, Math.ceil((opts.chunkSize ?? (compress ? 2 << 20 : 4 << 20)) / unit) * unit);
+    // -S above the target's cluster size (a qcow2 target with small clusters): qemu-img aligns
+    // the data it writes to pow2floor(-S) and writes zero runs shorter than -S as data
+    // (is_allocated_sectors_min); the units are then decided as it decides them.
+    const sparseAlign = q && !compress && minSparse >= 512 ? 512 * 2 ** Math.floor(Math.log2(Math.floor(minSparse / 512))) : 0;
+    /** The data units of a window's data extents, as qemu-img's convert_co_write splits them. */
+    async function qemuSparseUnits(buf: Buffer, off: number, len: number, dataUnits: Uint8Array): Promise<void> {
+      const S = 512;
+      const minSectors = Math.floor(minSparse / S);
+      const align = sparseAlign / S;
+      for (let p = off; p < off + len;) {
+        const st = await chainBlockStatus(src, p, off + len - p);
+        if (!st.zero) {
+          // qemu-img reads data extents in buffers of 2 MiB (buf_sectors).
+          for (let c = p; c < p + st.length; c += 2 << 20) {
+            const end = Math.min(p + st.length, c + (2 << 20));
+            const from = Math.floor((c - off) / unit);
+            const to = Math.ceil((end - off) / unit);
+            dataUnits.fill(0, from, to);
+            for (const [a, b] of sparseDataRuns(buf.subarray(c - off, end - off), c / S, minSectors, align)) {
+              for (let u = Math.floor((c - off + a * S) / unit); u * unit < c - off + b * S; u++) dataUnits[u] = 1;
+            }
+          }
+        }
+        p += st.length;
+      }
+    }
     const width = opts.parallel ?? 8;
-    const below = img.backing;
+    // The target's backing file counts where -B gave it (qemu-img's target_has_backing): an
+    // existing target's own backing file (-n without -B) is not looked at, and zeros are
+    // written where the source reads zero, as qemu-img writes them.
+    const below = opts.existing && !opts.create?.backingFile ? null : img.backing;
     const progress = new ProgressReporter(ctx, size);
     progress.setPhase('converting');
     const srcBufs = ioBuffers(width, chunk);
@@ -164,6 +193,7 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
         }
         result.bytesRead += len;
       }
+      if (sparseAlign > unit && dataUnits && !opts.copyOffload) await qemuSparseUnits(buf, off, len, dataUnits);
       if (opts.copyOffload && dataUnits) {
         // Every unit that block status calls data is copied, zeros or not.
         for (let p = off; p < off + len;) {
@@ -256,6 +286,60 @@ export async function convert(ctx: JobContext, src: DiskImage, targetPath: strin
   }
   await closeBelow(img.backing);
   return result;
+}
+
+const ZERO_SECTOR = Buffer.alloc(512);
+
+/**
+ * The sector runs [a, b) of `buf` (starting at sector `first` of the disk) that qemu-img's
+ * convert writes as data with -S: is_allocated_sectors_min over the buffer, again and again
+ * (zero runs of at least `min` sectors are skipped; the end of a data run is aligned up to
+ * `align` sectors, a zero run's end down to it).
+ */
+export function sparseDataRuns(buf: Buffer, first: number, min: number, align: number): [number, number][] {
+  const S = 512;
+  const total = Math.floor(buf.length / S) + (buf.length % S ? 1 : 0);
+  const zero = new Uint8Array(total);
+  for (let i = 0; i < total; i++) {
+    const end = Math.min(buf.length, (i + 1) * S);
+    zero[i] = ZERO_SECTOR.compare(buf, i * S, end, 0, end - i * S) === 0 ? 1 : 0;
+  }
+  // is_allocated_sectors: [data?, pnum] for the sectors from i (n of them).
+  const allocated = (i: number, n: number): [boolean, number] => {
+    let isZero = zero[i] === 1;
+    let k = 1;
+    while (k < n && (zero[i + k] === 1) === isZero) k++;
+    if (k === n) return [!isZero, k];
+    const tail = (first + i + k) & (align - 1);
+    if (tail) {
+      if (isZero && k <= tail) isZero = false;
+      if (!isZero) k = Math.min(k + align - tail, n);
+      else k -= tail;
+    }
+    return [!isZero, k];
+  };
+  const out: [number, number][] = [];
+  for (let i = 0; i < total;) {
+    const n = total - i;
+    const m = Math.min(min, n);
+    let [data, pnum] = allocated(i, n);
+    if (data) {
+      // is_allocated_sectors_min: zero runs shorter than `m` inside data are taken as data.
+      let used = pnum;
+      let checked = pnum;
+      while (i + checked < i + n) {
+        const [d, k] = allocated(i + checked, n - checked);
+        checked += k;
+        if (d) used = checked;
+        else if (k >= m) break;
+      }
+      pnum = used;
+      const last = out[out.length - 1];
+      if (last && last[1] === i) last[1] = i + pnum; else out.push([i, i + pnum]);
+    }
+    i += pnum;
+  }
+  return out;
 }
 
 async function closeBelow(img: DiskImage | null): Promise<void> {

@@ -24,7 +24,11 @@ export type JobSpec =
   | { op: 'commit'; image: string; base?: string; keep?: boolean }
   | { op: 'empty'; image: string }
   | { op: 'merge'; image: string; /** Folders scanned for the layer's children besides its own. */ folders?: string[] }
-  | { op: 'rebase'; image: string; backing: string /* '' = flatten */; backingFormat?: Fmt; unsafe?: boolean }
+  | {
+    op: 'rebase'; image: string; backing: string /* '' = flatten */; backingFormat?: Fmt; unsafe?: boolean;
+    /** Unsafe only: a format name Strata does not open (host_device, file, vmdk...), recorded as given. */
+    backingFormatName?: string;
+  }
   | {
     op: 'mirror'; source: string; target: string; targetFormat?: Fmt; sync?: 'full' | 'top'; existing?: boolean;
     sourceFormat?: Fmt; options?: Record<string, string>; forceShare?: boolean;

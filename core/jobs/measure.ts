@@ -63,10 +63,16 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
     return { required: v, 'fully-allocated': v };
   }
   const cs = t.clusterSize;
+  // qemu-img's qcow2_measure checks the cluster size first, then the L1 table's limit.
+  if (t.extendedL2 && cs < 2 ** C.MIN_CLUSTER_BITS_EXTENDED_L2) {
+    throw new UsageError(`extended_l2=on needs a cluster size of at least 16k (cluster_size is ${cs})`)
+      .asQemu('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  }
   const aligned = roundUp(virtualSize, cs);
   const l2Entries = cs / (t.extendedL2 ? C.L2E_SIZE_EXTENDED : C.L2E_SIZE_NORMAL);
   if (Math.ceil(virtualSize / (l2Entries * cs)) > C.MAX_L1_SIZE_BYTES / 8) {
-    throw new UsageError('the image size is too large (try using a larger cluster size)');
+    throw new UsageError(`the image size is too large for qcow2 with ${cs}-byte clusters${t.extendedL2 ? ' and extended L2 entries' : ''} (try a larger cluster_size)`)
+      .asQemu('The image size is too large (try using a larger cluster size)');
   }
   // Without a source nothing needs data clusters; with a backing file every cluster may.
   let required = src ? aligned : 0;

@@ -65,7 +65,7 @@ export async function runJob(ctx: JobContext, spec: JobSpec, opts: { force?: boo
       return done(`merged ${basename(spec.image)} into ${r.backing}${r.children.length ? `; ${r.children.length} image(s) now use it` : ''}`, r.bytesWritten, [r.backing, ...r.children]);
     }
     case 'rebase': {
-      const r = await rebase(ctx, spec.image, { backing: spec.backing, backingFormat: spec.backingFormat, unsafe: spec.unsafe, force }, plan);
+      const r = await rebase(ctx, spec.image, { backing: spec.backing, backingFormat: spec.backingFormat, backingFormatName: spec.backingFormatName, unsafe: spec.unsafe, force }, plan);
       return done(`rebased ${basename(spec.image)}: ${bytes(r.bytesWritten)} written`, r.dataBytesWritten, [spec.image]);
     }
     case 'snapshot': {

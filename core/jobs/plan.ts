@@ -58,7 +58,7 @@ export function convertOptions(spec: SpecOf<'convert'>): ConvertOptions {
     create.backingFormat = spec.backingFormat ?? create.backingFormat;
   }
   if (spec.compress && spec.targetFormat !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
-  if (spec.existing && spec.options && Object.keys(spec.options).length) throw new UsageError('-o cannot be used with -n (the target exists already)');
+  if (spec.existing && spec.options && Object.keys(spec.options).length) throw new UsageError('-o cannot be used with -n (the target exists already)').asQemu('-o has no effect when skipping image creation');
   if (spec.targetIsZero && !spec.existing) throw new UsageError('--target-is-zero requires -n (an existing target)');
   const cache = spec.cache ?? 'unsafe';
   if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`-t must be unsafe or writeback, not '${String(cache)}'`);
@@ -115,7 +115,7 @@ export async function planJob(spec: JobSpec, ctx: JobContext = {}): Promise<JobP
     case 'commit': return planCommit(ctx, spec.image, { base: spec.base, keep: spec.keep });
     case 'empty': return planEmpty(ctx, spec.image);
     case 'merge': return planMerge(ctx, spec.image, { folders: spec.folders });
-    case 'rebase': return planRebase(ctx, spec.image, { backing: spec.backing, backingFormat: spec.backingFormat, unsafe: spec.unsafe });
+    case 'rebase': return planRebase(ctx, spec.image, { backing: spec.backing, backingFormat: spec.backingFormat, backingFormatName: spec.backingFormatName, unsafe: spec.unsafe });
     case 'snapshot': return planSnapshot(spec.image, spec.action, spec.name);
     case 'resize': return planResize(spec.image, { size: spec.size, shrink: spec.shrink, relative: spec.relative, format: spec.format, preallocation: spec.preallocation });
     case 'check': return planCheck(spec.image, { repair: spec.repair, format: spec.format });

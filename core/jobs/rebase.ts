@@ -24,6 +24,11 @@ export interface RebaseOptions {
   backing: string;
   backingFormat?: ImageFormat;
   unsafe?: boolean;
+  /**
+   * Unsafe mode only: a backing format name Strata does not open (any QEMU_FORMAT_NAMES entry
+   * but qcow2 and raw), recorded as given, as qemu-img records it (iotest 031).
+   */
+  backingFormatName?: string;
   /** Bytes compared per step (default 1 MiB, rounded to the overlay's write unit). */
   chunkSize?: number;
   /** Run even when the plan says other images would read differently (not the case for rebase today). */
@@ -44,7 +49,8 @@ export interface RebaseResult {
  * fails only after copying; refusing first leaves the overlay as it was.
  */
 function requireBackingFormat(path: string, opts: RebaseOptions): void {
-  if (opts.backing && !opts.backingFormat) {
+  if (opts.backingFormatName !== undefined && !opts.unsafe) throw new UsageError(`${path}: a backing file of format '${opts.backingFormatName}' can only be recorded with -u (Strata opens qcow2 and raw only)`);
+  if (opts.backing && !opts.backingFormat && !opts.backingFormatName) {
     throw new FormatError(`Could not change the backing file to '${printable(opts.backing)}': backing format must be specified (add -F qcow2 or -F raw)`, path)
       .asQemu(`Could not change the backing file to '${opts.backing}': backing format must be specified`);
   }
@@ -150,7 +156,7 @@ export async function planRebase(ctx: JobContext, path: string, opts: RebaseOpti
   const command = ['strata', 'rebase'];
   if (opts.unsafe) command.push('-u');
   command.push('-b', opts.backing);
-  if (opts.backingFormat) command.push('-F', opts.backingFormat);
+  if (opts.backingFormat || opts.backingFormatName) command.push('-F', (opts.backingFormat ?? opts.backingFormatName)!);
   command.push(abs(path));
   const what = opts.backing ? `onto ${opts.backing}` : '(flatten: no backing file)';
   const plan = newPlan('rebase', `Rebase ${basename(path)} ${what}${opts.unsafe ? ', unsafe' : ''}`, command);
@@ -160,7 +166,9 @@ export async function planRebase(ctx: JobContext, path: string, opts: RebaseOpti
     try {
       if (!(top instanceof Qcow2Image)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
       let next: DiskImage | null = null;
-      if (opts.backing) {
+      if (opts.backing && opts.backingFormatName) {
+        plan.warnings.push(`the new backing file '${opts.backing}' is recorded as ${opts.backingFormatName}, a format Strata does not open: ${abs(path)} opens only in QEMU`);
+      } else if (opts.backing) {
         try { next = await openImage(combineBackingPath(path, opts.backing), { format: opts.backingFormat, lock: 'none' }); } catch {
           plan.warnings.push(`the new backing file '${opts.backing}' cannot be opened now: ${abs(path)} will not open until it can`);
         }
@@ -217,7 +225,7 @@ export async function rebase(ctx: JobContext, path: string, opts: RebaseOptions,
     const top = await openImageFile(path, { writable: true });
     try {
       if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 images have a backing file`);
-      await writeBackingName(top, opts.backing, opts.backingFormat ?? null);
+      await writeBackingName(top, opts.backing, opts.backingFormat ?? opts.backingFormatName ?? null);
     } finally {
       await closeChain(top);
     }

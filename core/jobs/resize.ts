@@ -40,7 +40,6 @@ function targetSize(img: DiskImage, path: string, opts: ResizeOptions): number {
   if (pre === 'metadata' && img instanceof RawImage) throw new UnsupportedFeatureError('Unsupported preallocation mode: metadata', path);
   if (img instanceof Qcow2Image) {
     if (to % 512 !== 0) throw new UsageError(`${path}: qcow2 sizes must be a multiple of 512 bytes`);
-    if (to < from && img.snapshots.length) throw new UsageError(`${path}: cannot shrink an image with internal snapshots`);
     // QEMU's qcow2_co_truncate: v2 snapshots need not record their size, so none may change.
     if (to !== from && img.snapshots.length && img.header.version < 3) throw new UnsupportedFeatureError("Can't resize a v2 image which has snapshots (upgrade it with `amend -o compat=1.1` first)", path).asQemu("Can't resize a v2 image which has snapshots");
   }

@@ -7,7 +7,7 @@ import { openImageFile, openImage, closeChain } from '../chain/open';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
 import { Qcow2Writable } from '../engine/qcow2-write';
-import { applySnapshot, checkSnapshotApplicable, createSnapshot, deleteSnapshot, snapshotGrowth } from '../engine/snapshots';
+import { applySnapshot, checkSnapshotApplicable, createSnapshot, deleteSnapshot, snapshotGrowth, snapshotOverflowText } from '../engine/snapshots';
 import * as C from '../format/constants';
 import { findOverlays } from './overlays';
 import {
@@ -41,7 +41,7 @@ export async function planSnapshot(path: string, action: SnapshotAction, name: s
       if (!name) throw new UsageError('a snapshot needs a name');
       if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
       if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
-      if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit`);
+      if (img.header.refcountOrder === 0) throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit (amend -o refcount_bits=16 first)`).asQemu(snapshotOverflowText(name));
       // QEMU: -ENOTSUP (a snapshot cannot share the clusters of an external data file).
       if (img.geometry.externalData) throw new UnsupportedFeatureError('internal snapshots are not supported with an external data file', img.filename).asQemu(`Could not create snapshot '${name}': -95 (Operation not supported)`);
       // What the switch writes where nothing lives (copies of the L2 tables and the L1, a new

@@ -98,7 +98,11 @@ async function contentOf(path: string, v: View): Promise<string> {
       if (!(img instanceof Qcow2Image)) return 'no snapshots';
       const parts: string[] = [];
       for (const s of [...img.snapshots].sort((a, b) => a.name.localeCompare(b.name))) {
-        parts.push(`${s.name}=${await hashOf(await img.snapshotView(s))}`);
+        // At the snapshot's own size (the view takes the image's current size, as qemu-img
+        // convert -l does): a resize of the active layer is no change of the snapshot.
+        const view = await img.snapshotView(s);
+        if (s.diskSize !== null) view.virtualSize = s.diskSize;
+        parts.push(`${s.name}=${await hashOf(view)}`);
       }
       return parts.join(',');
     }

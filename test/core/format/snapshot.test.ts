@@ -211,3 +211,18 @@ describe('hostile tables: typed errors naming the file', () => {
     }), { numRuns: 1000 });
   });
 });
+
+describe('IDs and names are C strings (iotest 261)', () => {
+  it('end at their first NUL byte, as QEMU reads them', async () => {
+    const e = entry({ id: '7', name: 'ab' });
+    const buf = encodeSnapshotTable([e]);
+    // Grow the stored ID and name with NUL bytes and garbage after them (sizes 3 and 4).
+    const fixed = buf.subarray(0, C.SNAPSHOT_ENTRY_FIXED_SIZE);
+    const extra = buf.subarray(C.SNAPSHOT_ENTRY_FIXED_SIZE, C.SNAPSHOT_ENTRY_FIXED_SIZE + fixed.readUInt32BE(36));
+    const grown = Buffer.concat([fixed, extra, Buffer.from('7\0x'), Buffer.from('ab\0y')]);
+    grown.writeUInt16BE(3, 12);
+    grown.writeUInt16BE(4, 14);
+    const { entries } = await decodeAll(grown, 1);
+    expect([entries[0]!.id, entries[0]!.name]).toEqual(['7', 'ab']);
+  });
+});

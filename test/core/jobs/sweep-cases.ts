@@ -1,7 +1,7 @@
 // The writing paths the fault and crash sweeps drive, each a small image set built with QEMU's
 // own tools and one strata command line. Small on purpose: every path is run dozens of times.
 import { execFileSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { qemuImg, qemuIo } from '../../oracle/qemu';
 import type { SweepCase } from '../../support/sweep';
@@ -259,6 +259,19 @@ export const CASES: SweepCase[] = [
     views: [{ file: 'img.qcow2', rule: 'result' }, { file: 'img.qcow2', rule: 'unchanged', range: [0, 1536 * KiB] }],
   },
   {
+    name: 'resize --shrink of an image with internal snapshots (tables shared with them)',
+    build: (d) => {
+      const p = create(d, 'img.qcow2', '4M');
+      qemuIo(p, ['write -P 0x64 0 1M', 'write -P 0x65 3M 512k']);
+      qemuImg('snapshot', '-c', 'one', p);
+      qemuIo(p, ['write -P 0x66 3M 64k', 'write -P 0x67 1M 128k']);
+    },
+    argv: (d) => ['resize', '--shrink', join(d, 'img.qcow2'), '1536k'],
+    images: ['img.qcow2'],
+    // The snapshot keeps everything, at every step; of the active layer, what stays.
+    views: [{ file: 'img.qcow2', rule: 'result' }, { file: 'img.qcow2', rule: 'unchanged', range: [0, 1536 * KiB] }, { file: 'img.qcow2', snapshots: true, rule: 'unchanged' }],
+  },
+  {
     name: 'check -r leaks',
     build: (d) => { damaged(d, 'img.qcow2', 'leak'); },
     argv: (d) => ['check', '-r', 'leaks', join(d, 'img.qcow2')],
@@ -274,6 +287,38 @@ export const CASES: SweepCase[] = [
     // Damaged on purpose: until the repair, the corruption it started with is allowed.
     images: ['img.qcow2'],
     views: [{ file: 'img.qcow2', rule: 'unchanged' }],
+  },
+  {
+    name: 'check -r all of v3 snapshot table entries whose extra data is too short (a new snapshot table)',
+    build: (d) => {
+      const p = create(d, 'img.qcow2', '1M', 'cluster_size=4k,compat=0.10');
+      qemuIo(p, ['write -P 0x71 0 64k']);
+      for (const n of ['sn0', 'sn1']) qemuImg('snapshot', '-c', n, p);
+      // Both entries lose their extra data (v2 allows that), then the header says v3.
+      const b = readFileSync(p);
+      const table = Number(b.readBigUInt64BE(64));
+      const parts: Buffer[] = [];
+      let q = table;
+      for (let i = 0; i < 2; i++) {
+        q = Math.ceil(q / 8) * 8;
+        const x = b.readUInt32BE(q + 36);
+        const ids = b.readUInt16BE(q + 12) + b.readUInt16BE(q + 14);
+        const fixed = Buffer.from(b.subarray(q, q + 40));
+        fixed.writeUInt32BE(0, 36);
+        const e = Buffer.concat([fixed, b.subarray(q + 40 + x, q + 40 + x + ids)]);
+        parts.push(Buffer.concat([e, Buffer.alloc((8 - (e.length % 8)) % 8)]));
+        q += 40 + x + ids;
+      }
+      Buffer.concat(parts).copy(b, table);
+      b.writeUInt32BE(3, 4);
+      b.writeUInt32BE(0x68, 100);
+      b.writeUInt32BE(4, 96);
+      writeFileSync(p, b);
+    },
+    argv: (d) => ['check', '-r', 'all', join(d, 'img.qcow2')],
+    reportLines: CHECK_REPORT,
+    images: ['img.qcow2'],
+    views: [{ file: 'img.qcow2', rule: 'unchanged' }, { file: 'img.qcow2', snapshots: true, rule: 'unchanged' }],
   },
   {
     name: 'mirror -O qcow2',
