@@ -40,9 +40,14 @@ export class LibraryService {
 
   private first: Promise<LibrarySnapshot> | null = null;
 
-  /** The library once the first scan has finished. */
-  ready(): Promise<LibrarySnapshot> {
-    return this.first ?? this.start();
+  /**
+   * The library as it stands, once the first scan and the scans and rescans already queued have
+   * finished (not the first scan's snapshot: a page opened later must see what changed since).
+   */
+  async ready(): Promise<LibrarySnapshot> {
+    await (this.first ?? this.start());
+    await this.work;
+    return this.library.snapshot();
   }
 
   /** Scans the folders and starts watching them. */

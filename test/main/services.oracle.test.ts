@@ -85,6 +85,8 @@ describeOracle('app services (fork job host)', () => {
     qemuImg('create', '-q', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', join(pool, 'c.qcow2'));
     await until('c.qcow2 to appear', () => has('c.qcow2'), 1000);
     expect(Date.now() - t0).toBeLessThan(1000);
+    // A page opened now gets it too (library.get is the library as it stands).
+    expect(((await ask('library.get')) as LibrarySnapshot).images.some((i) => i.path === join(pool, 'c.qcow2'))).toBe(true);
     expect(latest()!.images.find((i) => i.path === join(pool, 'a.qcow2'))!.children).toHaveLength(1);
     t0 = Date.now();
     execFileSync('qemu-img', ['rebase', '-u', '-b', 'base.qcow2', '-F', 'qcow2', join(pool, 'c.qcow2')]);
@@ -103,6 +105,8 @@ describeOracle('app services (fork job host)', () => {
     rmSync(join(pool, 'later'), { recursive: true });
     await until('later/d.qcow2 to go', () => latest() && !has('later/d.qcow2'), 1000);
     expect(shape(latest()!)).toEqual(shape(await new Library([pool]).scan()));
+    // A page opened now (library.get) sees the library as it stands, not the first scan's.
+    expect(shape((await ask('library.get')) as LibrarySnapshot)).toEqual(shape(latest()!));
   });
 
   it('a convert started through the protocol streams progress and ends with a clean image', async () => {
