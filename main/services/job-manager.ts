@@ -3,7 +3,7 @@
 // what), every job planned first and refused when its plan is blocked, cancel, progress
 // throttled to what a screen needs, and a history persisted across restarts. A job whose
 // process dies is marked failed with the reason; the manager keeps serving.
-import { existsSync, readFileSync, renameSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync, renameSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { StrataError, UsageError } from '../../core/errors';
 import { enforcePlan } from '../../core/jobs/plan-kit';
@@ -186,12 +186,25 @@ export class JobManager {
     const ours = new Map([...this.running.values()].filter((r) => r.record.pid).map((r) => [r.record.pid!, r.record]));
     const waitsFor = new Set<string>();
     const blocked = plan.blocked.filter((b) => {
-      const job = b.holder ? ours.get(b.holder.pid) : undefined;
+      let job = b.holder ? ours.get(b.holder.pid) : undefined;
+      // A holder the lock doctor could not name (QEMU's locks are OFD locks, which /proc/locks
+      // lists without a PID; the process is found through its open files, and one that has just
+      // opened the image can be missed) on an image one of our running jobs works on is that job.
+      if (!job && !b.holder) job = this.runningOn(b.filename);
       if (job) waitsFor.add(job.title);
       return !job;
     });
     if (blocked.length === plan.blocked.length) return plan;
     return { ...plan, blocked, warnings: [...plan.warnings, ...[...waitsFor].map((t) => `it will wait for "${t}", which is running on the same images, and start when that ends`)] };
+  }
+
+  /** The record of a running job that reads or writes the image at `path`. */
+  private runningOn(path: string): JobRecord | undefined {
+    let real: string;
+    try { real = realpathSync.native(path); } catch { real = resolve(path); }
+    const named = resolve(path);
+    for (const r of this.running.values()) if ([real, named].some((p) => r.writes.has(p) || r.reads.has(p))) return r.record;
+    return undefined;
   }
 
   /** A heavy read (map summary, check without repair) in a job process. */
