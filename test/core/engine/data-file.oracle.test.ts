@@ -7,24 +7,12 @@ import { expect, it } from 'vitest';
 import { rng } from '../jobs/helpers';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import { asQemuImg, strata } from '../../cli/run-cli';
+import { randomOps } from '../../oracle/random-io';
 
 async function strataIo(file: string, cmds: string[]): Promise<string> {
   const r = await strata('io', ...cmds.flatMap((c) => ['-c', c]), file);
   if (r.code !== 0) throw new Error(`strata io failed (${r.code}): ${r.err}`);
   return r.out;
-}
-
-function randomOps(r: () => number, size: number, n: number, maxLen: number): string[] {
-  const ops: string[] = [];
-  for (let i = 0; i < n; i++) {
-    const kind = r();
-    const len = 1 + Math.floor(r() * r() * maxLen);
-    const off = Math.floor(r() * (size - len));
-    if (kind < 0.6) ops.push(`write -P ${1 + Math.floor(r() * 254)} ${off} ${len}`);
-    else if (kind < 0.8) ops.push(`write -z ${off} ${len}`);
-    else ops.push(`discard ${off} ${len}`);
-  }
-  return ops;
 }
 
 interface Case { name: string; opts: string; backing?: boolean }

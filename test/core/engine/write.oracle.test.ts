@@ -4,7 +4,7 @@ import { expect, it } from 'vitest';
 import { rng } from '../jobs/helpers';
 import { describeOracle, qemuImg, qemuImgRun, qemuIo, tempDir } from '../../oracle/qemu';
 import { run } from '../../../cli/main';
-
+import { randomOps } from '../../oracle/random-io';
 
 async function strataIo(file: string, cmds: string[]): Promise<void> {
   let err = '';
@@ -21,20 +21,6 @@ interface Case {
   size?: number;
   ops?: number;
   maxLen?: number;
-}
-
-function randomOps(r: () => number, size: number, cluster: number, n: number, maxLen: number): string[] {
-  const ops: string[] = [];
-  for (let i = 0; i < n; i++) {
-    const kind = r();
-    const len = 1 + Math.floor(r() * r() * maxLen);
-    const off = Math.floor(r() * (size - len));
-    if (kind < 0.6) ops.push(`write -P ${1 + Math.floor(r() * 254)} ${off} ${len}`);
-    else if (kind < 0.8) ops.push(`write -z ${off} ${len}`);
-    else ops.push(`discard ${off} ${len}`);
-    void cluster;
-  }
-  return ops;
 }
 
 const CASES: Case[] = [
@@ -76,7 +62,7 @@ describeOracle('write path against qemu-io', () => {
         qemuIo(a, pre);
         await strataIo(b, pre);
         for (let batch = 0; batch < 3; batch++) {
-          const ops = randomOps(r, size, c.cluster, c.ops ?? 30, c.maxLen ?? 3 * c.cluster);
+          const ops = randomOps(r, size, c.ops ?? 30, c.maxLen ?? 3 * c.cluster);
           qemuIo(a, ops);
           await strataIo(b, ops);
           const check = qemuImgRun('check', '--output=json', b);
