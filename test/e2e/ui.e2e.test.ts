@@ -183,6 +183,12 @@ describeBrowser('the UI', () => {
     await details.getByRole('heading', { name: 'shared-base.qcow2' }).waitFor();
     const usedBy = details.locator('section', { has: page.getByRole('heading', { name: 'Used by' }) });
     await expect(usedBy.getByRole('button').allTextContents()).resolves.toEqual(['vm-a.qcow2', 'vm-b.qcow2']);
+    // With the details panel open, the three-deep chain is still seen whole: no card behind it.
+    const view = (await page.getByTestId('chain-forest').boundingBox())!;
+    for (const name of ['c1.qcow2', 'c2.qcow2', 'c3.qcow2']) {
+      const box = (await node(page, name).boundingBox())!;
+      expect(box.x + box.width, `${name} ends inside the chain view`).toBeLessThanOrEqual(view.x + view.width);
+    }
   });
 
   it('draws the allocation map with data where qemu-io wrote it, layer by layer', async () => {

@@ -2,7 +2,7 @@
 // d3-hierarchy's tree layout places them; trees that branch go through d3.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { placeTree, placeWithD3, layoutGroups, COL_W } from '../../renderer/features/library/model';
+import { placeTree, placeWithD3, layoutGroups, stackGroups, COL_W, CARD_W, MIN_CARD_W } from '../../renderer/features/library/model';
 import type { LibraryImage } from '../../renderer/lib/store';
 import type { LibrarySnapshot } from '../../core/library/types';
 
@@ -38,5 +38,33 @@ describe('placeTree', () => {
     const snap = { images: [...byReal.values()], treeRoots: ['/p/0', '/p/2'] } as unknown as LibrarySnapshot;
     expect(layoutGroups(snap, { text: '/p/1', problem: '' }).map((g) => g.key)).toEqual(['/p/0']);
     expect(layoutGroups(snap, { text: '', problem: '' }).map((g) => g.nodes.length)).toEqual([2, 1]);
+  });
+});
+
+describe('stackGroups', () => {
+  const snapOf = (parents: number[]) => {
+    const byReal = forest(parents);
+    const roots = parents.flatMap((p, i) => (p === -1 ? [`/p/${i}`] : []));
+    return { images: [...byReal.values()], treeRoots: roots } as unknown as LibrarySnapshot;
+  };
+  const all = { text: '', problem: '' };
+
+  it('keeps full-size columns when every tree fits', () => {
+    const s = stackGroups(layoutGroups(snapOf([-1, 0, 1]), all), 1200);
+    expect([s.colW, s.cardW]).toEqual([COL_W, CARD_W]);
+  });
+
+  it('narrows the columns so that a three-deep chain is seen whole beside the details panel', () => {
+    // 744 px: the chain view of a 1440 px window with the sidebar and the details panel open.
+    const s = stackGroups(layoutGroups(snapOf([-1, 0, 1, -1]), all), 744);
+    expect(s.colW).toBeLessThan(COL_W);
+    expect(s.cardW).toBeGreaterThanOrEqual(MIN_CARD_W);
+    expect(s.width).toBeLessThanOrEqual(744 - 48);
+  });
+
+  it('stops narrowing at the smallest card: a deeper chain scrolls', () => {
+    const s = stackGroups(layoutGroups(snapOf([-1, 0, 1, 2, 3, 4, 5]), all), 744);
+    expect(s.cardW).toBe(MIN_CARD_W);
+    expect(s.width).toBeGreaterThan(744);
   });
 });

@@ -4,7 +4,7 @@
 // reading order, left to the backing file, right to the first overlay), Enter opens details,
 // the context-menu key or a right click opens the actions.
 import { memo, useCallback, useEffect, useLayoutEffect, useMemo, useRef, useState, type KeyboardEvent, type MouseEvent } from 'react';
-import { CARD_H, CARD_W, SECTION_H, SECTION_TITLES, layoutGroups, readingOrder, stackGroups, type Filter, type Group, type LaidNode } from './model';
+import { CARD_H, COMPACT_CARD_W, SECTION_H, SECTION_TITLES, layoutGroups, readingOrder, stackGroups, type Filter, type Group, type LaidNode } from './model';
 import { badgesFor } from './badges';
 import { Badge, Icon } from '../../components/ui';
 import { select, openDialog, useStore, type LibraryImage } from '../../lib/store';
@@ -53,9 +53,9 @@ export function ChainForest({ filter }: { filter: Filter }) {
     const top = g.top + n.y;
     if (top < el.scrollTop) el.scrollTop = top - 8;
     else if (top + CARD_H > el.scrollTop + el.clientHeight) el.scrollTop = top + CARD_H - el.clientHeight + 8;
-    const left = g.left + n.x;
+    const left = g.left + n.depth * stacked.colW;
     if (left < el.scrollLeft) el.scrollLeft = left - 8;
-    else if (left + CARD_W > el.scrollLeft + el.clientWidth) el.scrollLeft = left + CARD_W - el.clientWidth + 8;
+    else if (left + stacked.cardW > el.scrollLeft + el.clientWidth) el.scrollLeft = left + stacked.cardW - el.clientWidth + 8;
   };
 
   const moveTo = (key: string | undefined | null) => {
@@ -121,7 +121,7 @@ export function ChainForest({ filter }: { filter: Filter }) {
         ))}
         <div role="tree" aria-label="Images and their backing chains" className="absolute inset-0">
           {visible.map((g) => (
-            <GroupView key={g.key} group={g} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={handleKey} onMenu={handleMenu} />
+            <GroupView key={g.key} group={g} colW={stacked.colW} cardW={stacked.cardW} selected={selected} tabStop={tabStop} onFocusNode={setFocus} onKey={handleKey} onMenu={handleMenu} />
           ))}
         </div>
       </div>
@@ -130,17 +130,18 @@ export function ChainForest({ filter }: { filter: Filter }) {
   );
 }
 
-const GroupView = memo(function GroupView({ group, selected, tabStop, onFocusNode, onKey, onMenu }: {
-  group: Group; selected: string | null; tabStop: string | null;
+const GroupView = memo(function GroupView({ group, colW, cardW, selected, tabStop, onFocusNode, onKey, onMenu }: {
+  group: Group; colW: number; cardW: number; selected: string | null; tabStop: string | null;
   onFocusNode: (k: string) => void; onKey: (e: KeyboardEvent, n: LaidNode) => void; onMenu: (img: LibraryImage, e: MouseEvent) => void;
 }) {
+  const width = group.depth * colW + cardW;
   return (
-    <div className="absolute" style={{ top: group.top, left: 24 + group.left, width: group.width, height: group.height }} role="group" aria-label={`chain of ${baseName(group.nodes[0]!.image.path)}`}>
-      <svg className="pointer-events-none absolute inset-0 overflow-visible" width={group.width} height={group.height} aria-hidden="true">
+    <div className="absolute" style={{ top: group.top, left: 24 + group.left, width, height: group.height }} role="group" aria-label={`chain of ${baseName(group.nodes[0]!.image.path)}`}>
+      <svg className="pointer-events-none absolute inset-0 overflow-visible" width={width} height={group.height} aria-hidden="true">
         {group.edges.map(({ from, to }) => {
-          const x1 = from.x + CARD_W;
+          const x1 = from.depth * colW + cardW;
           const y1 = from.y + CARD_H / 2;
-          const x2 = to.x;
+          const x2 = to.depth * colW;
           const y2 = to.y + CARD_H / 2;
           const mid = x1 + (x2 - x1) / 2;
           const dim = !to.matches && !from.matches;
@@ -149,7 +150,7 @@ const GroupView = memo(function GroupView({ group, selected, tabStop, onFocusNod
         })}
       </svg>
       {group.nodes.map((n) => (
-        <NodeCard key={n.image.realPath} node={n} selected={selected === n.image.realPath} tabbable={tabStop === n.image.realPath}
+        <NodeCard key={n.image.realPath} node={n} left={n.depth * colW} width={cardW} selected={selected === n.image.realPath} tabbable={tabStop === n.image.realPath}
           onFocusNode={onFocusNode} onKey={onKey} onMenu={onMenu} />
       ))}
     </div>
@@ -157,14 +158,15 @@ const GroupView = memo(function GroupView({ group, selected, tabStop, onFocusNod
 });
 
 /** Redrawn only when its own image, selection or tab stop changes (a click changes two cards). */
-const NodeCard = memo(function NodeCard({ node, selected, tabbable, onFocusNode, onKey, onMenu }: {
-  node: LaidNode; selected: boolean; tabbable: boolean;
+const NodeCard = memo(function NodeCard({ node, left, width, selected, tabbable, onFocusNode, onKey, onMenu }: {
+  node: LaidNode; left: number; width: number; selected: boolean; tabbable: boolean;
   onFocusNode: (k: string) => void; onKey: (e: KeyboardEvent, n: LaidNode) => void; onMenu: (img: LibraryImage, e: MouseEvent) => void;
 }) {
   const img = node.image;
   const badges = badgesFor(img);
   const serious = img.problems.some((p) => p.code !== 'in-use' && p.code !== 'backing-changed' && p.code !== 'backing-format-unspecified' && p.code !== 'dirty');
   const name = baseName(img.path);
+  const compact = width < COMPACT_CARD_W;
   return (
     <div
       role="treeitem"
@@ -183,16 +185,18 @@ const NodeCard = memo(function NodeCard({ node, selected, tabbable, onFocusNode,
       className={`absolute flex cursor-pointer flex-col gap-1 overflow-hidden rounded-lg border bg-white px-3 py-2.5 shadow-sm transition-colors dark:bg-slate-900
         ${selected ? 'border-teal-600 ring-2 ring-teal-600/40 dark:border-teal-400' : serious ? 'border-red-300 dark:border-red-800' : 'border-slate-200 hover:border-slate-400 dark:border-slate-700 dark:hover:border-slate-500'}
         ${node.matches ? '' : 'opacity-45'}`}
-      style={{ left: node.x, top: node.y, width: CARD_W, height: CARD_H }}
+      style={{ left, top: node.y, width, height: CARD_H }}
       title={img.path}
     >
       <div className="flex min-w-0 items-center gap-2">
         <Icon name={img.inUse ? 'lock' : img.children.length ? 'layers' : 'disk'} className={`h-4 w-4 ${img.inUse ? 'text-sky-600 dark:text-sky-400' : 'text-slate-500 dark:text-slate-400'}`} />
         <span className="min-w-0 flex-1 truncate text-sm font-semibold">{name}</span>
-        {img.format && <span className="font-mono text-[11px] uppercase text-slate-500 dark:text-slate-400">{img.format}</span>}
+        {img.format && !(compact && img.format === 'qcow2') && <span className="font-mono text-[11px] uppercase text-slate-500 dark:text-slate-400">{img.format}</span>}
       </div>
       <div className="truncate text-xs tabular-nums text-slate-600 dark:text-slate-300">
-        {img.format ? <>{size(img.virtualSize)} virtual · {size(img.actualSize)} on disk</> : img.error?.message ?? 'not readable'}
+        {!img.format ? img.error?.message ?? 'not readable'
+          : compact ? <span title={`${size(img.actualSize)} on disk of a ${size(img.virtualSize)} virtual disk`}>{size(img.actualSize)} of {size(img.virtualSize)}</span>
+          : <>{size(img.virtualSize)} virtual · {size(img.actualSize)} on disk</>}
       </div>
       {/* Read with the name (the badges are drawn for the eye, and said here in words). */}
       <span className="sr-only" data-testid="node-summary">

@@ -10,6 +10,11 @@ export const CARD_H = 80;
 export const CARD_W = 312;
 export const COL_W = 360;
 export const GROUP_GAP = 28;
+/** The narrowest a card gets, and the gap between columns then, when a deep chain must fit. */
+export const MIN_CARD_W = 200;
+export const COMPACT_GAP = 32;
+/** Cards narrower than this say less: no qcow2 label, sizes as 'on disk of virtual'. */
+export const COMPACT_CARD_W = 272;
 export const SECTION_H = 36;
 
 export type Section = 'chains' | 'broken' | 'standalone';
@@ -34,6 +39,9 @@ export interface Group {
   section: Section;
   nodes: LaidNode[];
   edges: { from: LaidNode; to: LaidNode }[];
+  /** The deepest node's depth (0 for a lone image). */
+  depth: number;
+  /** At full column width (stackGroups may narrow the columns). */
   width: number;
   height: number;
   /** Set by stackGroups: where the group is in the scrolling area. */
@@ -108,7 +116,7 @@ export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
     let maxDepth = 0;
     let maxY = 0;
     for (const n of nodes) { if (n.depth > maxDepth) maxDepth = n.depth; if (n.y > maxY) maxY = n.y; }
-    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, width: maxDepth * COL_W + CARD_W, height: maxY + CARD_H, top: 0, left: 0 });
+    groups.push({ key: rootKey, section: sectionOf(root), nodes, edges, depth: maxDepth, width: maxDepth * COL_W + CARD_W, height: maxY + CARD_H, top: 0, left: 0 });
   }
   groups.sort((a, b) => SECTION_ORDER.indexOf(a.section) - SECTION_ORDER.indexOf(b.section));
   return groups;
@@ -116,6 +124,9 @@ export function layoutGroups(snap: LibrarySnapshot, filter: Filter): Group[] {
 
 export interface Stacked {
   groups: Group[];
+  /** Column and card widths: narrower than COL_W and CARD_W when the deepest tree needs it. */
+  colW: number;
+  cardW: number;
   /** Section headers and where they go. */
   headers: { section: Section; top: number; count: number }[];
   height: number;
@@ -130,7 +141,8 @@ export function stackGroups(groups: Group[], width = 0): Stacked {
   let top = 0;
   let section: Section | null = null;
   const headers: Stacked['headers'] = [];
-  const perRow = Math.max(1, Math.floor((width - 48 + (COL_W - CARD_W)) / COL_W));
+  const { colW, cardW } = columnsFor(groups, width);
+  const perRow = Math.max(1, Math.floor((width - 48 + (colW - cardW)) / colW));
   let col = 0;
   for (const g of groups) {
     if (g.section !== section) {
@@ -141,7 +153,7 @@ export function stackGroups(groups: Group[], width = 0): Stacked {
     }
     if (g.section === 'standalone') {
       g.top = top;
-      g.left = col * COL_W;
+      g.left = col * colW;
       if (++col === perRow) { col = 0; top += g.height + GROUP_GAP; }
       continue;
     }
@@ -150,7 +162,21 @@ export function stackGroups(groups: Group[], width = 0): Stacked {
     top += g.height + GROUP_GAP;
   }
   if (col > 0) top += CARD_H + GROUP_GAP;
-  return { groups, headers, height: top, width: Math.max(CARD_W, ...groups.map((g) => g.left + g.width)) };
+  return { groups, headers, colW, cardW, height: top, width: Math.max(cardW, ...groups.map((g) => g.left + g.depth * colW + cardW)) };
+}
+
+/**
+ * Column and card widths for a view `width` wide: the full size when every tree fits, else
+ * narrower columns, down to MIN_CARD_W, so that a chain is seen whole next to the details panel
+ * (past that depth, the view scrolls sideways).
+ */
+export function columnsFor(groups: Group[], width: number): { colW: number; cardW: number } {
+  let depth = 0;
+  for (const g of groups) if (g.depth > depth) depth = g.depth;
+  const room = width - 48;
+  if (width <= 0 || depth === 0 || depth * COL_W + CARD_W <= room) return { colW: COL_W, cardW: CARD_W };
+  const colW = Math.min(COL_W, Math.max(MIN_CARD_W + COMPACT_GAP, Math.floor((room + COMPACT_GAP) / (depth + 1))));
+  return { colW, cardW: Math.min(CARD_W, colW - COMPACT_GAP) };
 }
 
 /** The nodes in reading order (group by group, each tree top to bottom): keyboard navigation. */
