@@ -345,6 +345,7 @@ describeBrowser('the UI', () => {
     const updates = (await page.evaluate(() => (window as unknown as { __updates: number[] }).__updates)).filter((u) => u >= startedAt && u <= endedAt);
     const distinct = updates.filter((u, i) => i === 0 || u - updates[i - 1]! > 50);
     const seconds = (endedAt - startedAt) / 1000;
+    console.log(`[ui during a 4 GiB job] ${said}; ${distinct.length} progress updates in ${seconds.toFixed(1)} s`);
     expect(seconds, 'the job ran long enough to measure').toBeGreaterThan(1);
     expect(distinct.length / seconds, `${distinct.length} updates in ${seconds.toFixed(1)} s`).toBeGreaterThanOrEqual(2);
     expectClean(join(t.dir, 'big4g.qcow2'));
