@@ -67,6 +67,9 @@ export function compileChecks(d: Described): { check(ref: Ref, v: unknown): Chec
             const fv = val((v as Record<string, unknown>)[key], s);
             if (fv) { fv.path.unshift(key); return fv; }
           }
+          // zod builds a record anew by assignment, which drops a '__proto__' member (checked
+          // all the same): so does the check, which leaves no such member for a later merge.
+          if (s && Object.prototype.hasOwnProperty.call(v, '__proto__')) delete (v as Record<string, unknown>)['__proto__'];
           return undefined;
         };
       }

@@ -95,6 +95,14 @@ describe('the page\'s checks', () => {
     });
   }
 
+  it('drop a record member named __proto__ as zod does (a JSON reply may carry one)', () => {
+    const ref = described.results['image.details']!;
+    const info = { 'virtual-size': 0, filename: '', format: 'qcow2', 'actual-size': 0, 'dirty-flag': false, 'format-specific': { type: 'qcow2', data: JSON.parse('{"__proto__": "", "compat": "1.1"}') } };
+    const { zod, ours } = verdicts(METHODS['image.details'].result, ref, { info, chain: [], chainError: null });
+    expect(ours).toEqual(zod);
+    expect(Object.keys((ours as { ok: { info: typeof info } }).ok.info['format-specific'].data)).toEqual(['compat']);
+  });
+
   it('name the member that is wrong', () => {
     const f = checks.check(described.results['settings.get']!, { theme: 'dark', concurrency: 'two', folders: [], onboarded: true });
     expect(f && `${f.path.join('.')}: ${f.what}`).toMatch(/^(concurrency: expected a number, got string|theme: .*)$/);
