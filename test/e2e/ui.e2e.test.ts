@@ -278,7 +278,12 @@ describeBrowser('the UI', () => {
     expect(qemuIo(p('snaps.qcow2'), ['read -P 6 0 1M'])).not.toMatch(/fail/i);
     await page.getByTestId('snapshot-table').getByRole('button', { name: 'Delete snapshot e2e-snap' }).click();
     await runPlan(page);
-    await expect.poll(() => list(), { timeout: 60_000 }).not.toContain('e2e-snap');
+    // The job's own record says how it ended (and, when it did not succeed, why).
+    const deleteJob = () => services.jobs.list().filter((j) => /Delete snapshot 'e2e-snap'/.test(j.title)).at(-1);
+    for (const until = Date.now() + 120_000; !['succeeded', 'failed', 'cancelled'].includes(deleteJob()?.state ?? '') && Date.now() < until;) await page.waitForTimeout(200);
+    const job = deleteJob();
+    expect(job?.state, `delete job: ${JSON.stringify(job ? { state: job.state, waitingFor: job.waitingFor, error: job.error } : 'never started')}`).toBe('succeeded');
+    expect(list()).not.toContain('e2e-snap');
     expectClean(p('snaps.qcow2'));
   });
 
