@@ -21,9 +21,12 @@ export async function openNbdImage(name: string, nbd: NbdName, opts: { format?: 
   }
   let file: NbdFile;
   try {
-    file = await NbdFile.connect(nbd.target);
+    file = await NbdFile.open(nbd.target);
   } catch (err) {
-    if (opts.wantedBy && err instanceof StrataError) err.message += ` (backing file of '${printable(opts.wantedBy)}')`;
+    if (err instanceof StrataError) {
+      err.qemu = `Could not open '${name}': ${err.qemu ?? err.message}`;
+      if (opts.wantedBy) err.message += ` (backing file of '${printable(opts.wantedBy)}')`;
+    }
     throw err;
   }
   try {

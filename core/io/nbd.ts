@@ -209,6 +209,25 @@ export class NbdFile implements BlockFile {
     private readonly allocDepth: boolean,
   ) {}
 
+  /** Connections open in this process, by export and context, with their users. */
+  private static pool = new Map<string, { file: Promise<NbdFile>; users: number; ready?: NbdFile }>();
+  private key = '';
+
+  /**
+   * Connects to the export, or shares the connection this process already has to it: a
+   * server commonly takes one client at a time (qemu-nbd's default), and a command may open
+   * an image twice (a plan step, then the job).
+   */
+  static open(target: NbdTarget): Promise<NbdFile> {
+    const key = JSON.stringify([nbdFilename(target), target.xDirtyBitmap ?? null]);
+    const held = NbdFile.pool.get(key);
+    if (held && !held.ready?.wire.failure) { held.users++; return held.file; }
+    const entry: { file: Promise<NbdFile>; users: number; ready?: NbdFile } = { users: 1, file: NbdFile.connect(target).then((f) => { f.key = key; entry.ready = f; return f; }) };
+    NbdFile.pool.set(key, entry);
+    entry.file.catch(() => { if (NbdFile.pool.get(key) === entry) NbdFile.pool.delete(key); });
+    return entry.file;
+  }
+
   static async connect(target: NbdTarget): Promise<NbdFile> {
     const name = nbdFilename(target);
     const ms = timeoutMs();
@@ -346,6 +365,13 @@ export class NbdFile implements BlockFile {
       const len = buf.length;
       const handle = this.send(CMD_READ, 0, offset, len);
       let failure: string | null = null;
+      // Chunks may not overlap: together they cover at most the request. Error chunks are few.
+      let covered = 0;
+      let errors = 0;
+      const cover = (n: number) => {
+        covered += n;
+        if (covered > len) throw this.fail(`the server sent more than the ${len} bytes read at ${offset} (overlapping chunks)`);
+      };
       for (;;) {
         const h = await this.replyHeader(handle);
         if (h.simple) {
@@ -361,6 +387,7 @@ export class NbdFile implements BlockFile {
             const at = Number((await this.wire.read(8)).readBigUInt64BE(0));
             const n = h.length - 8;
             if (at < offset || at + n > offset + len) throw this.fail(`the server sent data for [${at}, ${at + n}), outside the read of [${offset}, ${offset + len})`);
+            cover(n);
             buf.set(await this.wire.read(n), at - offset);
             break;
           }
@@ -370,6 +397,7 @@ export class NbdFile implements BlockFile {
             const at = Number(p.readBigUInt64BE(0));
             const n = p.readUInt32BE(8);
             if (n === 0 || at < offset || at + n > offset + len) throw this.fail(`the server sent a hole for [${at}, ${at + n}), outside the read of [${offset}, ${offset + len})`);
+            cover(n);
             buf.fill(0, at - offset, at - offset + n);
             break;
           }
@@ -378,7 +406,11 @@ export class NbdFile implements BlockFile {
             if (!(h.flags & REPLY_FLAG_DONE)) throw this.fail('the server sent a final chunk without the done flag');
             break;
           default:
-            if (h.type & 0x8000) { failure ??= await this.errorChunk(h.type, h.length); break; }
+            if (h.type & 0x8000) {
+              if (++errors > 16) throw this.fail('the server sent too many error chunks for one read');
+              failure ??= await this.errorChunk(h.type, h.length);
+              break;
+            }
             throw this.fail(`the server sent an unexpected chunk type ${h.type} in reply to a read`);
         }
         if (h.flags & REPLY_FLAG_DONE) break;
@@ -400,6 +432,7 @@ export class NbdFile implements BlockFile {
       const handle = this.send(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, len);
       let extent: { length: number; flags: number } | null = null;
       let failure: string | null = null;
+      let errors = 0;
       for (;;) {
         const h = await this.replyHeader(handle);
         if (h.simple) {
@@ -417,6 +450,7 @@ export class NbdFile implements BlockFile {
         } else if (h.type === REPLY_TYPE_NONE) {
           if (h.length !== 0 || !(h.flags & REPLY_FLAG_DONE)) throw this.fail('the server sent an invalid final chunk');
         } else if (h.type & 0x8000) {
+          if (++errors > 16) throw this.fail('the server sent too many error chunks for one block status request');
           failure ??= await this.errorChunk(h.type, h.length);
         } else {
           throw this.fail(`the server sent an unexpected chunk type ${h.type} in reply to a block status request`);
@@ -444,6 +478,11 @@ export class NbdFile implements BlockFile {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    const entry = NbdFile.pool.get(this.key);
+    if (entry?.ready === this) {
+      if (--entry.users > 0) return;
+      NbdFile.pool.delete(this.key);
+    }
     await this.queue;
     this.closed = true;
     if (!this.wire.failure) {
@@ -486,7 +525,9 @@ async function handshake(sock: Socket, wire: Wire, target: NbdTarget, fail: (msg
     b.writeUInt32BE(data.length, 12);
     sock.write(Buffer.concat([b, data]));
   };
+  let replies = 0;
   const optReply = async (opt: number): Promise<{ type: number; data: Buffer }> => {
+    if (++replies > 1000) throw bad('the server sent more than 1000 option replies');
     const h = await wire.read(20);
     if (h.readBigUInt64BE(0) !== OPT_REPLY_MAGIC) throw bad('the server sent an option reply with bad magic');
     const got = h.readUInt32BE(8);
@@ -548,7 +589,7 @@ async function handshake(sock: Socket, wire: Wire, target: NbdTarget, fail: (msg
     }
   }
   if (target.xDirtyBitmap !== undefined && contextId === null) {
-    const e = new NotFoundError(`requested x-dirty-bitmap ${printable(target.xDirtyBitmap)} not found`, name).asQemu(`requested x-dirty-bitmap ${target.xDirtyBitmap} not found`);
+    const e = new NotFoundError(`requested x-dirty-bitmap ${printable(target.xDirtyBitmap)} not found`, name);
     wire.abort(e);
     throw e;
   }
@@ -598,7 +639,10 @@ async function handshake(sock: Socket, wire: Wire, target: NbdTarget, fail: (msg
       break;
     } else if (r.type & 0x80000000) {
       const what = target.export === null ? 'the default export' : `the export '${printable(target.export)}'`;
-      const e = r.type === 0x80000006 ? new NotFoundError(`NBD: the server has no ${what.replace(/^the /, '')}`, name) : fail(`the server refused ${what}: ${repError(r)}`);
+      const said = r.data.subarray(0, MAX_STRING).toString('utf8');
+      const e = r.type === 0x80000006
+        ? new NotFoundError(`NBD: the server has no ${what.replace(/^the /, '')}${said ? ` (it says: ${printable(said)})` : ''}`, name).asQemu(`Requested export not available${said ? `\nserver reported: ${said}` : ''}`)
+        : fail(`the server refused ${what}: ${repError(r)}`);
       wire.abort(e);
       sendOpt(OPT_ABORT, Buffer.alloc(0));
       throw e;
