@@ -54,6 +54,7 @@ describeOracle('NBD exports (read-only client, as qemu-img)', () => {
   const odd = t.path('odd.raw');
   const sock = t.path('top.sock');
   const oddSock = t.path('odd.sock');
+  const qcowSock = t.path('qcow.sock');
   const stops: (() => Promise<void>)[] = [];
   let port = 0;
 
@@ -69,6 +70,8 @@ describeOracle('NBD exports (read-only client, as qemu-img)', () => {
     qemuIo(odd, ['write -P 4 0 1M', 'write -P 5 2M 1000'], { format: 'raw' });
     stops.push(await qemuNbd(['-r', '-f', 'qcow2', '-A', '-B', 'b0', '-k', sock, top], () => existsSync(sock)));
     stops.push(await qemuNbd(['-r', '-f', 'raw', '-x', 'odd one', '-k', oddSock, odd], () => existsSync(oddSock)));
+    // The qcow2 file's own bytes (-f raw): the client probes qcow2 over the export.
+    stops.push(await qemuNbd(['-r', '-f', 'raw', '-k', qcowSock, base], () => existsSync(qcowSock)));
     port = await freePort();
     stops.push(await qemuNbd(['-r', '-f', 'qcow2', '-b', '127.0.0.1', '-p', String(port), '-x', 'tcp', top],
       () => spawnSync('qemu-nbd', ['--list', '-b', '127.0.0.1', '-p', String(port)]).status === 0));
@@ -91,6 +94,7 @@ describeOracle('NBD exports (read-only client, as qemu-img)', () => {
     ['nbd:unix: name', [`nbd:unix:${sock}`]],
     ['odd-sized raw export with a %-escaped name', [`nbd+unix:///odd%20one?socket=${oddSock}`]],
     ['odd-sized raw export, --image-opts with export=', ['--image-opts', `driver=nbd,server.type=unix,server.path=${oddSock},export=odd one`]],
+    ['a qcow2 image served as raw bytes (probed as qcow2)', [`nbd+unix:///?socket=${qcowSock}`]],
     ['nbd:// over TCP', [`nbd://127.0.0.1:${port}/tcp`]],
     ['nbd: HOST:PORT over TCP', [`nbd:127.0.0.1:${port}:exportname=tcp`]],
   ];
@@ -146,6 +150,10 @@ describeOracle('NBD exports (read-only client, as qemu-img)', () => {
       expect(r.err.trim().split('\n'), args.join(' ')).toHaveLength(1);
       expect(r.err, args.join(' ')).toMatch(/is an NBD export, and Strata's NBD client is read-only/);
     }
+    // check: nothing to check in an export, as qemu-img says.
+    const c = await strata('check', url);
+    expect(c.code).toBe(qemuImgRun('check', url).status);
+    expect(c.err).toBe('strata: This image format does not support checks\n');
     expect(await sha256(top)).toBe(before);
     // The plan step and the job open the export in turn (qemu-nbd takes one client at a time).
     expect(Date.now() - t0).toBeLessThan(10_000);
