@@ -144,7 +144,7 @@ describeOracle('NBD exports (read-only client, as qemu-img)', () => {
     const url = `nbd+unix:///?socket=${sock}`;
     const t0 = Date.now();
     for (const args of [['resize', url, '8M'], ['create', '-f', 'raw', url, '1M'], ['convert', '-O', 'raw', base, url], ['bitmap', '--add', url, 'x'],
-      ['amend', '-o', 'compat=1.1', url], ['dd', `if=${base}`, `of=${url}`]]) {
+      ['amend', '-o', 'compat=1.1', url], ['dd', `if=${base}`, `of=${url}`], ['compact', url], ['io', '-c', 'write 0 1k', url]]) {
       const r = await strata(...args);
       expect(r.code, args.join(' ')).not.toBe(0);
       expect(r.err.trim().split('\n'), args.join(' ')).toHaveLength(1);
