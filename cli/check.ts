@@ -1,4 +1,5 @@
 import { parseImageName, protocolRefusal } from '../core/chain/names';
+import { parseNbdName } from '../core/chain/nbd-name';
 // strata check: qemu-img check's options, output (human and JSON) and exit codes:
 // 0 clean, 1 the check failed to run, 2 corruptions, 3 only leaks, 63 format without checks.
 import { UsageError } from '../core/errors';
@@ -138,6 +139,8 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     // report names the image as given, as qemu-img's does.
     let path = positionals[0]!;
     let dataFile: string | undefined;
+    // An NBD export (raw): no metadata to check, as qemu-img says (exit 63).
+    if (parseNbdName(imageArg(path, values))) throw new CheckNotSupportedError();
     if (values['image-opts']) {
       const n = parseImageName(imageArg(path, values));
       if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);

@@ -3,6 +3,8 @@ import * as C from '../format/constants';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
+import { NbdImage } from '../engine/nbd';
+import { NbdFile } from '../io/nbd';
 import { hasRawExternalData } from '../format/header';
 import type { SnapshotEntry } from '../format/snapshot';
 import { combineBackingPath } from './open';
@@ -24,12 +26,13 @@ export interface ImageInfo {
   filename: string;
   'cluster-size'?: number;
   format: string;
-  'actual-size': number;
+  /** Absent where there is no file to measure (an NBD export: "disk size: unavailable"). */
+  'actual-size'?: number;
   'format-specific'?: { type: 'qcow2'; data: Record<string, unknown> };
   'full-backing-filename'?: string;
   'backing-filename'?: string;
   'backing-filename-format'?: string;
-  'dirty-flag': boolean;
+  'dirty-flag'?: boolean;
   snapshots?: SnapshotInfo[];
 }
 
@@ -48,13 +51,15 @@ export function snapshotInfo(s: SnapshotEntry): SnapshotInfo {
 }
 
 export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
+  // An NBD node: what qemu-img shows of it (no disk size, no dirty flag: the driver has no info).
+  if (img instanceof NbdImage) return { 'virtual-size': img.virtualSize, filename: img.filename, format: img.driver };
   const info: ImageInfo = {
     'virtual-size': img.virtualSize,
     filename: img.filename,
     format: img.format,
-    'actual-size': img.file.allocatedSize ? await img.file.allocatedSize() : await img.file.size(),
     'dirty-flag': false,
   };
+  if (!(img.file instanceof NbdFile)) info['actual-size'] = img.file.allocatedSize ? await img.file.allocatedSize() : await img.file.size();
   if (img instanceof Qcow2Image) {
     const h = img.header;
     info['cluster-size'] = img.geometry.clusterSize;
@@ -98,7 +103,7 @@ function bitmapInfo(img: Qcow2Image): unknown[] | null {
 export function formatInfoHuman(info: ImageInfo): string {
   let s = `image: ${info.filename}\nfile format: ${info.format}\n` +
     `virtual size: ${sizeToStr(info['virtual-size'])} (${info['virtual-size']} bytes)\n` +
-    `disk size: ${sizeToStr(info['actual-size'])}\n`;
+    `disk size: ${info['actual-size'] === undefined ? 'unavailable' : sizeToStr(info['actual-size'])}\n`;
   if (info['cluster-size'] !== undefined) s += `cluster_size: ${info['cluster-size']}\n`;
   if (info['dirty-flag']) s += 'cleanly shut down: no\n';
   if (info['backing-filename'] !== undefined) {

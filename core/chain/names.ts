@@ -108,6 +108,10 @@ const KNOWN_PROTOCOLS = new Set([
 /** The one-line refusal for a name Strata cannot open. */
 export function protocolRefusal(name: string, protocol: string, wantedBy?: string): UnsupportedFeatureError {
   const who = wantedBy ? `backing file '${printable(name)}' of '${printable(wantedBy)}'` : `'${printable(name)}'`;
+  // NBD exports are opened for reading (core/chain/nbd-open.ts); here only writing reaches.
+  if (protocol === 'nbd' || protocol === 'nbd+tcp' || protocol === 'nbd+unix') {
+    return new UnsupportedFeatureError(`${who} is an NBD export, and Strata's NBD client is read-only (info, map, compare, convert from it); nothing was written`);
+  }
   const hint = KNOWN_PROTOCOLS.has(protocol) || name.startsWith('json:')
     ? 'it opens local files and block devices, as qcow2 or raw'
     : `unknown to qemu-img too; for a file whose name has a colon, write ./${printable(name)} or file:${printable(name)}`;

@@ -12,6 +12,8 @@ import { Qcow2Writable } from '../engine/qcow2-write';
 import { DATA_FILE_READ_LOCK, DATA_FILE_WRITE_LOCK, lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { interposeWritable } from '../io/interpose';
 import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
+import { parseNbdName } from './nbd-name';
+import { openNbdImage } from './nbd-open';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -85,7 +87,12 @@ export async function openImageFile(name: string, opts: {
   dataFile?: 'open' | 'skip';
 }): Promise<DiskImage> {
   const parsed = parseImageName(name);
-  if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
+  if (parsed.kind === 'protocol') {
+    // NBD exports are read through Strata's own read-only client.
+    const nbd = parseNbdName(name);
+    if (nbd) return openNbdImage(name, nbd, opts);
+    throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
+  }
   const filename = parsed.path;
   // The format the overlay records (or -f) wins over a json: name's driver, as in QEMU.
   opts = { ...opts, format: opts.format ?? parseFormat(parsed.format, `format in '${printable(name)}'`) };

@@ -4,7 +4,7 @@
 import { closeSync, openSync, readSync, readdirSync, realpathSync, statSync } from 'node:fs';
 import { homedir, platform } from 'node:os';
 import { dirname, extname, join, resolve } from 'node:path';
-import { imageInfo } from '../../core/chain/info';
+import { imageInfo, type ImageInfo } from '../../core/chain/info';
 import { openImageFile, openBackingChain, chainOf as imageChain, closeChain } from '../../core/chain/open';
 import { UsageError, StrataError } from '../../core/errors';
 import { nativeStatus } from '../../core/io/native';
@@ -169,11 +169,16 @@ export class AppServices {
   }
 }
 
+/** info as the details view takes it: an NBD backing image has no disk size (shown as 0). */
+function detailsInfo(i: ImageInfo): ImageInfo & { 'actual-size': number; 'dirty-flag': boolean } {
+  return { ...i, 'actual-size': i['actual-size'] ?? 0, 'dirty-flag': i['dirty-flag'] ?? false };
+}
+
 /** What the details view shows: `info` of the image and of each image of its chain. */
 export async function imageDetails(path: string): Promise<Result<'image.details'>> {
   const top = await openImageFile(path, { lock: 'none' });
   try {
-    const info = await imageInfo(top);
+    const info = detailsInfo(await imageInfo(top));
     let chainError: string | null = null;
     try {
       await openBackingChain(top, 'none');
@@ -181,7 +186,7 @@ export async function imageDetails(path: string): Promise<Result<'image.details'
       chainError = err instanceof StrataError ? err.message : String(err);
     }
     const chain = [];
-    for (const img of imageChain(top).slice(1)) chain.push(await imageInfo(img));
+    for (const img of imageChain(top).slice(1)) chain.push(detailsInfo(await imageInfo(img)));
     return { info, chain, chainError };
   } finally {
     await closeChain(top);

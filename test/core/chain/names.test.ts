@@ -49,7 +49,8 @@ describe('parseImageName', () => {
   it('localPath refuses protocols in one line, naming the driver', () => {
     expect(localPath('file:x')).toBe('x');
     expect(() => localPath('nbd://h/x')).toThrow(UnsupportedFeatureError);
-    expect(() => localPath('nbd://h/x')).toThrow(/'nbd' driver/);
+    expect(() => localPath('nbd://h/x')).toThrow(/is an NBD export, and Strata's NBD client is read-only/);
+    expect(() => localPath('http://h/x')).toThrow(/'http' driver/);
     expect(() => localPath('vm:1.qcow2')).toThrow(/write \.\/vm:1\.qcow2/);
   });
 });
