@@ -157,7 +157,7 @@ export function parseBlkdebugConfig(text: string, file: string): BlkdebugRule[] 
       if (!OPTIONS[group]) throw new FormatError(`${where}: there is no section [${printable(group)}] (blkdebug has [inject-error] and [set-state])`);
       continue;
     }
-    const kv = /^(\S+)\s*=\s*"([^"]*)"/.exec(line);
+    const kv = /^(\S+)\s+=\s*"([^"]*)"/.exec(line);
     if (!kv || kv[1]!.includes('=')) throw new FormatError(`${where}: parse error (expected [section] or key = "value")`);
     if (group === null) throw new FormatError(`${where}: no group defined (a [inject-error] or [set-state] line comes first)`);
     opts[kv[1]!] = kv[2]!;
