@@ -136,13 +136,17 @@ async function openNullImage(display: string, size: number, opts: { writable?: b
 }
 
 /** The file as a test driver named with the image sees it (blkdebug's filter, a quorum's copies). */
-async function withTestDriver(f: BlockFile, test: TestDriverName | undefined, filename: string, opts: { writable?: boolean }): Promise<BlockFile> {
+async function withTestDriver(f: BlockFile, test: TestDriverName | undefined, filename: string, opts: { writable?: boolean; lock?: LockPolicy }): Promise<BlockFile> {
   if (test?.blkdebug) return new BlkdebugFile(f, blkdebugRules(test.blkdebug, filename));
   if (test?.quorum) {
     if (opts.writable) throw new UnsupportedFeatureError('Strata opens a quorum for reading only', filename);
     const children: BlockFile[] = [f];
     try {
-      for (const p of test.quorum.others) children.push(await NodeFile.open(p));
+      for (const p of test.quorum.others) {
+        const c = await NodeFile.open(p);
+        children.push(c);
+        if (opts.lock !== 'none') await lockImage(c.fd, p, READ_LOCK);
+      }
     } catch (err) {
       for (const c of children.slice(1)) await c.close();
       throw err;

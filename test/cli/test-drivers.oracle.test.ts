@@ -268,5 +268,10 @@ describeOracle('QEMU test drivers against qemu-img', () => {
     expect(r.code).toBe(0);
     expect(JSON.parse(r.out)).toStrictEqual(JSON.parse(qemuImg('map', '--output=json', '--image-opts', opts)));
     expect(readFileSync(img).length).toBeGreaterThan(0);
+    // blkdebug over the file: the data is in the blkdebug node, which map names as QEMU does.
+    const name = `blkdebug::${img}`;
+    const human = await strata('map', name);
+    expect(human.out).toBe(qemuImg('map', name));
+    expect(human.out).toContain(`${name}\n`);
   });
 });
