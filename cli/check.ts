@@ -143,7 +143,7 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     if (parseNbdName(imageArg(path, values))) throw new CheckNotSupportedError();
     if (values['image-opts']) {
       const n = parseImageName(imageArg(path, values));
-      if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);
+      if (n.kind !== 'file') throw protocolRefusal(path, n.kind === 'protocol' ? n.protocol : 'null-co');
       path = n.path;
       format = parseFormat(n.format) ?? format;
       dataFile = n.dataFile;

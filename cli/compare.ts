@@ -1,7 +1,7 @@
 import { openImage, closeChain, parseFormat } from '../core/chain/open';
-import { compare } from '../core/jobs/compare';
+import { compare, CompareReadError } from '../core/jobs/compare';
 import type { DiskImage } from '../core/engine/image';
-import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { asQemu, parse, needPositionals, reportError, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { commandProgress } from './progress';
 
 const USAGE = 'strata compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] A B';
@@ -26,7 +26,21 @@ export async function compareCommand(args: string[], io: CommandIO, signal: Abor
     a = await openImage(imageArg(positionals[0]!, values), { format: fa, lock });
     b = await openImage(imageArg(positionals[1]!, values), { format: fb, lock });
     const bar = commandProgress(io, !!values.progress, 2, false);
-    const r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
+    let r: Awaited<ReturnType<typeof compare>>;
+    try {
+      r = await compare({ signal, progress: bar.onProgress }, a, b, { strict: !!values.strict });
+    } catch (err) {
+      // qemu-img's status for a failed read (4), apart from failing to open (2).
+      if (err instanceof CompareReadError && asQemu(io)) {
+        bar.end();
+        const code = reportError(err, io, 4);
+        // qemu-img has printed the size warning before it reads past the shorter image (its
+        // stdout, buffered, reaches a pipe after the error).
+        if (!values.quiet && !values.strict && a.virtualSize !== b.virtualSize && err.offset >= Math.min(a.virtualSize, b.virtualSize)) io.out('Warning: Image size mismatch!\n');
+        return code;
+      }
+      throw err;
+    }
     bar.end();
     // -q: the exit status only. As qemu-img, the size warning comes once the common part
     // compared equal: a mismatch inside it is reported alone.

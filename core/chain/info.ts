@@ -8,6 +8,7 @@ import { NbdFile } from '../io/nbd';
 import { hasRawExternalData } from '../format/header';
 import type { SnapshotEntry } from '../format/snapshot';
 import { combineBackingPath } from './open';
+import { hasProtocol } from './names';
 import { sizeToStr } from './size-str';
 
 export interface SnapshotInfo {
@@ -55,7 +56,7 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
   if (img instanceof NbdImage) return { 'virtual-size': img.virtualSize, filename: img.filename, format: img.driver };
   const info: ImageInfo = {
     'virtual-size': img.virtualSize,
-    filename: img.filename,
+    filename: img.displayName ?? img.filename,
     format: img.format,
     'dirty-flag': false,
   };
@@ -84,7 +85,8 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
     if (img.snapshots.length) info.snapshots = img.snapshots.map(snapshotInfo);
   }
   if (img.backingFile) {
-    info['full-backing-filename'] = combineBackingPath(img.filename, img.backingFile);
+    // An image without a directory (a quorum) cannot resolve a relative name: QEMU leaves it out.
+    if (!img.noDirname || img.backingFile.startsWith('/') || hasProtocol(img.backingFile)) info['full-backing-filename'] = combineBackingPath(img.filename, img.backingFile);
     info['backing-filename'] = img.backingFile;
     if (img.backingFormat) info['backing-filename-format'] = img.backingFormat;
   }
@@ -108,7 +110,8 @@ export function formatInfoHuman(info: ImageInfo): string {
   if (info['dirty-flag']) s += 'cleanly shut down: no\n';
   if (info['backing-filename'] !== undefined) {
     s += `backing file: ${info['backing-filename']}`;
-    if (info['full-backing-filename'] !== info['backing-filename']) s += ` (actual path: ${info['full-backing-filename']})`;
+    if (info['full-backing-filename'] === undefined) s += ' (cannot determine actual path)';
+    else if (info['full-backing-filename'] !== info['backing-filename']) s += ` (actual path: ${info['full-backing-filename']})`;
     s += '\n';
     if (info['backing-filename-format']) s += `backing file format: ${info['backing-filename-format']}\n`;
   }

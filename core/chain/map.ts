@@ -36,7 +36,8 @@ export async function* mapImage(top: DiskImage, start = 0, end = top.virtualSize
     if (st.offset !== null) {
       next.offset = st.offset;
       // Offsets of an image with an external data file are in the data file (QEMU's *file).
-      next.filename = st.image instanceof Qcow2Image && st.image.hasDataFile ? st.image.dataFile.path : st.image.filename;
+      // The file holding the data; through a test driver (blkdebug:), that driver's name for it.
+      next.filename = st.image instanceof Qcow2Image && st.image.hasDataFile ? st.image.dataFile.path : st.image.displayName ?? st.image.filename;
     }
     pos += st.length;
     if (cur && mergeable(cur, next)) { cur.length += next.length; continue; }

@@ -5,11 +5,14 @@
 // names (`nbd://...`, `http:...`, `blkdebug:...`): anything with a colon before the first
 // slash. Strata opens local files and block devices; protocols are refused in one line.
 import { FormatError, UnsupportedFeatureError, printable } from '../errors';
+import { parseBlkdebugName, qemuJsonToJson, testDriverName, type TestDriverName } from './test-drivers';
 
 export type ImageName =
   /** A local file or block device: `path` is what QEMU would open, relative to the cwd. */
-  | { kind: 'file'; path: string; format?: string; noBacking?: boolean; dataFile?: string }
-  | { kind: 'protocol'; protocol: string };
+  | { kind: 'file'; path: string; format?: string; noBacking?: boolean; dataFile?: string; test?: TestDriverName }
+  | { kind: 'protocol'; protocol: string }
+  /** QEMU's null-co test device (see test-drivers.ts): `size` bytes reading as zeros. */
+  | { kind: 'null'; size: number; display: string };
 
 /** QEMU's path_has_protocol: a ':' before any '/' (or '\'). */
 export function hasProtocol(name: string): boolean {
@@ -41,14 +44,19 @@ export function parseImageName(name: string): ImageName {
     const path = name.slice(colon + 1);
     return { kind: 'file', path: hasProtocol(path) ? `./${path}` : path };
   }
+  if (protocol === 'blkdebug') return parseBlkdebugName(name);
   if (protocol !== 'json') return { kind: 'protocol', protocol };
   let raw: unknown;
   try {
-    raw = JSON.parse(name.slice(colon + 1));
+    // QEMU's JSON parser takes strings in single quotes too.
+    raw = JSON.parse(qemuJsonToJson(name.slice(colon + 1)));
   } catch (err) {
     throw new FormatError(`'${printable(name)}': Could not parse the JSON options: ${(err as Error).message}`);
   }
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new FormatError(`'${printable(name)}': the JSON options must be an object`);
+  // QEMU's test drivers (blkdebug, null-co, quorum): test-drivers.ts.
+  const test = testDriverName(name, raw as Record<string, unknown>);
+  if (test) return test;
   const o = flatten(raw as Record<string, unknown>);
   const noBacking = (raw as Record<string, unknown>).backing === null;
   const driver = o.driver;
@@ -121,7 +129,7 @@ export function protocolRefusal(name: string, protocol: string, wantedBy?: strin
 /** The local path a name stands for; protocols are refused (for targets: create, convert, mirror). */
 export function localPath(name: string): string {
   const p = parseImageName(name);
-  if (p.kind === 'protocol') throw protocolRefusal(name, p.protocol);
+  if (p.kind !== 'file') throw protocolRefusal(name, p.kind === 'protocol' ? p.protocol : 'null-co');
   return p.path;
 }
 

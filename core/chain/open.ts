@@ -1,6 +1,6 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { FormatError, NotFoundError, SameFileError, UsageError, printable } from '../errors';
+import { FormatError, NotFoundError, SameFileError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { identityOf, sameFile, type FileIdentity } from '../io/identity';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
@@ -14,6 +14,8 @@ import { interposeWritable } from '../io/interpose';
 import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
 import { parseNbdName } from './nbd-name';
 import { openNbdImage } from './nbd-open';
+import type { TestDriverName } from './test-drivers';
+import { BlkdebugFile, NullFile, QuorumFile, blkdebugRules } from '../io/blkdebug';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -93,6 +95,7 @@ export async function openImageFile(name: string, opts: {
     if (nbd) return openNbdImage(name, nbd, opts);
     throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
   }
+  if (parsed.kind === 'null') return openNullImage(parsed.display, parsed.size, opts);
   const filename = parsed.path;
   // The format the overlay records (or -f) wins over a json: name's driver, as in QEMU.
   opts = { ...opts, format: opts.format ?? parseFormat(parsed.format, `format in '${printable(name)}'`) };
@@ -115,20 +118,57 @@ export async function openImageFile(name: string, opts: {
         throw new FormatError(`backing file '${printable(filename)}' of '${printable(opts.wantedBy ?? '')}' is not qcow2 and its overlay records no format; if it is raw, record that with \`strata rebase -u -b ${printable(filename)} -F raw ${printable(opts.wantedBy ?? '')}\``);
       }
     }
-    const f = await interposeWritable(file);
+    const f = await withTestDriver(await interposeWritable(file), parsed.test, filename, opts);
     if (format === 'raw') {
       const raw = await RawImage.open(filename, f);
       raw.probed = probed;
-      return raw;
+      return withTestName(raw, parsed.test);
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
     // On a failure it has closed what it opened; the image file is closed below.
     await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
-    return img;
+    return withTestName(img, parsed.test);
   } catch (err) {
     await file.close();
     throw err;
   }
+}
+
+/** QEMU's null-co device (test-drivers.ts): a raw image of zeros, read-only. */
+async function openNullImage(display: string, size: number, opts: { writable?: boolean }): Promise<DiskImage> {
+  if (opts.writable) throw new UsageError(`'${printable(display)}': the null-co driver is opened read-only by Strata`);
+  const img: DiskImage = await RawImage.open(display, new NullFile(display, size));
+  img.displayName = display;
+  return img;
+}
+
+/** The file as a test driver named with the image sees it (blkdebug's filter, a quorum's copies). */
+async function withTestDriver(f: BlockFile, test: TestDriverName | undefined, filename: string, opts: { writable?: boolean; lock?: LockPolicy }): Promise<BlockFile> {
+  if (test?.blkdebug) return new BlkdebugFile(f, blkdebugRules(test.blkdebug, filename));
+  if (test?.quorum) {
+    if (opts.writable) throw new UnsupportedFeatureError('Strata opens a quorum for reading only', filename);
+    const children: BlockFile[] = [f];
+    try {
+      for (const p of test.quorum.others) {
+        const c = await NodeFile.open(p);
+        children.push(c);
+        if (opts.lock !== 'none') await lockImage(c.fd, p, READ_LOCK);
+      }
+    } catch (err) {
+      for (const c of children.slice(1)) await c.close();
+      throw err;
+    }
+    return new QuorumFile(children, test.quorum.threshold);
+  }
+  return f;
+}
+
+function withTestName<T extends DiskImage>(img: T, test: TestDriverName | undefined): T {
+  if (test) {
+    img.displayName = test.display;
+    if (test.noDirname) img.noDirname = true;
+  }
+  return img;
 }
 
 /**
@@ -203,6 +243,10 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
   let depth = 0;
   while (img.backingFile) {
     if (++depth > MAX_CHAIN_DEPTH) throw new FormatError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, top.filename);
+    if (img.noDirname && !img.backingFile.startsWith('/') && !hasProtocol(img.backingFile)) {
+      throw new FormatError(`cannot resolve the relative backing file name '${printable(img.backingFile)}': the image is a quorum, which has no directory of its own (name the backing file by an absolute path)`, img.displayName ?? img.filename)
+        .asQemu(`Cannot use relative backing file names for '${img.displayName ?? img.filename}'`);
+    }
     const name = combineBackingPath(img.filename, img.backingFile);
     const fmt = parseBackingFormat(img);
     const k = key(await identityOf(localPathOrNull(name) ?? name), name);

@@ -35,6 +35,13 @@ export interface DiskImage {
   /** The name the image was opened by (as given, or as combined from the overlay's name). */
   readonly filename: string;
   readonly file: BlockFile;
+  /**
+   * The name QEMU shows for an image opened through one of its test drivers (blkdebug:C:F, a
+   * json: name): see core/chain/test-drivers.ts. `filename` stays the file's path.
+   */
+  displayName?: string;
+  /** The image has no directory of its own (a quorum): relative backing names cannot be resolved. */
+  noDirname?: boolean;
   readonly virtualSize: number;
   /** Backing file name as recorded in the image, and its recorded format. */
   readonly backingFile: string | null;

@@ -30,10 +30,15 @@ export async function makeEmpty(img: Qcow2Writable): Promise<EmptyMethod> {
     const file = img.file;
     const l1Bytes = img.l1.length;
     const l1Clusters = Math.ceil(l1Bytes / cs);
+    // QEMU's BLKDBG_* points of its make_completely_empty, for the blkdebug test driver: where
+    // the same step begins here (the L1 zeroed, the first write of new structures, the header
+    // switched to them).
     // 1. Nothing is mapped any more: everything the image held is now a leak.
+    file.debugEvent?.('l1_update');
     if (l1Bytes) await file.write(Buffer.alloc(l1Bytes), img.header.l1TableOffset);
     await file.flush();
     // 2. A fresh structure past everything in use, then 3. one at the front.
+    file.debugEvent?.('empty_image_prepare');
     const end = Math.max(Math.ceil((await file.size()) / cs), img.refcounts.allocEnd);
     await writeFresh(img, end, l1Clusters);
     const front = await writeFresh(img, 1, l1Clusters);
@@ -78,9 +83,12 @@ async function writeFresh(img: Qcow2Writable, at: number, l1Clusters: number): P
   };
   mark(0);
   for (let c = at; c < at + t + b + l1Clusters; c++) mark(c);
+  img.file.debugEvent?.('refblock_alloc');
   await img.file.write(buf, at * cs);
   await img.file.flush();
   // l1_table_offset, refcount_table_offset and refcount_table_clusters are adjacent: one write.
+  img.file.debugEvent?.('l1_update');
+  img.file.debugEvent?.('reftable_update');
   const hdr = Buffer.alloc(20);
   hdr.writeBigUInt64BE(BigInt((at + t + b) * cs), 0);
   hdr.writeBigUInt64BE(BigInt(at * cs), 8);

@@ -83,6 +83,7 @@ class GuardedFile implements BlockFile {
   readonly discard?: (offset: number, length: number) => Promise<void>;
   readonly zeroRange?: (offset: number, length: number) => Promise<boolean>;
   readonly identity?: () => Promise<FileIdentity>;
+  readonly debugEvent?: (event: string) => void;
 
   /**
    * `state` is shared by the image file and its external data file: a failure of either puts
@@ -94,6 +95,7 @@ class GuardedFile implements BlockFile {
     if (inner.extents) this.extents = (o, l) => inner.extents!(o, l);
     if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!();
     if (inner.identity) this.identity = () => inner.identity!();
+    if (inner.debugEvent) this.debugEvent = (e) => inner.debugEvent!(e);
     if (inner.discard) this.discard = (o, l) => this.guard(() => inner.discard!(o, l));
     if (inner.zeroRange) this.zeroRange = (o, l) => this.guard(() => inner.zeroRange!(o, l));
   }
@@ -484,6 +486,8 @@ export class Qcow2Writable extends Qcow2Image {
             (await this.unallocatedAbove(tailStart, s.guest + s.length - tailStart)) && (await target.zeroRange(s.host, s.length))) {
           this.stats.dataWrites++;
           this.stats.dataWriteBytes += to - from;
+          // QEMU's BLKDBG_WRITE_AIO, before guest data is written (for the blkdebug test driver).
+          this.file.debugEvent?.('write_aio');
           await target.write(buf.subarray(from - offset, to - offset), s.host + (from - s.guest));
           return;
         }
@@ -497,6 +501,7 @@ export class Qcow2Writable extends Qcow2Image {
       }
       this.stats.dataWrites++;
       this.stats.dataWriteBytes += s.length;
+      this.file.debugEvent?.('write_aio');
       await target.write(data, s.host);
     }));
 

@@ -94,6 +94,8 @@ function contiguousEnd(t: Buffer, index: number, end: number, clusterSize: numbe
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2' as const;
   backing: DiskImage | null = null;
+  displayName?: string;
+  noDirname?: boolean;
   readonly geometry: Geometry;
   /** The active L1 table as read from disk (or a snapshot's, for a snapshot view). */
   l1: Buffer;
@@ -418,7 +420,11 @@ export class Qcow2Image implements DiskImage {
     for (const r of runs) {
       const sub = buf.subarray(r.offset - offset, r.offset - offset + r.length);
       switch (r.state) {
-        case 'data': pending.push(this.dataFile.read(sub, r.hostOffset!)); break;
+        case 'data':
+          // QEMU's BLKDBG_READ_AIO, before guest data is read (for the blkdebug test driver).
+          this.file.debugEvent?.('read_aio');
+          pending.push(this.dataFile.read(sub, r.hostOffset!));
+          break;
         case 'zero': sub.fill(0); break;
         case 'unallocated': pending.push(this.readBacking(sub, r.offset)); break;
         case 'compressed': pending.push(this.readCompressed(sub, r)); break;
@@ -435,7 +441,10 @@ export class Qcow2Image implements DiskImage {
       for (const r of await this.runs(offset, inside)) {
         const at = r.offset - offset;
         switch (r.state) {
-          case 'data': out.push({ at, length: r.length, file: this.dataFile, offset: r.hostOffset! }); break;
+          case 'data':
+            this.file.debugEvent?.('read_aio');
+            out.push({ at, length: r.length, file: this.dataFile, offset: r.hostOffset! });
+            break;
           case 'zero': out.push({ at, length: r.length, file: null, offset: 0 }); break;
           case 'unallocated': {
             // As readBacking: the backing chain, zeros past its end or without one.

@@ -11,6 +11,8 @@ export class RawImage implements DiskImage, WritableImage {
   readonly backingFile = null;
   readonly backingFormat = null;
   backing: DiskImage | null = null;
+  displayName?: string;
+  noDirname?: boolean;
   /**
    * The format was probed, not given: as QEMU's raw driver, writes that would make the first
    * sector probe as another format are refused.

@@ -274,7 +274,10 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
   await img.flush();
   await img.mutex.run(async () => {
     await img.beforeChange();
-    await commitPrepared(img, await prepareDelete(img, img.refcounts, sn));
+    const p = await prepareDelete(img, img.refcounts, sn);
+    // QEMU's BLKDBG_CLUSTER_FREE (blkdebug test driver): the switch frees the snapshot's clusters.
+    img.file.debugEvent?.('cluster_free');
+    await commitPrepared(img, p);
   });
 }
 

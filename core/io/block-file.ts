@@ -46,4 +46,10 @@ export interface BlockFile {
   zeroRange?(offset: number, length: number): Promise<boolean>;
   /** The file's device and inode (see identity.ts), where there is a file behind it. */
   identity?(): Promise<FileIdentity>;
+  /**
+   * The engine reached one of QEMU's BLKDBG_* points (write_aio, cluster_free, ...): for the
+   * blkdebug test driver (blkdebug.ts), which may then fail the next operations. Files that
+   * are not a blkdebug node have no such method.
+   */
+  debugEvent?(event: string): void;
 }

@@ -2,7 +2,8 @@
 // empty the overlay in one metadata-sized step (or keep it with -d). The chain reads the same
 // at every instant: base only changes where layers above it hide the change.
 import { basename } from 'node:path';
-import { UsageError } from '../errors';
+import { IoError, UsageError } from '../errors';
+import { errorText } from '../io/blkdebug';
 import { isWritable, type DiskImage, type WritableImage } from '../engine/image';
 import { Qcow2Writable } from '../engine/qcow2-write';
 import { makeEmpty, type EmptyMethod } from '../engine/make-empty';
@@ -153,7 +154,8 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     // Reopen the base for writing: drop the chain's read-only open (and its lock) first, or
     // our own consistent-read lock would refuse our write lock.
     await oldBase.close();
-    const baseImg = await openImageFile(oldBase.filename, { format: oldBase.format, writable: true });
+    // By the name it was opened by when that is a test driver's (blkdebug), which opens it alike.
+    const baseImg = await openImageFile(oldBase.displayName ?? oldBase.filename, { format: oldBase.format, writable: true });
     if (!isWritable(baseImg)) throw new UsageError(`${oldBase.filename}: cannot be written`);
     base = baseImg;
     base.backing = oldBase.backing;
@@ -191,7 +193,7 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       try {
         await copyTask(t, slot);
       } catch (err) {
-        throw explainNoSpace(err, b.filename, needed);
+        throw jobFailed(explainNoSpace(err, b.filename, needed));
       }
     }, ctx.signal);
     async function copyTask(t: { offset: number; length: number; zero: boolean; skip: boolean }, slot: number): Promise<void> {
@@ -211,12 +213,18 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
       progress.add(t.length);
     }
     throwIfCancelled(ctx);
-    try { await b.flush(); } catch (err) { throw explainNoSpace(err, b.filename, needed); }
+    try { await b.flush(); } catch (err) { throw jobFailed(explainNoSpace(err, b.filename, needed)); }
     let emptied: EmptyMethod | null = null;
     if (!keep) {
       progress.setPhase('emptying the overlay');
       if (!(top instanceof Qcow2Writable)) throw new UsageError(`${path}: only qcow2 overlays can be emptied (use -d)`);
-      try { emptied = await makeEmpty(top); } catch (err) { throw explainNoSpace(err, path); }
+      try {
+        emptied = await makeEmpty(top);
+      } catch (err) {
+        const e = explainNoSpace(err, path);
+        if (e instanceof IoError && e.qemu === undefined) e.asQemu(`Failed to empty ${top.displayName ?? top.filename}: ${errorText(e)}`);
+        throw e;
+      }
     }
     progress.done();
     return { base: oldBase.filename, bytesCopied, dataBytesWritten: dataBytes, emptied, otherDependents: plan.affected.map((a) => a.filename), plan };
@@ -224,6 +232,12 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     await closeChain(top);
     await closeChain(base);
   }
+}
+
+/** qemu-img's words for an I/O error of the copy: its block job failed. */
+function jobFailed(err: unknown): unknown {
+  if (err instanceof IoError && err.qemu === undefined) err.asQemu(`Block job failed: ${errorText(err)}`);
+  return err;
 }
 
 /** Status of [offset, offset+length) over the layers above the base: allocated there or not. */

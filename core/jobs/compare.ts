@@ -3,6 +3,8 @@ import type { DiskImage } from '../engine/image';
 import { chainBlockStatus } from '../chain/block-status';
 import { isZero } from '../engine/zero';
 import { ioBuffers } from '../io/buffers';
+import { IoError, StrataError } from '../errors';
+import { errorText } from '../io/blkdebug';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 
 export type CompareResult =
@@ -27,6 +29,28 @@ function firstNonZero(a: Buffer, base: number): number {
   return -1;
 }
 
+/**
+ * A read of one of the images failed: qemu-img compare's "Error while reading offset N of
+ * IMAGE" (the start of the chunk being compared), with its exit status 4.
+ */
+export class CompareReadError extends IoError {
+  constructor(err: unknown, readonly image: DiskImage, readonly offset: number) {
+    const code = (err as { code?: string })?.code;
+    super(`error while reading offset ${offset}: ${(err as Error)?.message ?? String(err)}`, image.displayName ?? image.filename, code, err);
+    this.name = 'CompareReadError';
+    this.asQemu(`Error while reading offset ${offset} of ${image.displayName ?? image.filename}: ${errorText(err)}`);
+  }
+}
+
+async function readAt(img: DiskImage, buf: Buffer, offset: number): Promise<void> {
+  try {
+    await img.read(buf, offset);
+  } catch (err) {
+    if (err instanceof StrataError && !(err instanceof IoError)) throw err;
+    throw new CompareReadError(err, img, offset);
+  }
+}
+
 export async function compare(ctx: JobContext, a: DiskImage, b: DiskImage, opts: { strict?: boolean } = {}): Promise<CompareResult> {
   const sizeMismatch = a.virtualSize !== b.virtualSize;
   if (opts.strict && sizeMismatch) return { identical: false, offset: Math.min(a.virtualSize, b.virtualSize), reason: 'size', sizeMismatch };
@@ -47,15 +71,15 @@ export async function compare(ctx: JobContext, a: DiskImage, b: DiskImage, opts:
       const ra = bufA.subarray(0, n);
       const rb = bufB.subarray(0, n);
       if (sa.zero) {
-        await b.read(rb, pos);
+        await readAt(b, rb, pos);
         const d = firstNonZero(rb, pos);
         if (d >= 0) return { identical: false, offset: d, reason: 'content', sizeMismatch };
       } else if (sb.zero) {
-        await a.read(ra, pos);
+        await readAt(a, ra, pos);
         const d = firstNonZero(ra, pos);
         if (d >= 0) return { identical: false, offset: d, reason: 'content', sizeMismatch };
       } else {
-        await Promise.all([a.read(ra, pos), b.read(rb, pos)]);
+        await Promise.all([readAt(a, ra, pos), readAt(b, rb, pos)]);
         const d = firstDifference(ra, rb, pos);
         if (d >= 0) return { identical: false, offset: d, reason: 'content', sizeMismatch };
       }
@@ -70,7 +94,7 @@ export async function compare(ctx: JobContext, a: DiskImage, b: DiskImage, opts:
     const st = await chainBlockStatus(longer, pos, Math.min(CHUNK, longer.virtualSize - pos));
     if (!st.zero) {
       const r = bufA.subarray(0, st.length);
-      await longer.read(r, pos);
+      await readAt(longer, r, pos);
       const d = firstNonZero(r, pos);
       if (d >= 0) return { identical: false, offset: d, reason: 'content', sizeMismatch };
     }

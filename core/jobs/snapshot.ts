@@ -2,7 +2,8 @@
 // crash-safe steps (core/engine/snapshots.ts). Applying one changes the image's content, so
 // its overlays are affected and the run asks for force.
 import { basename } from 'node:path';
-import { NotFoundError, UnsupportedFeatureError, UsageError } from '../errors';
+import { IoError, NotFoundError, UnsupportedFeatureError, UsageError } from '../errors';
+import { errorText } from '../io/blkdebug';
 import { openImageFile, openImage, closeChain } from '../chain/open';
 import type { DiskImage } from '../engine/image';
 import { Qcow2Image } from '../engine/qcow2';
@@ -85,9 +86,21 @@ export async function snapshotJob(path: string, action: SnapshotAction, name: st
     if (!(img instanceof Qcow2Writable)) throw new UsageError(`${img.filename}: raw images have no internal snapshots`);
     if (action === 'create') await createSnapshot(img, name);
     else if (action === 'apply') await applySnapshot(img, name);
-    else await deleteSnapshot(img, name);
-  } finally {
-    await closeChain(img);
+    else {
+      try {
+        await deleteSnapshot(img, name);
+      } catch (err) {
+        // Nothing changed (one metadata switch): qemu-img's words for a delete that failed
+        // before the snapshot left the table.
+        if (err instanceof IoError && err.qemu === undefined) err.asQemu(`Could not delete snapshot '${name}': Failed to remove snapshot from snapshot list: ${errorText(err)}`);
+        throw err;
+      }
+    }
+  } catch (err) {
+    // The failure is the one to report: closing may fail the same way.
+    await closeChain(img).catch(() => {});
+    throw err;
   }
+  await closeChain(img);
   return plan;
 }

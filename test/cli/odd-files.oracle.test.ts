@@ -2,7 +2,7 @@
 // or lying in the folder commit searches) is refused within a second in one line naming it,
 // instead of hanging. Backing names in QEMU's other syntaxes read as qemu-img reads them:
 // json:{...} opens the file it names with its format, file: is a path, and protocols
-// (nbd:, http:, blkdebug:, ...) are named in one line; `info` shows every such name as
+// (nbd:, http:, ssh:, ...) are named in one line; `info` shows every such name as
 // qemu-img does.
 import { spawnSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
@@ -129,7 +129,7 @@ describeOracle('backing names in QEMU\'s other syntaxes', () => {
     expect(elsewhere.err).toMatch(/sub\/base\.qcow2/);
   });
 
-  const protocols = ['nbd://localhost:10809/x', 'nbd:localhost:10809', 'http://example.com/x.qcow2', 'blkdebug::base.qcow2',
+  const protocols = ['nbd://localhost:10809/x', 'nbd:localhost:10809', 'http://example.com/x.qcow2', 'ssh://localhost/base.qcow2',
     'json:{"driver":"qcow2","file":{"driver":"nbd","server":{"type":"inet","host":"h","port":"1"}}}', 'weird:thing'];
   protocols.forEach((name, i) => {
     it(`protocol backing name ${name.slice(0, 40)}: info shows it as qemu-img does; opening the chain fails in one line naming it`, async () => {

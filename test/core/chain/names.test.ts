@@ -33,7 +33,9 @@ describe('parseImageName', () => {
     expect(parseImageName('nbd://localhost:10809/x')).toEqual({ kind: 'protocol', protocol: 'nbd' });
     expect(parseImageName('nbd:localhost:10809')).toEqual({ kind: 'protocol', protocol: 'nbd' });
     expect(parseImageName('https://example.com/x.qcow2')).toEqual({ kind: 'protocol', protocol: 'https' });
-    expect(parseImageName('blkdebug::a.qcow2')).toEqual({ kind: 'protocol', protocol: 'blkdebug' });
+    // blkdebug is one of QEMU's test drivers Strata opens (test-drivers.ts): a filter over the file.
+    expect(parseImageName('blkdebug::a.qcow2')).toEqual({ kind: 'file', path: 'a.qcow2', test: { display: 'blkdebug::a.qcow2', blkdebug: {} } });
+    expect(parseImageName('blkdebug::nbd://h/x')).toEqual({ kind: 'protocol', protocol: 'nbd' });
     expect(parseImageName('weird:thing')).toEqual({ kind: 'protocol', protocol: 'weird' });
     expect(parseImageName('json:{"driver":"vmdk","file":{"driver":"file","filename":"x"}}')).toEqual({ kind: 'protocol', protocol: 'vmdk' });
     expect(parseImageName('json:{"driver":"qcow2","file":{"driver":"nbd","server":{"type":"inet","host":"h","port":"1"}}}')).toEqual({ kind: 'protocol', protocol: 'nbd' });
