@@ -138,16 +138,18 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     // report names the image as given, as qemu-img's does.
     let path = positionals[0]!;
     let dataFile: string | undefined;
+    let keySecret: string | undefined;
     if (values['image-opts']) {
       const n = parseImageName(imageArg(path, values));
       if (n.kind === 'protocol') throw protocolRefusal(path, n.protocol);
       path = n.path;
       format = parseFormat(n.format) ?? format;
       dataFile = n.dataFile;
+      keySecret = n.keySecrets?.[0];
     }
     // Lines qemu-img prints through error_report carry its name: Strata's own under strata.
     const log = (line: string) => io.err(`${asQemu(io) ? line : line.replace(/^qemu-img: /gm, 'strata: ')}\n`);
-    result = await checkImage({ signal, log }, path, { repair, format, forceShare: !!values['force-share'], dataFile });
+    result = await checkImage({ signal, log }, path, { repair, format, forceShare: !!values['force-share'], dataFile, keySecret });
     if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {

@@ -1,6 +1,6 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { FormatError, NotFoundError, SameFileError, UsageError, printable } from '../errors';
+import { FormatError, NotFoundError, SameFileError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { identityOf, sameFile, type FileIdentity } from '../io/identity';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
@@ -12,6 +12,9 @@ import { Qcow2Writable } from '../engine/qcow2-write';
 import { DATA_FILE_READ_LOCK, DATA_FILE_WRITE_LOCK, lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { interposeWritable } from '../io/interpose';
 import { hasProtocol, localPathOrNull, parseImageName, protocolRefusal } from './names';
+import { aesCipherFor } from './secrets';
+import type { AesCipher } from '../engine/aes';
+import * as C from '../format/constants';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -34,6 +37,8 @@ export interface OpenImageOptions {
   avoid?: DiskImage[];
   /** 'skip': external data files are not opened (info; see openImageFile). */
   dataFile?: 'open' | 'skip';
+  /** The secret id keying the top image when it is AES-encrypted (see openImageFile). */
+  keySecret?: string;
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -83,6 +88,12 @@ export async function openImageFile(name: string, opts: {
    * BDRV_O_NO_IO, so that an untrusted image can be inspected without opening what it names).
    */
   dataFile?: 'open' | 'skip';
+  /**
+   * The id of the secret that keys an AES-encrypted image (`encrypt.key-secret`; a json: or
+   * --image-opts name may give it too). Without one such an image opens only with
+   * dataFile 'skip' (info, QEMU's BDRV_O_NO_IO); its data cannot be read or written then.
+   */
+  keySecret?: string;
 }): Promise<DiskImage> {
   const parsed = parseImageName(name);
   if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
@@ -115,6 +126,12 @@ export async function openImageFile(name: string, opts: {
       return raw;
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
+    try {
+      setUpEncryption(img, parsed.kind === 'file' ? parsed.keySecrets?.[0] ?? opts.keySecret : opts.keySecret, parsed.kind === 'file' ? parsed.encryptFormat : undefined, opts.dataFile === 'skip');
+    } catch (err) {
+      await img.close();
+      throw err;
+    }
     // On a failure it has closed what it opened; the image file is closed below.
     await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
     return img;
@@ -122,6 +139,41 @@ export async function openImageFile(name: string, opts: {
     await file.close();
     throw err;
   }
+}
+
+/**
+ * QEMU's qcow2 encryption set-up at open: an AES image gets its cipher from the secret named
+ * by `encrypt.key-secret`; without one it is refused, unless it is opened without I/O (info).
+ * `encrypt.format`, when given, must match the header.
+ */
+function setUpEncryption(img: Qcow2Image, keySecret: string | undefined, format: string | undefined, noIo: boolean): void {
+  const c = imageCipher(img.filename, img.header.cryptMethod, keySecret, format, noIo);
+  if (c) img.attachCipher(c);
+}
+
+/**
+ * The cipher for an image whose header has crypt method `method` (see setUpEncryption); null
+ * when it is not encrypted, or opened without I/O and no key. Throws qemu-img's refusals.
+ */
+export function imageCipher(image: string, method: number, keySecret: string | undefined, format: string | undefined, noIo = false): AesCipher | null {
+  if (method === C.CRYPT_NONE) {
+    if (format !== undefined) {
+      throw new UsageError(`${printable(image)}: encrypt.format=${printable(format)} was given, but the image is not encrypted`)
+        .asQemu(`Could not open '${image}': No encryption in image header, but options specified format '${format}'`);
+    }
+    return null;
+  }
+  if (method !== C.CRYPT_AES) {
+    throw new UnsupportedFeatureError(`encrypted images (${method === C.CRYPT_LUKS ? 'LUKS' : `method ${method}`}) are not supported`, image);
+  }
+  if (format !== undefined && format !== 'aes') {
+    throw new UsageError(`${printable(image)}: the image is encrypted with AES, but encrypt.format=${printable(format)} was given`)
+      .asQemu(`Could not open '${image}': Header reported 'aes' encryption format but options specify '${format}'`);
+  }
+  if (keySecret !== undefined) return aesCipherFor(keySecret, image);
+  if (noIo) return null;
+  throw new UsageError(`${printable(image)}: the image is encrypted (AES): give its key with --object secret,id=ID,data=... and name it with encrypt.key-secret=ID (--image-opts driver=qcow2,file.filename=${printable(image)},encrypt.key-secret=ID)`)
+    .asQemu(`Could not open '${image}': Parameter 'encrypt.key-secret' is required for cipher`);
 }
 
 /**
@@ -174,12 +226,12 @@ export async function openExternalDataFile(image: string, name: string | null, o
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile, keySecret: opts.keySecret });
   // json:{..., "backing": null} opens the image alone.
   const name = parseImageName(filename);
   if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
-    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile);
+    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile, name.kind === 'file' ? name.keySecrets?.slice(1) : undefined);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -187,7 +239,8 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip'): Promise<void> {
+/** `keySecrets`: the secret ids of the images below `top`, nearest first (backing.encrypt.key-secret...). */
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip', keySecrets: Array<string | undefined> = []): Promise<void> {
   // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
   const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
@@ -205,7 +258,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
         .asQemu(`Backing file '${name}' creates an infinite loop.`);
     }
     seen.set(k, name);
-    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile });
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile, keySecret: keySecrets[depth - 1] });
     img.backing = next;
     img = next;
   }
