@@ -39,6 +39,11 @@ export interface OpenImageOptions {
   dataFile?: 'open' | 'skip';
   /** The secret id keying the top image when it is AES-encrypted (see openImageFile). */
   keySecret?: string;
+  /**
+   * Encrypted images of the chain may open without their key (QEMU's BDRV_O_NO_IO: create
+   * opens the backing file only for its size); their data then cannot be read.
+   */
+  noKey?: boolean;
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -94,6 +99,8 @@ export async function openImageFile(name: string, opts: {
    * dataFile 'skip' (info, QEMU's BDRV_O_NO_IO); its data cannot be read or written then.
    */
   keySecret?: string;
+  /** An encrypted image without its key opens all the same (see OpenImageOptions.noKey). */
+  noKey?: boolean;
 }): Promise<DiskImage> {
   const parsed = parseImageName(name);
   if (parsed.kind === 'protocol') throw protocolRefusal(name, parsed.protocol, opts.wantedBy);
@@ -127,7 +134,7 @@ export async function openImageFile(name: string, opts: {
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
     try {
-      setUpEncryption(img, parsed.kind === 'file' ? parsed.keySecrets?.[0] ?? opts.keySecret : opts.keySecret, parsed.kind === 'file' ? parsed.encryptFormat : undefined, opts.dataFile === 'skip');
+      setUpEncryption(img, parsed.kind === 'file' ? parsed.keySecrets?.[0] ?? opts.keySecret : opts.keySecret, parsed.kind === 'file' ? parsed.encryptFormat : undefined, opts.dataFile === 'skip' || !!opts.noKey);
     } catch (err) {
       await img.close();
       throw err;
@@ -226,12 +233,12 @@ export async function openExternalDataFile(image: string, name: string | null, o
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile, keySecret: opts.keySecret });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile, keySecret: opts.keySecret, noKey: opts.noKey });
   // json:{..., "backing": null} opens the image alone.
   const name = parseImageName(filename);
   if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
-    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile, name.kind === 'file' ? name.keySecrets?.slice(1) : undefined);
+    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile, name.kind === 'file' ? name.keySecrets?.slice(1) : undefined, opts.noKey);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -240,7 +247,7 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
 }
 
 /** `keySecrets`: the secret ids of the images below `top`, nearest first (backing.encrypt.key-secret...). */
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip', keySecrets: Array<string | undefined> = []): Promise<void> {
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip', keySecrets: Array<string | undefined> = [], noKey = false): Promise<void> {
   // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
   const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
@@ -258,7 +265,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
         .asQemu(`Backing file '${name}' creates an infinite loop.`);
     }
     seen.set(k, name);
-    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile, keySecret: keySecrets[depth - 1] });
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile, keySecret: keySecrets[depth - 1], noKey });
     img.backing = next;
     img = next;
   }

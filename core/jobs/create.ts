@@ -56,16 +56,22 @@ export interface CreateOptions {
   encryptFormat?: string;
   /** encrypt.key-secret: the id of the --object secret that keys an encrypted image. */
   keySecret?: string;
+  /** The first LUKS-only encrypt.* option given (refused: Strata writes AES only). */
+  luksOption?: string;
   /** Values qemu-img's format driver refuses after its "Formatting" line (compat=0.42, preallocation=1234). */
   invalid?: Partial<Record<'compat' | 'preallocation', string>>;
   /** The option names as the user spelled them, in order (for the "Formatting" line and raw checks). */
   given?: Partial<Record<CreateOptionName, string>>;
 }
 
+const LUKS_OPTIONS = ['encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time'] as const;
+
 export const CREATE_OPTION_NAMES = [
   'size', 'cluster_size', 'extended_l2', 'compression_type', 'refcount_bits', 'lazy_refcounts',
   'compat', 'preallocation', 'backing_file', 'backing_fmt', 'extent_size_hint', 'data_file', 'data_file_raw',
   'encryption', 'encrypt.format', 'encrypt.key-secret',
+  // LUKS's options: refused (after qemu-img's "Formatting" line, which lists them).
+  ...LUKS_OPTIONS,
 ] as const;
 export type CreateOptionName = typeof CREATE_OPTION_NAMES[number];
 
@@ -164,14 +170,12 @@ export function isOptionsHelp(o: string): boolean {
 /**
  * Parses a qemu-img `-o` string ("cluster_size=4k,compat=0.10,..."). Later keys override
  * earlier ones. Checks each value's syntax; combinations are checked by createImage.
+ * `deferInvalid` (create): a compat or preallocation value qemu-img's driver refuses is kept
+ * for resolveCreate to refuse after the "Formatting" line, as qemu-img create does.
  */
-export function parseCreateOptions(o: string): CreateOptions {
+export function parseCreateOptions(o: string, how: { deferInvalid?: boolean } = {}): CreateOptions {
   const r: CreateOptions = { given: {} };
   for (const [key, value] of splitOptions(o)) {
-    if (key.startsWith('encrypt.') && !(CREATE_OPTION_NAMES as readonly string[]).includes(key)) {
-      throw new UsageError(`option ${key} is a LUKS option: Strata encrypts only with AES (encrypt.format=aes, encrypt.key-secret=ID)`)
-        .asQemu(`Parameter '${key}' is unexpected`);
-    }
     if (!(CREATE_OPTION_NAMES as readonly string[]).includes(key)) {
       throw new UsageError(`unknown option '${key}' (known: ${CREATE_OPTION_NAMES.join(', ')}; -o help lists them)`);
     }
@@ -197,11 +201,13 @@ export function parseCreateOptions(o: string): CreateOptions {
         if (value === '0.10' || value === 'v2') r.compat = '0.10';
         else if (value === '1.1' || value === 'v3') r.compat = '1.1';
         // qemu-img refuses it in the format driver, after its "Formatting" line.
-        else (r.invalid ??= {}).compat = value;
+        else if (how.deferInvalid) (r.invalid ??= {}).compat = value;
+        else throw new UsageError(`compat must be 0.10 or 1.1 (or v2, v3), not '${value}'`);
         break;
       case 'preallocation':
         if (value === 'off' || value === 'metadata' || value === 'falloc' || value === 'full') r.preallocation = value;
-        else (r.invalid ??= {}).preallocation = value;
+        else if (how.deferInvalid) (r.invalid ??= {}).preallocation = value;
+        else throw new UsageError(`Invalid parameter '${value}'`);
         break;
       case 'encryption':
         if (!/^(on|off)$/.test(value)) throw new UsageError(`option encryption expects 'on' or 'off', not '${value}'`).asQemu(`Parameter 'encryption' expects 'on' or 'off'`);
@@ -209,6 +215,10 @@ export function parseCreateOptions(o: string): CreateOptions {
         break;
       case 'encrypt.format': r.encryptFormat = value; break;
       case 'encrypt.key-secret': r.keySecret = value; break;
+      case 'encrypt.cipher-alg': case 'encrypt.cipher-mode': case 'encrypt.ivgen-alg': case 'encrypt.ivgen-hash-alg':
+      case 'encrypt.hash-alg': case 'encrypt.iter-time':
+        r.luksOption ??= key;
+        break;
       case 'backing_file': r.backingFile = value; break;
       case 'data_file': r.dataFile = value; break;
       case 'data_file_raw': r.dataFileRaw = parseBool(k, value); break;
@@ -274,7 +284,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       ['refcount_bits', opts.refcountBits], ['lazy_refcounts', opts.lazyRefcounts], ['compat', opts.compat],
       ['data_file', opts.dataFile], ['data_file_raw', opts.dataFileRaw],
     ];
-    qcow2Only.push(['encryption', opts.encryption], ['encrypt.format', opts.encryptFormat], ['encrypt.key-secret', opts.keySecret]);
+    qcow2Only.push(['encryption', opts.encryption], ['encrypt.format', opts.encryptFormat], ['encrypt.key-secret', opts.keySecret], ...LUKS_OPTIONS.map((k): [CreateOptionName, unknown] => [k, undefined]));
     const set = qcow2Only.find(([k, v]) => v !== undefined || opts.given?.[k] !== undefined);
     if (set) qemuFail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`, `Invalid parameter '${set[0]}'`);
     if (opts.invalid?.preallocation !== undefined) driverFail(path, `Invalid parameter '${opts.invalid.preallocation}'`, `invalid parameter value: ${opts.invalid.preallocation}`);
@@ -367,7 +377,8 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     const full = combineBackingPath(localPath(path), backingFile);
     let top;
     try {
-      top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
+      // For its size alone: an encrypted backing file opens without its key (qemu-img's BDRV_O_NO_IO).
+      top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none', noKey: true });
     } catch (err) {
       const where = full === backingFile ? `'${backingFile}'` : `'${backingFile}' (${full}, relative to the new image)`;
       if (err instanceof NotFoundError && err.file === full) {
@@ -431,13 +442,14 @@ function encryptionWanted(path: string, opts: CreateOptions): boolean {
   }
   const fmt = opts.encryption ? 'aes' : opts.encryptFormat;
   if (fmt === undefined) {
-    if (opts.keySecret !== undefined) driverFail(path, 'encrypt.key-secret needs encrypt.format=aes (or encryption=on)', "Parameter 'encrypt.format' is missing");
+    if (opts.keySecret !== undefined || opts.luksOption !== undefined) driverFail(path, `${opts.keySecret !== undefined ? 'encrypt.key-secret' : opts.luksOption} needs encrypt.format=aes (or encryption=on)`, "Parameter 'encrypt.format' is missing");
     return false;
   }
   if (fmt === 'luks') {
     driverFail(path, 'LUKS encryption (encrypt.format=luks) is not supported: Strata encrypts only with AES (encrypt.format=aes)', 'LUKS encryption (encrypt.format=luks) is not supported');
   }
   if (fmt !== 'aes' && fmt !== 'qcow') driverFail(path, `encrypt.format must be aes, not '${fmt}'`, `Parameter 'format' does not accept value '${fmt}'`);
+  if (opts.luksOption !== undefined) driverFail(path, `option ${opts.luksOption} is a LUKS option: AES images take only encrypt.key-secret`, `Parameter '${opts.luksOption}' is unexpected`);
   return true;
 }
 
@@ -447,7 +459,7 @@ export function formattingLine(r: ResolvedCreate): string {
   const g = o.given ?? {};
   const parts: string[] = [`fmt=${r.format}`];
   // qemu-img prints the encryption options first, as given (its option list has them first).
-  for (const k of ['encryption', 'encrypt.format', 'encrypt.key-secret'] as const) if (g[k] !== undefined) parts.push(`${k}=${g[k]!.replace(/,/g, ',,')}`);
+  for (const k of ['encryption', 'encrypt.format', 'encrypt.key-secret', ...LUKS_OPTIONS] as const) if (g[k] !== undefined) parts.push(`${k}=${g[k]!.replace(/,/g, ',,')}`);
   if (r.format === 'raw') {
     parts.push(`size=${BigInt(r.sizeGiven)}`);
     if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);
