@@ -96,7 +96,8 @@ export async function openImageFile(name: string, opts: {
   /**
    * The id of the secret that keys an AES-encrypted image (`encrypt.key-secret`; a json: or
    * --image-opts name may give it too). Without one such an image opens only with
-   * dataFile 'skip' (info, QEMU's BDRV_O_NO_IO); its data cannot be read or written then.
+   * dataFile 'skip' (info, QEMU's BDRV_O_NO_IO), which takes no key at all: its data cannot
+   * be read or written then.
    */
   keySecret?: string;
   /** An encrypted image without its key opens all the same (see OpenImageOptions.noKey). */
@@ -133,12 +134,8 @@ export async function openImageFile(name: string, opts: {
       return raw;
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
-    try {
-      setUpEncryption(img, parsed.kind === 'file' ? parsed.keySecrets?.[0] ?? opts.keySecret : opts.keySecret, parsed.kind === 'file' ? parsed.encryptFormat : undefined, opts.dataFile === 'skip' || !!opts.noKey);
-    } catch (err) {
-      await img.close();
-      throw err;
-    }
+    // A refusal here has written nothing; the image file is closed below.
+    setUpEncryption(img, parsed.keySecrets?.[0] ?? opts.keySecret, parsed.encryptFormat, opts.dataFile === 'skip' || !!opts.noKey);
     // On a failure it has closed what it opened; the image file is closed below.
     await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
     return img;
@@ -160,7 +157,7 @@ function setUpEncryption(img: Qcow2Image, keySecret: string | undefined, format:
 
 /**
  * The cipher for an image whose header has crypt method `method` (see setUpEncryption); null
- * when it is not encrypted, or opened without I/O and no key. Throws qemu-img's refusals.
+ * when it is not encrypted, or opened without I/O. Throws qemu-img's refusals.
  */
 export function imageCipher(image: string, method: number, keySecret: string | undefined, format: string | undefined, noIo = false): AesCipher | null {
   if (method === C.CRYPT_NONE) {
@@ -177,8 +174,9 @@ export function imageCipher(image: string, method: number, keySecret: string | u
     throw new UsageError(`${printable(image)}: the image is encrypted with AES, but encrypt.format=${printable(format)} was given`)
       .asQemu(`Could not open '${image}': Header reported 'aes' encryption format but options specify '${format}'`);
   }
-  if (keySecret !== undefined) return aesCipherFor(keySecret, image);
+  // Without I/O (info) the key is not looked up, as in QEMU: an unknown secret id does not matter.
   if (noIo) return null;
+  if (keySecret !== undefined) return aesCipherFor(keySecret, image);
   throw new UsageError(`${printable(image)}: the image is encrypted (AES): give its key with --object secret,id=ID,data=... and name it with encrypt.key-secret=ID (--image-opts driver=qcow2,file.filename=${printable(image)},encrypt.key-secret=ID)`)
     .asQemu(`Could not open '${image}': Parameter 'encrypt.key-secret' is required for cipher`);
 }

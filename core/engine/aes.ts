@@ -18,7 +18,21 @@ export class AesCipher {
   }
 
   /** Encrypts `buf` (whole sectors) in place; `guestOffset` is its first sector's guest offset. */
-  encrypt(buf: Uint8Array, guestOffset: number): void { this.run(buf, guestOffset, true); }
+  encrypt(buf: Uint8Array, guestOffset: number): void {
+    checkWhole(buf, guestOffset);
+    // CBC encryption chains block to block: one cipher per sector, its IV the sector's number.
+    const iv = Buffer.alloc(16);
+    let sector = BigInt(guestOffset / AES_SECTOR);
+    for (let p = 0; p < buf.length; p += AES_SECTOR, sector++) {
+      iv.writeBigUInt64LE(sector & 0xffff_ffff_ffff_ffffn, 0);
+      const c = createCipheriv('aes-128-cbc', this.key, iv);
+      c.setAutoPadding(false);
+      const piece = buf.subarray(p, p + AES_SECTOR);
+      const out = c.update(piece);
+      c.final();
+      piece.set(out);
+    }
+  }
 
   /**
    * Decrypts `buf` (whole sectors) in place. CBC decryption needs no chaining: every block is
@@ -38,21 +52,6 @@ export class AesCipher {
       for (let i = p + 16; i < p + AES_SECTOR; i++) plain[i]! ^= buf[i - 16]!;
     }
     buf.set(plain);
-  }
-
-  private run(buf: Uint8Array, guestOffset: number, enc: boolean): void {
-    checkWhole(buf, guestOffset);
-    const iv = Buffer.alloc(16);
-    let sector = BigInt(guestOffset / AES_SECTOR);
-    for (let p = 0; p < buf.length; p += AES_SECTOR, sector++) {
-      iv.writeBigUInt64LE(sector & 0xffff_ffff_ffff_ffffn, 0);
-      const c = enc ? createCipheriv('aes-128-cbc', this.key, iv) : createDecipheriv('aes-128-cbc', this.key, iv);
-      c.setAutoPadding(false);
-      const piece = buf.subarray(p, p + AES_SECTOR);
-      const out = c.update(piece);
-      c.final();
-      piece.set(out);
-    }
   }
 }
 
