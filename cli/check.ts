@@ -141,16 +141,18 @@ export async function checkCommand(args: string[], io: CommandIO, signal: AbortS
     let dataFile: string | undefined;
     // An NBD export (raw): no metadata to check, as qemu-img says (exit 63).
     if (parseNbdName(imageArg(path, values))) throw new CheckNotSupportedError();
+    let keySecret: string | undefined;
     if (values['image-opts']) {
       const n = parseImageName(imageArg(path, values));
       if (n.kind !== 'file') throw protocolRefusal(path, n.kind === 'protocol' ? n.protocol : 'null-co');
       path = n.path;
       format = parseFormat(n.format) ?? format;
       dataFile = n.dataFile;
+      keySecret = n.keySecrets?.[0];
     }
     // Lines qemu-img prints through error_report carry its name: Strata's own under strata.
     const log = (line: string) => io.err(`${asQemu(io) ? line : line.replace(/^qemu-img: /gm, 'strata: ')}\n`);
-    result = await checkImage({ signal, log }, path, { repair, format, forceShare: !!values['force-share'], dataFile });
+    result = await checkImage({ signal, log }, path, { repair, format, forceShare: !!values['force-share'], dataFile, keySecret });
     if (values['image-opts']) result = { ...result, filename: positionals[0]! };
   } catch (err) {
     if (err instanceof CheckNotSupportedError) {

@@ -32,7 +32,7 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   const sizeGiven = sizeArg !== undefined ? parseSize(sizeArg) : undefined;
   let opts: CreateOptions;
   try {
-    opts = parseCreateOptions(o);
+    opts = parseCreateOptions(o, { deferInvalid: true });
   } catch (err) {
     if (err instanceof StrataError && err.qemu !== undefined) err.qemu = `${file}: ${err.qemu}`;
     throw err;

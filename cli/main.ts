@@ -1,8 +1,9 @@
 // The strata command: qemu-img's commands and spelling over our own engine.
 import { availableParallelism } from 'node:os';
-import { CancelledError } from '../core/errors';
+import { CancelledError, UsageError } from '../core/errors';
 import { nativeStatus } from '../core/io/native';
 import { allowUnlockedWrites } from '../core/io/locks';
+import { addObject, clearSecrets } from '../core/chain/secrets';
 import { asQemu, programOf, reportError, stdio, type CommandIO } from './common';
 import { infoCommand } from './info';
 import { mapCommand } from './map';
@@ -51,6 +52,8 @@ Commands (options follow qemu-img):
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
   --image-opts  (info, map, check, compare, convert, snapshot, measure, resize, commit, rebase, amend,
                 bitmap, dd) FILE is an option string: driver=qcow2,file.filename=x.qcow2
+  --object secret,id=ID,data=SECRET   (also file=PATH, format=base64) a key for AES-encrypted qcow2
+                images: name it with encrypt.key-secret=ID (create -o, --image-opts, json:)
   serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
 
 Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,
@@ -125,7 +128,7 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
   }
   allowUnlockedWrites(forced);
   try {
-    return await command(rest, io, signal);
+    return await command(NO_OBJECTS.has(cmd) ? rest : takeObjects(rest), io, signal);
   } catch (err) {
     if (signal.aborted && !(err instanceof CancelledError)) return reportError(new CancelledError(), io, 1);
     const code = reportError(err, io, ERROR_EXIT[cmd] ?? 1);
@@ -133,7 +136,33 @@ export async function run(argv: string[], io: CommandIO = stdio, signal: AbortSi
     return code === 2 && USAGE_EXIT_1.has(cmd) ? 1 : code;
   } finally {
     allowUnlockedWrites(false);
+    clearSecrets();
   }
+}
+
+/** Commands that take no --object (the app's). */
+const NO_OBJECTS = new Set(['serve', 'tree', '__job-process']);
+
+/**
+ * qemu-img's `--object secret,id=ID,data=...` (any command, any number of times, before a
+ * `--`): the secrets are registered for the command (an image names its key with
+ * encrypt.key-secret=ID) and the options taken out of its arguments.
+ */
+function takeObjects(args: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') { out.push(...args.slice(i)); break; }
+    if (a === '--object') {
+      if (i + 1 >= args.length) throw new UsageError("option '--object' argument missing").asQemu("option '--object' requires an argument");
+      addObject(args[++i]!);
+    } else if (a.startsWith('--object=')) {
+      addObject(a.slice('--object='.length));
+    } else {
+      out.push(a);
+    }
+  }
+  return out;
 }
 
 /**

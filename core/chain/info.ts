@@ -34,6 +34,8 @@ export interface ImageInfo {
   'backing-filename'?: string;
   'backing-filename-format'?: string;
   'dirty-flag'?: boolean;
+  /** Only for encrypted images (qemu-img leaves it out otherwise). */
+  encrypted?: boolean;
   snapshots?: SnapshotInfo[];
 }
 
@@ -71,6 +73,7 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
       if (bitmaps) data.bitmaps = bitmaps;
     }
     data['refcount-bits'] = 2 ** h.refcountOrder;
+    if (img.encrypted) data.encrypt = { format: 'aes' };
     if (img.geometry.externalData) {
       // As qemu-img: the name the image records (none once cleared), and the raw flag.
       if (img.parsed.dataFile) data['data-file'] = img.parsed.dataFile;
@@ -82,6 +85,7 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
     }
     info['format-specific'] = { type: 'qcow2', data };
     info['dirty-flag'] = (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n;
+    if (img.encrypted) info.encrypted = true;
     if (img.snapshots.length) info.snapshots = img.snapshots.map(snapshotInfo);
   }
   if (img.backingFile) {
@@ -106,6 +110,7 @@ export function formatInfoHuman(info: ImageInfo): string {
   let s = `image: ${info.filename}\nfile format: ${info.format}\n` +
     `virtual size: ${sizeToStr(info['virtual-size'])} (${info['virtual-size']} bytes)\n` +
     `disk size: ${info['actual-size'] === undefined ? 'unavailable' : sizeToStr(info['actual-size'])}\n`;
+  if (info.encrypted) s += 'encrypted: yes\n';
   if (info['cluster-size'] !== undefined) s += `cluster_size: ${info['cluster-size']}\n`;
   if (info['dirty-flag']) s += 'cleanly shut down: no\n';
   if (info['backing-filename'] !== undefined) {

@@ -62,7 +62,8 @@ export async function formatMapHuman(top: DiskImage, entries: AsyncIterable<MapE
   let cur: MapEntry | null = null;
   const flush = (e: MapEntry) => {
     if (e.data && e.offset === undefined) {
-      throw new UnsupportedFeatureError('the human map format cannot show compressed clusters; use --output=json', top.filename);
+      throw new UnsupportedFeatureError('the human map format cannot show compressed or encrypted clusters (they have no plain host offset); use --output=json', top.filename)
+        .asQemu('File contains external, encrypted or compressed clusters.');
     }
     if (e.data && !e.zero) out(`${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset ?? 0).padEnd(16)}${e.filename ?? ''}\n`);
   };

@@ -9,7 +9,16 @@ import { parseBlkdebugName, qemuJsonToJson, testDriverName, type TestDriverName 
 
 export type ImageName =
   /** A local file or block device: `path` is what QEMU would open, relative to the cwd. */
-  | { kind: 'file'; path: string; format?: string; noBacking?: boolean; dataFile?: string; test?: TestDriverName }
+  | {
+    kind: 'file'; path: string; format?: string; noBacking?: boolean; dataFile?: string; test?: TestDriverName;
+    /**
+     * Secret ids of the image (index 0: `encrypt.key-secret`) and of the images below it
+     * (index 1: `backing.encrypt.key-secret`, ...), for AES-encrypted qcow2 images.
+     */
+    keySecrets?: Array<string | undefined>;
+    /** `encrypt.format` as given (checked against the image's header when it is opened). */
+    encryptFormat?: string;
+  }
   | { kind: 'protocol'; protocol: string }
   /** QEMU's null-co test device (see test-drivers.ts): `size` bytes reading as zeros. */
   | { kind: 'null'; size: number; display: string };
@@ -78,7 +87,27 @@ export function parseImageName(name: string): ImageName {
   if (typeof filename !== 'string') throw new FormatError(`'${printable(name)}': the JSON options name no file (no file.filename)`);
   const dataFile = dataFileOption(name, o);
   if (dataFile !== undefined && typeof dataFile !== 'string') return dataFile;
-  return { kind: 'file', path: filename, format: driver, noBacking, ...(dataFile !== undefined ? { dataFile } : {}) };
+  const crypt = encryptOptions(name, o);
+  return { kind: 'file', path: filename, format: driver, noBacking, ...(dataFile !== undefined ? { dataFile } : {}), ...crypt };
+}
+
+/** The qcow2 encryption options of a json: name: `encrypt.key-secret` per layer, `encrypt.format`. */
+function encryptOptions(name: string, o: Record<string, unknown>): { keySecrets?: Array<string | undefined>; encryptFormat?: string } {
+  const out: { keySecrets?: Array<string | undefined>; encryptFormat?: string } = {};
+  const keys: Array<string | undefined> = [];
+  for (let depth = 0, prefix = ''; depth <= 1000; depth++, prefix += 'backing.') {
+    if (!Object.keys(o).some((k) => k.startsWith(prefix))) break;
+    const v = o[`${prefix}encrypt.key-secret`];
+    if (v !== undefined && typeof v !== 'string') throw new FormatError(`'${printable(name)}': '${prefix}encrypt.key-secret' must be a string`);
+    keys.push(v);
+  }
+  if (keys.some((k) => k !== undefined)) out.keySecrets = keys;
+  const f = o['encrypt.format'];
+  if (f !== undefined) {
+    if (typeof f !== 'string') throw new FormatError(`'${printable(name)}': 'encrypt.format' must be a string`);
+    out.encryptFormat = f;
+  }
+  return out;
 }
 
 /**

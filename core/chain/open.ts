@@ -16,6 +16,9 @@ import { parseNbdName } from './nbd-name';
 import { openNbdImage } from './nbd-open';
 import type { TestDriverName } from './test-drivers';
 import { BlkdebugFile, NullFile, QuorumFile, blkdebugRules } from '../io/blkdebug';
+import { aesCipherFor } from './secrets';
+import type { AesCipher } from '../engine/aes';
+import * as C from '../format/constants';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
 export const MAX_CHAIN_DEPTH = 1000;
@@ -38,6 +41,13 @@ export interface OpenImageOptions {
   avoid?: DiskImage[];
   /** 'skip': external data files are not opened (info; see openImageFile). */
   dataFile?: 'open' | 'skip';
+  /** The secret id keying the top image when it is AES-encrypted (see openImageFile). */
+  keySecret?: string;
+  /**
+   * Encrypted images of the chain may open without their key (QEMU's BDRV_O_NO_IO: create
+   * opens the backing file only for its size); their data then cannot be read.
+   */
+  noKey?: boolean;
 }
 
 export function parseFormat(name: string | undefined | null, what = 'format'): ImageFormat | undefined {
@@ -87,6 +97,15 @@ export async function openImageFile(name: string, opts: {
    * BDRV_O_NO_IO, so that an untrusted image can be inspected without opening what it names).
    */
   dataFile?: 'open' | 'skip';
+  /**
+   * The id of the secret that keys an AES-encrypted image (`encrypt.key-secret`; a json: or
+   * --image-opts name may give it too). Without one such an image opens only with
+   * dataFile 'skip' (info, QEMU's BDRV_O_NO_IO), which takes no key at all: its data cannot
+   * be read or written then.
+   */
+  keySecret?: string;
+  /** An encrypted image without its key opens all the same (see OpenImageOptions.noKey). */
+  noKey?: boolean;
 }): Promise<DiskImage> {
   const parsed = parseImageName(name);
   if (parsed.kind === 'protocol') {
@@ -125,6 +144,8 @@ export async function openImageFile(name: string, opts: {
       return withTestName(raw, parsed.test);
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
+    // A refusal here has written nothing; the image file is closed below.
+    setUpEncryption(img, parsed.keySecrets?.[0] ?? opts.keySecret, parsed.encryptFormat, opts.dataFile === 'skip' || !!opts.noKey);
     // On a failure it has closed what it opened; the image file is closed below.
     await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
     return withTestName(img, parsed.test);
@@ -169,6 +190,42 @@ function withTestName<T extends DiskImage>(img: T, test: TestDriverName | undefi
     if (test.noDirname) img.noDirname = true;
   }
   return img;
+}
+
+/**
+ * QEMU's qcow2 encryption set-up at open: an AES image gets its cipher from the secret named
+ * by `encrypt.key-secret`; without one it is refused, unless it is opened without I/O (info).
+ * `encrypt.format`, when given, must match the header.
+ */
+function setUpEncryption(img: Qcow2Image, keySecret: string | undefined, format: string | undefined, noIo: boolean): void {
+  const c = imageCipher(img.filename, img.header.cryptMethod, keySecret, format, noIo);
+  if (c) img.attachCipher(c);
+}
+
+/**
+ * The cipher for an image whose header has crypt method `method` (see setUpEncryption); null
+ * when it is not encrypted, or opened without I/O. Throws qemu-img's refusals.
+ */
+export function imageCipher(image: string, method: number, keySecret: string | undefined, format: string | undefined, noIo = false): AesCipher | null {
+  if (method === C.CRYPT_NONE) {
+    if (format !== undefined) {
+      throw new UsageError(`${printable(image)}: encrypt.format=${printable(format)} was given, but the image is not encrypted`)
+        .asQemu(`Could not open '${image}': No encryption in image header, but options specified format '${format}'`);
+    }
+    return null;
+  }
+  if (method !== C.CRYPT_AES) {
+    throw new UnsupportedFeatureError(`encrypted images (${method === C.CRYPT_LUKS ? 'LUKS' : `method ${method}`}) are not supported`, image);
+  }
+  if (format !== undefined && format !== 'aes') {
+    throw new UsageError(`${printable(image)}: the image is encrypted with AES, but encrypt.format=${printable(format)} was given`)
+      .asQemu(`Could not open '${image}': Header reported 'aes' encryption format but options specify '${format}'`);
+  }
+  // Without I/O (info) the key is not looked up, as in QEMU: an unknown secret id does not matter.
+  if (noIo) return null;
+  if (keySecret !== undefined) return aesCipherFor(keySecret, image);
+  throw new UsageError(`${printable(image)}: the image is encrypted (AES): give its key with --object secret,id=ID,data=... and name it with encrypt.key-secret=ID (--image-opts driver=qcow2,file.filename=${printable(image)},encrypt.key-secret=ID)`)
+    .asQemu(`Could not open '${image}': Parameter 'encrypt.key-secret' is required for cipher`);
 }
 
 /**
@@ -221,12 +278,12 @@ export async function openExternalDataFile(image: string, name: string | null, o
 
 /** Opens an image and (unless backing: false) its whole backing chain, top first. */
 export async function openImage(filename: string, opts: OpenImageOptions = {}): Promise<DiskImage> {
-  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile });
+  const top = await openImageFile(filename, { format: opts.format, writable: opts.writable, lock: opts.lock, unsafe: opts.unsafe, dataFile: opts.dataFile, keySecret: opts.keySecret, noKey: opts.noKey });
   // json:{..., "backing": null} opens the image alone.
   const name = parseImageName(filename);
   if (opts.backing === false || (name.kind === 'file' && name.noBacking)) return top;
   try {
-    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile);
+    await openBackingChain(top, opts.lock, opts.avoid, opts.dataFile, name.kind === 'file' ? name.keySecrets?.slice(1) : undefined, opts.noKey);
   } catch (err) {
     await closeChain(top);
     throw err;
@@ -234,7 +291,8 @@ export async function openImage(filename: string, opts: OpenImageOptions = {}): 
   return top;
 }
 
-export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip'): Promise<void> {
+/** `keySecrets`: the secret ids of the images below `top`, nearest first (backing.encrypt.key-secret...). */
+export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto', avoid: DiskImage[] = [], dataFile?: 'open' | 'skip', keySecrets: Array<string | undefined> = [], noKey = false): Promise<void> {
   // Files are told apart by device and inode: a loop through a hard link has no common path.
   const seen = new Map<string, string>();
   const key = (id: FileIdentity | null, p: string) => (id ? `${id.dev}:${id.ino}` : `path:${p}`);
@@ -256,7 +314,7 @@ export async function openBackingChain(top: DiskImage, lock: LockPolicy = 'auto'
         .asQemu(`Backing file '${name}' creates an infinite loop.`);
     }
     seen.set(k, name);
-    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile });
+    const next = await openImageFile(name, { format: fmt, probeRaw: false, wantedBy: img.filename, lock, dataFile, keySecret: keySecrets[depth - 1], noKey });
     img.backing = next;
     img = next;
   }

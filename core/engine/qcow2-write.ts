@@ -26,6 +26,7 @@ import { compressClusterAsync } from '../codec/index';
 import type { BlockFile, HostExtent } from '../io/block-file';
 import type { FileIdentity } from '../io/identity';
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2';
+import { AES_SECTOR } from './aes';
 import type { DiskImage } from './image';
 import { Refcounts } from './refcounts';
 import { Mutex, RangeLock } from './mutex';
@@ -450,6 +451,11 @@ export class Qcow2Writable extends Qcow2Image {
             newBitmap = { alloc: (bitmap!.alloc | touched) >>> 0, zero: (bitmap!.zero & ~touched) >>> 0 };
           }
         }
+        if (this.encrypted) {
+          // Encryption works on whole sectors: the rest of a partly written sector is kept.
+          fa = Math.floor(fa / AES_SECTOR) * AES_SECTOR;
+          fb = Math.min(cStart + cs, Math.ceil(fb / AES_SECTOR) * AES_SECTOR);
+        }
         plans.push({ cluster: c, a, b, fa, fb, host, needsAlloc, entry, bitmap, newBitmap, relink });
       }
       await allocPending();
@@ -470,10 +476,13 @@ export class Qcow2Writable extends Qcow2Image {
     }
     // Guest data goes to the external data file when the image has one.
     const target = this.dataFile;
+    const cipher = this.encrypted ? this.needCipher() : null;
     await Promise.all(segs.map(async (s) => {
       let data: Buffer;
       if (s.guest >= offset && s.guest + s.length <= end) {
         data = buf.subarray(s.guest - offset, s.guest - offset + s.length);
+        // Encrypted in a copy: the caller's buffer stays as it was.
+        if (cipher) data = Buffer.from(data);
       } else {
         const headLen = Math.max(0, Math.min(offset, s.guest + s.length) - s.guest);
         const tailStart = Math.max(end, s.guest);
@@ -482,7 +491,8 @@ export class Qcow2Writable extends Qcow2Image {
         // QEMU's handle_alloc_space: new clusters whose copy-on-write parts hold nothing in
         // the whole chain are zeroed by the file system (fallocate ZERO_RANGE), and only the
         // guest's data is written (the same blocks on disk as QEMU's).
-        if (s.fresh && target.zeroRange && (await this.unallocatedAbove(s.guest, headLen)) &&
+        // Not when encrypted: zeros on disk would not read as zeros (QEMU skips it there too).
+        if (s.fresh && !cipher && target.zeroRange && (await this.unallocatedAbove(s.guest, headLen)) &&
             (await this.unallocatedAbove(tailStart, s.guest + s.length - tailStart)) && (await target.zeroRange(s.host, s.length))) {
           this.stats.dataWrites++;
           this.stats.dataWriteBytes += to - from;
@@ -499,6 +509,7 @@ export class Qcow2Writable extends Qcow2Image {
         await Promise.all(reads);
         buf.copy(data, from - s.guest, from - offset, to - offset);
       }
+      cipher?.encrypt(data, s.guest);
       this.stats.dataWrites++;
       this.stats.dataWriteBytes += s.length;
       this.file.debugEvent?.('write_aio');
@@ -785,6 +796,11 @@ export class Qcow2Writable extends Qcow2Image {
 
   /** Stores already-compressed data for the cluster at guest `offset`. */
   async writeCompressedCluster(packed: Uint8Array, offset: number): Promise<void> {
+    if (this.encrypted) {
+      // QEMU does not encrypt compressed clusters and refuses to write them to an encrypted image.
+      throw new UnsupportedFeatureError('compressed clusters cannot be written to an encrypted image (write without -c)', this.filename)
+        .asQemu('Compression and encryption not supported at the same time');
+    }
     if (this.geometry.externalData) {
       // QEMU: compressed clusters cannot live in an external data file (-ENOTSUP).
       throw new UnsupportedFeatureError('compressed clusters cannot be written to an image with an external data file (write without -c)', this.filename)
@@ -956,8 +972,11 @@ export class Qcow2Writable extends Qcow2Image {
         // The head before the old end: the cluster's own data, or the backing file's (QEMU's
         // copy-on-write start); an unallocated cluster without a backing file reads zeros.
         if ((entry.kind !== 'unallocated' || this.hasBacking) && keepUntil > guest) {
-          const head = Buffer.alloc(keepUntil - guest);
+          // Encrypted: whole sectors, encrypted for their guest offset.
+          const len = this.encrypted ? Math.min(g.clusterSize, Math.ceil((keepUntil - guest) / AES_SECTOR) * AES_SECTOR) : keepUntil - guest;
+          const head = Buffer.alloc(len);
           await this.read(head, guest);
+          if (this.encrypted) this.needCipher().encrypt(head, guest);
           await this.dataFile.write(head, host);
         }
         if ((entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) && !g.externalData) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });

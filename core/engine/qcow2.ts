@@ -14,6 +14,7 @@ import { loadBitmapDirectory } from './bitmaps';
 import type { BitmapDirectoryEntry } from '../format/bitmaps';
 import { native } from '../io/native';
 import { BufferArena } from '../io/buffers';
+import { AES_SECTOR, type AesCipher } from './aes';
 
 export interface Qcow2OpenOptions {
   /** Bytes of L2 tables to keep cached (default 32 MiB). */
@@ -149,6 +150,24 @@ export class Qcow2Image implements DiskImage {
   /** True when the image has an external data file and it is opened. */
   get hasDataFile(): boolean { return this.externalDataFile !== null; }
 
+  /**
+   * The cipher of an AES-encrypted image (crypt_method 1), attached by the opener from the
+   * secret given for it; null for an image that is not encrypted or was opened without I/O.
+   */
+  cipher: AesCipher | null = null;
+
+  /** True when the header says the guest data is encrypted. */
+  get encrypted(): boolean { return this.parsed.header.cryptMethod !== C.CRYPT_NONE; }
+
+  /** Attaches the cipher of an encrypted image (the chain opener does, after open). */
+  attachCipher(c: AesCipher): void { this.cipher = c; }
+
+  /** The cipher, or the refusal when the image is encrypted and was opened without its key. */
+  protected needCipher(): AesCipher {
+    if (this.cipher) return this.cipher;
+    throw new CorruptImageError('the image is encrypted and was opened without its key (encrypt.key-secret): its data cannot be read or written', this.filename);
+  }
+
   /** Attaches the opened external data file (the chain opener does, after open). */
   attachDataFile(f: BlockFile): void { this.externalDataFile = f; }
   get backingFile(): string | null { return this.parsed.backingFile; }
@@ -212,6 +231,7 @@ export class Qcow2Image implements DiskImage {
     const l1 = Buffer.alloc(s.l1Size * 8);
     await this.file.read(l1, s.l1TableOffset);
     const view = new Qcow2Image(this.filename, this.file, this.parsed, l1, this.snapshots, this.snapshotTableSize, this.fileSize, this.l2Cache, {});
+    view.cipher = this.cipher;
     // qemu-img convert -l reads the snapshot at the image's current size.
     view.virtualSize = this.parsed.header.size;
     view.backing = this.backing;
@@ -423,7 +443,7 @@ export class Qcow2Image implements DiskImage {
         case 'data':
           // QEMU's BLKDBG_READ_AIO, before guest data is read (for the blkdebug test driver).
           this.file.debugEvent?.('read_aio');
-          pending.push(this.dataFile.read(sub, r.hostOffset!));
+          pending.push(this.encrypted ? this.readEncrypted(sub, r.offset, r.hostOffset!) : this.dataFile.read(sub, r.hostOffset!));
           break;
         case 'zero': sub.fill(0); break;
         case 'unallocated': pending.push(this.readBacking(sub, r.offset)); break;
@@ -434,7 +454,28 @@ export class Qcow2Image implements DiskImage {
     await Promise.all(pending);
   }
 
+  /**
+   * Reads encrypted guest data at `guest` (stored at `host`): whole sectors are read and
+   * decrypted (their IV is the guest sector's number), and the part asked for copied out.
+   */
+  private async readEncrypted(buf: Uint8Array, guest: number, host: number): Promise<void> {
+    const cipher = this.needCipher();
+    const head = guest % AES_SECTOR;
+    const len = Math.ceil((head + buf.length) / AES_SECTOR) * AES_SECTOR;
+    if (head === 0 && len === buf.length) {
+      await this.dataFile.read(buf, host);
+      cipher.decrypt(buf, guest);
+      return;
+    }
+    const tmp = Buffer.alloc(len);
+    await this.dataFile.read(tmp, host - head);
+    cipher.decrypt(tmp, guest - head);
+    buf.set(tmp.subarray(head, head + buf.length));
+  }
+
   async readPlan(offset: number, length: number): Promise<ReadSegment[] | null> {
+    // Encrypted data is decrypted on the way: no plain file reads.
+    if (this.encrypted) return null;
     const out: ReadSegment[] = [];
     const inside = Math.max(0, Math.min(length, this.virtualSize - offset));
     if (inside > 0) {
@@ -508,7 +549,8 @@ export class Qcow2Image implements DiskImage {
     if (!r) throw new RangeError(`blockStatus past the end of ${this.filename}`);
     switch (r.state) {
       case 'data': {
-        const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: r.hostOffset, compressed: false };
+        // QEMU gives no host offset for encrypted data (it is not the guest's bytes).
+        const st: LayerStatus = { length: r.length, allocated: true, data: true, zero: false, offset: this.encrypted ? null : r.hostOffset, compressed: false };
         // As QEMU does for images it takes for metadata-preallocated: ask the host file
         // whether the run is backed by data or by a hole.
         // (Never with an external data file: its clusters have no refcounts to count.)
@@ -518,11 +560,11 @@ export class Qcow2Image implements DiskImage {
         }
         return st;
       }
-      case 'zero': return { length: r.length, allocated: true, data: false, zero: true, offset: r.hostOffset, compressed: false };
+      case 'zero': return { length: r.length, allocated: true, data: false, zero: true, offset: this.encrypted ? null : r.hostOffset, compressed: false };
       case 'compressed': return { length: r.length, allocated: true, data: true, zero: false, offset: null, compressed: true };
       case 'unallocated': {
         const below = this.backing;
-        return { length: r.length, allocated: false, data: false, zero: !below || offset >= below.virtualSize, offset: r.hostOffset, compressed: false };
+        return { length: r.length, allocated: false, data: false, zero: !below || offset >= below.virtualSize, offset: this.encrypted ? null : r.hostOffset, compressed: false };
       }
       default: { const never: never = r.state; throw new Error(String(never)); }
     }

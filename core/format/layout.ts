@@ -38,6 +38,8 @@ export interface Qcow2CreateSpec {
   dataFile?: string | null;
   /** The data file is a raw image of the disk (autoclear bit 1). */
   dataFileRaw?: boolean;
+  /** crypt_method 1: the guest data is AES-encrypted (no header extension: the key is the secret). */
+  encrypted?: boolean;
 }
 
 /** QEMU's feature name table, exactly as qcow2_update_header writes it (v3, clusters > 4 KiB). */
@@ -114,7 +116,7 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   return encodeHeader({
     header: {
       version: spec.version, backingFileOffset: 0, backingFileSize: 0, clusterBits: spec.clusterBits,
-      size: spec.size, cryptMethod: C.CRYPT_NONE, l1Size: st.l1Size, l1TableOffset: st.l1TableOffset,
+      size: spec.size, cryptMethod: spec.encrypted ? C.CRYPT_AES : C.CRYPT_NONE, l1Size: st.l1Size, l1TableOffset: st.l1TableOffset,
       refcountTableOffset: st.refcountTableOffset, refcountTableClusters: st.refcountTableClusters,
       nbSnapshots: 0, snapshotsOffset: 0,
       incompatibleFeatures: spec.version === 3 ? incompat : 0n,

@@ -403,7 +403,13 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?
           offset = await img.mutex.run(async () => { const o = await img.refcounts.alloc(1); img.noteAlloc(); return o; });
           if (l2Refcount > 1) await img.refcounts.change(offset, cs, l2Refcount - 1);
         }
-        await img.file.write(zeros, offset);
+        // An encrypted image stores the zeros encrypted, for the cluster's guest offset.
+        let block = zeros;
+        if (img.encrypted) {
+          block = Buffer.alloc(cs);
+          img.cipher!.encrypt(block, (i * (cs / 8) + j) * cs);
+        }
+        await img.file.write(block, offset);
         const entry = BigInt(offset) | (l2Refcount === 1 ? C.QCOW_OFLAG_COPIED : 0n);
         t.writeBigUInt64BE(entry, j * 8);
         dirty = true;

@@ -6,7 +6,7 @@ import { checkQcow2, type CheckCounts, type RepairMode } from '../engine/check';
 import { decodeHeader, isQcow2Magic } from '../format/header';
 import * as C from '../format/constants';
 import type { BlockFile } from '../io/block-file';
-import { openExternalDataFile } from '../chain/open';
+import { imageCipher, openExternalDataFile } from '../chain/open';
 import { lockImage, READ_LOCK, WRITE_LOCK } from '../io/locks';
 import { NodeFile } from '../io/node-file';
 import { interposeWritable } from '../io/interpose';
@@ -25,6 +25,8 @@ export interface CheckJobOptions {
   forceShare?: boolean;
   /** The external data file given with the image's options (data-file.filename), if any. */
   dataFile?: string;
+  /** The secret id keying an AES-encrypted image (encrypt.key-secret): qemu-img opens it with its key. */
+  keySecret?: string;
 }
 
 export interface CheckResult extends CheckCounts {
@@ -112,6 +114,9 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
       format = isQcow2Magic(head) ? 'qcow2' : 'raw';
     }
     if (format === 'raw') throw new CheckNotSupportedError();
+    // As qemu-img: an encrypted image is opened with its key, even to check its metadata.
+    const crypt = Buffer.alloc(4);
+    if ((await f.read(crypt, 32)) === 4) imageCipher(path, crypt.readUInt32BE(0), opts.keySecret, undefined);
     // qemu-img opens the image, its external data file included, before checking it.
     dataFile = await openDataFileOf(f, path, { writable: !!opts.repair, lock: !opts.forceShare || opts.repair ? 'auto' : 'none', override: opts.dataFile });
     const progress = new ProgressReporter(ctx, 0);

@@ -111,6 +111,7 @@ async function compressedBlobs(img: Qcow2Image): Promise<Map<number, number>> {
 function obstacle(img: Qcow2Image): string | null {
   if (img.snapshots.length) return `it has ${img.snapshots.length} internal snapshot(s), which a compacted copy would lose; delete them first (strata snapshot -d NAME) or keep them with convert`;
   if (img.geometry.externalData) return 'it has an external data file';
+  if (img.encrypted) return 'it is encrypted (its clusters are copied as stored, which needs them unencrypted); use convert with encryption options instead';
   if (img.header.incompatibleFeatures & C.INCOMPAT_CORRUPT) return 'it is marked corrupt; run strata check -r all on it first';
   if ((img.header.incompatibleFeatures & C.INCOMPAT_DIRTY) && !(img.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS)) return 'it was not closed cleanly; run strata check -r all on it first';
   return null;

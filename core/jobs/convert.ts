@@ -503,6 +503,10 @@ export async function planConvert(ctx: JobContext, src: DiskImage, targetPath: s
   const plan = newPlan('convert', `Convert ${basename(src.filename)} to ${opts.format} ${basename(targetPath)}${opts.compress ? ', compressed' : ''}`,
     command ?? convertCommand(src.filename, targetPath, opts));
   if (opts.compress && opts.format !== 'qcow2') throw new UsageError('-c (compression) needs a qcow2 target (-O qcow2)');
+  // QEMU does not encrypt compressed clusters: qemu-img refuses the two together.
+  if (opts.compress && (opts.create?.encryption || opts.create?.encryptFormat !== undefined)) {
+    throw new UsageError('-c (compression) cannot go with encryption: compressed clusters are not encrypted').asQemu('Compression and encryption not supported at the same time');
+  }
   if (opts.targetIsZero && !opts.existing) throw new UsageError('--target-is-zero requires -n (an existing target)');
   // By device and inode: the source or any image of its chain, under any name.
   await assertNotInChain(targetPath, src, 'convert');

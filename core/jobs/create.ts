@@ -14,6 +14,7 @@ import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UN
 import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
 import { strtosz } from '../chain/size-str';
 import { localPath, localPathOrNull } from '../chain/names';
+import { aesCipherForCreate } from '../chain/secrets';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { qcow2PreallocSize } from './measure';
 import { findOverlays } from './overlays';
@@ -49,13 +50,28 @@ export interface CreateOptions {
   dataFile?: string;
   /** data_file_raw: the data file is kept a complete raw image of the disk. */
   dataFileRaw?: boolean;
+  /** encryption=on|off (qemu-img's older spelling of encrypt.format=aes). */
+  encryption?: boolean;
+  /** encrypt.format: 'aes' (qcow2's legacy AES-CBC); 'luks' is refused. */
+  encryptFormat?: string;
+  /** encrypt.key-secret: the id of the --object secret that keys an encrypted image. */
+  keySecret?: string;
+  /** The first LUKS-only encrypt.* option given (refused: Strata writes AES only). */
+  luksOption?: string;
+  /** Values qemu-img's format driver refuses after its "Formatting" line (compat=0.42, preallocation=1234). */
+  invalid?: Partial<Record<'compat' | 'preallocation', string>>;
   /** The option names as the user spelled them, in order (for the "Formatting" line and raw checks). */
   given?: Partial<Record<CreateOptionName, string>>;
 }
 
+const LUKS_OPTIONS = ['encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time'] as const;
+
 export const CREATE_OPTION_NAMES = [
   'size', 'cluster_size', 'extended_l2', 'compression_type', 'refcount_bits', 'lazy_refcounts',
   'compat', 'preallocation', 'backing_file', 'backing_fmt', 'extent_size_hint', 'data_file', 'data_file_raw',
+  'encryption', 'encrypt.format', 'encrypt.key-secret',
+  // LUKS's options: refused (after qemu-img's "Formatting" line, which lists them).
+  ...LUKS_OPTIONS,
 ] as const;
 export type CreateOptionName = typeof CREATE_OPTION_NAMES[number];
 
@@ -75,6 +91,9 @@ export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only siz
   data_file=PATH             keep the guest data in this raw file (compat=1.1; created or emptied;
                              a relative name is relative to the working directory)
   data_file_raw=on|off       keep the data file a complete raw image (preallocates metadata)
+  encrypt.format=aes         encrypt the guest data with qcow2's legacy AES-CBC (LUKS is not supported)
+  encryption=on|off          the older spelling of encrypt.format=aes
+  encrypt.key-secret=ID      the key: the secret given with --object secret,id=ID,data=...
 `;
 
 // ---- parsing ----
@@ -151,8 +170,10 @@ export function isOptionsHelp(o: string): boolean {
 /**
  * Parses a qemu-img `-o` string ("cluster_size=4k,compat=0.10,..."). Later keys override
  * earlier ones. Checks each value's syntax; combinations are checked by createImage.
+ * `deferInvalid` (create): a compat or preallocation value qemu-img's driver refuses is kept
+ * for resolveCreate to refuse after the "Formatting" line, as qemu-img create does.
  */
-export function parseCreateOptions(o: string): CreateOptions {
+export function parseCreateOptions(o: string, how: { deferInvalid?: boolean } = {}): CreateOptions {
   const r: CreateOptions = { given: {} };
   for (const [key, value] of splitOptions(o)) {
     if (!(CREATE_OPTION_NAMES as readonly string[]).includes(key)) {
@@ -179,11 +200,24 @@ export function parseCreateOptions(o: string): CreateOptions {
       case 'compat':
         if (value === '0.10' || value === 'v2') r.compat = '0.10';
         else if (value === '1.1' || value === 'v3') r.compat = '1.1';
+        // qemu-img refuses it in the format driver, after its "Formatting" line.
+        else if (how.deferInvalid) (r.invalid ??= {}).compat = value;
         else throw new UsageError(`compat must be 0.10 or 1.1 (or v2, v3), not '${value}'`);
         break;
       case 'preallocation':
         if (value === 'off' || value === 'metadata' || value === 'falloc' || value === 'full') r.preallocation = value;
+        else if (how.deferInvalid) (r.invalid ??= {}).preallocation = value;
         else throw new UsageError(`Invalid parameter '${value}'`);
+        break;
+      case 'encryption':
+        if (!/^(on|off)$/.test(value)) throw new UsageError(`option encryption expects 'on' or 'off', not '${value}'`).asQemu(`Parameter 'encryption' expects 'on' or 'off'`);
+        r.encryption = value === 'on';
+        break;
+      case 'encrypt.format': r.encryptFormat = value; break;
+      case 'encrypt.key-secret': r.keySecret = value; break;
+      case 'encrypt.cipher-alg': case 'encrypt.cipher-mode': case 'encrypt.ivgen-alg': case 'encrypt.ivgen-hash-alg':
+      case 'encrypt.hash-alg': case 'encrypt.iter-time':
+        r.luksOption ??= key;
         break;
       case 'backing_file': r.backingFile = value; break;
       case 'data_file': r.dataFile = value; break;
@@ -250,14 +284,21 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       ['refcount_bits', opts.refcountBits], ['lazy_refcounts', opts.lazyRefcounts], ['compat', opts.compat],
       ['data_file', opts.dataFile], ['data_file_raw', opts.dataFileRaw],
     ];
+    qcow2Only.push(['encryption', opts.encryption], ['encrypt.format', opts.encryptFormat], ['encrypt.key-secret', opts.keySecret], ...LUKS_OPTIONS.map((k): [CreateOptionName, unknown] => [k, undefined]));
     const set = qcow2Only.find(([k, v]) => v !== undefined || opts.given?.[k] !== undefined);
-    if (set) fail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`);
+    if (set) qemuFail(path, `option ${set[0]} is for qcow2 images; raw images take only size and preallocation=off`, `Invalid parameter '${set[0]}'`);
+    if (opts.invalid?.preallocation !== undefined) driverFail(path, `Invalid parameter '${opts.invalid.preallocation}'`, `invalid parameter value: ${opts.invalid.preallocation}`);
     if (backingFile !== null || backingFormat !== null) fail(path, 'raw images cannot have a backing file (use -f qcow2)');
     if (preallocation === 'metadata') fail(path, 'Unsupported preallocation mode: metadata');
   }
 
   let spec: Qcow2CreateSpec | null = null;
+  let encrypted = false;
   if (format === 'qcow2') {
+    // The option values the driver's QAPI visitor refuses first (in its order: version, then preallocation).
+    if (opts.invalid?.compat !== undefined) driverFail(path, `compat must be 0.10 or 1.1 (or v2, v3), not '${opts.invalid.compat}'`, `Parameter 'version' does not accept value '${opts.invalid.compat}'`);
+    if (opts.invalid?.preallocation !== undefined) driverFail(path, `Invalid parameter '${opts.invalid.preallocation}'`, `Parameter 'preallocation' does not accept value '${opts.invalid.preallocation}'`);
+    encrypted = encryptionWanted(path, opts);
     const version = opts.compat === '0.10' ? 2 : 3;
     const cs = opts.clusterSize ?? 2 ** C.DEFAULT_CLUSTER_BITS;
     const clusterBits = Math.log2(cs);
@@ -296,7 +337,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       // With a data file every mode lays the metadata out (QEMU's preallocate_co); falloc and
       // full then allocate the data file. data_file_raw needs at least metadata.
       preallocation: preallocation === 'metadata' || (dataFile !== null && (preallocation !== 'off' || dataFileRaw)) ? 'metadata' : 'off',
-      dataFile, dataFileRaw,
+      dataFile, dataFileRaw, encrypted,
     };
   }
 
@@ -336,7 +377,8 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     const full = combineBackingPath(localPath(path), backingFile);
     let top;
     try {
-      top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none' });
+      // For its size alone: an encrypted backing file opens without its key (qemu-img's BDRV_O_NO_IO).
+      top = await openImage(full, { format: backingFormat as 'qcow2' | 'raw', lock: 'none', noKey: true });
     } catch (err) {
       const where = full === backingFile ? `'${backingFile}'` : `'${backingFile}' (${full}, relative to the new image)`;
       if (err instanceof NotFoundError && err.file === full) {
@@ -376,7 +418,39 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     }
     if (rounded > Number.MAX_SAFE_INTEGER) fail(path, `size ${size} is too large`);
   }
+  if (encrypted) {
+    // The key last, as qemu-img sets encryption up once the image is laid out; but here before
+    // anything is written.
+    try {
+      aesCipherForCreate(opts.keySecret, path);
+    } catch (err) {
+      REPORTED_AFTER_FORMATTING.add(err as object);
+      throw err;
+    }
+  }
   return { path, format, size: rounded, sizeGiven: size, preallocation, qcow2: spec, opts };
+}
+
+/**
+ * Whether create's options ask for encryption (qemu-img's qcow2 rules): encryption=on is
+ * encrypt.format=aes (the two together are refused), encrypt.key-secret needs a format, and
+ * only AES is written (LUKS is refused).
+ */
+function encryptionWanted(path: string, opts: CreateOptions): boolean {
+  if (opts.encryption === true && opts.encryptFormat !== undefined) {
+    driverFail(path, 'give encrypt.format=aes or encryption=on, not both', "'encrypt.format' and its alias 'encryption' can't be used at the same time");
+  }
+  const fmt = opts.encryption ? 'aes' : opts.encryptFormat;
+  if (fmt === undefined) {
+    if (opts.keySecret !== undefined || opts.luksOption !== undefined) driverFail(path, `${opts.keySecret !== undefined ? 'encrypt.key-secret' : opts.luksOption} needs encrypt.format=aes (or encryption=on)`, "Parameter 'encrypt.format' is missing");
+    return false;
+  }
+  if (fmt === 'luks') {
+    driverFail(path, 'LUKS encryption (encrypt.format=luks) is not supported: Strata encrypts only with AES (encrypt.format=aes)', 'LUKS encryption (encrypt.format=luks) is not supported');
+  }
+  if (fmt !== 'aes' && fmt !== 'qcow') driverFail(path, `encrypt.format must be aes, not '${fmt}'`, `Parameter 'format' does not accept value '${fmt}'`);
+  if (opts.luksOption !== undefined) driverFail(path, `option ${opts.luksOption} is a LUKS option: AES images take only encrypt.key-secret`, `Parameter '${opts.luksOption}' is unexpected`);
+  return true;
 }
 
 /** qemu-img's "Formatting 'FILE', fmt=... " line (options in qemu's order, defaults included). */
@@ -384,6 +458,8 @@ export function formattingLine(r: ResolvedCreate): string {
   const o = r.opts;
   const g = o.given ?? {};
   const parts: string[] = [`fmt=${r.format}`];
+  // qemu-img prints the encryption options first, as given (its option list has them first).
+  for (const k of ['encryption', 'encrypt.format', 'encrypt.key-secret', ...LUKS_OPTIONS] as const) if (g[k] !== undefined) parts.push(`${k}=${g[k]!.replace(/,/g, ',,')}`);
   if (r.format === 'raw') {
     parts.push(`size=${BigInt(r.sizeGiven)}`);
     if (g.preallocation !== undefined) parts.push(`preallocation=${g.preallocation}`);

@@ -33,7 +33,8 @@ export async function openTarget(path: string, size: number, spec: TargetSpec): 
   }
   let image;
   try {
-    image = await openImage(path, { format: spec.format, writable: true, unsafe: spec.cache === 'unsafe' });
+    // An encrypted target is keyed by the secret its creation options name.
+    image = await openImage(path, { format: spec.format, writable: true, unsafe: spec.cache === 'unsafe', keySecret: spec.create?.keySecret });
   } catch (err) {
     if (!spec.existing) await unlink(localPath(path)).catch(() => {});
     throw err;

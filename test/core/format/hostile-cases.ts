@@ -298,7 +298,8 @@ export const CASES: HostileCase[] = [
   { name: 'L1 table offset past EOF', level: 'open', problem: /L1 table.*past the end/, build: patched(setField(H.l1TableOffset, u64(0x100000))) },
   { name: 'L1 table offset unaligned', level: 'open', problem: /L1 table.*align/, build: patched(setField(H.l1TableOffset, u64(0x3008))) },
   { name: 'L1 table offset 0', level: 'open', problem: /L1 table.*(header|offset 0)/, build: patched(setField(H.l1TableOffset, u64(0))) },
-  { name: 'encryption: crypt_method 1 (AES)', level: 'open', problem: /encrypt.*AES|AES.*encrypt/i, build: patched(setField(H.cryptMethod, u32(1))) },
+  // Without its key (encrypt.key-secret): info shows it (as qemu-img, without I/O), nothing reads it.
+  { name: 'encryption: crypt_method 1 (AES) without a key', level: 'open', problem: /encrypt.*AES|AES.*encrypt/i, infoOpens: true, build: patched(setField(H.cryptMethod, u32(1))) },
   { name: 'encryption: crypt_method 2 (LUKS)', level: 'open', problem: /encrypt.*LUKS|LUKS.*encrypt/i, build: patched(setField(H.cryptMethod, u32(2))) },
   { name: 'unknown compression_type', level: 'open', problem: /compression/, build: patched((p) => { writeAt(p, H.compressionType, Buffer.from([7])); writeAt(p, H.incompatibleFeatures, u64(1n << 3n)); }) },
   // No data file name recorded: the image cannot be read; info still shows it (as qemu-img's).
