@@ -2,7 +2,7 @@ import { openImageFile, closeChain, parseFormat } from '../core/chain/open';
 import { formatSnapshotTable, snapshotInfo } from '../core/chain/info';
 import { Qcow2Image } from '../core/engine/qcow2';
 import { UsageError } from '../core/errors';
-import { parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { asQemu, parse, needPositionals, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { PLAN_OPTIONS, runOrPlan } from './plan-output';
 
 const USAGE = 'strata snapshot -l | -c NAME | -a NAME | -d NAME [-U] [-f FMT] [--dry-run [--output=human|json]] [--force] FILE';
@@ -36,5 +36,6 @@ export async function snapshotCommand(args: string[], io: CommandIO, signal: Abo
   if (values['force-share']) throw new UsageError('-U (force share) is only allowed with -l');
   if (format === 'raw') throw new UsageError(`${positionals[0]}: raw images have no internal snapshots`);
   const action = actions[0] as 'create' | 'apply' | 'delete';
-  return runOrPlan(values, io, { signal }, { op: 'snapshot', image: imageArg(positionals[0]!, values), action, name: str(values[action])! }, () => {});
+  const spec = { op: 'snapshot' as const, image: imageArg(positionals[0]!, values), action, name: str(values[action])!, ...(asQemu(io) ? { qemu: true } : {}) };
+  return runOrPlan(values, io, { signal }, spec, () => {});
 }
