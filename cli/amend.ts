@@ -1,5 +1,5 @@
 import { parseFormat } from '../core/chain/open';
-import { UsageError } from '../core/errors';
+import { SnapshotL1Error, UsageError } from '../core/errors';
 import { amend, parseAmendOptions } from '../core/jobs/amend';
 import { asQemu, parse, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 import { printfFixed2 } from './progress';
@@ -45,7 +45,17 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   };
   if (show) print(0);
   try {
-    await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, qemu: asQemu(io) });
+    try {
+      await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, qemu: asQemu(io) });
+    } catch (err) {
+      // A downgrade expands the zero clusters of every snapshot, loading each one's table:
+      // qemu-img fails there (iotest 080).
+      if (err instanceof SnapshotL1Error && opts.version === 2) {
+        const { what, errno } = err.qemuWords;
+        err.asQemu(`${what}\nqemu-img: Failed to turn zero into data clusters: ${errno}`);
+      }
+      throw err;
+    }
     if (show) print(100);
   } finally {
     if (show) io.out('\n');
