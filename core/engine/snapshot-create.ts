@@ -95,7 +95,8 @@ export interface QemuLayout {
 /**
  * Where QEMU's snapshot -c fails after allocating and writing its L1 copy: a refcount that
  * would overflow, a cluster its refcounts do not reach (QEMU: -EFBIG or -EAGAIN from the
- * refcount block allocation). `error` has qemu-img's words.
+ * refcount block allocation), a snapshot table past QEMU's limit. `failure` carries
+ * qemu-img's words.
  */
 export interface QemuFailure {
   failure: StrataError;

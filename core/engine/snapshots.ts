@@ -121,9 +121,11 @@ interface Prepared {
 /** How a create fails: as Strata (refused before anything is written) or as qemu-img. */
 export interface CreateOptions {
   /**
-   * Fail as qemu-img does when a refcount would overflow: it has then allocated and written
-   * the snapshot's L1 copy, which stays behind as a leaked cluster (check reports it). Images
-   * with 1-bit refcounts are not refused up front (qemu-img snapshots one with no data).
+   * Fail as qemu-img does when a refcount would overflow or an L2 entry points where the
+   * refcounts do not reach: it has then allocated and written the snapshot's L1 copy, which
+   * stays behind as a leaked cluster (check reports it); reserved bits in L2 entries are
+   * passed over as qemu-img passes over them. Images with 1-bit refcounts are not refused up
+   * front (qemu-img snapshots one with no data).
    */
   qemu?: boolean;
 }
