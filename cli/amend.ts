@@ -1,7 +1,8 @@
 import { parseFormat } from '../core/chain/open';
-import { UsageError } from '../core/errors';
+import { SnapshotL1Error, UsageError } from '../core/errors';
 import { amend, parseAmendOptions } from '../core/jobs/amend';
-import { parse, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { asQemu, parse, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
+import { printfFixed2 } from './progress';
 
 const USAGE = 'strata amend [--image-opts] [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS FILE';
 
@@ -38,13 +39,23 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   const show = !!values.progress && !values.quiet;
   let last = 0;
   const print = (p: number) => {
-    const cur = Math.min(100, p);
+    const cur = Math.fround(Math.min(100, p));
     // The lines overwrite each other: each ends with a carriage return, as qemu-img's.
-    if (cur > last + 1 || cur < last - 1 || cur === 100 || cur === 0) { last = cur; io.out(`    (${cur.toFixed(2)}/100%)\r`); }
+    if (cur > last + 1 || cur < last - 1 || cur === 100 || cur === 0) { last = cur; io.out(`    (${printfFixed2(cur)}/100%)\r`); }
   };
   if (show) print(0);
   try {
-    await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined });
+    try {
+      await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, qemu: asQemu(io) });
+    } catch (err) {
+      // A downgrade expands the zero clusters of every snapshot, loading each one's table:
+      // qemu-img fails there (iotest 080).
+      if (err instanceof SnapshotL1Error && opts.version === 2) {
+        const { what, errno } = err.qemuWords;
+        err.asQemu(`${what}\nqemu-img: Failed to turn zero into data clusters: ${errno}`);
+      }
+      throw err;
+    }
     if (show) print(100);
   } finally {
     if (show) io.out('\n');

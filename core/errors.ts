@@ -43,6 +43,31 @@ export class RefcountOverflowError extends CorruptImageError {
   constructor(message: string, file?: string) { super(message, file); this.name = 'RefcountOverflowError'; }
 }
 
+/**
+ * A snapshot table entry whose L1 table cannot be used: its offset is not cluster-aligned, or
+ * it is larger than any L1 table may be. Strata refuses the image at open; qemu-img opens it
+ * and fails only where it loads that snapshot's table, each command in its own words.
+ */
+export class SnapshotL1Error extends CorruptImageError {
+  constructor(message: string, file: string | undefined, readonly snapshot: { id: string; name: string }, readonly problem: 'offset' | 'size') {
+    super(message, file);
+    this.name = 'SnapshotL1Error';
+  }
+
+  /** Whether `idOrName` (as a command names a snapshot) is this entry. */
+  names(idOrName: string): boolean {
+    const bare = idOrName.replace(/^snapshot\.(?:name|id)=/, '');
+    return bare === this.snapshot.id || bare === this.snapshot.name;
+  }
+
+  /** QEMU's words for the problem ("Snapshot L1 table offset invalid") and its errno text. */
+  get qemuWords(): { what: string; errno: string } {
+    return this.problem === 'offset'
+      ? { what: 'Snapshot L1 table offset invalid', errno: 'Invalid argument' }
+      : { what: 'Snapshot L1 table too large', errno: 'File too large' };
+  }
+}
+
 /** A valid image using a feature we do not implement (encryption, unknown incompatible bits). */
 export class UnsupportedFeatureError extends StrataError {
   constructor(message: string, file?: string) { super('unsupported', message, file); this.name = 'UnsupportedFeatureError'; }

@@ -29,13 +29,17 @@ export class MetadataSwitch {
   /** Clusters [0, wasFree.length) that no one used when the switch began (1): the only ones it may take. */
   private readonly wasFree: Uint8Array;
   private len: number;
-  private cursor = 1;
+  private cursor: number;
+  /** The first cluster the switch may take (see begin's `past`). */
+  private readonly from: number;
   private readonly writes: { offset: number; data: Buffer }[] = [];
   private readonly cs: number;
   private readonly max: number;
 
-  private constructor(private readonly img: Qcow2Image, private readonly refcounts: Refcounts, counts: RefArray, n: number) {
+  private constructor(private readonly img: Qcow2Image, private readonly refcounts: Refcounts, counts: RefArray, n: number, from: number) {
     this.cs = img.geometry.clusterSize;
+    this.from = Math.max(1, from);
+    this.cursor = this.from;
     this.counts = counts;
     this.len = n;
     this.max = maxRefcount(img.header.refcountOrder);
@@ -46,13 +50,17 @@ export class MetadataSwitch {
   /**
    * Starts from the image's refcounts (for a writable image: under its metadata mutex, with
    * nothing dirty). A switch that is only measured (see end) may start from any image.
+   * `refcounts` may be another structure than the image's (one laid out in memory, see
+   * snapshot-create.ts). With `past`, everything the switch writes goes past the end of the
+   * file and of what `refcounts` counts: nothing already in the file is touched, and cutting
+   * the file back gives the space back.
    */
-  static async begin(img: Qcow2Image, refcounts: Refcounts): Promise<MetadataSwitch> {
+  static async begin(img: Qcow2Image, refcounts: Refcounts, opts: { past?: boolean } = {}): Promise<MetadataSwitch> {
     const cs = img.geometry.clusterSize;
     const n = Math.max(refcounts.allocEnd, Math.ceil((await img.file.size()) / cs));
     const counts = newRefArray(img.header.refcountOrder, n + 64);
     await refcounts.countsInto(counts, n);
-    return new MetadataSwitch(img, refcounts, counts, n);
+    return new MetadataSwitch(img, refcounts, counts, n, opts.past ? n : 1);
   }
 
   /** Refcounts as the image has them on disk, for a switch that is only measured. */
@@ -106,8 +114,17 @@ export class MetadataSwitch {
     return start * this.cs;
   }
 
+  /**
+   * Places `data` at `offset`, whose clusters the counts the switch began from already count
+   * (a table laid out in memory): written before the switch with everything else.
+   */
+  writeAt(offset: number, data: Buffer): void {
+    this.writes.push({ offset, data });
+  }
+
   /** Free when the switch began and not taken since; everything past the old end is free. */
   private takeable(c: number): boolean {
+    if (c < this.from) return false;
     if (c < this.wasFree.length) return this.wasFree[c] === 1 && !this.counts[c];
     return c >= this.len || !this.counts[c];
   }
@@ -133,7 +150,7 @@ export class MetadataSwitch {
     for (const c of this.refcounts.structureClusters()) this.ref(c * this.cs, this.cs, -1);
     const n = this.len;
     const free = (c: number) => c > 0 && this.takeable(c);
-    this.placed = placeStructure(this.counts, n, g, free, Math.min(n, this.wasFree.length), n);
+    this.placed = placeStructure(this.counts, n, g, free, Math.min(n, this.wasFree.length), Math.max(n, this.from));
     return this.placed;
   }
 

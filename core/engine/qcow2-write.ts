@@ -248,6 +248,11 @@ export class Qcow2Writable extends Qcow2Image {
     if (end > this.fileSize) this.fileSize = end;
   }
 
+  /** @internal The file has been cut back to `size` (nothing in use lies past it). */
+  noteFileSize(size: number): void {
+    this.fileSize = size;
+  }
+
   /** The L2 table for `l1Index`, allocated or copied (if shared) so it may be modified. */
   private async writableL2(l1Index: number): Promise<Buffer> {
     const e = decodeL1Entry(this.l1, l1Index);

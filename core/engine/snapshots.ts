@@ -1,12 +1,14 @@
-// Internal snapshots: create and delete each in one metadata switch (metadata-switch.ts),
-// apply (goto) in QEMU's order, each step durable before the next. A crash at any point
-// leaves at worst leaked clusters, and COPIED flags that agree with the refcounts.
+// Internal snapshots: create laid out as QEMU lays it out, through two header switches
+// (snapshot-create.ts); delete in one metadata switch (metadata-switch.ts); apply (goto) in
+// QEMU's order, each step durable before the next. A crash at any point leaves at worst leaked
+// clusters, and COPIED flags that agree with the refcounts.
 import * as C from '../format/constants';
-import { NotFoundError, RefcountOverflowError, UnsupportedFeatureError, UsageError, printable } from '../errors';
+import { NotFoundError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { decodeL1Entry, encodeL1Entry, decodeL2Entry, encodeL2Entry, decodeL2Bitmap, compressedRange, type L2Entry } from '../format/l2';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot';
 import type { Qcow2Writable } from './qcow2-write';
 import { MetadataSwitch, type SwitchHeader } from './metadata-switch';
+import { commitCreate, createGrowth, layOutCreate, leakL1Copy } from './snapshot-create';
 import type { Qcow2Image } from './qcow2';
 import type { Refcounts } from './refcounts';
 
@@ -116,11 +118,23 @@ interface Prepared {
   copies: Map<number, Buffer>;
 }
 
-function checkCreate(img: Qcow2Image, name: string): void {
+/** How a create fails: as Strata (refused before anything is written) or as qemu-img. */
+export interface CreateOptions {
+  /**
+   * Fail as qemu-img does when a refcount would overflow or an L2 entry points where the
+   * refcounts do not reach: it has then allocated and written the snapshot's L1 copy, which
+   * stays behind as a leaked cluster (check reports it); reserved bits in L2 entries are
+   * passed over as qemu-img passes over them. Images with 1-bit refcounts are not refused up
+   * front (qemu-img snapshots one with no data).
+   */
+  qemu?: boolean;
+}
+
+function checkCreate(img: Qcow2Image, name: string, opts: CreateOptions = {}): void {
   if (!name) throw new UsageError('a snapshot needs a name');
   if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`${img.filename}: a snapshot named '${name}' already exists`);
-  if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`);
-  if (img.header.refcountOrder === 0) {
+  if (img.snapshots.length >= C.MAX_SNAPSHOTS) throw new UsageError(`${img.filename}: too many snapshots`).asQemu(`Could not create snapshot '${printable(name)}': -27 (File too large)`);
+  if (img.header.refcountOrder === 0 && !opts.qemu) {
     throw new UsageError(`${img.filename}: snapshots need refcounts wider than 1 bit (amend -o refcount_bits=16 first)`).asQemu(snapshotOverflowText(name));
   }
   // QEMU: -ENOTSUP (a snapshot cannot share the clusters of an external data file).
@@ -129,52 +143,11 @@ function checkCreate(img: Qcow2Image, name: string): void {
 
 /**
  * qemu-img's words when a snapshot's new references do not fit the refcount width (it fails
- * with EINVAL from qcow2_update_snapshot_refcount, after allocating; Strata refuses first).
+ * with EINVAL from qcow2_update_snapshot_refcount, after allocating the L1 copy; Strata's own
+ * create refuses before writing).
  */
 export function snapshotOverflowText(name: string): string {
   return `Could not create snapshot '${name}': -22 (Invalid argument)`;
-}
-
-/**
- * A snapshot create, as one metadata switch (see metadata-switch.ts): the active L1 becomes
- * the snapshot's (copied, its COPIED flags cleared: its tables are now shared), the active L1
- * points to copies of the L2 tables whose data entries lose COPIED (their clusters are now
- * shared), every cluster they reach counts one more, and the snapshot table gains the entry.
- * QEMU writes the same changes in place, in steps.
- */
-async function prepareCreate(img: Qcow2Image, refcounts: Refcounts, entry: SnapshotEntry): Promise<Prepared> {
-  const g = img.geometry;
-  const cs = g.clusterSize;
-  const sw = await MetadataSwitch.begin(img, refcounts);
-  const l1 = img.l1;
-  const l1Bytes = l1.length;
-  const snL1 = Buffer.from(l1);
-  const newL1 = Buffer.alloc(l1Bytes);
-  const copies = new Map<number, Buffer>();
-  for (let i = 0; i < l1Bytes / 8; i++) {
-    const { l2Offset } = decodeL1Entry(l1, i);
-    if (!l2Offset) continue;
-    encodeL1Entry(snL1, i, l2Offset, false);
-    const table = await img.l2Table(l2Offset);
-    for (let j = 0; j < g.l2Entries; j++) {
-      const r = refRange(decodeL2Entry(table, j, g), cs);
-      if (r) sw.ref(r.offset, r.length, 1);
-    }
-    const copy = withFlags(img, table, () => false) ?? Buffer.from(table);
-    const at = sw.alloc(copy);
-    copies.set(at, copy);
-    encodeL1Entry(newL1, i, at, true);
-  }
-  // The old active L1 is replaced by the two copies; its L2 tables keep their one reference
-  // (the snapshot's L1 now).
-  const snL1Offset = l1Bytes ? sw.alloc(snL1) : 0;
-  const newL1Offset = l1Bytes ? sw.alloc(newL1) : 0;
-  if (l1Bytes) sw.ref(img.header.l1TableOffset, Math.ceil(l1Bytes / cs) * cs, -1);
-  entry.l1TableOffset = snL1Offset;
-  entry.l1Size = l1Bytes / 8;
-  const entries = [...img.snapshots, entry];
-  const t = snapshotTableFor(img, sw, entries);
-  return { sw, header: { l1Offset: newL1Offset, l1Size: l1Bytes / 8, snapshotsOffset: t.offset, nbSnapshots: entries.length }, l1: newL1, entries, tableSize: t.size, copies };
 }
 
 /**
@@ -251,20 +224,24 @@ function newEntry(img: Qcow2Image, name: string, now: number): SnapshotEntry {
   };
 }
 
-export async function createSnapshot(img: Qcow2Writable, name: string, now = Date.now()): Promise<SnapshotEntry> {
-  checkCreate(img, name);
+/**
+ * Creates a snapshot laid out as qemu-img lays it out, in crash-safe steps (see
+ * snapshot-create.ts).
+ */
+export async function createSnapshot(img: Qcow2Writable, name: string, now = Date.now(), opts: CreateOptions = {}): Promise<SnapshotEntry> {
+  checkCreate(img, name, opts);
   await img.flush();
   const entry = newEntry(img, name, now);
   await img.mutex.run(async () => {
     await img.beforeChange();
-    let p: Prepared;
-    try {
-      p = await prepareCreate(img, img.refcounts, entry);
-    } catch (err) {
-      if (err instanceof RefcountOverflowError) err.asQemu(snapshotOverflowText(name));
-      throw err;
+    // QEMU's result is computed from the refcounts on disk: nothing may wait in memory.
+    if (img.refcounts.hasDirty) { await img.refcounts.writeBack(); await img.file.flush(); }
+    const q = await layOutCreate(img, entry, opts);
+    if ('failure' in q) {
+      if (opts.qemu) await leakL1Copy(img);
+      throw q.failure;
     }
-    await commitPrepared(img, p);
+    await commitCreate(img, q);
   });
   return entry;
 }
@@ -282,20 +259,22 @@ export async function deleteSnapshot(img: Qcow2Writable, idOrName: string): Prom
 }
 
 /**
- * Bytes the file of `img` (opened only to read) grows by when the snapshot is created or
- * deleted: the switch laid out as the run will lay it out, and not written. For plans.
+ * Bytes the file of `img` (opened only to read) grows by at most when the snapshot is created
+ * or deleted: the switch laid out as the run will lay it out, and not written. For plans.
+ * With `qemu`, a create that would overflow a refcount (and fail) grows it by its L1 copy.
  */
-export async function snapshotGrowth(img: Qcow2Image, action: 'create' | 'delete', name: string): Promise<number> {
+export async function snapshotGrowth(img: Qcow2Image, action: 'create' | 'delete', name: string, opts: CreateOptions = {}): Promise<number> {
   const refcounts = await MetadataSwitch.refcountsOf(img);
-  let p: Prepared;
-  try {
-    p = action === 'create'
-      ? await prepareCreate(img, refcounts, (checkCreate(img, name), newEntry(img, name, Date.now())))
-      : await prepareDelete(img, refcounts, findSnapshot(img, name));
-  } catch (err) {
-    if (action === 'create' && err instanceof RefcountOverflowError) err.asQemu(snapshotOverflowText(name));
-    throw err;
+  if (action === 'create') {
+    checkCreate(img, name, opts);
+    const q = await layOutCreate(img, newEntry(img, name, Date.now()), opts);
+    if ('failure' in q) {
+      if (!opts.qemu) throw q.failure;
+      return Math.ceil(img.l1.length / img.geometry.clusterSize) * img.geometry.clusterSize;
+    }
+    return createGrowth(img, refcounts, q);
   }
+  const p = await prepareDelete(img, refcounts, findSnapshot(img, name));
   return Math.max(0, p.sw.end * img.geometry.clusterSize - (await img.file.size()));
 }
 

@@ -1,6 +1,6 @@
 // The internal snapshot table: variable-length entries, decoded from and encoded to one buffer.
 import * as C from './constants';
-import { CorruptImageError } from '../errors';
+import { CorruptImageError, SnapshotL1Error } from '../errors';
 import { readU64 } from './u64';
 
 export interface SnapshotEntry {
@@ -78,8 +78,8 @@ export async function decodeSnapshotTable(
     if (extraSize >= 24) icount = extraData.readBigInt64BE(16);
     const id = cString(buf.toString('utf8', x + extraSize, x + extraSize + idSize));
     const name = cString(buf.toString('utf8', x + extraSize + idSize, x + extraSize + idSize + nameSize));
-    if (l1TableOffset % 2 ** clusterBits !== 0) throw new CorruptImageError(`snapshot ${id || i} L1 table offset ${l1TableOffset} is not cluster-aligned`, file);
-    if (l1Size > C.MAX_L1_SIZE_BYTES / 8) throw new CorruptImageError(`snapshot ${id || i} L1 table is too large (${l1Size} entries)`, file);
+    if (l1TableOffset % 2 ** clusterBits !== 0) throw new SnapshotL1Error(`snapshot ${id || i} L1 table offset ${l1TableOffset} is not cluster-aligned`, file, { id, name }, 'offset');
+    if (l1Size > C.MAX_L1_SIZE_BYTES / 8) throw new SnapshotL1Error(`snapshot ${id || i} L1 table is too large (${l1Size} entries)`, file, { id, name }, 'size');
     entries.push({ l1TableOffset, l1Size, id, name, dateSec, dateNsec, vmClockNsec, vmStateSize, diskSize, icount, extraData });
     off += total;
   }

@@ -20,7 +20,7 @@ import { featureTableExtension } from '../format/layout';
 import { encodeHeader, type HeaderExtension } from '../format/header';
 import { decodeL1Entry, decodeL2Entry } from '../format/l2';
 import { encodeSnapshotTable } from '../format/snapshot';
-import { maxRefcount } from '../format/refcount';
+import { maxRefcount, refcountBlockEntries } from '../format/refcount';
 import { CorruptImageError, UnsupportedFeatureError, UsageError } from '../errors';
 import { closeChain, openImageFile } from '../chain/open';
 import type { DiskImage, ImageFormat } from '../engine/image';
@@ -158,10 +158,20 @@ interface AmendPlan {
   toOrder: number;
   lazy: boolean;
   size: number | null;
+  /**
+   * The snapshots' sizes are checked against the size the downgrade meets only after the
+   * resize, as qemu-img does (it shrinks, then refuses the downgrade: iotest 061).
+   */
+  snapshotsAfterResize: boolean;
+}
+
+/** QEMU's qcow2_downgrade condition on internal snapshots, for an image of `size` bytes. */
+function snapshotsAllowDowngrade(img: Qcow2Writable, size: number): boolean {
+  return img.snapshots.every((s) => s.vmStateSize <= 0xffffffff && (s.diskSize ?? size) === size);
 }
 
 /** The checks QEMU makes along the way, all made up front. */
-async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan> {
+async function planAmend(img: Qcow2Writable, o: AmendOptions, qemu = false): Promise<AmendPlan> {
   const h = img.header;
   const fromVersion = h.version;
   const toVersion = o.version ?? fromVersion;
@@ -201,13 +211,13 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
     const versionAtResize = Math.max(fromVersion, toVersion);
     if (img.snapshots.length && versionAtResize < 3) throw new AmendError("Can't resize a v2 image which has snapshots");
   }
+  let snapshotsAfterResize = false;
   if (toVersion < fromVersion) {
     if (toOrder !== 4) throw new AmendError('compat=0.10 requires refcount_bits=16');
     if (img.parsed.dataFile) throw new AmendError('Cannot downgrade an image with a data file');
     const sizeAfter = size ?? img.virtualSize;
-    for (const s of img.snapshots) {
-      if (s.vmStateSize > 0xffffffff || (s.diskSize ?? sizeAfter) !== sizeAfter) throw new AmendError('Internal snapshots prevent downgrade of image');
-    }
+    snapshotsAfterResize = qemu && size !== null && size !== img.virtualSize;
+    if (!snapshotsAfterResize && !snapshotsAllowDowngrade(img, sizeAfter)) throw new AmendError('Internal snapshots prevent downgrade of image');
     const other = h.incompatibleFeatures & ~C.INCOMPAT_COMPRESSION & ~C.INCOMPAT_DIRTY;
     if (other) throw new AmendError(`Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);
     // A deliberate difference: QEMU downgrades and leaves the bitmaps in a v2 header, where
@@ -217,7 +227,7 @@ async function planAmend(img: Qcow2Writable, o: AmendOptions): Promise<AmendPlan
       throw new AmendError('Cannot downgrade an image with zstd compression type and existing compressed clusters');
     }
   }
-  return { fromVersion, toVersion, fromOrder, toOrder, lazy, size };
+  return { fromVersion, toVersion, fromOrder, toOrder, lazy, size, snapshotsAfterResize };
 }
 
 /** The L2 tables of the active L1 table. */
@@ -316,14 +326,101 @@ async function upgrade(img: Qcow2Writable, progress?: AmendProgress): Promise<vo
   progress?.status('upgrade', 2, 2);
 }
 
+/**
+ * The progress QEMU's qcow2_change_refcount_order reports, as `report(offset, work)`: it walks
+ * the old refcount table, reporting each entry, first to allocate the new structure's blocks
+ * and table (again until a walk allocates nothing: two walks, or more when the allocations
+ * themselves need new blocks), then once more to write them. Which walks there are follows
+ * QEMU's allocations, replayed here on which clusters are in use (QEMU's allocator takes the
+ * first free clusters from the start); only the reports are made.
+ */
+export function replayRefcountWalks(inUse: (cluster: number) => boolean, n: number, oldTable: Buffer, clusterBits: number, oldOrder: number, newOrder: number, report: (offset: number, work: number) => void): void {
+  const cs = 2 ** clusterBits;
+  const oldPer = refcountBlockEntries(clusterBits, oldOrder);
+  const newPer = refcountBlockEntries(clusterBits, newOrder);
+  const entries = oldTable.length / 8;
+  let used = new Uint8Array(n + 64);
+  for (let c = 0; c < n; c++) if (inUse(c)) used[c] = 1;
+  const present = new Set<number>();
+  for (let ri = 0; ri < entries; ri++) if (oldTable.readBigUInt64BE(ri * 8) & C.REFT_OFFSET_MASK) present.add(ri);
+  const get = (c: number) => c < used.length && used[c] === 1;
+  const set = (c: number, v: number) => {
+    if (c >= used.length) { const b = new Uint8Array(Math.max(c + 1, used.length * 2)); b.set(used); used = b; }
+    used[c] = v;
+  };
+  let freeIndex = 0;
+  const alloc = (k: number): number => {
+    let start = freeIndex;
+    for (let run = 0; run < k;) {
+      const c = freeIndex++;
+      if (get(c)) { run = 0; start = freeIndex; } else run++;
+    }
+    for (let c = start; c < start + k; c++) { set(c, 1); present.add(Math.floor(c / oldPer)); }
+    return start;
+  };
+  const newTable = new Set<number>();
+  let newSize = 0;
+  const walk = (index: number, total: number, allocate: boolean): boolean => {
+    let allocated = false;
+    let at = 0;
+    let filled = 0;
+    let empty = true;
+    const finish = () => {
+      if (allocate) {
+        if (at >= newSize) { newSize = Math.ceil((at + 1) / (cs / 8)) * (cs / 8); allocated = true; }
+        if (!empty && !newTable.has(at)) { newTable.add(at); alloc(1); allocated = true; }
+      }
+      at++;
+      filled = 0;
+      empty = true;
+    };
+    for (let ri = 0; ri < entries; ri++) {
+      report(index * entries + ri, total * entries);
+      if (present.has(ri)) {
+        for (let k = 0; k < oldPer; k++) {
+          if (get(ri * oldPer + k)) empty = false;
+          if (++filled >= newPer) finish();
+        }
+      } else {
+        // No block: every refcount is 0 there.
+        for (let left = oldPer; left > 0;) {
+          const step = Math.min(left, newPer - filled);
+          filled += step;
+          left -= step;
+          if (filled >= newPer) finish();
+        }
+      }
+    }
+    if (filled > 0) finish();
+    report((index + 1) * entries, total * entries);
+    return allocated;
+  };
+  let index = 0;
+  let table = -1;
+  let tableClusters = 0;
+  for (let again = true; again && index < 64;) {
+    again = walk(index, Math.max(index + 2, 3), true);
+    index++;
+    if (again) {
+      if (table >= 0) {
+        for (let c = table; c < table + tableClusters; c++) set(c, 0);
+        if (table < freeIndex) freeIndex = table;
+      }
+      tableClusters = Math.ceil((newSize * 8) / cs);
+      table = alloc(tableClusters);
+    }
+  }
+  walk(index, index + 1, false);
+}
+
 /** A new refcount structure of width 2^order, switched to with one header write. */
 async function changeRefcountOrder(img: Qcow2Writable, order: number, progress?: AmendProgress): Promise<void> {
-  progress?.status('refcount', 0, 1);
   await img.flush();
   const cs = img.geometry.clusterSize;
   const h = img.header;
   const sw = await MetadataSwitch.begin(img, img.refcounts);
   const n = Math.max(img.refcounts.allocEnd, Math.ceil((await img.file.size()) / cs));
+  if (progress) replayRefcountWalks((c) => sw.get(c) !== 0, n, img.refcounts.reftable, h.clusterBits, h.refcountOrder, order, (o, w) => progress.status('refcount', o, w));
   const old = new Set(img.refcounts.structureClusters());
   const counts = newRefArray(order, n + 64);
   const wasFree = new Uint8Array(n);
@@ -346,7 +443,6 @@ async function changeRefcountOrder(img: Qcow2Writable, order: number, progress?:
   const end = Math.max(n, lay.start + lay.clusters);
   img.refcounts = new Refcounts({ ...img.refcounts.hostInfo, refcountOrder: order }, Buffer.from(enc.table), enc.tableOffset, end * cs);
   img.noteAlloc();
-  progress?.status('refcount', 1, 1);
 }
 
 /** qcow2_expand_zero_clusters: no zero clusters left, in the active tables or a snapshot's. */
@@ -470,7 +566,11 @@ export async function isDirty(name: string): Promise<{ dirty: boolean; path: str
   }
 }
 
-export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void } = {}): Promise<void> {
+/**
+ * `qemu`: as qemu-img, an amend whose resize makes the snapshots' sizes refuse the downgrade
+ * resizes (a complete operation of its own), then refuses the downgrade.
+ */
+export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void; qemu?: boolean } = {}): Promise<void> {
   let img: DiskImage | null = null;
   // As QEMU's writable open: an image left dirty (lazy refcounts) has its refcounts repaired
   // first (`check -r all`, its report on stderr), then is amended.
@@ -480,7 +580,7 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
     img = await openImageFile(name, { format: opts.format, writable: true });
     if (!(img instanceof Qcow2Writable)) throw new AmendError(`Format driver '${img.format}' does not support option amendment`);
     const w = img;
-    const plan = await planAmend(w, o);
+    const plan = await planAmend(w, o, opts.qemu);
     throwIfCancelled(ctx);
     const lazyNow = (w.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
     // Lazy refcounts off before anything that a v2 header could not record (the dirty bit).
@@ -496,6 +596,7 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
       await w.flush();
     }
     if (o.dataFile !== undefined || (o.dataFileRaw === false && hasRawExternalData(w.header))) await setDataFile(w, o);
+    if (plan.snapshotsAfterResize && !snapshotsAllowDowngrade(w, w.virtualSize)) throw new AmendError('Internal snapshots prevent downgrade of image');
     if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx, progress);
   } finally {
     await closeChain(img);

@@ -33,7 +33,11 @@ export type JobSpec =
     op: 'mirror'; source: string; target: string; targetFormat?: Fmt; sync?: 'full' | 'top'; existing?: boolean;
     sourceFormat?: Fmt; options?: Record<string, string>; forceShare?: boolean;
   }
-  | { op: 'snapshot'; image: string; action: 'create' | 'apply' | 'delete'; name: string }
+  | {
+    op: 'snapshot'; image: string; action: 'create' | 'apply' | 'delete'; name: string;
+    /** Fail as qemu-img does (a create that overflows a refcount leaves its L1 copy behind). */
+    qemu?: boolean;
+  }
   | { op: 'resize'; image: string; size: number; shrink?: boolean; /** size is a delta (+N/-N) */ relative?: boolean; format?: Fmt; preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }
   | { op: 'check'; image: string; repair: 'leaks' | 'all'; format?: Fmt }
   | {

@@ -69,7 +69,7 @@ export async function runJob(ctx: JobContext, spec: JobSpec, opts: { force?: boo
       return done(`rebased ${basename(spec.image)}: ${bytes(r.bytesWritten)} written`, r.dataBytesWritten, [spec.image]);
     }
     case 'snapshot': {
-      await snapshotJob(spec.image, spec.action, spec.name, { force }, plan);
+      await snapshotJob(spec.image, spec.action, spec.name, { force, qemu: spec.qemu }, plan);
       return done(`snapshot '${spec.name}' ${spec.action === 'create' ? 'created' : spec.action === 'apply' ? 'applied' : 'deleted'}`, 0, [spec.image]);
     }
     case 'resize': {

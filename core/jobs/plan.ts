@@ -116,7 +116,7 @@ export async function planJob(spec: JobSpec, ctx: JobContext = {}): Promise<JobP
     case 'empty': return planEmpty(ctx, spec.image);
     case 'merge': return planMerge(ctx, spec.image, { folders: spec.folders });
     case 'rebase': return planRebase(ctx, spec.image, { backing: spec.backing, backingFormat: spec.backingFormat, backingFormatName: spec.backingFormatName, unsafe: spec.unsafe });
-    case 'snapshot': return planSnapshot(spec.image, spec.action, spec.name);
+    case 'snapshot': return planSnapshot(spec.image, spec.action, spec.name, { qemu: spec.qemu });
     case 'resize': return planResize(spec.image, { size: spec.size, shrink: spec.shrink, relative: spec.relative, format: spec.format, preallocation: spec.preallocation });
     case 'check': return planCheck(spec.image, { repair: spec.repair, format: spec.format });
     case 'create': return planCreate(await resolveCreate(spec.image, spec.format, createOptions(spec)));

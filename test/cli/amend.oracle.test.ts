@@ -199,4 +199,30 @@ describeOracle('strata amend (as qemu-img amend)', () => {
     expect(r.out).toContain('(12.50/100%)');
     expect(await sha256(ours)).toBe(await sha256(theirs));
   });
+
+  // QEMU's refcount width change walks the old refcount table two times to allocate, once more
+  // when those allocations need a block of their own (iotest 112: 66.67% then back to 50.00%),
+  // then once to write: each walk reports every table entry.
+  const widths: [string, string, string, string][] = [
+    ['an extra allocation walk (iotest 112)', 'cluster_size=512', '64k', `write 0 ${58 * 512}`],
+    ['16 to 64 bits, 4 KiB clusters', 'cluster_size=4k', '64M', 'write 0 5M'],
+    ['16 to 1 bit, 64 KiB clusters', 'cluster_size=64k', '1G', 'write 0 50M'],
+    ['64 to 2 bits, 512 B clusters', 'cluster_size=512,refcount_bits=64', '4M', 'write 0 1M'],
+  ];
+  for (const [name, opts, size, io] of widths) {
+    it(`-p of a refcount width change prints qemu-img's walks: ${name}`, async () => {
+      const theirs = t.path('w-q.qcow2');
+      const ours = t.path('w-s.qcow2');
+      const bits = name.match(/to (\d+) bit/)?.[1] ?? '64';
+      for (const f of [theirs, ours]) {
+        qemuImg('create', '-q', '-f', 'qcow2', '-o', opts, f, size);
+        qemuIo(f, [io]);
+      }
+      const q = qemuImgRun('amend', '-p', '-o', `refcount_bits=${bits}`, theirs);
+      const r = await strata('amend', '-p', '-o', `refcount_bits=${bits}`, ours);
+      expect(r.code).toBe(0);
+      expect(r.out).toBe(q.stdout);
+      if (name.includes('112')) expect(r.out).toContain('    (66.67/100%)\r    (50.00/100%)\r');
+    });
+  }
 });

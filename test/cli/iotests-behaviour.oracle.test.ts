@@ -354,6 +354,28 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
         });
       }
     }
+
+    it('amend -o compat=0.10,size=32M that the snapshots\' sizes refuse: as qemu-img, shrinks, then refuses the downgrade; as strata, refuses before writing', async () => {
+      const q = t.path('shrink-down-q.qcow2');
+      const s = t.path('shrink-down-s.qcow2');
+      const own = t.path('shrink-down-own.qcow2');
+      for (const f of [q, s, own]) make(f);
+      const args = (f: string) => ['amend', '-o', 'compat=0.10,size=32M', f];
+      const rq = qemuImgRun(...args(q));
+      const rs = await asQemuImg(...args(s));
+      expect(rq.stderr).toBe('qemu-img: Internal snapshots prevent downgrade of image\n');
+      expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
+      const info = (f: string) => { const j = JSON.parse(qemuImg('info', '--output=json', f)); return [j['virtual-size'], j['format-specific'].data.compat]; };
+      expect(info(s)).toEqual([32 * 1024 * 1024, '1.1']);
+      expect(info(s)).toEqual(info(q));
+      expect(qemuImgRun('check', s).status).toBe(0);
+      for (const snap of [undefined, 'foo', 'bar']) expect(raw(s, snap).equals(raw(q, snap))).toBe(true);
+      const before = readFileSync(own);
+      const r = await strata(...args(own));
+      expect(r.code).not.toBe(0);
+      expect(r.err).toMatch(/^strata: .*Internal snapshots prevent downgrade of image\n$/);
+      expect(readFileSync(own).equals(before)).toBe(true);
+    });
   });
 
   it('amend -o compat=0.10 over a snapshot whose L1 table points to an unaligned L2 table: refused in one line, nothing changed (iotest 080)', async () => {
@@ -373,7 +395,43 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
     expect(readFileSync(f).equals(b)).toBe(true);
   });
 
-  describe('snapshot -c where a refcount would overflow: qemu-img\'s message; refused before writing, so nothing leaks (iotest 112)', () => {
+  describe('a snapshot whose L1 table is unaligned or too large: each command fails in qemu-img\'s words where it loads that table (iotest 080)', () => {
+    const pokes: [string, number, string][] = [
+      ['an unaligned L1 table offset', 0, '0000000000400200'],
+      ['an L1 table too large', 8, '10000000'],
+    ];
+    for (const [name, field, hex] of pokes) {
+      it(name, async () => {
+        const make = (f: string) => {
+          qemuImg('create', '-q', '-f', 'qcow2', f, '64M');
+          qemuIo(f, ['write 0 512']);
+          qemuImg('snapshot', '-c', 'test', f);
+          const b = readFileSync(f);
+          Buffer.from(hex, 'hex').copy(b, Number(b.readBigUInt64BE(64)) + field);
+          writeFileSync(f, b);
+        };
+        const q = t.path('bad-l1-q.qcow2');
+        const s = t.path('bad-l1-s.qcow2');
+        make(q);
+        make(s);
+        const commands = (f: string) => [['convert', '-l', 'test', f, `${f}.snap`], ['amend', '-o', 'compat=0.10', f], ['snapshot', '-a', 'test', f], ['snapshot', '-d', 'test', f]];
+        const theirs = commands(q).map((a) => qemuImgRun(...a));
+        const ours: string[] = [];
+        for (const a of commands(s)) {
+          const r = await asQemuImg(...a);
+          ours.push(`${r.code} ${r.err}`);
+        }
+        expect(ours).toEqual(theirs.map((r) => `${r.status} ${r.stderr}`));
+        expect(ours[0]).toMatch(/Failed to load snapshot: Snapshot L1 table/);
+        // Started as strata: refused in one line naming the file.
+        const r = await strata('snapshot', '-a', 'test', s);
+        expect(r.code).not.toBe(0);
+        expect(r.err).toMatch(new RegExp(`^strata: ${s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: snapshot 1 L1 table .*\n$`));
+      });
+    }
+  });
+
+  describe('snapshot -c where a refcount would overflow: under the name qemu-img, its message and the L1 copy it leaks; under strata\'s, refused before writing (iotest 112)', () => {
     const cases: [string, string, (f: string) => void][] = [
       ['refcount_bits=1', 'refcount_bits=1', () => {}],
       ['refcount_bits=2, a fourth reference', 'refcount_bits=2', (f) => { qemuImg('snapshot', '-c', 'foo', f); qemuImg('snapshot', '-c', 'bar', f); }],
@@ -394,14 +452,19 @@ describeOracleText('iotests: behaviour as qemu-img', () => {
         qemuIo(q, ['write 0 512']);
         prepare(q);
         copyFileSync(q, s);
-        const before = readFileSync(s);
+        const own = t.path('rc-snap-own.qcow2');
+        copyFileSync(q, own);
         const rq = qemuImgRun('snapshot', '-c', 'baz', q);
         const rs = await asQemuImg('snapshot', '-c', 'baz', s);
         expect(rq.stderr).toBe("qemu-img: Could not create snapshot 'baz': -22 (Invalid argument)\n");
         expect([rs.code, rs.out, rs.err]).toEqual([rq.status, rq.stdout, rq.stderr]);
-        // qemu-img leaks the new L1 table's cluster; Strata refuses before writing anything.
-        expect(readFileSync(s).equals(before)).toBe(true);
-        const r = await strata('snapshot', '-c', 'baz', s);
+        // qemu-img leaks the new L1 table's cluster, and so does the drop-in: the same file.
+        expect(readFileSync(s).equals(readFileSync(q))).toBe(true);
+        expect(qemuImgRun('check', s).stdout).toBe(qemuImgRun('check', q).stdout);
+        // Started as strata, it refuses before writing anything.
+        const before = readFileSync(own);
+        const r = await strata('snapshot', '-c', 'baz', own);
+        expect(readFileSync(own).equals(before)).toBe(true);
         expect(r.code).not.toBe(0);
         expect(r.err).toMatch(/^strata: .*(refcounts wider than 1 bit|would overflow)/);
       });

@@ -216,6 +216,14 @@ describeOracle('plans: a dry run writes nothing, and the run does what it says',
           }
           // Emptying an overlay needs its few clusters only for a moment (the file then shrinks).
           if (grew < 0) { expect(f.needed, name).toBeLessThanOrEqual(4 * CS); continue; }
+          // snapshot -c needs room for a moment for its interim copies of the active tables and
+          // a refcount structure, cut off the file at the end: the plan counts them.
+          if (c.name === 'snapshot -c') {
+            expect(grew, name).toBeLessThanOrEqual(f.needed);
+            expect(f.needed, `${name}: grew ${grew}, plan ${f.needed}`).toBeLessThanOrEqual(grew + 8 * CS);
+            lines.push(`${c.name} ${name}: grew ${grew}, plan (with the interim copies) ${f.needed}`);
+            continue;
+          }
           expect(Math.abs(grew - f.needed), `${name}: grew ${grew}, plan ${f.needed}`).toBeLessThanOrEqual(CS + 4096);
           lines.push(`${c.name} ${name}: grew ${grew}, plan ${f.needed}; bytes plan ${plan.bytesToCopy} run ${r.bytesWritten}`);
         }
