@@ -15,6 +15,14 @@ export function needsNoVm(script) {
  * One line of `./check -tap`: { test, status } with status 'pass', 'fail' or 'not run', or null
  * for any other line (diagnostics, the plan).
  */
+/**
+ * The results on one line of `./check -j N -tap` output: its workers share stdout, and one's line
+ * can run into the next one's ("ok qcow2 292ok qcow2 270"); each is taken.
+ */
+export function parseTapLines(line) {
+  return line.replace(/(\S)((?:not )?ok qcow2 )/g, '$1\n$2').split('\n').map(parseTapLine).filter(Boolean);
+}
+
 export function parseTapLine(line) {
   const m = /^(ok|not ok) \S+ (\S+)( # SKIP)?/.exec(line);
   if (!m) return null;

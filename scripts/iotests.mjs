@@ -20,7 +20,7 @@ import { createHash } from 'node:crypto';
 import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { needsNoVm, parseTapLine, report } from './iotests-lib.mjs';
+import { needsNoVm, parseTapLines, report } from './iotests-lib.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const knownFile = join(root, 'test', 'iotests', 'known.json');
@@ -146,10 +146,10 @@ function runCheck(iotests, tests, { label, qemuImg, stub, scratch, jobs }) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
         log += line + '\n';
-        const r = parseTapLine(line);
-        if (!r) continue;
-        results.set(r.test, r.status);
-        process.stderr.write(`  ${label} ${r.test.padEnd(24)} ${r.status}\n`);
+        for (const r of parseTapLines(line)) {
+          results.set(r.test, r.status);
+          process.stderr.write(`  ${label} ${r.test.padEnd(24)} ${r.status}\n`);
+        }
       }
     });
     p.stderr.on('data', (d) => { log += d; });

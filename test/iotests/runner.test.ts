@@ -3,7 +3,7 @@
 // source package and is not part of npm test.
 import { describe, expect, it } from 'vitest';
 // @ts-expect-error plain JavaScript module without types
-import { needsNoVm, parseTapLine, report } from '../../scripts/iotests-lib.mjs';
+import { needsNoVm, parseTapLine, parseTapLines, report } from '../../scripts/iotests-lib.mjs';
 
 describe('iotests runner', () => {
   it('reads the TAP lines of ./check -tap', () => {
@@ -11,6 +11,9 @@ describe('iotests runner', () => {
     expect(parseTapLine('not ok qcow2 122')).toEqual({ test: '122', status: 'fail' });
     expect(parseTapLine('ok qcow2 copy-offloading # SKIP not suitable')).toEqual({ test: 'copy-offloading', status: 'not run' });
     expect(parseTapLine('# diff output')).toBeNull();
+    // Two workers' lines run together (seen in a -j 2 run): both results are taken.
+    expect(parseTapLines('ok qcow2 292ok qcow2 270')).toEqual([{ test: '292', status: 'pass' }, { test: '270', status: 'pass' }]);
+    expect(parseTapLines('not ok qcow2 080ok qcow2 copy-offloading # SKIP not ok here')).toEqual([{ test: '080', status: 'fail' }, { test: 'copy-offloading', status: 'not run' }]);
     expect(parseTapLine('TAP version 13')).toBeNull();
   });
 

@@ -63,14 +63,30 @@ export function describeOracleText(name: string, fn: () => void): void {
   });
 }
 
+/**
+ * QEMU's LUKS code times PBKDF2 by the thread's CPU time and gives up when a round measured
+ * 0 ms ("Unable to get accurate CPU usage"), which a busy machine's tick-based accounting can
+ * report: such a run of qemu-img (it wrote nothing) is run again, a few times at most.
+ */
+const CPU_USAGE_FLAKE = /Unable to get accurate CPU usage/;
+
 export function qemuImg(...args: string[]): string {
-  return execFileSync('qemu-img', args, { encoding: 'utf8', maxBuffer: 256 << 20 });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return execFileSync('qemu-img', args, { encoding: 'utf8', maxBuffer: 256 << 20, stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (err) {
+      if (attempt === 5 || !CPU_USAGE_FLAKE.test(String((err as { stderr?: string }).stderr ?? ''))) throw err;
+    }
+  }
 }
 
 /** Runs qemu-img and returns status, stdout and stderr without throwing. */
 export function qemuImgRun(...args: string[]): { status: number; stdout: string; stderr: string } {
-  const r = spawnSync('qemu-img', args, { encoding: 'utf8', maxBuffer: 256 << 20 });
-  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  for (let attempt = 1; ; attempt++) {
+    const r = spawnSync('qemu-img', args, { encoding: 'utf8', maxBuffer: 256 << 20 });
+    if (attempt < 5 && r.status !== 0 && CPU_USAGE_FLAKE.test(r.stderr)) continue;
+    return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  }
 }
 
 /** Runs qemu-io commands against an image (read-write). */
