@@ -407,7 +407,7 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?
         let block = zeros;
         if (img.encrypted) {
           block = Buffer.alloc(cs);
-          img.cipher!.encrypt(block, (i * (cs / 8) + j) * cs);
+          img.cipher!.encrypt(block, img.cryptOffset((i * (cs / 8) + j) * cs, offset));
         }
         await img.file.write(block, offset);
         const entry = BigInt(offset) | (l2Refcount === 1 ? C.QCOW_OFLAG_COPIED : 0n);
