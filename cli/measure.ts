@@ -39,6 +39,7 @@ export async function measureCommand(args: string[], io: CommandIO, signal: Abor
       hasBacking: o.backingFile !== undefined,
       preallocation: prealloc,
       version: o.compat === '0.10' ? 2 : 3,
+      ...(o.encryptFormat === 'luks' ? { luks: o.luks ?? {} } : {}),
     }, src, values.size !== undefined ? parseSize(str(values.size)!) : undefined);
     if (fmt === 'json') {
       io.out(JSON.stringify(r, null, 4) + '\n');
