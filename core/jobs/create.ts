@@ -667,6 +667,9 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     if (data) { await data.out.truncate(0); data.emptied = true; }
     if (!spec || !alloc) {
       await out.truncate(r.size);
+      // QEMU's file driver, growing an empty file, writes its first block (zeros) to speed up
+      // its alignment probing later: the same blocks on disk (and what measure then counts).
+      if (r.size > 0 && r.preallocation !== 'falloc' && r.preallocation !== 'full') await out.write(Buffer.alloc(Math.min(r.size, r.size < 4096 ? 512 : 4096)), 0);
       if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(out, r.size, r.preallocation);
     } else {
       const cs = alloc.cs;
