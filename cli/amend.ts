@@ -44,7 +44,7 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   };
   if (show) print(0);
   try {
-    await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined });
+    await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, force: !!values.force });
     if (show) print(100);
   } finally {
     if (show) io.out('\n');

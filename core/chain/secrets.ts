@@ -121,3 +121,8 @@ export function luksAreaForCreate(id: string | undefined, path: string, o: LuksC
   if (s === undefined) throw new UsageError(`${path}: no secret with id '${printable(id)}' (give it with --object secret,id=${printable(id)},data=...)`).asQemu(`${path}: No secret with id '${id}'`);
   return createLuks(o, s).area;
 }
+
+/** The bytes of the secret `id`, or undefined when none was given. */
+export function lookupSecret(id: string): Buffer | undefined {
+  return secrets.get(id);
+}

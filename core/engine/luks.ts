@@ -396,3 +396,96 @@ export function luksInfo(h: LuksHeader): Record<string, unknown> {
       : { active: false, 'key-offset': s.keyOffsetSector * LUKS_SECTOR })),
   });
 }
+
+// ---- amending key slots (qemu-img amend -o encrypt.state=...) ----
+
+export interface LuksAmendOptions {
+  state: 'active' | 'inactive';
+  keyslot?: number;
+  newSecret?: string;
+  oldSecret?: string;
+  iterTime?: number;
+}
+
+/** The LUKS area of an open image, read and written in place. */
+export interface LuksArea {
+  read(offset: number, length: number): Promise<Buffer>;
+  write(data: Buffer, offset: number): Promise<void>;
+}
+
+/** Whether `password` opens slot `i` (QEMU's load_key on one slot). */
+async function slotMatches(h: LuksHeader, i: number, password: Buffer, area: LuksArea): Promise<boolean> {
+  const s = h.slots[i]!;
+  if (!s.active) return false;
+  return (await trySlot(h, headerCipherSpec(h), s, password, (o, l) => area.read(o, l))) !== null;
+}
+
+/**
+ * QEMU's LUKS amend: state=active stores the master key (unlocked by `unlockWith`) under
+ * new-secret in the given or first free slot; state=inactive erases the given slot, or every
+ * slot old-secret opens. Refusals are LuksError with QEMU's words, before anything is written.
+ * `secret(id)` looks a secret up (undefined: no such secret).
+ */
+export async function amendLuksKeyslots(area: LuksArea, o: LuksAmendOptions, force: boolean, unlockWith: Buffer,
+  secret: (id: string) => Buffer | undefined): Promise<void> {
+  const h = decodeLuksHeader(await area.read(0, HEADER_LEN));
+  const lookup = (id: string) => {
+    const s = secret(id);
+    if (s === undefined) throw new LuksError(`No secret with id '${id}'`);
+    return s;
+  };
+  const active = () => h.slots.filter((s) => s.active).length;
+  const checkSlot = (k: number) => {
+    if (!Number.isInteger(k) || k < 0 || k >= NUM_SLOTS) throw new LuksError(`Invalid keyslot ${k} specified, must be between 0 and ${NUM_SLOTS - 1}`);
+  };
+  if (o.state === 'active') {
+    if (o.newSecret === undefined) throw new LuksError("'new-secret' is required to activate a keyslot");
+    if (o.oldSecret !== undefined) throw new LuksError("'old-secret' must not be given when activating keyslots");
+    let k: number;
+    if (o.keyslot !== undefined) {
+      checkSlot(o.keyslot);
+      k = o.keyslot;
+    } else {
+      k = h.slots.findIndex((s) => !s.active);
+      if (k < 0) throw new LuksError("Can't add a keyslot - all keyslots are in use");
+    }
+    if (!force && h.slots[k]!.active) throw new LuksError(`Refusing to overwrite active keyslot ${k} - please erase it first`);
+    const unlocked = await unlockLuks(h, unlockWith, (off, len) => area.read(off, len));
+    if (!unlocked) throw new LuksError('Invalid password, cannot unlock any keyslot');
+    const password = lookup(o.newSecret);
+    const material = Buffer.alloc(materialLength(h.masterKeyLen, h.slots[k]!.stripes));
+    const view = Buffer.alloc(h.slots[k]!.keyOffsetSector * LUKS_SECTOR + material.length);
+    storeKey(h, view, k, password, unlocked.key, o.iterTime ?? 2000);
+    // The key material first, then the header that makes the slot active.
+    await area.write(view.subarray(h.slots[k]!.keyOffsetSector * LUKS_SECTOR), h.slots[k]!.keyOffsetSector * LUKS_SECTOR);
+    await area.write(encodeLuksHeader(h), 0);
+    return;
+  }
+  if (o.newSecret !== undefined) throw new LuksError("'new-secret' must not be given when erasing keyslots");
+  if (o.iterTime !== undefined) throw new LuksError("'iter-time' must not be given when erasing keyslots");
+  const old = o.oldSecret !== undefined ? lookup(o.oldSecret) : undefined;
+  let erase: number[];
+  if (o.keyslot !== undefined) {
+    checkSlot(o.keyslot);
+    if (old && !(await slotMatches(h, o.keyslot, old, area))) throw new LuksError(`Given keyslot ${o.keyslot} doesn't contain the given old password for erase operation`);
+    if (!force && !h.slots[o.keyslot]!.active) throw new LuksError(`Given keyslot ${o.keyslot} is already erased (inactive) `);
+    if (!force && active() === 1) throw new LuksError(`Attempt to erase the only active keyslot ${o.keyslot} which will erase all the data in the image irreversibly - refusing operation`);
+    erase = [o.keyslot];
+  } else if (old) {
+    erase = [];
+    for (let i = 0; i < NUM_SLOTS; i++) if (await slotMatches(h, i, old, area)) erase.push(i);
+    if (!erase.length) throw new LuksError('No keyslots match given (old) password for erase operation');
+    if (!force && erase.length === active()) throw new LuksError('All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation');
+  } else {
+    throw new LuksError('To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given');
+  }
+  for (const i of erase) {
+    const s = h.slots[i]!;
+    s.active = false;
+    s.iterations = 0;
+    s.salt = Buffer.alloc(SALT_LEN);
+    // The header first (the slot no longer counts), then the material overwritten with noise.
+    await area.write(encodeLuksHeader(h), 0);
+    await area.write(randomBytes(materialLength(h.masterKeyLen, s.stripes)), s.keyOffsetSector * LUKS_SECTOR);
+  }
+}

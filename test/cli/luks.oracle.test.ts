@@ -191,4 +191,39 @@ describeOracle('LUKS-encrypted qcow2 (as qemu-img)', () => {
     expect(qemuRaw(opts(top, 'sec1', enc), t.path('after.raw'), [OBJ, OBJ1])).toStrictEqual(want);
     expect(qemuImgRun('check', '--object', OBJ, '--object', OBJ1, '--image-opts', opts(top, 'sec1', enc)).status).toBe(0);
   });
+
+  it('amend adds and erases key slots as qemu-img does, and refuses what it refuses with nothing written', async () => {
+    const f = t.path('slots.qcow2');
+    qemuCreate('-q', '-f', 'qcow2', '--object', OBJ, '-o', LUKS, f, '1M');
+    qemuIo(opts(f), ['write -P 0x3c 0 64k']);
+    const objs = ['--object', OBJ, '--object', OBJ1];
+    const slots = () => (JSON.parse(qemuImg('info', '--output=json', f))['format-specific'].data.encrypt.slots as Array<{ active: boolean }>).map((x) => x.active);
+    const add = await strata('amend', ...objs, '--image-opts', opts(f), '-o', 'encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10,encrypt.keyslot=3');
+    expect(add.err).toBe('');
+    expect(add.code).toBe(0);
+    expect(slots()).toStrictEqual([true, false, false, true, false, false, false, false]);
+    // QEMU opens it with the new key and reads the data.
+    expect(qemuIo(opts(f, 'sec1'), ['read -P 0x3c 0 64k'], [OBJ1])).not.toMatch(/fail/i);
+    const before = await sha256(f);
+    for (const [o, msg] of [
+      ['encrypt.state=active,encrypt.new-secret=sec0,encrypt.keyslot=3', /Refusing to overwrite active keyslot 3/],
+      ['encrypt.state=inactive,encrypt.keyslot=5', /keyslot 5 is already erased/],
+      ['encrypt.state=inactive,encrypt.old-secret=sec9', /No secret with id 'sec9'/],
+      ['encrypt.state=inactive', /either explicit keyslot index or the password/],
+    ] as const) {
+      const r = await strata('amend', ...objs, '--image-opts', opts(f), '-o', o);
+      expect(r.code).not.toBe(0);
+      expect(r.err.trim().split('\n')).toHaveLength(1);
+      expect(r.err).toMatch(msg);
+    }
+    expect(await sha256(f)).toBe(before);
+    // Erasing the first key by its password leaves the second one.
+    const del = await strata('amend', ...objs, '--image-opts', opts(f, 'sec1'), '-o', 'encrypt.state=inactive,encrypt.old-secret=sec0');
+    expect(del.code).toBe(0);
+    expect(slots()).toStrictEqual([false, false, false, true, false, false, false, false]);
+    expect(qemuImgRun('check', '--object', OBJ, '--image-opts', opts(f)).stderr).toMatch(/Invalid password, cannot unlock any keyslot/);
+    const last = await strata('amend', ...objs, '--image-opts', opts(f, 'sec1'), '-o', 'encrypt.state=inactive,encrypt.keyslot=3');
+    expect(last.err).toMatch(/only active keyslot 3/);
+    expect(qemuRaw(opts(f, 'sec1'), t.path('slots.raw'), [OBJ1]).subarray(0, 65536).every((b) => b === 0x3c)).toBe(true);
+  });
 });
