@@ -46,7 +46,7 @@ export async function amendCommand(args: string[], io: CommandIO, signal: AbortS
   if (show) print(0);
   try {
     try {
-      await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, qemu: asQemu(io) });
+      await amend({ signal, log: (l) => io.err(`${l}\n`) }, imageArg(positionals[0]!, values), opts, { format: parseFormat(str(values.format)), percent: show ? print : undefined, qemu: asQemu(io), force: !!values.force });
     } catch (err) {
       // A downgrade expands the zero clusters of every snapshot, loading each one's table:
       // qemu-img fails there (iotest 080).

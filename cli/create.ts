@@ -1,4 +1,5 @@
 import { StrataError, UsageError } from '../core/errors';
+import { createLuksImage } from '../core/jobs/create';
 import {
   CREATE_OPTIONS_HELP, REPORTED_AFTER_FORMATTING, createPlanned, formattingLine, isOptionsHelp, parseCreateOptions, planCreate, resolveCreate,
   type CreateFormat, type CreateOptions,
@@ -7,7 +8,7 @@ import { asQemu, parse, parseSize, str, type CommandIO } from './common';
 import { progressPrinter } from './progress';
 import { PLAN_OPTIONS, printPlan } from './plan-output';
 
-const USAGE = 'strata create [-q] [-p] -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT] [-u] [--dry-run [--output=human|json]] [--force] FILE [SIZE]';
+const USAGE = 'strata create [-q] [-p] -f qcow2|raw|luks [-o OPTIONS] [-b BACKING -F FMT] [-u] [--dry-run [--output=human|json]] [--force] FILE [SIZE]';
 
 export async function createCommand(args: string[], io: CommandIO, signal: AbortSignal): Promise<number> {
   const { values, positionals } = parse(args, {
@@ -24,6 +25,7 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   const o = ((values.options as string[] | undefined) ?? []).join(',');
   if (isOptionsHelp(o)) { io.out(CREATE_OPTIONS_HELP); return 0; }
   const format = str(values.format) ?? 'raw';
+  if (format === 'luks') return createLuksCommand(positionals, o, !!values.quiet, io);
   if (format !== 'qcow2' && format !== 'raw') throw new UsageError(`unknown format '${format}' (supported: qcow2, raw)\nusage: ${USAGE}`);
   if (positionals.length < 1) throw new UsageError(`missing FILE\nusage: ${USAGE}`);
   if (positionals.length > 2) throw new UsageError(`unexpected argument '${positionals[2]}'\nusage: ${USAGE}`);
@@ -68,5 +70,19 @@ export async function createCommand(args: string[], io: CommandIO, signal: Abort
   // for qemu-img's behaviour (iotests 024, 043, 097, 154).
   await createPlanned(resolved, { signal, progress: bar.onProgress }, { force: !!values.force || asQemu(io) });
   bar.end();
+  return 0;
+}
+
+/**
+ * qemu-img create -f luks: a raw LUKS volume (the LUKS header and key material, then the
+ * encrypted disk). Its options are LUKS's own, without the encrypt. prefix qcow2 gives them.
+ */
+async function createLuksCommand(positionals: string[], o: string, quiet: boolean, io: CommandIO): Promise<number> {
+  if (positionals.length !== 2) throw new UsageError(`create -f luks needs FILE and SIZE\nusage: ${USAGE}`);
+  const [file, sizeArg] = positionals as [string, string];
+  const size = parseSize(sizeArg);
+  const given = o === '' ? [] : o.split(',');
+  if (!quiet) io.out(`Formatting '${file}', fmt=luks size=${size}${given.map((g) => ` ${g}`).join('')}\n`);
+  await createLuksImage(file, size, o);
   return 0;
 }

@@ -1,5 +1,6 @@
 import { formatInfoHuman, imageInfo, type ImageInfo } from '../core/chain/info';
 import { openImage, openImageFile, closeChain, chainOf, parseFormat } from '../core/chain/open';
+import { parseImageName } from '../core/chain/names';
 import { outputFormat, parse, needPositionals, qapiJson, str, type CommandIO, imageArg, IMAGE_OPTS } from './common';
 
 const USAGE = 'strata info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE';
@@ -22,6 +23,13 @@ export async function infoCommand(args: string[], io: CommandIO): Promise<number
   try {
     const infos: ImageInfo[] = [];
     for (const img of chain ? chainOf(top) : [top]) infos.push(await imageInfo(img));
+    // As qemu-img: a key secret given with the image's options is one its plain file name
+    // cannot carry, so the image is named by a json: name.
+    const name = parseImageName(imageArg(positionals[0]!, values));
+    const key = name.kind === 'file' ? name.keySecrets?.[0] : undefined;
+    if (key !== undefined && name.kind === 'file') {
+      infos[0]!.filename = `json:${JSON.stringify({ 'encrypt.key-secret': key, driver: top.format, file: { driver: 'file', filename: name.path } })}`;
+    }
     if (fmt === 'json') {
       io.out(qapiJson(chain ? infos : infos[0]) + '\n');
     } else {

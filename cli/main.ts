@@ -52,8 +52,8 @@ Commands (options follow qemu-img):
   tree [--output=human|json] PATH...   (every image under the folders as chains, with problems and fixes)
   --image-opts  (info, map, check, compare, convert, snapshot, measure, resize, commit, rebase, amend,
                 bitmap, dd) FILE is an option string: driver=qcow2,file.filename=x.qcow2
-  --object secret,id=ID,data=SECRET   (also file=PATH, format=base64) a key for AES-encrypted qcow2
-                images: name it with encrypt.key-secret=ID (create -o, --image-opts, json:)
+  --object secret,id=ID,data=SECRET   (also file=PATH, format=base64) a key for encrypted qcow2
+                images (LUKS, AES): name it with encrypt.key-secret=ID (create -o, --image-opts, json:)
   serve [--port N] [--folder DIR]... [--demo]   (the app in a browser on 127.0.0.1)
 
 Every writing command (create, convert, compact, rebase, commit, empty, merge, resize, mirror,

@@ -1,4 +1,6 @@
 // `info`: what qemu-img info reports, with its JSON field names and its human layout.
+import { decodeLuksHeader, LUKS_HEADER_LEN, LuksError, luksInfo } from '../engine/luks';
+import { CorruptImageError } from '../errors';
 import * as C from '../format/constants';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps';
 import type { DiskImage } from '../engine/image';
@@ -73,7 +75,7 @@ export async function imageInfo(img: DiskImage): Promise<ImageInfo> {
       if (bitmaps) data.bitmaps = bitmaps;
     }
     data['refcount-bits'] = 2 ** h.refcountOrder;
-    if (img.encrypted) data.encrypt = { format: 'aes' };
+    if (img.encrypted) data.encrypt = img.header.cryptMethod === C.CRYPT_LUKS ? await luksEncryptInfo(img) : { format: 'aes' };
     if (img.geometry.externalData) {
       // As qemu-img: the name the image records (none once cleared), and the raw flag.
       if (img.parsed.dataFile) data['data-file'] = img.parsed.dataFile;
@@ -155,4 +157,19 @@ function dumpValue(v: unknown, indent: number): string {
     else s += `${pad}${key}: ${String(val)}\n`;
   }
   return s;
+}
+
+/** A LUKS image's encrypt block, read from its LUKS header (no key needed). */
+async function luksEncryptInfo(img: Qcow2Image): Promise<Record<string, unknown>> {
+  const area = img.parsed.cryptoHeader;
+  const buf = Buffer.alloc(LUKS_HEADER_LEN);
+  if (!area || area.length < buf.length || (await img.file.read(buf, area.offset)) < buf.length) {
+    throw new CorruptImageError('the LUKS header is missing or cut short', img.filename);
+  }
+  try {
+    return luksInfo(decodeLuksHeader(buf));
+  } catch (err) {
+    if (err instanceof LuksError) throw new CorruptImageError(`LUKS header: ${err.message}`, img.filename).asQemu(`Could not open '${img.filename}': ${err.message}`);
+    throw err;
+  }
 }

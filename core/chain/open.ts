@@ -1,6 +1,6 @@
 // Opening images and their backing chains: format probing, backing names resolved the way
 // QEMU does, loops and depth bounded, missing files named together with who wants them.
-import { FormatError, NotFoundError, SameFileError, UnsupportedFeatureError, UsageError, printable } from '../errors';
+import { CorruptImageError, FormatError, NotFoundError, SameFileError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { identityOf, sameFile, type FileIdentity } from '../io/identity';
 import { isQcow2Magic } from '../format/header';
 import type { BlockFile } from '../io/block-file';
@@ -16,8 +16,9 @@ import { parseNbdName } from './nbd-name';
 import { openNbdImage } from './nbd-open';
 import type { TestDriverName } from './test-drivers';
 import { BlkdebugFile, NullFile, QuorumFile, blkdebugRules } from '../io/blkdebug';
-import { aesCipherFor } from './secrets';
-import type { AesCipher } from '../engine/aes';
+import { aesCipherFor, secretFor } from './secrets';
+import type { SectorCipher } from '../engine/qcow2';
+import { decodeLuksHeader, headerCipherSpec, LUKS_HEADER_LEN, LuksCipher, LuksError, unlockLuks } from '../engine/luks';
 import * as C from '../format/constants';
 
 /** Deeper chains than this are refused: they are almost surely a loop through distinct names. */
@@ -145,7 +146,7 @@ export async function openImageFile(name: string, opts: {
     }
     const img = opts.writable ? await Qcow2Writable.openWritable(filename, f) : await Qcow2Image.open(filename, f);
     // A refusal here has written nothing; the image file is closed below.
-    setUpEncryption(img, parsed.keySecrets?.[0] ?? opts.keySecret, parsed.encryptFormat, opts.dataFile === 'skip' || !!opts.noKey);
+    await setUpEncryption(img, parsed.keySecrets?.[0] ?? opts.keySecret, parsed.encryptFormat, opts.dataFile === 'skip' || !!opts.noKey);
     // On a failure it has closed what it opened; the image file is closed below.
     await openDataFile(img, parsed.kind === 'file' ? parsed.dataFile : undefined, opts);
     return withTestName(img, parsed.test);
@@ -193,20 +194,24 @@ function withTestName<T extends DiskImage>(img: T, test: TestDriverName | undefi
 }
 
 /**
- * QEMU's qcow2 encryption set-up at open: an AES image gets its cipher from the secret named
- * by `encrypt.key-secret`; without one it is refused, unless it is opened without I/O (info).
- * `encrypt.format`, when given, must match the header.
+ * QEMU's qcow2 encryption set-up at open: an encrypted image gets its cipher from the secret
+ * named by `encrypt.key-secret` (a LUKS image's master key unlocked with it); without one it is
+ * refused, unless it is opened without I/O (info). `encrypt.format`, when given, must match the
+ * header.
  */
-function setUpEncryption(img: Qcow2Image, keySecret: string | undefined, format: string | undefined, noIo: boolean): void {
-  const c = imageCipher(img.filename, img.header.cryptMethod, keySecret, format, noIo);
+async function setUpEncryption(img: Qcow2Image, keySecret: string | undefined, format: string | undefined, noIo: boolean): Promise<void> {
+  const c = await imageCipher(img.filename, img.header.cryptMethod, keySecret, format, noIo, img.parsed.cryptoHeader ? { area: img.parsed.cryptoHeader, file: img.file } : undefined);
   if (c) img.attachCipher(c);
 }
 
 /**
  * The cipher for an image whose header has crypt method `method` (see setUpEncryption); null
- * when it is not encrypted, or opened without I/O. Throws qemu-img's refusals.
+ * when it is not encrypted, or opened without I/O. `luks`: where a LUKS image's header lies
+ * (the full disk encryption header extension) and the file to read it from. Throws
+ * qemu-img's refusals.
  */
-export function imageCipher(image: string, method: number, keySecret: string | undefined, format: string | undefined, noIo = false): AesCipher | null {
+export async function imageCipher(image: string, method: number, keySecret: string | undefined, format: string | undefined, noIo = false,
+  luks?: { area: { offset: number; length: number }; file: BlockFile }): Promise<SectorCipher | null> {
   if (method === C.CRYPT_NONE) {
     if (format !== undefined) {
       throw new UsageError(`${printable(image)}: encrypt.format=${printable(format)} was given, but the image is not encrypted`)
@@ -214,18 +219,52 @@ export function imageCipher(image: string, method: number, keySecret: string | u
     }
     return null;
   }
-  if (method !== C.CRYPT_AES) {
-    throw new UnsupportedFeatureError(`encrypted images (${method === C.CRYPT_LUKS ? 'LUKS' : `method ${method}`}) are not supported`, image);
+  if (method !== C.CRYPT_AES && method !== C.CRYPT_LUKS) {
+    throw new UnsupportedFeatureError(`encrypted images (method ${method}) are not supported`, image);
   }
-  if (format !== undefined && format !== 'aes') {
-    throw new UsageError(`${printable(image)}: the image is encrypted with AES, but encrypt.format=${printable(format)} was given`)
-      .asQemu(`Could not open '${image}': Header reported 'aes' encryption format but options specify '${format}'`);
+  const name = method === C.CRYPT_AES ? 'aes' : 'luks';
+  if (format !== undefined && format !== name) {
+    throw new UsageError(`${printable(image)}: the image is encrypted with ${name === 'aes' ? 'AES' : 'LUKS'}, but encrypt.format=${printable(format)} was given`)
+      .asQemu(`Could not open '${image}': Header reported '${name}' encryption format but options specify '${format}'`);
+  }
+  if (method === C.CRYPT_LUKS && !luks) {
+    throw new CorruptImageError('the image says it is LUKS-encrypted, but has no encryption header extension', image)
+      .asQemu(`Could not open '${image}': Missing CRYPTO header for crypt method 2`);
   }
   // Without I/O (info) the key is not looked up, as in QEMU: an unknown secret id does not matter.
   if (noIo) return null;
-  if (keySecret !== undefined) return aesCipherFor(keySecret, image);
-  throw new UsageError(`${printable(image)}: the image is encrypted (AES): give its key with --object secret,id=ID,data=... and name it with encrypt.key-secret=ID (--image-opts driver=qcow2,file.filename=${printable(image)},encrypt.key-secret=ID)`)
-    .asQemu(`Could not open '${image}': Parameter 'encrypt.key-secret' is required for cipher`);
+  if (keySecret === undefined) {
+    throw new UsageError(`${printable(image)}: the image is encrypted (${name === 'aes' ? 'AES' : 'LUKS'}): give its key with --object secret,id=ID,data=... and name it with encrypt.key-secret=ID (--image-opts driver=qcow2,file.filename=${printable(image)},encrypt.key-secret=ID)`)
+      .asQemu(`Could not open '${image}': Parameter 'encrypt.key-secret' is required for cipher`);
+  }
+  if (method === C.CRYPT_AES) return aesCipherFor(keySecret, image);
+  return luksCipherFor(image, secretFor(keySecret, image), luks!.area, luks!.file);
+}
+
+/** Unlocks a LUKS image's master key with `password`: its data cipher, or qemu-img's refusal. */
+async function luksCipherFor(image: string, password: Buffer, area: { offset: number; length: number }, file: BlockFile): Promise<LuksCipher> {
+  const read = async (offset: number, length: number): Promise<Buffer> => {
+    if (offset + length > area.length) {
+      throw new CorruptImageError(`the LUKS header asks for ${length} bytes at ${offset}, outside its ${area.length}-byte area`, image)
+        .asQemu(`Could not open '${image}': Request for data outside of extension header`);
+    }
+    const b = Buffer.alloc(length);
+    const n = await file.read(b, area.offset + offset);
+    if (n < length) throw new CorruptImageError(`the LUKS header area (${area.length} bytes at ${area.offset}) runs past the end of the file`, image).asQemu(`Could not open '${image}': Could not read encryption header`);
+    return b;
+  };
+  try {
+    const h = decodeLuksHeader(await read(0, LUKS_HEADER_LEN));
+    const unlocked = await unlockLuks(h, password, read);
+    if (!unlocked) {
+      throw new UsageError(`${printable(image)}: the key (encrypt.key-secret) is wrong: it unlocks none of the image's LUKS key slots`)
+        .asQemu(`Could not open '${image}': Invalid password, cannot unlock any keyslot`);
+    }
+    return new LuksCipher(headerCipherSpec(h), unlocked.key);
+  } catch (err) {
+    if (err instanceof LuksError) throw new CorruptImageError(`LUKS header: ${err.message}`, image).asQemu(`Could not open '${image}': ${err.message}`);
+    throw err;
+  }
 }
 
 /**

@@ -5,6 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { UsageError, printable } from '../errors';
 import { AesCipher } from '../engine/aes';
+import { createLuks, type LuksCreateOptions } from '../engine/luks';
 
 const secrets = new Map<string, Buffer>();
 
@@ -81,14 +82,19 @@ export function clearSecrets(): void {
   secrets.clear();
 }
 
-/** The cipher for an AES image whose key is the secret `id`; qemu-img's error when there is none. */
-export function aesCipherFor(id: string, image: string): AesCipher {
+/** The bytes of the secret `id` keying `image`; qemu-img's error when there is none. */
+export function secretFor(id: string, image: string): Buffer {
   const s = secrets.get(id);
   if (s === undefined) {
     throw new UsageError(`${printable(image)}: no secret with id '${printable(id)}' (give it with --object secret,id=${printable(id)},data=...)`)
       .asQemu(`Could not open '${image}': No secret with id '${id}'`);
   }
-  return new AesCipher(s);
+  return s;
+}
+
+/** The cipher for an AES image whose key is the secret `id`; qemu-img's error when there is none. */
+export function aesCipherFor(id: string, image: string): AesCipher {
+  return new AesCipher(secretFor(id, image));
 }
 
 /** The cipher for create's encrypt.key-secret (qemu-img create's error names the new file alone). */
@@ -100,4 +106,23 @@ export function aesCipherForCreate(id: string | undefined, path: string): AesCip
   const s = secrets.get(id);
   if (s === undefined) throw new UsageError(`${path}: no secret with id '${printable(id)}' (give it with --object secret,id=${printable(id)},data=...)`).asQemu(`${path}: No secret with id '${id}'`);
   return new AesCipher(s);
+}
+
+/**
+ * A new LUKS area (header and key slot 0) keyed by create's encrypt.key-secret, with qemu-img
+ * create's refusals.
+ */
+export function luksAreaForCreate(id: string | undefined, path: string, o: LuksCreateOptions, prefix = 'encrypt.'): Buffer {
+  if (id === undefined) {
+    throw new UsageError(`${path}: an encrypted image needs its key: give ${prefix}key-secret=ID and --object secret,id=ID,data=...`)
+      .asQemu(`${path}: Parameter '${prefix}key-secret' is required for cipher`);
+  }
+  const s = secrets.get(id);
+  if (s === undefined) throw new UsageError(`${path}: no secret with id '${printable(id)}' (give it with --object secret,id=${printable(id)},data=...)`).asQemu(`${path}: No secret with id '${id}'`);
+  return createLuks(o, s).area;
+}
+
+/** The bytes of the secret `id`, or undefined when none was given. */
+export function lookupSecret(id: string): Buffer | undefined {
+  return secrets.get(id);
 }

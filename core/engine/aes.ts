@@ -2,12 +2,14 @@
 // each 512-byte sector, the IV the sector's number (plain64: little-endian, zero-padded to 16
 // bytes), the key the secret's bytes up to its first NUL, copied into 16 zeroed bytes (cut at 16).
 // qcow2 numbers the sectors by guest offset, so a cluster keeps its ciphertext wherever it lies
-// in the file. LUKS (crypt_method 2) is not implemented.
+// in the file. LUKS (crypt_method 2) is in luks.ts.
 import { createCipheriv, createDecipheriv } from 'node:crypto';
 
 export const AES_SECTOR = 512;
 
 export class AesCipher {
+  /** The IV comes from the guest offset (LUKS's from the host offset). */
+  readonly physical = false;
   private readonly key: Buffer;
 
   /** `secret`: the secret's bytes (QEMU reads it as a C string: it ends at a NUL). */

@@ -14,6 +14,8 @@ export function fastEmptyObstacle(img: Qcow2Writable): string | null {
   if (img.parsed.bitmaps) return 'it has persistent bitmaps';
   if (img.geometry.externalData) return 'it has an external data file';
   if (img.header.version === 2) return 'it is compat 0.10';
+  // The LUKS header's clusters must stay (QEMU keeps to discarding for LUKS images too).
+  if (img.parsed.cryptoHeader) return 'it is LUKS-encrypted';
   return null;
 }
 

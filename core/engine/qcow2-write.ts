@@ -514,7 +514,7 @@ export class Qcow2Writable extends Qcow2Image {
         await Promise.all(reads);
         buf.copy(data, from - s.guest, from - offset, to - offset);
       }
-      cipher?.encrypt(data, s.guest);
+      cipher?.encrypt(data, cipher.physical ? s.host : s.guest);
       this.stats.dataWrites++;
       this.stats.dataWriteBytes += s.length;
       this.file.debugEvent?.('write_aio');
@@ -981,7 +981,7 @@ export class Qcow2Writable extends Qcow2Image {
           const len = this.encrypted ? Math.min(g.clusterSize, Math.ceil((keepUntil - guest) / AES_SECTOR) * AES_SECTOR) : keepUntil - guest;
           const head = Buffer.alloc(len);
           await this.read(head, guest);
-          if (this.encrypted) this.needCipher().encrypt(head, guest);
+          if (this.encrypted) this.needCipher().encrypt(head, this.cryptOffset(guest, host));
           await this.dataFile.write(head, host);
         }
         if ((entry.kind === 'normal' || (entry.kind === 'zero' && entry.hostOffset)) && !g.externalData) this.pendingFrees.push({ offset: entry.hostOffset, length: g.clusterSize });

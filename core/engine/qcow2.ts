@@ -15,6 +15,10 @@ import type { BitmapDirectoryEntry } from '../format/bitmaps';
 import { native } from '../io/native';
 import { BufferArena } from '../io/buffers';
 import { AES_SECTOR, type AesCipher } from './aes';
+import type { LuksCipher } from './luks';
+
+/** The cipher of an encrypted image: both work on whole 512-byte sectors. */
+export type SectorCipher = AesCipher | LuksCipher;
 
 export interface Qcow2OpenOptions {
   /** Bytes of L2 tables to keep cached (default 32 MiB). */
@@ -151,19 +155,26 @@ export class Qcow2Image implements DiskImage {
   get hasDataFile(): boolean { return this.externalDataFile !== null; }
 
   /**
-   * The cipher of an AES-encrypted image (crypt_method 1), attached by the opener from the
-   * secret given for it; null for an image that is not encrypted or was opened without I/O.
+   * The cipher of an encrypted image (AES, crypt_method 1, or LUKS, 2), attached by the opener
+   * from the secret given for it; null for an image that is not encrypted or was opened without I/O.
    */
-  cipher: AesCipher | null = null;
+  cipher: SectorCipher | null = null;
 
   /** True when the header says the guest data is encrypted. */
   get encrypted(): boolean { return this.parsed.header.cryptMethod !== C.CRYPT_NONE; }
 
   /** Attaches the cipher of an encrypted image (the chain opener does, after open). */
-  attachCipher(c: AesCipher): void { this.cipher = c; }
+  attachCipher(c: SectorCipher): void { this.cipher = c; }
+
+  /**
+   * The offset whose sector numbers a cluster's encryption IVs use: the guest offset for AES,
+   * the host offset for LUKS (QEMU's crypt_physical_offset), so a LUKS cluster moved or copied
+   * is re-encrypted for its new place.
+   */
+  cryptOffset(guest: number, host: number): number { return this.cipher?.physical ? host : guest; }
 
   /** The cipher, or the refusal when the image is encrypted and was opened without its key. */
-  protected needCipher(): AesCipher {
+  needCipher(): SectorCipher {
     if (this.cipher) return this.cipher;
     throw new CorruptImageError('the image is encrypted and was opened without its key (encrypt.key-secret): its data cannot be read or written', this.filename);
   }
@@ -464,12 +475,12 @@ export class Qcow2Image implements DiskImage {
     const len = Math.ceil((head + buf.length) / AES_SECTOR) * AES_SECTOR;
     if (head === 0 && len === buf.length) {
       await this.dataFile.read(buf, host);
-      cipher.decrypt(buf, guest);
+      cipher.decrypt(buf, cipher.physical ? host : guest);
       return;
     }
     const tmp = Buffer.alloc(len);
     await this.dataFile.read(tmp, host - head);
-    cipher.decrypt(tmp, guest - head);
+    cipher.decrypt(tmp, cipher.physical ? host - head : guest - head);
     buf.set(tmp.subarray(head, head + buf.length));
   }
 

@@ -147,10 +147,9 @@ export interface DecodeHeaderOptions {
 function validateHeader(h: Qcow2Header, file?: string, opts: DecodeHeaderOptions = {}): void {
   const clusterSize = 2 ** h.clusterBits;
   if (h.refcountOrder > C.MAX_REFCOUNT_ORDER) throw new FormatError(`refcount_order ${h.refcountOrder} is out of range (at most 6, i.e. 64-bit refcounts)`, file);
-  // AES (crypt_method 1) is read and written with the key given at open; LUKS is not.
-  if (h.cryptMethod !== C.CRYPT_NONE && h.cryptMethod !== C.CRYPT_AES) {
-    const what = h.cryptMethod === C.CRYPT_LUKS ? 'LUKS' : `method ${h.cryptMethod}`;
-    throw new UnsupportedFeatureError(`encrypted images (${what}) are not supported`, file);
+  // AES (crypt_method 1) and LUKS (2) are read and written with the key given at open.
+  if (h.cryptMethod !== C.CRYPT_NONE && h.cryptMethod !== C.CRYPT_AES && h.cryptMethod !== C.CRYPT_LUKS) {
+    throw new UnsupportedFeatureError(`encrypted images (method ${h.cryptMethod}) are not supported`, file);
   }
   if ((h.incompatibleFeatures & C.INCOMPAT_EXTL2) && h.clusterBits < C.MIN_CLUSTER_BITS_EXTENDED_L2) {
     throw new FormatError(`extended L2 entries need a cluster size of at least 16 KiB (cluster_bits ${h.clusterBits})`, file);

@@ -40,6 +40,11 @@ export interface Qcow2CreateSpec {
   dataFileRaw?: boolean;
   /** crypt_method 1: the guest data is AES-encrypted (no header extension: the key is the secret). */
   encrypted?: boolean;
+  /**
+   * crypt_method 2: LUKS. `area` is the LUKS header and key material, placed in clusters
+   * allocated once the image is laid out (QEMU's qcow2_set_up_encryption).
+   */
+  luks?: { area: Buffer };
 }
 
 /** QEMU's feature name table, exactly as qcow2_update_header writes it (v3, clusters > 4 KiB). */
@@ -101,6 +106,8 @@ export function l1EntriesFor(size: number, clusterBits: number, extendedL2: bool
  */
 export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   l1Size: number; l1TableOffset: number; refcountTableOffset: number; refcountTableClusters: number;
+  /** Where the LUKS area lies (spec.luks). */
+  luksOffset?: number;
 }): Buffer {
   const cs = 2 ** spec.clusterBits;
   let incompat = 0n;
@@ -111,12 +118,19 @@ export function encodeCreateHeader(spec: Qcow2CreateSpec, st: {
   // qcow2_update_header's order: backing format (encodeHeader puts it first), data file,
   // feature table.
   if (spec.dataFile != null) extensions.push({ type: C.EXT_DATA_FILE, data: Buffer.from(spec.dataFile, 'utf8') });
+  if (spec.luks) {
+    // The full disk encryption header extension: where the LUKS area lies, and its length.
+    const d = Buffer.alloc(16);
+    d.writeBigUInt64BE(BigInt(st.luksOffset ?? 0), 0);
+    d.writeBigUInt64BE(BigInt(spec.luks.area.length), 8);
+    extensions.push({ type: C.EXT_CRYPTO_HEADER, data: d });
+  }
   const table = featureTableExtension(spec.version, cs);
   if (table) extensions.push(table);
   return encodeHeader({
     header: {
       version: spec.version, backingFileOffset: 0, backingFileSize: 0, clusterBits: spec.clusterBits,
-      size: spec.size, cryptMethod: spec.encrypted ? C.CRYPT_AES : C.CRYPT_NONE, l1Size: st.l1Size, l1TableOffset: st.l1TableOffset,
+      size: spec.size, cryptMethod: spec.luks ? C.CRYPT_LUKS : spec.encrypted ? C.CRYPT_AES : C.CRYPT_NONE, l1Size: st.l1Size, l1TableOffset: st.l1TableOffset,
       refcountTableOffset: st.refcountTableOffset, refcountTableClusters: st.refcountTableClusters,
       nbSnapshots: 0, snapshotsOffset: 0,
       incompatibleFeatures: spec.version === 3 ? incompat : 0n,
@@ -630,11 +644,20 @@ export function startQcow2Layout(spec: Qcow2CreateSpec): QemuAllocator {
 }
 
 export function finishQcow2Layout(spec: Qcow2CreateSpec, a: QemuAllocator): Buffer {
+  let luksOffset: number | undefined;
+  if (spec.luks) {
+    // qcow2_crypto_hdr_init_func: clusters for the LUKS area, zero-filled to their end.
+    luksOffset = a.allocClusters(spec.luks.area.length);
+    const whole = Buffer.alloc(Math.ceil(spec.luks.area.length / a.cs) * a.cs);
+    spec.luks.area.copy(whole);
+    a.write(luksOffset, whole);
+  }
   const header = encodeCreateHeader(spec, {
     l1Size: a.l1Size,
     l1TableOffset: a.l1TableOffset,
     refcountTableOffset: a.reftableOffset,
     refcountTableClusters: (a.reftableSize * 8) / a.cs,
+    luksOffset,
   });
   a.write(0, header);
   return header;

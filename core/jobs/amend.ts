@@ -15,6 +15,8 @@
 // - downgrade: zero clusters become data clusters (allocated and zeroed, their refcounts
 //   flushed, before the L2 entry changes) or unallocated ones, as QEMU's
 //   qcow2_expand_zero_clusters; only then does the header say version 2.
+import { amendLuksKeyslots, LuksError, type LuksAmendOptions } from '../engine/luks';
+import { lookupSecret, secretFor } from '../chain/secrets';
 import * as C from '../format/constants';
 import { featureTableExtension } from '../format/layout';
 import { encodeHeader, type HeaderExtension } from '../format/header';
@@ -51,10 +53,14 @@ export interface AmendOptions {
   backingFormat?: string;
   dataFile?: string;
   dataFileRaw?: boolean;
+  /** LUKS key slot changes (encrypt.state, encrypt.keyslot, encrypt.new-secret, ...). */
+  luks?: Partial<LuksAmendOptions>;
 }
 
 /** Options qemu-img amend takes for qcow2 (qcow2_amend_opts). */
 const AMEND_KEYS = new Set(['compat', 'size', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits', 'data_file', 'data_file_raw']);
+/** LUKS key slot options (qcow2's amend takes them for LUKS images). */
+const LUKS_AMEND_KEYS = new Set(['encrypt.state', 'encrypt.keyslot', 'encrypt.new-secret', 'encrypt.old-secret', 'encrypt.iter-time']);
 /** Options that only qemu-img create takes: refused with QEMU's hint. */
 const CREATE_ONLY = new Set(['encryption', 'cluster_size', 'preallocation', 'compression_type', 'extended_l2', 'encrypt.format', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time', 'encrypt.slot', 'encrypt.state', 'encrypt.new-secret', 'encrypt.keysecret', 'encrypt.key-secret', 'encrypt.old-secret', 'encrypt.secret', 'data_file_raw']);
 
@@ -92,6 +98,19 @@ export function splitOptions(o: string): [string, string][] {
 export function parseAmendOptions(o: string): AmendOptions {
   const r: AmendOptions = {};
   for (const [key, value] of splitOptions(o)) {
+    if (LUKS_AMEND_KEYS.has(key)) {
+      const l = (r.luks ??= {});
+      if (key === 'encrypt.state') {
+        if (value !== 'active' && value !== 'inactive') throw qemuUsage(`Parameter 'encrypt.state' does not accept value '${value}'`);
+        l.state = value;
+      } else if (key === 'encrypt.keyslot' || key === 'encrypt.iter-time') {
+        if (!/^\d+$/.test(value)) throw qemuUsage(`Parameter '${key}' expects a number`);
+        if (key === 'encrypt.keyslot') l.keyslot = Number(value);
+        else l.iterTime = Number(value);
+      } else if (key === 'encrypt.new-secret') l.newSecret = value;
+      else l.oldSecret = value;
+      continue;
+    }
     if (!AMEND_KEYS.has(key)) {
       if (CREATE_ONLY.has(key) || key.startsWith('encrypt.')) throw qemuUsage(`Invalid parameter '${key}'\nThis option is only supported for image creation`);
       throw qemuUsage(`Invalid parameter '${key}'`);
@@ -503,7 +522,7 @@ async function expandZeroClusters(img: Qcow2Writable, ctx: JobContext, progress?
         let block = zeros;
         if (img.encrypted) {
           block = Buffer.alloc(cs);
-          img.cipher!.encrypt(block, (i * (cs / 8) + j) * cs);
+          img.cipher!.encrypt(block, img.cryptOffset((i * (cs / 8) + j) * cs, offset));
         }
         await img.file.write(block, offset);
         const entry = BigInt(offset) | (l2Refcount === 1 ? C.QCOW_OFLAG_COPIED : 0n);
@@ -570,7 +589,7 @@ export async function isDirty(name: string): Promise<{ dirty: boolean; path: str
  * `qemu`: as qemu-img, an amend whose resize makes the snapshots' sizes refuse the downgrade
  * resizes (a complete operation of its own), then refuses the downgrade.
  */
-export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void; qemu?: boolean } = {}): Promise<void> {
+export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts: { format?: ImageFormat; percent?: (p: number) => void; qemu?: boolean; force?: boolean } = {}): Promise<void> {
   let img: DiskImage | null = null;
   // As QEMU's writable open: an image left dirty (lazy refcounts) has its refcounts repaired
   // first (`check -r all`, its report on stderr), then is amended.
@@ -580,6 +599,7 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
     img = await openImageFile(name, { format: opts.format, writable: true });
     if (!(img instanceof Qcow2Writable)) throw new AmendError(`Format driver '${img.format}' does not support option amendment`);
     const w = img;
+    if (o.luks) await amendLuks(w, name, o.luks, !!opts.force);
     const plan = await planAmend(w, o, opts.qemu);
     throwIfCancelled(ctx);
     const lazyNow = (w.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
@@ -600,5 +620,40 @@ export async function amend(ctx: JobContext, name: string, o: AmendOptions, opts
     if (plan.toVersion < plan.fromVersion) await downgrade(w, ctx, progress);
   } finally {
     await closeChain(img);
+  }
+}
+
+/**
+ * Key slot changes of a LUKS image (qcow2_amend_options' encrypt.* part): the image is open
+ * with its key (encrypt.key-secret), which unlocks the master key a new slot stores.
+ */
+async function amendLuks(w: Qcow2Writable, name: string, l: Partial<LuksAmendOptions>, force: boolean): Promise<void> {
+  const area = w.parsed.cryptoHeader;
+  if (w.header.cryptMethod !== C.CRYPT_LUKS || !area) {
+    throw new UsageError(`${w.filename}: encrypt.state, encrypt.keyslot and the secrets amend LUKS key slots, and the image is not LUKS-encrypted`)
+      .asQemu('Amending encryption options is only supported for LUKS-encrypted images');
+  }
+  if (l.state === undefined) throw new UsageError(`${w.filename}: give encrypt.state=active or inactive`).asQemu("Parameter 'state' is missing");
+  const parsed = parseImageName(name);
+  const keyId = parsed.kind === 'file' ? parsed.keySecrets?.[0] : undefined;
+  const unlockWith = keyId !== undefined ? secretFor(keyId, w.filename) : Buffer.alloc(0);
+  const io = {
+    read: async (offset: number, length: number) => {
+      if (offset + length > area.length) throw new CorruptImageError(`the LUKS header asks for ${length} bytes at ${offset}, outside its ${area.length}-byte area`, w.filename);
+      const b = Buffer.alloc(length);
+      await w.file.read(b, area.offset + offset);
+      return b;
+    },
+    write: async (data: Buffer, offset: number) => {
+      if (offset + data.length > area.length) throw new CorruptImageError(`a LUKS write of ${data.length} bytes at ${offset} is outside its ${area.length}-byte area`, w.filename);
+      await w.file.write(data, area.offset + offset);
+    },
+  };
+  try {
+    await amendLuksKeyslots(io, { ...l, state: l.state }, force, unlockWith, lookupSecret);
+    await w.file.flush();
+  } catch (err) {
+    if (err instanceof LuksError) throw new UsageError(`${w.filename}: ${err.message}`).asQemu(err.message);
+    throw err;
   }
 }

@@ -115,8 +115,18 @@ export async function checkImage(ctx: JobContext, path: string, opts: CheckJobOp
     }
     if (format === 'raw') throw new CheckNotSupportedError();
     // As qemu-img: an encrypted image is opened with its key, even to check its metadata.
-    const crypt = Buffer.alloc(4);
-    if ((await f.read(crypt, 32)) === 4) imageCipher(path, crypt.readUInt32BE(0), opts.keySecret, undefined);
+    // (A LUKS image's key is tried on its key slots: a wrong one is refused.)
+    const fixed = Buffer.alloc(C.HEADER_V2_LENGTH);
+    if ((await f.read(fixed, 0)) === fixed.length && fixed.readUInt32BE(32) !== C.CRYPT_NONE) {
+      const bits = fixed.readUInt32BE(20);
+      let crypto: { offset: number; length: number } | null = null;
+      if (bits >= C.MIN_CLUSTER_BITS && bits <= C.MAX_CLUSTER_BITS) {
+        const cluster = Buffer.alloc(2 ** bits);
+        await f.read(cluster, 0);
+        try { crypto = decodeHeader(cluster, path).cryptoHeader; } catch { /* the check reports a bad header */ }
+      }
+      await imageCipher(path, fixed.readUInt32BE(32), opts.keySecret, undefined, false, crypto ? { area: crypto, file: f } : undefined);
+    }
     // qemu-img opens the image, its external data file included, before checking it.
     dataFile = await openDataFileOf(f, path, { writable: !!opts.repair, lock: !opts.forceShare || opts.repair ? 'auto' : 'none', override: opts.dataFile });
     const progress = new ProgressReporter(ctx, 0);

@@ -154,8 +154,12 @@ export async function commit(ctx: JobContext, path: string, opts: CommitOptions 
     // Reopen the base for writing: drop the chain's read-only open (and its lock) first, or
     // our own consistent-read lock would refuse our write lock.
     await oldBase.close();
-    // By the name it was opened by when that is a test driver's (blkdebug), which opens it alike.
-    const baseImg = await openImageFile(oldBase.displayName ?? oldBase.filename, { format: oldBase.format, writable: true });
+    // By the name it was opened by when that is a test driver's (blkdebug), which opens it alike;
+    // an encrypted base keeps the cipher its key unlocked in the chain's open (the name alone
+    // does not carry the key).
+    const oldCipher = oldBase instanceof Qcow2Image ? oldBase.cipher : null;
+    const baseImg = await openImageFile(oldBase.displayName ?? oldBase.filename, { format: oldBase.format, writable: true, noKey: oldCipher !== null });
+    if (oldCipher && baseImg instanceof Qcow2Image) baseImg.attachCipher(oldCipher);
     if (!isWritable(baseImg)) throw new UsageError(`${oldBase.filename}: cannot be written`);
     base = baseImg;
     base.backing = oldBase.backing;

@@ -14,7 +14,8 @@ import { lockImage, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UN
 import { closeChain, combineBackingPath, openImage, probeFormat } from '../chain/open';
 import { strtosz } from '../chain/size-str';
 import { localPath, localPathOrNull } from '../chain/names';
-import { aesCipherForCreate } from '../chain/secrets';
+import { aesCipherForCreate, luksAreaForCreate } from '../chain/secrets';
+import { createCipherSpec, LuksError, type LuksCreateOptions } from '../engine/luks';
 import { ProgressReporter, throwIfCancelled, type JobContext } from './job';
 import { qcow2PreallocSize } from './measure';
 import { findOverlays } from './overlays';
@@ -52,12 +53,14 @@ export interface CreateOptions {
   dataFileRaw?: boolean;
   /** encryption=on|off (qemu-img's older spelling of encrypt.format=aes). */
   encryption?: boolean;
-  /** encrypt.format: 'aes' (qcow2's legacy AES-CBC); 'luks' is refused. */
+  /** encrypt.format: 'aes' (qcow2's legacy AES-CBC) or 'luks'. */
   encryptFormat?: string;
   /** encrypt.key-secret: the id of the --object secret that keys an encrypted image. */
   keySecret?: string;
-  /** The first LUKS-only encrypt.* option given (refused: Strata writes AES only). */
+  /** The first LUKS-only encrypt.* option given (refused for AES images). */
   luksOption?: string;
+  /** The LUKS options given (encrypt.cipher-alg, ..., encrypt.iter-time). */
+  luks?: LuksCreateOptions;
   /** Values qemu-img's format driver refuses after its "Formatting" line (compat=0.42, preallocation=1234). */
   invalid?: Partial<Record<'compat' | 'preallocation', string>>;
   /** The option names as the user spelled them, in order (for the "Formatting" line and raw checks). */
@@ -91,9 +94,12 @@ export const CREATE_OPTIONS_HELP = `Supported options (qcow2; raw takes only siz
   data_file=PATH             keep the guest data in this raw file (compat=1.1; created or emptied;
                              a relative name is relative to the working directory)
   data_file_raw=on|off       keep the data file a complete raw image (preallocates metadata)
-  encrypt.format=aes         encrypt the guest data with qcow2's legacy AES-CBC (LUKS is not supported)
+  encrypt.format=luks|aes    encrypt the guest data: LUKS (AES-256-XTS by default), or qcow2's
+                             legacy AES-CBC
   encryption=on|off          the older spelling of encrypt.format=aes
   encrypt.key-secret=ID      the key: the secret given with --object secret,id=ID,data=...
+  encrypt.cipher-alg=aes-256, encrypt.cipher-mode=xts|cbc|ecb, encrypt.ivgen-alg=plain64|plain|essiv,
+  encrypt.ivgen-hash-alg=sha256, encrypt.hash-alg=sha256, encrypt.iter-time=MS   (LUKS only)
 `;
 
 // ---- parsing ----
@@ -216,9 +222,19 @@ export function parseCreateOptions(o: string, how: { deferInvalid?: boolean } = 
       case 'encrypt.format': r.encryptFormat = value; break;
       case 'encrypt.key-secret': r.keySecret = value; break;
       case 'encrypt.cipher-alg': case 'encrypt.cipher-mode': case 'encrypt.ivgen-alg': case 'encrypt.ivgen-hash-alg':
-      case 'encrypt.hash-alg': case 'encrypt.iter-time':
+      case 'encrypt.hash-alg': case 'encrypt.iter-time': {
         r.luksOption ??= key;
+        const l = (r.luks ??= {});
+        if (key === 'encrypt.iter-time') {
+          if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`encrypt.iter-time must be a positive number of milliseconds, not '${value}'`).asQemu(`Parameter 'encrypt.iter-time' expects a number`);
+          l.iterTime = Number(value);
+        } else if (key === 'encrypt.cipher-alg') l.cipherAlg = value;
+        else if (key === 'encrypt.cipher-mode') l.cipherMode = value;
+        else if (key === 'encrypt.ivgen-alg') l.ivgenAlg = value;
+        else if (key === 'encrypt.ivgen-hash-alg') l.ivgenHashAlg = value;
+        else l.hashAlg = value;
         break;
+      }
       case 'backing_file': r.backingFile = value; break;
       case 'data_file': r.dataFile = value; break;
       case 'data_file_raw': r.dataFileRaw = parseBool(k, value); break;
@@ -293,7 +309,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
   }
 
   let spec: Qcow2CreateSpec | null = null;
-  let encrypted = false;
+  let encrypted: false | 'aes' | 'luks' = false;
   if (format === 'qcow2') {
     // The option values the driver's QAPI visitor refuses first (in its order: version, then preallocation).
     if (opts.invalid?.compat !== undefined) driverFail(path, `compat must be 0.10 or 1.1 (or v2, v3), not '${opts.invalid.compat}'`, `Parameter 'version' does not accept value '${opts.invalid.compat}'`);
@@ -337,7 +353,7 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
       // With a data file every mode lays the metadata out (QEMU's preallocate_co); falloc and
       // full then allocate the data file. data_file_raw needs at least metadata.
       preallocation: preallocation === 'metadata' || (dataFile !== null && (preallocation !== 'off' || dataFileRaw)) ? 'metadata' : 'off',
-      dataFile, dataFileRaw, encrypted,
+      dataFile, dataFileRaw, encrypted: encrypted === 'aes', luks: encrypted === 'luks' ? { area: Buffer.alloc(0) } : undefined,
     };
   }
 
@@ -422,7 +438,8 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
     // The key last, as qemu-img sets encryption up once the image is laid out; but here before
     // anything is written.
     try {
-      aesCipherForCreate(opts.keySecret, path);
+      if (encrypted === 'aes') aesCipherForCreate(opts.keySecret, path);
+      else spec!.luks = { area: luksAreaForCreate(opts.keySecret, path, opts.luks ?? {}) };
     } catch (err) {
       REPORTED_AFTER_FORMATTING.add(err as object);
       throw err;
@@ -436,21 +453,27 @@ export async function resolveCreate(path: string, format: CreateFormat, opts: Cr
  * encrypt.format=aes (the two together are refused), encrypt.key-secret needs a format, and
  * only AES is written (LUKS is refused).
  */
-function encryptionWanted(path: string, opts: CreateOptions): boolean {
+function encryptionWanted(path: string, opts: CreateOptions): false | 'aes' | 'luks' {
   if (opts.encryption === true && opts.encryptFormat !== undefined) {
     driverFail(path, 'give encrypt.format=aes or encryption=on, not both', "'encrypt.format' and its alias 'encryption' can't be used at the same time");
   }
   const fmt = opts.encryption ? 'aes' : opts.encryptFormat;
   if (fmt === undefined) {
-    if (opts.keySecret !== undefined || opts.luksOption !== undefined) driverFail(path, `${opts.keySecret !== undefined ? 'encrypt.key-secret' : opts.luksOption} needs encrypt.format=aes (or encryption=on)`, "Parameter 'encrypt.format' is missing");
+    if (opts.keySecret !== undefined || opts.luksOption !== undefined) driverFail(path, `${opts.keySecret !== undefined ? 'encrypt.key-secret' : opts.luksOption} needs encrypt.format=luks or aes (or encryption=on)`, "Parameter 'encrypt.format' is missing");
     return false;
   }
   if (fmt === 'luks') {
-    driverFail(path, 'LUKS encryption (encrypt.format=luks) is not supported: Strata encrypts only with AES (encrypt.format=aes)', 'LUKS encryption (encrypt.format=luks) is not supported');
+    try {
+      createCipherSpec(opts.luks ?? {});
+    } catch (err) {
+      if (err instanceof LuksError) driverFail(path, err.message, err.message);
+      throw err;
+    }
+    return 'luks';
   }
-  if (fmt !== 'aes' && fmt !== 'qcow') driverFail(path, `encrypt.format must be aes, not '${fmt}'`, `Parameter 'format' does not accept value '${fmt}'`);
+  if (fmt !== 'aes' && fmt !== 'qcow') driverFail(path, `encrypt.format must be luks or aes, not '${fmt}'`, `Parameter 'format' does not accept value '${fmt}'`);
   if (opts.luksOption !== undefined) driverFail(path, `option ${opts.luksOption} is a LUKS option: AES images take only encrypt.key-secret`, `Parameter '${opts.luksOption}' is unexpected`);
-  return true;
+  return 'aes';
 }
 
 /** qemu-img's "Formatting 'FILE', fmt=... " line (options in qemu's order, defaults included). */
@@ -644,6 +667,9 @@ export async function writeImage(r: ResolvedCreate, ctx: JobContext = {}): Promi
     if (data) { await data.out.truncate(0); data.emptied = true; }
     if (!spec || !alloc) {
       await out.truncate(r.size);
+      // QEMU's file driver, growing an empty file, writes its first block (zeros) to speed up
+      // its alignment probing later: the same blocks on disk (and what measure then counts).
+      if (r.size > 0 && r.preallocation !== 'falloc' && r.preallocation !== 'full') await out.write(Buffer.alloc(Math.min(r.size, r.size < 4096 ? 512 : 4096)), 0);
       if (r.preallocation === 'falloc' || r.preallocation === 'full') await allocateHoles(out, r.size, r.preallocation);
     } else {
       const cs = alloc.cs;
@@ -738,4 +764,47 @@ export async function allocateHoles(file: BlockFile, end: number, mode: 'falloc'
     }
   }
   await file.flush();
+}
+
+/**
+ * A raw LUKS volume (qemu-img create -f luks): the LUKS area keyed by the secret `key-secret`
+ * names, then `size` bytes of disk (a hole: encrypted data is not read from it until written).
+ * Options: key-secret, iter-time, cipher-alg, cipher-mode, ivgen-alg, ivgen-hash-alg, hash-alg.
+ */
+export async function createLuksImage(path: string, size: number, o: string): Promise<void> {
+  let keySecret: string | undefined;
+  const luks: LuksCreateOptions = {};
+  for (const [k, v] of splitOptions(o)) {
+    const value = v ?? '';
+    switch (k) {
+      case 'key-secret': keySecret = value; break;
+      case 'iter-time':
+        if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`${path}: iter-time must be a positive number of milliseconds, not '${value}'`).asQemu(`${path}: Parameter 'iter-time' expects a number`);
+        luks.iterTime = Number(value);
+        break;
+      case 'cipher-alg': luks.cipherAlg = value; break;
+      case 'cipher-mode': luks.cipherMode = value; break;
+      case 'ivgen-alg': luks.ivgenAlg = value; break;
+      case 'ivgen-hash-alg': luks.ivgenHashAlg = value; break;
+      case 'hash-alg': luks.hashAlg = value; break;
+      case 'size': break;
+      default: throw new UsageError(`${path}: unknown LUKS option '${k}' (key-secret, iter-time, cipher-alg, cipher-mode, ivgen-alg, ivgen-hash-alg, hash-alg)`).asQemu(`${path}: Invalid parameter '${k}'`);
+    }
+  }
+  try {
+    createCipherSpec(luks);
+  } catch (err) {
+    if (err instanceof LuksError) throw new UsageError(`${path}: ${err.message}`);
+    throw err;
+  }
+  const area = luksAreaForCreate(keySecret, path, luks, '');
+  const { file } = await openTarget(localPath(path));
+  try {
+    await file.truncate(0);
+    await file.write(area, 0);
+    await file.truncate(area.length + size);
+    await file.flush();
+  } finally {
+    await file.close();
+  }
 }

@@ -1,4 +1,5 @@
 // measure: bytes a new image needs, computed as qemu-img measure 7.2 computes them.
+import { createCipherSpec, LuksError, luksAreaLength, type LuksCreateOptions } from '../engine/luks';
 import * as C from '../format/constants';
 import { UsageError } from '../errors';
 import { refcountMetadataSize } from '../format/layout';
@@ -17,6 +18,8 @@ export interface MeasureTarget {
   /** The target will have a backing file (-o backing_file): every cluster may be needed. */
   hasBacking: boolean;
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+  /** encrypt.format=luks: the LUKS options (its header's clusters are counted). */
+  luks?: LuksCreateOptions;
 }
 
 export interface MeasureResult {
@@ -93,7 +96,17 @@ export async function measure(ctx: JobContext, t: MeasureTarget, src: DiskImage 
     }
   }
   if (t.preallocation === 'full' || t.preallocation === 'falloc') required = aligned;
-  const full = qcow2PreallocSize(virtualSize, cs, Math.log2(t.refcountBits), t.extendedL2);
+  // qcow2_measure: a LUKS target also holds its LUKS header, in whole clusters.
+  let luks = 0;
+  if (t.luks) {
+    try {
+      luks = roundUp(luksAreaLength(createCipherSpec(t.luks).masterKeyLen), cs);
+    } catch (err) {
+      if (err instanceof LuksError) throw new UsageError(err.message);
+      throw err;
+    }
+  }
+  const full = qcow2PreallocSize(virtualSize, cs, Math.log2(t.refcountBits), t.extendedL2) + luks;
   const result: MeasureResult = { required: full - aligned + required, 'fully-allocated': full };
   if (src && src.format === 'qcow2' && (src as Qcow2Image).header.version === 3 && t.version !== 2) {
     return { bitmaps: bitmapsSize(src, cs), ...result };

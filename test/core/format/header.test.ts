@@ -200,7 +200,6 @@ describe('validation: every bad field is a typed error naming the file', () => {
     ['cluster_bits 8', (b) => b.writeUInt32BE(8, 20), FormatError, /cluster_bits 8/],
     ['cluster_bits 22', (b) => b.writeUInt32BE(22, 20), FormatError, /cluster_bits 22/],
     ['virtual size 2^63', (b) => b.writeBigUInt64BE(1n << 63n, 24), CorruptImageError, /virtual size/],
-    ['LUKS', (b) => b.writeUInt32BE(2, 32), UnsupportedFeatureError, /LUKS/],
     ['crypt_method 3', (b) => b.writeUInt32BE(3, 32), UnsupportedFeatureError, /encrypt/],
     ['l1_size past 32 MiB', (b) => b.writeUInt32BE(C.MAX_L1_SIZE_BYTES / 8 + 1, 36), FormatError, /l1_size/],
     ['l1_size too small', (b) => b.writeUInt32BE(1, 36), CorruptImageError, /L1 table is too small/],
@@ -236,10 +235,12 @@ describe('validation: every bad field is a typed error naming the file', () => {
     });
   }
 
-  it('AES (crypt_method 1) decodes: its data is read with the key given at open', () => {
-    const b = good();
-    b.writeUInt32BE(1, 32);
-    expect(decodeHeader(b, FILE).header.cryptMethod).toBe(1);
+  it('AES (crypt_method 1) and LUKS (2) decode: their data is read with the key given at open', () => {
+    for (const m of [1, 2]) {
+      const b = good();
+      b.writeUInt32BE(m, 32);
+      expect(decodeHeader(b, FILE).header.cryptMethod).toBe(m);
+    }
   });
 
   it('a file shorter than the fixed fields', () => {
