@@ -3,7 +3,7 @@
 // bytes), the key the secret's bytes up to its first NUL, copied into 16 zeroed bytes (cut at 16).
 // qcow2 numbers the sectors by guest offset, so a cluster keeps its ciphertext wherever it lies
 // in the file. LUKS (crypt_method 2) is in luks.ts.
-import { createCipheriv, createDecipheriv } from 'node:crypto';
+import { crypto } from '../codec/builtins';
 
 export const AES_SECTOR = 512;
 
@@ -27,7 +27,7 @@ export class AesCipher {
     let sector = BigInt(guestOffset / AES_SECTOR);
     for (let p = 0; p < buf.length; p += AES_SECTOR, sector++) {
       iv.writeBigUInt64LE(sector & 0xffff_ffff_ffff_ffffn, 0);
-      const c = createCipheriv('aes-128-cbc', this.key, iv);
+      const c = crypto().createCipheriv('aes-128-cbc', this.key, iv);
       c.setAutoPadding(false);
       const piece = buf.subarray(p, p + AES_SECTOR);
       const out = c.update(piece);
@@ -43,7 +43,7 @@ export class AesCipher {
   decrypt(buf: Uint8Array, guestOffset: number): void {
     checkWhole(buf, guestOffset);
     if (buf.length === 0) return;
-    const d = createDecipheriv('aes-128-ecb', this.key, null);
+    const d = crypto().createDecipheriv('aes-128-ecb', this.key, null);
     d.setAutoPadding(false);
     const plain = Buffer.concat([d.update(buf), d.final()]);
     let sector = BigInt(guestOffset / AES_SECTOR);

@@ -6,7 +6,7 @@
 // Unlocking: each active key slot's key is PBKDF2(password, slot salt), which decrypts the slot's
 // anti-forensic split key material; merged, it is a candidate master key, accepted when its
 // PBKDF2 digest matches the header's.
-import { createCipheriv, createDecipheriv, createHash, getHashes, pbkdf2Sync, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import { crypto } from '../codec/builtins';
 
 export const LUKS_SECTOR = 512;
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
@@ -111,7 +111,7 @@ export function encodeLuksHeader(h: LuksHeader): Buffer {
 const HASHES = ['md5', 'sha1', 'sha224', 'sha256', 'sha384', 'sha512', 'ripemd160'];
 
 function checkHash(name: string): string {
-  if (!HASHES.includes(name) || !getHashes().includes(name)) throw new LuksError(`Unsupported hash algorithm '${name}'`);
+  if (!HASHES.includes(name) || !crypto().getHashes().includes(name)) throw new LuksError(`Unsupported hash algorithm '${name}'`);
   return name;
 }
 
@@ -137,7 +137,7 @@ class SectorCrypt {
 
   constructor(private readonly spec: LuksCipherSpec, private readonly key: Buffer) {
     this.nodeAlg = `${spec.alg}-${spec.mode}`;
-    this.essivKey = spec.ivgen === 'essiv' ? createHash(spec.ivgenHash!).update(key).digest() : null;
+    this.essivKey = spec.ivgen === 'essiv' ? crypto().createHash(spec.ivgenHash!).update(key).digest() : null;
     if (this.essivKey && ![16, 24, 32].includes(this.essivKey.length)) throw new LuksError(`Unsupported essiv hash '${spec.ivgenHash}'`);
   }
 
@@ -147,7 +147,7 @@ class SectorCrypt {
     if (this.spec.ivgen === 'plain') iv.writeUInt32LE(Number(sector & 0xffff_ffffn), 0);
     else iv.writeBigUInt64LE(sector & 0xffff_ffff_ffff_ffffn, 0);
     if (this.essivKey) {
-      const c = createCipheriv(`aes-${this.essivKey.length * 8}-ecb`, this.essivKey, null);
+      const c = crypto().createCipheriv(`aes-${this.essivKey.length * 8}-ecb`, this.essivKey, null);
       c.setAutoPadding(false);
       return c.update(iv);
     }
@@ -158,7 +158,7 @@ class SectorCrypt {
     if (buf.length % LUKS_SECTOR !== 0) throw new RangeError(`LUKS sectors must be whole: ${buf.length} bytes`);
     let sector = firstSector;
     for (let p = 0; p < buf.length; p += LUKS_SECTOR, sector++) {
-      const c = encrypt ? createCipheriv(this.nodeAlg, this.key, this.iv(sector)) : createDecipheriv(this.nodeAlg, this.key, this.iv(sector));
+      const c = encrypt ? crypto().createCipheriv(this.nodeAlg, this.key, this.iv(sector)) : crypto().createDecipheriv(this.nodeAlg, this.key, this.iv(sector));
       c.setAutoPadding(false);
       const piece = buf.subarray(p, p + LUKS_SECTOR);
       const out = c.update(piece);
@@ -199,12 +199,12 @@ function checkWhole(buf: Uint8Array, offset: number): void {
 
 /** Diffuses `block` in place: each digest-sized piece replaced by hash(be32 index ‖ piece). */
 function afHash(hash: string, block: Buffer): void {
-  const digestLen = createHash(hash).digest().length;
+  const digestLen = crypto().createHash(hash).digest().length;
   for (let i = 0, p = 0; p < block.length; i++, p += digestLen) {
     const n = Math.min(digestLen, block.length - p);
     const iv = Buffer.alloc(4);
     iv.writeUInt32BE(i, 0);
-    const out = createHash(hash).update(iv).update(block.subarray(p, p + n)).digest();
+    const out = crypto().createHash(hash).update(iv).update(block.subarray(p, p + n)).digest();
     out.copy(block, p, 0, n);
   }
 }
@@ -215,7 +215,7 @@ function xorInto(dst: Buffer, a: Buffer, b: Buffer): void {
 
 export function afSplit(hash: string, key: Buffer, stripes: number): Buffer {
   const n = key.length;
-  const out = randomBytes(n * stripes);
+  const out = crypto().randomBytes(n * stripes);
   const block = Buffer.alloc(n);
   for (let i = 0; i < stripes - 1; i++) {
     xorInto(block, block, out.subarray(i * n, (i + 1) * n));
@@ -249,12 +249,12 @@ function materialLength(keyLen: number, stripes: number): number {
  */
 async function trySlot(h: LuksHeader, spec: LuksCipherSpec, slot: LuksSlot, password: Buffer,
   read: (offset: number, length: number) => Promise<Buffer>): Promise<Buffer | null> {
-  const slotKey = pbkdf2Sync(password, slot.salt, slot.iterations, h.masterKeyLen, spec.hash);
+  const slotKey = crypto().pbkdf2Sync(password, slot.salt, slot.iterations, h.masterKeyLen, spec.hash);
   const material = await read(slot.keyOffsetSector * LUKS_SECTOR, materialLength(h.masterKeyLen, slot.stripes));
   new SectorCrypt(spec, slotKey).run(material, 0n, false);
   const key = afMerge(spec.hash, material, h.masterKeyLen, slot.stripes);
-  const digest = pbkdf2Sync(key, h.masterKeySalt, h.masterKeyIterations, DIGEST_LEN, spec.hash);
-  return timingSafeEqual(digest, h.masterKeyDigest) ? key : null;
+  const digest = crypto().pbkdf2Sync(key, h.masterKeySalt, h.masterKeyIterations, DIGEST_LEN, spec.hash);
+  return crypto().timingSafeEqual(digest, h.masterKeyDigest) ? key : null;
 }
 
 /** The master key the password unlocks (the first slot that takes it), or null. */
@@ -285,12 +285,12 @@ export interface LuksCreateOptions {
 
 /** PBKDF2 iterations per second for `hash` over a password of `len` bytes (QEMU's count_iters, shorter). */
 function pbkdf2Rate(hash: string, len: number): number {
-  const pw = randomBytes(len);
-  const salt = randomBytes(SALT_LEN);
+  const pw = crypto().randomBytes(len);
+  const salt = crypto().randomBytes(SALT_LEN);
   let iters = 1 << 12;
   for (;;) {
     const t = process.hrtime.bigint();
-    pbkdf2Sync(pw, salt, iters, DIGEST_LEN, hash);
+    crypto().pbkdf2Sync(pw, salt, iters, DIGEST_LEN, hash);
     const ms = Number(process.hrtime.bigint() - t) / 1e6;
     if (ms >= 50 || iters >= 1 << 24) return Math.floor((iters * 1000) / Math.max(ms, 1e-3));
     iters *= 2;
@@ -336,8 +336,8 @@ export function storeKey(h: LuksHeader, area: Buffer, i: number, password: Buffe
   const slot = h.slots[i]!;
   const rate = pbkdf2Rate(spec.hash, password.length);
   slot.iterations = Math.max(MIN_ITERS, Math.min(0xffff_ffff, Math.floor((rate * iterTime) / 1000)));
-  slot.salt = randomBytes(SALT_LEN);
-  const slotKey = pbkdf2Sync(password, slot.salt, slot.iterations, h.masterKeyLen, spec.hash);
+  slot.salt = crypto().randomBytes(SALT_LEN);
+  const slotKey = crypto().pbkdf2Sync(password, slot.salt, slot.iterations, h.masterKeyLen, spec.hash);
   const split = afSplit(spec.hash, masterKey, slot.stripes);
   const material = Buffer.alloc(materialLength(h.masterKeyLen, slot.stripes));
   split.copy(material);
@@ -352,8 +352,8 @@ export function storeKey(h: LuksHeader, area: Buffer, i: number, password: Buffe
  */
 export function createLuks(o: LuksCreateOptions, password: Buffer): { area: Buffer; cipher: LuksCipher } {
   const spec = createCipherSpec(o);
-  const masterKey = randomBytes(spec.masterKeyLen);
-  const masterKeySalt = randomBytes(SALT_LEN);
+  const masterKey = crypto().randomBytes(spec.masterKeyLen);
+  const masterKeySalt = crypto().randomBytes(SALT_LEN);
   const iterTime = o.iterTime ?? 2000;
   const rate = pbkdf2Rate(spec.hash, spec.masterKeyLen);
   // QEMU's master-key digest iterations: an eighth of the time asked for, at least 1000.
@@ -362,8 +362,8 @@ export function createLuks(o: LuksCreateOptions, password: Buffer): { area: Buff
   const h: LuksHeader = {
     version: 1, cipherName: 'aes', cipherMode: spec.cipherMode, hashSpec: spec.hash,
     payloadOffsetSector: KEY_SLOT_OFFSET / LUKS_SECTOR + NUM_SLOTS * per, masterKeyLen: spec.masterKeyLen,
-    masterKeyDigest: pbkdf2Sync(masterKey, masterKeySalt, masterKeyIterations, DIGEST_LEN, spec.hash),
-    masterKeySalt, masterKeyIterations, uuid: randomUUID(),
+    masterKeyDigest: crypto().pbkdf2Sync(masterKey, masterKeySalt, masterKeyIterations, DIGEST_LEN, spec.hash),
+    masterKeySalt, masterKeyIterations, uuid: crypto().randomUUID(),
     slots: Array.from({ length: NUM_SLOTS }, (_, i) => ({
       active: false, iterations: 0, salt: Buffer.alloc(SALT_LEN), keyOffsetSector: KEY_SLOT_OFFSET / LUKS_SECTOR + i * per, stripes: STRIPES,
     })),
@@ -486,6 +486,6 @@ export async function amendLuksKeyslots(area: LuksArea, o: LuksAmendOptions, for
     s.salt = Buffer.alloc(SALT_LEN);
     // The header first (the slot no longer counts), then the material overwritten with noise.
     await area.write(encodeLuksHeader(h), 0);
-    await area.write(randomBytes(materialLength(h.masterKeyLen, s.stripes)), s.keyOffsetSector * LUKS_SECTOR);
+    await area.write(crypto().randomBytes(materialLength(h.masterKeyLen, s.stripes)), s.keyOffsetSector * LUKS_SECTOR);
   }
 }

@@ -17,3 +17,5 @@ export const unlink = promisify(fs.unlink);
 export const readdir = promisify(fs.readdir);
 export const readFile = promisify(fs.readFile);
 export const readlink = promisify(fs.readlink);
+/** Resolves to { bytesRead, buffer } (fs.read's own promisified form). */
+export const read = promisify(fs.read);

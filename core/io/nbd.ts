@@ -5,7 +5,7 @@
 // is checked (magics, lengths, handles, offsets, sizes) before it is used; buffers are bounded
 // by what was asked for, and a server that stops answering times out. Errors name the export
 // (its QEMU pseudo-filename) and the problem in one line.
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { IoError, NotFoundError, UnsupportedFeatureError, printable } from '../errors';
 import type { BlockFile } from './block-file';
 
@@ -236,6 +236,9 @@ export class NbdFile implements BlockFile {
     if (target.xDirtyBitmap !== undefined && Buffer.byteLength(target.xDirtyBitmap) > MAX_STRING) {
       throw new UnsupportedFeatureError('x-dirty-bitmap query too long to send to server', name).asQemu('x-dirty-bitmap query too long to send to server');
     }
+    // node:net (and node:stream with it) is loaded only by a command that opens an export: a
+    // plain convert starts without them.
+    const { connect } = await import('node:net');
     const sock = target.server.type === 'unix'
       ? connect({ path: target.server.path })
       : connect({ host: target.server.host, port: Number(target.server.port) });

@@ -2,7 +2,7 @@
 // crash-safe steps (core/engine/snapshots.ts). Applying one changes the image's content, so
 // its overlays are affected and the run asks for force.
 import { basename } from 'node:path';
-import { open } from 'node:fs/promises';
+import { close, open, read } from '../io/fs-async';
 import { CorruptImageError, IoError, NotFoundError, UnsupportedFeatureError, UsageError, printable } from '../errors';
 import { errorText } from '../io/blkdebug';
 import { openImageFile, openImage, closeChain } from '../chain/open';
@@ -34,13 +34,13 @@ function tooManyText(name: string): string {
 /** The snapshot count in a qcow2 header (null when the file is not a qcow2 image read here). */
 async function headerSnapshotCount(path: string): Promise<number | null> {
   try {
-    const fh = await open(path, 'r');
+    const fd = await open(path, 'r');
     try {
       const b = Buffer.alloc(72);
-      const { bytesRead } = await fh.read(b, 0, 72, 0);
+      const { bytesRead } = await read(fd, b, 0, 72, 0);
       return bytesRead === 72 && b.readUInt32BE(0) === C.QCOW_MAGIC ? b.readUInt32BE(60) : null;
     } finally {
-      await fh.close();
+      await close(fd);
     }
   } catch {
     return null;

@@ -65,7 +65,7 @@ describe('bin/strata.cjs', () => {
     });
   });
 
-  it('starts only the node modules a command uses: a plain convert loads no compression, workers, streams or fs/promises; -c does', () => {
+  it('starts only the node modules a command uses: a plain convert loads no compression, crypto, network, workers, streams or fs/promises; -c does', () => {
     const t = tempDir('strata-startup-');
     try {
       const raw = t.path('in.raw');
@@ -81,7 +81,7 @@ describe('bin/strata.cjs', () => {
         expect(r.status).toBe(0);
         return JSON.parse(r.output[3] as string) as string[];
       };
-      const heavy = ['NativeModule zlib', 'NativeModule worker_threads', 'NativeModule stream', 'NativeModule net', 'NativeModule fs/promises'];
+      const heavy = ['NativeModule zlib', 'NativeModule worker_threads', 'NativeModule stream', 'NativeModule net', 'NativeModule fs/promises', 'NativeModule crypto'];
       const plain = loaded(['convert', '-O', 'qcow2', raw, t.path('plain.qcow2')]);
       expect(plain).toContain('NativeModule fs'); // the list is the real one
       for (const m of heavy) expect(plain, m).not.toContain(m);
