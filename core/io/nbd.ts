@@ -6,6 +6,7 @@
 // by what was asked for, and a server that stops answering times out. Errors name the export
 // (its QEMU pseudo-filename) and the problem in one line.
 import type { Socket } from 'node:net';
+import { net } from '../codec/builtins';
 import { IoError, NotFoundError, UnsupportedFeatureError, printable } from '../errors';
 import type { BlockFile } from './block-file';
 
@@ -238,7 +239,7 @@ export class NbdFile implements BlockFile {
     }
     // node:net (and node:stream with it) is loaded only by a command that opens an export: a
     // plain convert starts without them.
-    const { connect } = await import('node:net');
+    const { connect } = net();
     const sock = target.server.type === 'unix'
       ? connect({ path: target.server.path })
       : connect({ host: target.server.host, port: Number(target.server.port) });
